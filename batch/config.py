@@ -1,0 +1,273 @@
+"""The job file: dataclasses, loading, `dotted.key=value` overrides, validation with clear errors.
+
+A job file is YAML with the sections below; every key has a default except `input.path` and
+`output.path`. Unknown keys, wrong types and out-of-range values raise JobError naming the file and
+the dotted key (and, for a typo, the closest valid key).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from batch.errors import JobError
+
+DEFAULT_STOP = ["<|end|>", "<s>", "###"]
+DEFAULT_TEMPLATE = "### instruction: {instruction}\n\n### Response:"
+
+
+@dataclass
+class ModelConfig:
+    base: str = "davidkim205/komt-Llama-2-7b-chat-hf"  # hub id or local directory
+    adapter: str | None = None  # PEFT LoRA adapter: hub id or local directory
+    quantization: str = "nf4"  # nf4 | int8 | none
+    compute_dtype: str = "bfloat16"  # bfloat16 | float16 | float32
+    device_map: str = "auto"
+    trust_remote_code: bool = False  # never on unless the job file says so
+
+    def validate(self, where: str) -> None:
+        _choice(where, "model.quantization", self.quantization, ("nf4", "int8", "none"))
+        _choice(where, "model.compute_dtype", self.compute_dtype, ("bfloat16", "float16", "float32"))
+
+
+@dataclass
+class InputConfig:
+    path: str = ""  # a .jsonl or .parquet file, a glob, or a directory of such files
+    id_column: str | None = None  # without it a row's id is its position in the input
+    too_long: str = "error"  # error | truncate: what to do with a prompt that does not fit
+    reuse: str | None = None  # glob of earlier outputs whose matching rows are carried over
+
+    def validate(self, where: str) -> None:
+        if not self.path:
+            raise JobError(f"{where}: input.path: required (a .jsonl/.parquet file, glob or directory)")
+        _choice(where, "input.too_long", self.too_long, ("error", "truncate"))
+
+
+@dataclass
+class PromptConfig:
+    template: str = DEFAULT_TEMPLATE  # {name} is filled from the input column `name`
+
+
+@dataclass
+class GenerationSettings:
+    """Generation settings: names as in transformers' GenerationConfig, plus `stop` and `seed`."""
+
+    max_new_tokens: int = 512
+    do_sample: bool = True
+    temperature: float = 0.9
+    top_p: float = 0.7
+    top_k: int = 100
+    seed: int = 0
+    stop: list[str] = field(default_factory=lambda: list(DEFAULT_STOP))
+
+    def validate(self, where: str) -> None:
+        _at_least(where, "generation.max_new_tokens", self.max_new_tokens, 1)
+        _at_least(where, "generation.top_k", self.top_k, 0)
+        if not 0 < self.top_p <= 1:
+            raise JobError(f"{where}: generation.top_p: must be in (0, 1], got {self.top_p}")
+        if self.temperature <= 0:
+            raise JobError(f"{where}: generation.temperature: must be > 0, got {self.temperature}")
+        if any(not s for s in self.stop):
+            raise JobError(f"{where}: generation.stop: stop words must be non-empty strings")
+
+
+@dataclass
+class BatchingConfig:
+    max_batch_size: int = 32  # rows per batch
+    max_batch_tokens: int = 32768  # rows x (longest prompt in the batch + max_new_tokens)
+
+    def validate(self, where: str) -> None:
+        _at_least(where, "batching.max_batch_size", self.max_batch_size, 1)
+        _at_least(where, "batching.max_batch_tokens", self.max_batch_tokens, 1)
+
+
+@dataclass
+class OutputConfig:
+    path: str = ""  # the final Parquet file
+    response_column: str = "response"
+
+    def validate(self, where: str) -> None:
+        if not self.path:
+            raise JobError(f"{where}: output.path: required (the Parquet file to write)")
+        if not self.response_column:
+            raise JobError(f"{where}: output.response_column: must not be empty")
+
+
+@dataclass
+class CheckpointConfig:
+    # A 7B model in NF4 on one GPU makes roughly 1-3 rows/s at 512 new tokens: 256 rows or 5 minutes,
+    # whichever comes first, bounds a crash's loss to a few minutes of GPU time.
+    every_rows: int = 256
+    every_seconds: float = 300.0
+    keep: bool = False  # keep the chunk files after the final file is written
+    dir: str | None = None  # default: <output.path>.parts
+
+    def validate(self, where: str) -> None:
+        _at_least(where, "checkpoint.every_rows", self.every_rows, 1)
+        if self.every_seconds <= 0:
+            raise JobError(f"{where}: checkpoint.every_seconds: must be > 0, got {self.every_seconds}")
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    source: str = field(default="<job>", metadata={"internal": True})  # the job file, for messages
+    text: str = field(default="", metadata={"internal": True})  # the job file as read
+
+    @property
+    def parts_dir(self) -> Path:
+        return Path(self.checkpoint.dir or self.output.path + ".parts")
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate(self.source)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source"), d.pop("text")
+        return d
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def load_job(path: str | Path, overrides: list[str] = (), fill: dict[str, str] | None = None) -> JobConfig:
+    """Read a job file, apply `dotted.key=value` overrides, fill {date}/{time}/{job_id} in paths."""
+    where = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise JobError(f"{where}: job file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise JobError(f"{where}: cannot read the job file: {e}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise JobError(f"{where}: YAML syntax error{line}: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise JobError(f"{where}: the job file must be a mapping of sections (model, input, ...)")
+    for item in overrides:
+        _apply_override(raw, item, where)
+    job = _build(JobConfig, raw, where, prefix="")
+    job.source, job.text = where, text
+    if fill:
+        job.input.path = fill_placeholders(job.input.path, fill, where, "input.path")
+        job.output.path = fill_placeholders(job.output.path, fill, where, "output.path")
+        if job.checkpoint.dir:
+            job.checkpoint.dir = fill_placeholders(job.checkpoint.dir, fill, where, "checkpoint.dir")
+        if job.input.reuse:
+            job.input.reuse = fill_placeholders(job.input.reuse, fill, where, "input.reuse")
+    job.validate()
+    return job
+
+
+def fill_placeholders(value: str, fill: dict[str, str], where: str, key: str) -> str:
+    """Fill {date}, {time}, {job_id} in a path; other braces are an error (paths have no other)."""
+    try:
+        return value.format(**fill)
+    except (KeyError, IndexError, ValueError) as e:
+        raise JobError(
+            f"{where}: {key}: bad placeholder {e} in {value!r}; paths may use {{date}}, {{time}}, {{job_id}}"
+        ) from None
+
+
+def _apply_override(raw: dict, item: str, where: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise JobError(f"override {item!r}: expected dotted.key=value, e.g. generation.max_new_tokens=64")
+    try:
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        parsed = value
+    node = raw
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise JobError(f"override {item!r}: {p} is not a section")
+    node[parts[-1]] = parsed
+
+
+def _build(cls: type, raw: Any, where: str, prefix: str) -> Any:
+    """Build dataclass `cls` from a dict, checking every key and type against the dataclass."""
+    if not isinstance(raw, dict):
+        raise JobError(f"{where}: {prefix.rstrip('.') or 'job'}: expected a mapping, got {_kind(raw)}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(fields)}"
+            raise JobError(f"{where}: unknown key {prefix}{key}{hint}")
+        kwargs[key] = _coerce(hints[key], value, where, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str, key: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, where, key + ".")
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (tp,) = [a for a in args if a is not type(None)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not key.endswith("template"):
+            return str(value)
+    elif typing.get_origin(tp) is list:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise JobError(f"{where}: {key}: expected a list of strings, got {_kind(value)}")
+    raise JobError(f"{where}: {key}: expected {_type_name(tp)}, got {_kind(value)} {value!r}")
+
+
+def _type_name(tp: Any) -> str:
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", type(None): "nothing"}.get(type(value), type(value).__name__)
+
+
+def _choice(where: str, key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise JobError(f"{where}: {key}: must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def _at_least(where: str, key: str, value: int, low: int) -> None:
+    if value < low:
+        raise JobError(f"{where}: {key}: must be >= {low}, got {value}")

@@ -1,0 +1,321 @@
+"""The model: load it (NF4 + LoRA, as on the model card) and generate a batch of prompts.
+
+`Engine.generate` is a small decode loop over transformers' model forward and KV cache:
+
+- prompts are left-padded with a pad id that is masked out everywhere (Llama-2 has no pad token;
+  we use <unk>, never eos: pad = eos is what breaks batched Llama output, transformers #25790), and
+  position ids count only real tokens, so a padded row computes what it would compute alone;
+- every row stops on its own: on EOS, on a stop word (checked incrementally, stops.StopChecker), or
+  at max_new_tokens -- and a finished row leaves the batch at once (its rows of the KV cache are
+  dropped), so one long answer does not keep the others computing;
+- sampling uses transformers' temperature / top-k / top-p warpers and one random generator per row,
+  seeded from generation.seed and the row's id: a row's sample does not depend on which rows share
+  its batch, so a resumed or re-batched run samples the same tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    DynamicCache,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from batch.config import GenerationSettings, ModelConfig
+from batch.errors import JobError
+from batch.stops import StopChecker, trim_response
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class Completion:
+    response: str | None
+    finish_reason: str  # stop | eos | length | error
+    prompt_tokens: int
+    completion_tokens: int  # tokens the model generated for the row, the stopping one included
+    error: str | None = None
+
+
+def row_seed(seed: int, row_id: str) -> int:
+    """A row's sampling seed: stable across runs, batches and machines."""
+    digest = hashlib.sha256(f"{seed}\x00{row_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+class Engine:
+    def __init__(self, model, tokenizer, settings: GenerationSettings):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.device = model.device
+        self.pad_id = next(t for t in (tokenizer.pad_token_id, tokenizer.unk_token_id, 0) if t is not None)
+        eos = model.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if tokenizer.eos_token_id is not None:
+            eos.append(tokenizer.eos_token_id)
+        self.eos_ids = set(eos)
+        self.eos_text = tokenizer.eos_token
+        self.special = list(tokenizer.all_special_tokens)
+        self.stops = StopChecker(self.decode, settings.stop)
+        warpers = []
+        if settings.do_sample:
+            if settings.temperature != 1.0:
+                warpers.append(TemperatureLogitsWarper(settings.temperature))
+            if settings.top_k > 0:
+                warpers.append(TopKLogitsWarper(settings.top_k))
+            if settings.top_p < 1.0:
+                warpers.append(TopPLogitsWarper(settings.top_p))
+        self.warpers = LogitsProcessorList(warpers)
+        self.forward_seconds = 0.0  # time inside the model's forward calls (for the overhead figure)
+        self.row_steps = 0  # row x decode steps computed (for the decode-efficiency figure)
+        self.padded_prompt_tokens = 0  # prompt positions computed, padding included (prefill efficiency)
+
+    @classmethod
+    def load(cls, cfg: ModelConfig, settings: GenerationSettings, where: str = "<job>") -> Engine:
+        return cls(*load_model(cfg, where), settings)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def tokenize(self, prompts: list[str]) -> list[list[int]]:
+        """Token ids as the tokenizer makes them by default (for Llama: with BOS)."""
+        return self.tokenizer(prompts, add_special_tokens=True)["input_ids"] if prompts else []
+
+    def finish(self, prompt_len: int, generated: list[int]) -> Completion:
+        response, reason = trim_response(self.decode(generated), self.settings.stop, self.eos_text, self.special)
+        return Completion(response, reason, prompt_len, len(generated))
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], seeds: list[int]) -> list[Completion]:
+        """Generate for one batch of tokenized prompts; one Completion per prompt, in order."""
+        s = self.settings
+        n = len(prompts)
+        width = max(len(p) for p in prompts)
+        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        self.padded_prompt_tokens += n * width
+        cache = DynamicCache(config=self.model.config)
+        logits = self._forward(ids, mask, positions, cache)
+        next_pos = mask.sum(-1, keepdim=True)
+        generators = [torch.Generator(self.device).manual_seed(seed) for seed in seeds] if s.do_sample else None
+        active = list(range(n))  # the prompt index of each row still in the batch
+        generated: list[list[int]] = [[] for _ in range(n)]
+        while True:
+            self.row_steps += len(active)
+            chosen = self._choose(logits, [generators[r] for r in active] if generators else None)
+            keep = []
+            for slot, (r, token) in enumerate(zip(active, chosen.tolist())):
+                generated[r].append(token)
+                if not (
+                    token in self.eos_ids or len(generated[r]) >= s.max_new_tokens or self.stops.hit(generated[r])
+                ):
+                    keep.append(slot)
+            if not keep:
+                break
+            if len(keep) < len(active):  # finished rows leave the batch, with their KV cache rows
+                index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index)
+                mask, next_pos, chosen = mask[index], next_pos[index], chosen[index]
+                active = [active[k] for k in keep]
+            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=-1)
+            logits = self._forward(chosen[:, None], mask, next_pos, cache)
+            next_pos = next_pos + 1
+        return [self.finish(len(p), g) for p, g in zip(prompts, generated)]
+
+    def _forward(self, ids, mask, positions, cache) -> torch.Tensor:
+        start = time.perf_counter()
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+        )
+        logits = out.logits[:, -1, :].float()
+        if logits.is_cuda:
+            torch.cuda.synchronize()
+        self.forward_seconds += time.perf_counter() - start
+        return logits
+
+    def _choose(self, logits: torch.Tensor, generators) -> torch.Tensor:
+        if generators is None:
+            return logits.argmax(-1)
+        scores = self.warpers(None, logits)
+        probs = torch.softmax(scores, dim=-1)
+        return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def quantization_config(cfg: ModelConfig) -> BitsAndBytesConfig | None:
+    if cfg.quantization == "nf4":  # the model card's setup: 4-bit NF4, double quant
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=DTYPES[cfg.compute_dtype],
+        )
+    if cfg.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+class SafeGenerator:
+    """Engine.generate with the failures of one batch contained.
+
+    - Out of memory: split the batch in halves and retry, down to one row; lower the token budget
+      for the batches that follow (they are split to fit it). A single row that still does not fit
+      becomes an error row.
+    - Any other exception: retry the rows one by one, so only the row that really fails becomes an
+      error row.
+    Row seeds travel with their rows, so a split batch samples what the whole batch would have.
+    """
+
+    def __init__(self, engine: Engine, max_batch_tokens: int, max_new_tokens: int):
+        self.engine = engine
+        self.budget = max_batch_tokens
+        self.max_new = max_new_tokens
+        self.oom_splits = 0
+        self.lowered_budget: int | None = None
+
+    def cost(self, prompts: list[list[int]]) -> int:
+        return len(prompts) * (max(len(p) for p in prompts) + self.max_new)
+
+    def __call__(self, prompts: list[list[int]], seeds: list[int]) -> list[Completion]:
+        out: list[Completion] = []
+        start = 0
+        while start < len(prompts):  # split to the (possibly lowered) budget; rows come longest first
+            end = start + 1
+            while end < len(prompts) and self.cost(prompts[start : end + 1]) <= self.budget:
+                end += 1
+            out += self._generate(prompts[start:end], seeds[start:end])
+            start = end
+        return out
+
+    def _generate(self, prompts: list[list[int]], seeds: list[int]) -> list[Completion]:
+        try:
+            return self.engine.generate(prompts, seeds)
+        except Exception as e:  # noqa: BLE001 -- every failure becomes split, retry or an error row
+            if is_out_of_memory(e):
+                _free_memory()
+                if len(prompts) == 1:
+                    return [error_completion(prompts[0], f"oom: out of memory even alone ({len(prompts[0])} prompt tokens)")]
+                self.oom_splits += 1
+                self.budget = max(1, min(self.budget, self.cost(prompts) // 2))
+                self.lowered_budget = self.budget
+                print(f"komt-batch: out of memory on {len(prompts)} rows: splitting; batching.max_batch_tokens lowered to {self.budget} for the rest of this run", file=sys.stderr)
+                half = len(prompts) // 2
+                return self._generate(prompts[:half], seeds[:half]) + self._generate(prompts[half:], seeds[half:])
+            if len(prompts) == 1:
+                return [error_completion(prompts[0], f"generation: {type(e).__name__}: {_first_line(e)}")]
+            return [c for p, s in zip(prompts, seeds) for c in self._generate([p], [s])]
+
+
+def error_completion(prompt: list[int], message: str) -> Completion:
+    return Completion(None, "error", len(prompt), 0, message)
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(e).lower()
+    return isinstance(e, (RuntimeError, MemoryError)) and (
+        isinstance(e, MemoryError) or "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
+    )
+
+
+def _free_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def load_tokenizer(cfg: ModelConfig, where: str = "<job>"):
+    """The tokenizer and the model's context length, without loading the weights (for planning)."""
+    _check_paths(cfg, where)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.base, trust_remote_code=cfg.trust_remote_code)
+        config = AutoConfig.from_pretrained(cfg.base, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise JobError(f"{where}: model.base: cannot load the tokenizer of {cfg.base}: {_first_line(e)}") from None
+    context = getattr(config, "max_position_embeddings", None) or tokenizer.model_max_length
+    return tokenizer, int(context)
+
+
+def _check_paths(cfg: ModelConfig, where: str) -> None:
+    for key, name in (("model.base", cfg.base), ("model.adapter", cfg.adapter)):
+        if name and _looks_local(name) and not Path(name).expanduser().exists():
+            raise JobError(f"{where}: {key}: {name}: no such directory")
+
+
+def _looks_local(name: str) -> bool:
+    return Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") != 1
+
+
+def load_model(cfg: ModelConfig, where: str = "<job>"):
+    """Model (base, quantized as configured, with the LoRA adapter applied) and tokenizer."""
+    _check_paths(cfg, where)
+    dtype = DTYPES[cfg.compute_dtype]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.base, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.base,
+            quantization_config=quantization_config(cfg),
+            dtype=dtype,
+            device_map=cfg.device_map,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    except (OSError, ValueError) as e:
+        raise JobError(f"{where}: model.base: cannot load {cfg.base}: {_first_line(e)}") from None
+    if cfg.adapter:
+        model = _apply_adapter(model, cfg.adapter, where)
+    model.eval()
+    return model, tokenizer
+
+
+def _apply_adapter(model, adapter: str, where: str):
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, adapter)
+    except (OSError, ValueError) as e:
+        raise JobError(f"{where}: model.adapter: cannot load {adapter}: {_first_line(e)}") from None
+    except RuntimeError as e:
+        if "size mismatch" not in str(e):
+            raise
+        base = _adapter_base(adapter)
+        raise JobError(
+            f"{where}: model.adapter: {adapter} does not fit model.base (its weights' shapes differ"
+            + (f"; it was trained on {base}" if base else "")
+            + ")"
+        ) from None
+
+
+def _adapter_base(adapter: str) -> str | None:
+    try:
+        return json.loads((Path(adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError):
+        return None
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
