@@ -1,0 +1,81 @@
+import pytest
+
+from batch.config import load_job
+from batch.errors import JobError
+
+BASE = """
+model:
+  base: models/tiny-komt/base
+input:
+  path: data/demo_prompts.jsonl
+output:
+  path: out/x.parquet
+"""
+
+
+def write(tmp_path, text):
+    p = tmp_path / "job.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_are_the_model_card_settings(tmp_path):
+    job = load_job(write(tmp_path, BASE))
+    g = job.generation
+    assert (g.do_sample, g.temperature, g.top_p, g.top_k) == (True, 0.9, 0.7, 100)
+    assert g.stop == ["<|end|>", "<s>", "###"]
+    assert job.model.quantization == "nf4" and job.model.compute_dtype == "bfloat16"
+    assert job.prompt.template == "### instruction: {instruction}\n\n### Response:"
+    assert str(job.parts_dir) == "out/x.parquet.parts"
+
+
+def test_overrides_are_yaml_scalars(tmp_path):
+    job = load_job(
+        write(tmp_path, BASE),
+        ["generation.max_new_tokens=64", "generation.do_sample=false", "output.path=out/try.parquet", "generation.stop=[a, b]", "model.adapter=null"],
+    )
+    assert job.generation.max_new_tokens == 64 and job.generation.do_sample is False
+    assert job.output.path == "out/try.parquet" and job.generation.stop == ["a", "b"]
+    assert job.model.adapter is None
+
+
+@pytest.mark.parametrize(
+    "extra, overrides, fragment",
+    [
+        ("generation:\n  max_new_token: 5\n", [], "unknown key generation.max_new_token; did you mean generation.max_new_tokens?"),
+        ("modle:\n  base: x\n", [], "unknown key modle; did you mean model?"),
+        ("generation:\n  max_new_tokens: lots\n", [], "generation.max_new_tokens: expected an integer, got str 'lots'"),
+        ("", ["generation.max_new_tokens=-1"], "generation.max_new_tokens: must be >= 1"),
+        ("", ["generation.top_p=1.5"], "generation.top_p: must be in (0, 1]"),
+        ("", ["model.quantization=fp4"], "model.quantization: must be one of nf4, int8, none"),
+        ("", ["generation.do_sample=maybe"], "generation.do_sample: expected true/false"),
+        ("", ["nonsense"], "expected dotted.key=value"),
+        ("batching: 3\n", [], "batching: expected a mapping"),
+    ],
+)
+def test_errors_name_file_and_field(tmp_path, extra, overrides, fragment):
+    p = write(tmp_path, BASE + extra)
+    with pytest.raises(JobError) as e:
+        load_job(p, overrides)
+    assert fragment in str(e.value)
+    if not overrides:
+        assert str(p) in str(e.value)
+
+
+def test_yaml_syntax_error_has_line(tmp_path):
+    p = write(tmp_path, BASE + "generation:\n  stop: [a, b\n")
+    with pytest.raises(JobError, match=r"YAML syntax error at line \d+"):
+        load_job(p)
+
+
+def test_missing_job_file(tmp_path):
+    with pytest.raises(JobError, match="job file not found"):
+        load_job(tmp_path / "nope.yaml")
+
+
+def test_placeholders_filled_in_paths(tmp_path):
+    p = write(tmp_path, BASE.replace("out/x.parquet", "out/{date}/x-{job_id}.parquet"))
+    job = load_job(p, fill={"date": "2026-11-27", "time": "020000", "job_id": "77"})
+    assert job.output.path == "out/2026-11-27/x-77.parquet"
+    with pytest.raises(JobError, match="bad placeholder"):
+        load_job(write(tmp_path, BASE.replace("out/x.parquet", "out/{when}.parquet")), fill={"date": "d", "time": "t", "job_id": "j"})
