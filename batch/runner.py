@@ -344,7 +344,8 @@ def run(job: JobConfig, shard: int = 0, shards: int = 1, restart: bool = False, 
     started = time.time()
     check_output_writable(job)
     ckpt = Checkpoint(job.parts_dir)
-    with ckpt.shard_lock(shard, shards):
+    stop = StopFlag()
+    with ckpt.shard_lock(shard, shards), stop.installed():
         rows = read_rows(job)
         plan = open_plan(job, rows, ckpt, restart)
         owner = assign_shards(plan.chunks, shards)
@@ -352,11 +353,15 @@ def run(job: JobConfig, shard: int = 0, shards: int = 1, restart: bool = False, 
         batch_rows = plan.batch_rows()
         todo = [b for c in plan.chunks if owner[c.index] == shard for b in c.batches if b not in done]
         stats = Stats(resumed_rows=sum(len(batch_rows[b]) for b in done))
-        stop = StopFlag()
         if todo:
             engine = Engine.load(job.model, job.generation, job.source)
-            with stop.installed():
-                generate_batches(job, rows, plan, ckpt, engine, todo, batch_rows, stop, stats, progress)
+            print(
+                f"komt-batch: generating {sum(len(batch_rows[b]) for b in todo)} rows in {len(todo)} batches"
+                f" (shard {shard}/{shards}; {stats.resumed_rows} rows already done)",
+                file=sys.stderr,
+                flush=True,
+            )
+            generate_batches(job, rows, plan, ckpt, engine, todo, batch_rows, stop, stats, progress)
         if stop.received is not None:
             raise Interrupted(
                 f"komt-batch: stopped by {signal.Signals(stop.received).name} after committing every finished row "

@@ -1,0 +1,68 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batch.errors import JobError
+from batch.readers import input_files, read_table, row_ids
+
+
+def test_jsonl_parquet_glob_and_directory(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"id": "x", "q": "하나"}\n\n{"id": "y", "q": "two"}\n', encoding="utf-8")
+    pq.write_table(pa.table({"id": ["z"], "q": ["셋"]}), tmp_path / "b.parquet")
+    (tmp_path / "notes.txt").write_text("ignored")
+    for spec in (str(tmp_path), str(tmp_path / "*")):
+        files = input_files(spec)
+        assert [f.name for f in files] == ["a.jsonl", "b.parquet"]
+        t = read_table(files)
+        assert t.column("id").to_pylist() == ["x", "y", "z"]
+        assert t.column("q").to_pylist() == ["하나", "two", "셋"]
+
+
+def test_ids_by_column_or_position(tmp_path):
+    t = pa.table({"id": [3, 1, 2], "q": ["a", "b", "c"]})
+    assert row_ids(t, "id", "job") == ["3", "1", "2"]
+    assert row_ids(t, None, "job") == ["0", "1", "2"]
+
+
+def test_duplicate_ids_named():
+    t = pa.table({"id": ["a", "b", "a", "c", "c"]})
+    with pytest.raises(JobError, match=r"duplicate ids in the input \(2\), e.g. 'a', 'c'"):
+        row_ids(t, "id", "job")
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        (b'{"id": 1}\n{"id": \n', "x.jsonl:2: not valid JSON"),
+        (b'{"id": 1}\n[1, 2]\n', "x.jsonl:2: expected a JSON object, got list"),
+        (b'{"id": 1}\n{"id": "\xff"}\n', "x.jsonl:2: invalid UTF-8"),
+    ],
+)
+def test_bad_jsonl_names_file_and_line(tmp_path, content, fragment):
+    (tmp_path / "x.jsonl").write_bytes(content)
+    with pytest.raises(JobError, match=fragment):
+        read_table([tmp_path / "x.jsonl"])
+
+
+def test_missing_input_and_empty_glob(tmp_path):
+    with pytest.raises(JobError, match="no such file"):
+        input_files(str(tmp_path / "none.jsonl"))
+    with pytest.raises(JobError, match="matches no .jsonl or .parquet file"):
+        input_files(str(tmp_path / "*.jsonl"))
+
+
+def test_columns_must_agree_across_files(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"id": 1, "q": "a"}) + "\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"id": 2, "question": "b"}) + "\n")
+    with pytest.raises(JobError, match=r"b.jsonl: its columns disagree .*missing \['q'\].*extra \['question'\]"):
+        read_table(input_files(str(tmp_path)))
+
+
+def test_truncated_parquet(tmp_path):
+    pq.write_table(pa.table({"id": list(range(100))}), tmp_path / "t.parquet")
+    data = (tmp_path / "t.parquet").read_bytes()
+    (tmp_path / "t.parquet").write_bytes(data[: len(data) // 2])
+    with pytest.raises(JobError, match="t.parquet: not a readable Parquet file"):
+        read_table([tmp_path / "t.parquet"])

@@ -1,0 +1,166 @@
+"""Crash safety with real processes: kill -9 loops, SIGTERM, damaged chunk files, changed inputs, locks."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import ROOT, cli_env, komt, make_job, seed_rows, write_jsonl
+
+
+def many_rows(n: int) -> list[dict]:
+    seeds = seed_rows()
+    return [{"id": f"r{i:03d}", "instruction": seeds[i % 9]["instruction"] + (" 추가" * (i % 5))} for i in range(n)]
+
+
+def start(job, *args) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "batch", "run", str(job), "--no-progress", *args],
+        cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def parts(job_out):
+    d = job_out.parent / (job_out.name + ".parts")
+    return sorted(d.glob("part-*.parquet")) if d.exists() else []
+
+
+def wait_for_parts(out, at_least: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    end = time.time() + timeout
+    while time.time() < end and proc.poll() is None:
+        if len(parts(out)) >= at_least:
+            return
+        time.sleep(0.02)
+
+
+def output_rows(path):
+    t = pq.read_table(path)
+    return t.drop_columns([]).to_pylist()
+
+
+@pytest.mark.parametrize("sampling", [False, True], ids=["greedy", "sampled"])
+def test_kill_loop_gives_the_uninterrupted_file(tmp_path, sampling):
+    src = write_jsonl(tmp_path / "in.jsonl", many_rows(24))
+    gen = {"max_new_tokens": 24, "do_sample": sampling, "seed": 7}
+    ref_job = make_job(tmp_path, src, "ref.yaml", generation=gen, output={"path": str(tmp_path / "ref.parquet")}, batching={"max_batch_size": 2}, checkpoint={"every_rows": 2})
+    job = make_job(tmp_path, src, "job.yaml", generation=gen, batching={"max_batch_size": 2}, checkpoint={"every_rows": 2})
+    out = tmp_path / "out" / "result.parquet"
+    p = komt("run", ref_job, "--no-progress")
+    assert p.returncode == 0, p.stderr
+    rng = random.Random(1234 + sampling)
+    kills = 0
+    while kills < 5:
+        proc = start(job)
+        wait_for_parts(out, len(parts(out)) + 1, proc)  # let it make progress, then kill at a random moment
+        time.sleep(rng.uniform(0.0, 0.4))
+        if proc.poll() is not None:
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+    assert kills == 5, "the run finished before it could be killed 5 times; make the job longer"
+    p = komt("run", job, "--no-progress")
+    assert p.returncode == 0, p.stderr
+    got, ref = pq.read_table(out), pq.read_table(tmp_path / "ref.parquet")
+    ids = got.column("id").to_pylist()
+    assert ids == [r["id"] for r in many_rows(24)]  # every id exactly once, input order
+    assert got.equals(ref)
+    assert not list(out.parent.glob(".*.tmp"))
+
+
+def test_sigterm_commits_and_exits_75_then_resumes(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", many_rows(40))
+    job = make_job(tmp_path, src, batching={"max_batch_size": 2}, checkpoint={"every_rows": 100, "every_seconds": 3600})
+    out = tmp_path / "out" / "result.parquet"
+    proc = start(job)
+    for line in proc.stderr:  # wait until it is generating, then let it finish a batch or two
+        if line.startswith("komt-batch: generating"):
+            break
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err
+    assert "Run the same command again to resume" in err
+    committed = parts(out)
+    assert committed, "rows finished before SIGTERM must be committed"  # every_rows is larger than the job
+    done_rows = sum(pq.read_metadata(p).num_rows for p in committed)
+    assert 0 < done_rows < 40
+    p = komt("run", job, "--no-progress")
+    assert p.returncode == 0, p.stderr
+    assert f"resumed_rows              {done_rows}" in p.stdout
+    assert pq.read_table(out).num_rows == 40
+
+
+def test_damaged_chunk_files_are_redone(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", many_rows(8))
+    job = make_job(tmp_path, src, checkpoint={"every_rows": 2, "keep": True}, batching={"max_batch_size": 2})
+    out = tmp_path / "out" / "result.parquet"
+    assert komt("run", job, "--no-progress").returncode == 0
+    reference = pq.read_table(out)
+    chunk_files = parts(out)
+    assert len(chunk_files) == 4
+    data = chunk_files[0].read_bytes()
+    chunk_files[0].write_bytes(data[: len(data) // 2])  # torn write
+    data = bytearray(chunk_files[2].read_bytes())
+    data[len(data) // 3 : len(data) // 3 + 40] = os.urandom(40)  # garbage in the middle
+    chunk_files[2].write_bytes(bytes(data))
+    out.unlink()
+    p = komt("run", job, "--no-progress")
+    assert p.returncode == 0, p.stderr
+    assert "generated_rows            4" in p.stdout  # exactly the two damaged chunks' rows
+    assert pq.read_table(out).equals(reference)
+
+
+def test_changed_input_or_setting_is_refused_until_restart(tmp_path):
+    rows = many_rows(6)
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    job = make_job(tmp_path, src, checkpoint={"every_rows": 2, "keep": True}, batching={"max_batch_size": 2})
+    out = tmp_path / "out" / "result.parquet"
+    assert komt("run", job, "--no-progress", "generation.max_new_tokens=4").returncode == 0
+    p = komt("run", job, "--no-progress", "generation.max_new_tokens=5")
+    assert p.returncode == 2
+    assert "generation.max_new_tokens: 4 -> 5" in p.stderr and "--restart" in p.stderr
+    assert "Traceback" not in p.stderr
+    write_jsonl(src, rows + [{"id": "new", "instruction": "새 질문"}])
+    p = komt("run", job, "--no-progress", "generation.max_new_tokens=4")
+    assert p.returncode == 2 and "input rows: 6 -> 7" in p.stderr
+    before = out.read_bytes()
+    assert out.read_bytes() == before  # the refusal damaged nothing
+    p = komt("run", job, "--no-progress", "generation.max_new_tokens=4", "--restart")
+    assert p.returncode == 0, p.stderr
+    assert pq.read_table(out).num_rows == 7
+
+
+def test_second_run_on_the_same_output_refuses(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", many_rows(16))
+    job = make_job(tmp_path, src, batching={"max_batch_size": 2})
+    first = start(job)
+    lock = tmp_path / "out" / "result.parquet.parts" / "shard-0-of-1.lock"
+    end = time.time() + 30
+    while not lock.exists() and time.time() < end:
+        time.sleep(0.05)
+    p = komt("run", job, "--no-progress")
+    first.wait(timeout=120)
+    assert p.returncode == 2
+    assert "another komt-batch process is running" in p.stderr
+    assert first.returncode == 0
+    assert pq.read_table(tmp_path / "out" / "result.parquet").num_rows == 16
+
+
+def test_status_reports_progress(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", many_rows(6))
+    job = make_job(tmp_path, src, checkpoint={"every_rows": 2, "keep": True}, batching={"max_batch_size": 2})
+    p = komt("status", job)
+    assert p.returncode == 0 and "not started" in p.stdout
+    assert komt("run", job, "--no-progress").returncode == 0
+    p = komt("status", job)
+    assert p.returncode == 0, p.stderr
+    assert "rows_done          6" in p.stdout and "chunks_done        3" in p.stdout
+    assert "plan_matches       True" in p.stdout
+    p = komt("status", job, "generation.top_k=5")
+    assert "plan_matches       False" in p.stdout and "generation.top_k: 100 -> 5" in p.stdout
