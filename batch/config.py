@@ -199,6 +199,8 @@ def _apply_override(raw: dict, item: str, where: str) -> None:
         parsed = yaml.safe_load(value) if value != "" else ""
     except yaml.YAMLError:
         parsed = value
+    if isinstance(parsed, dict):  # "Q: {question}" is text, not a mapping: values are scalars (or lists)
+        parsed = value
     node = raw
     parts = key.split(".")
     for p in parts[:-1]:

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import sys
 import time
@@ -81,6 +82,9 @@ class Engine:
             if settings.top_p < 1.0:
                 warpers.append(TopPLogitsWarper(settings.top_p))
         self.warpers = LogitsProcessorList(warpers)
+        # transformers 5.2x renamed forward's `past_key_values` to `cache`; accept either release
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.cache_kwarg = "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
         self.forward_seconds = 0.0  # time inside the model's forward calls (for the overhead figure)
         self.row_steps = 0  # row x decode steps computed (for the decode-efficiency figure)
         self.padded_prompt_tokens = 0  # prompt positions computed, padding included (prefill efficiency)
@@ -145,7 +149,12 @@ class Engine:
     def _forward(self, ids, mask, positions, cache) -> torch.Tensor:
         start = time.perf_counter()
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self.cache_kwarg: cache},
         )
         logits = out.logits[:, -1, :].float()
         if logits.is_cuda:
@@ -257,8 +266,44 @@ def load_tokenizer(cfg: ModelConfig, where: str = "<job>"):
         config = AutoConfig.from_pretrained(cfg.base, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise JobError(f"{where}: model.base: cannot load the tokenizer of {cfg.base}: {_first_line(e)}") from None
+    if cfg.adapter and Path(cfg.adapter).is_dir():
+        check_adapter_fits(config, cfg.adapter, where)
     context = getattr(config, "max_position_embeddings", None) or tokenizer.model_max_length
     return tokenizer, int(context)
+
+
+def check_adapter_fits(config, adapter: str, where: str) -> None:
+    """Compare the adapter's LoRA weight shapes with the base's layers, before any weight is loaded.
+
+    peft would otherwise fail deep inside with a size-mismatch traceback (or not at all, for a
+    missing layer). The base is built on the meta device: shapes only, no memory."""
+    from safetensors import safe_open
+
+    weights = Path(adapter) / "adapter_model.safetensors"
+    if not weights.exists():
+        return
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(config)
+    modules = dict(base.named_modules())
+    with safe_open(str(weights), "pt") as f:
+        for key in f.keys():
+            name, _, kind = key.rpartition(".lora_")
+            name = name.removeprefix("base_model.model.")
+            layer = modules.get(name)
+            shape = tuple(f.get_slice(key).get_shape())
+            if layer is None or not hasattr(layer, "in_features"):
+                problem = f"the base has no layer {name}"
+            elif kind.startswith("A") and shape[-1] != layer.in_features:
+                problem = f"{name} takes {layer.in_features} inputs, the adapter's lora_A expects {shape[-1]}"
+            elif kind.startswith("B") and shape[0] != layer.out_features:
+                problem = f"{name} gives {layer.out_features} outputs, the adapter's lora_B expects {shape[0]}"
+            else:
+                continue
+            trained_on = _adapter_base(adapter)
+            raise JobError(
+                f"{where}: model.adapter: {adapter} does not fit model.base ({problem})"
+                + (f"; it was trained on {trained_on}" if trained_on else "")
+            )
 
 
 def _check_paths(cfg: ModelConfig, where: str) -> None:
@@ -286,10 +331,24 @@ def load_model(cfg: ModelConfig, where: str = "<job>"):
         )
     except (OSError, ValueError) as e:
         raise JobError(f"{where}: model.base: cannot load {cfg.base}: {_first_line(e)}") from None
+    if cfg.quantization == "nf4" and dtype == torch.float32:
+        honour_float32_compute(model)
     if cfg.adapter:
         model = _apply_adapter(model, cfg.adapter, where)
     model.eval()
     return model, tokenizer
+
+
+def honour_float32_compute(model) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes runs 4-bit layers through a fused kernel that casts the
+    activations to bfloat16 whatever bnb_4bit_compute_dtype says. With float32 compute asked for, turn
+    that kernel off (dequantize + float32 matmul), so float32 means float32: rows then compute the
+    same alone or in a batch (the exactness test), instead of differing by bf16 rounding."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _apply_adapter(model, adapter: str, where: str):

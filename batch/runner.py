@@ -77,6 +77,10 @@ def read_rows(job: JobConfig) -> Rows:
         raise JobError(f"{where}: output.path: {job.output.path} is also an input file; choose another path")
     template = Template.parse(job.prompt.template, where)
     table = read_table(files)
+    if table.num_rows == 0:  # an empty input has no columns to speak of: give it the template's
+        for name in [*template.fields, *([job.input.id_column] if job.input.id_column else [])]:
+            if name not in table.column_names:
+                table = table.append_column(name, pa.array([], pa.string()))
     template.check_columns(table.column_names, where)
     for name in [job.output.response_column, *GENERATED_COLUMNS]:
         if name in table.column_names:
@@ -171,8 +175,10 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 # --- the plan ------------------------------------------------------------------------------------
 
 
-def open_plan(job: JobConfig, rows: Rows, ckpt: Checkpoint, restart: bool) -> StoredPlan:
-    """The stored plan, made now if there is none (by the first process; others wait for it)."""
+def open_plan(job: JobConfig, rows: Rows, ckpt: Checkpoint, restart: bool, fresh=None) -> StoredPlan:
+    """The stored plan, or `fresh` (make_plan's result) stored now if there is none.
+
+    Many shards may start at once: the plan lock lets the first store its plan; the others find it."""
     settings_fp = settings_fingerprint(job)
     input_fp = input_fingerprint(rows)
     with ckpt.plan_lock():
@@ -188,8 +194,9 @@ def open_plan(job: JobConfig, rows: Rows, ckpt: Checkpoint, restart: bool) -> St
                     f"({ckpt.dir}): " + "; ".join(changes) + ". Run with --restart to start over."
                 )
             return stored
-        tokenizer, context = load_tokenizer(job.model, job.source)
-        manifest, plan_rows, settled = make_plan(job, rows, tokenizer, context)
+        if fresh is None:
+            fresh = make_plan(job, rows, *load_tokenizer(job.model, job.source))
+        manifest, plan_rows, settled = fresh
         manifest.update(input=input_fp, settings=settings_fp)
         ckpt.store_plan(manifest, plan_rows, settled)
         return ckpt.load_plan()
@@ -203,7 +210,7 @@ def make_plan(job: JobConfig, rows: Rows, tokenizer, context: int):
         raise JobError(f"{where}: generation.max_new_tokens: {g.max_new_tokens} leaves no room for a prompt in the model's context of {context} tokens")
     key = row_settings_key(job)
     reusable = load_reusable(job)
-    planned: list[tuple[int, int, str | None]] = []  # row, prompt tokens, truncated prompt
+    planned: list[tuple[int, int, str | None, str | None]] = []  # row, prompt tokens, truncated prompt, note
     settled: list[tuple[int, Completion, str]] = []
     for start, prompts in rows.slices():
         todo = []
@@ -220,16 +227,16 @@ def make_plan(job: JobConfig, rows: Rows, tokenizer, context: int):
         lengths = [len(t) for t in tokenizer([p for _, p, _ in todo], add_special_tokens=True)["input_ids"]] if todo else []
         for (r, p, fp), n in zip(todo, lengths):
             if n <= limit:
-                planned.append((r, n, None))
+                planned.append((r, n, None, None))
             elif job.input.too_long == "truncate":
                 cut = truncate_prompt(rows, r, tokenizer, limit)
                 if isinstance(cut, str):
                     settled.append((r, _error(f"too_long: {cut}"), fp))
                 else:
-                    planned.append((r, cut[1], cut[0]))
+                    planned.append((r, cut[1], cut[0], f"truncated: {cut[2]}"))
             else:
                 settled.append((r, _error(f"too_long: the prompt has {n} tokens; at most {limit} fit (context {context} - max_new_tokens {g.max_new_tokens})"), fp))
-    lengths = [n for _, n, _ in planned]
+    lengths = [p[1] for p in planned]
     if lengths and max(lengths) + g.max_new_tokens > job.batching.max_batch_tokens:
         raise JobError(
             f"{where}: batching.max_batch_tokens: {job.batching.max_batch_tokens} is too small for one row: "
@@ -246,6 +253,7 @@ def make_plan(job: JobConfig, rows: Rows, tokenizer, context: int):
             "chunk": pa.array([chunk_of[b] for b, _ in order], pa.int32()),
             "prompt_tokens": pa.array([planned[i][1] for _, i in order], pa.int32()),
             "prompt_override": pa.array([planned[i][2] for _, i in order], pa.string()),
+            "note": pa.array([planned[i][3] for _, i in order], pa.string()),
         }
     )
     settled_table = results_table([r for r, _, _ in settled], -1, [c for _, c, _ in settled], [fp for _, _, fp in settled])
@@ -262,10 +270,10 @@ def make_plan(job: JobConfig, rows: Rows, tokenizer, context: int):
     return manifest, plan_rows, settled_table
 
 
-def truncate_prompt(rows: Rows, r: int, tokenizer, limit: int) -> tuple[str, int] | str:
+def truncate_prompt(rows: Rows, r: int, tokenizer, limit: int) -> tuple[str, int, str] | str:
     """Cut the longest template field from its end until the prompt fits; the rest stays intact.
 
-    Returns (prompt, tokens), or the reason it cannot fit (the template alone is too long)."""
+    Returns (prompt, tokens, what was cut), or why it cannot fit (the template alone is too long)."""
     values = rows.table.select(list(rows.template.fields)).slice(r, 1).to_pylist()[0]
     name = max(rows.template.fields, key=lambda f: len(values[f]))
     field_ids = tokenizer(values[name], add_special_tokens=False)["input_ids"]
@@ -276,7 +284,7 @@ def truncate_prompt(rows: Rows, r: int, tokenizer, limit: int) -> tuple[str, int
         over = len(prompt_ids) - limit
         if over <= 0:
             text = rows.template.text.format(**{**values, name: tokenizer.decode(field_ids[:keep])})
-            return text, len(prompt_ids)
+            return text, len(prompt_ids), f"field {name!r} cut from {original} to {keep} tokens to fit {limit}"
         keep -= over
     return f"even with field {name!r} ({original} tokens) cut to nothing, the prompt does not fit in {limit} tokens"
 
@@ -344,10 +352,14 @@ def run(job: JobConfig, shard: int = 0, shards: int = 1, restart: bool = False, 
     started = time.time()
     check_output_writable(job)
     ckpt = Checkpoint(job.parts_dir)
+    rows = read_rows(job)
+    # Every check that can fail on the user's input runs before anything is written: the model's
+    # files (tokenizer, adapter shapes) and, when there is no plan yet, the plan itself.
+    tokenizer, context = load_tokenizer(job.model, job.source)
+    fresh = make_plan(job, rows, tokenizer, context) if restart or not ckpt.manifest_path.exists() else None
     stop = StopFlag()
     with ckpt.shard_lock(shard, shards), stop.installed():
-        rows = read_rows(job)
-        plan = open_plan(job, rows, ckpt, restart)
+        plan = open_plan(job, rows, ckpt, restart, fresh)
         owner = assign_shards(plan.chunks, shards)
         done = ckpt.done_batches(plan)
         batch_rows = plan.batch_rows()
@@ -412,6 +424,7 @@ class Stats:
 def generate_batches(job, rows: Rows, plan: StoredPlan, ckpt: Checkpoint, engine: Engine, todo: list[int], batch_rows, stop: StopFlag, stats: Stats, progress: bool) -> None:
     """The hot loop: generate batch after batch, commit parts, stop cleanly on a signal."""
     overrides = dict(zip(plan.rows.column("row").to_pylist(), plan.rows.column("prompt_override").to_pylist()))
+    notes = {r: n for r, n in zip(plan.rows.column("row").to_pylist(), plan.rows.column("note").to_pylist()) if n}
     key = row_settings_key(job)
     generator = SafeGenerator(engine, job.batching.max_batch_tokens, job.generation.max_new_tokens)
     bar = tqdm(total=sum(len(batch_rows[b]) for b in todo), unit="row", disable=not progress, mininterval=1.0, dynamic_ncols=True)
@@ -436,6 +449,9 @@ def generate_batches(job, rows: Rows, plan: StoredPlan, ckpt: Checkpoint, engine
         t0 = time.perf_counter()
         completions = generator(engine.tokenize(prompts), [row_seed(job.generation.seed, rows.ids[r]) for r in indices])
         seconds = time.perf_counter() - t0
+        for r, c in zip(indices, completions):
+            if r in notes and c.error is None:
+                c.error = notes[r]  # the row ran, truncated: say so
         fps = [row_fingerprint(key, rows.ids[r], p) for r, p in zip(indices, prompts)]
         pending.append((b, results_table(indices, b, completions, fps)))
         tokens = sum(c.completion_tokens for c in completions)

@@ -83,9 +83,13 @@ def assemble(job: JobConfig, inputs: pa.Table, results: pa.Table) -> Path:
 
 
 def count_results(results: pa.Table) -> dict:
-    """Rows by finish reason and error rows by cause (the part of `error` before the first colon)."""
+    """Rows by finish reason, and error rows by cause (the part of `error` before the first colon)."""
     reasons = Counter(results.column("finish_reason").to_pylist())
-    causes = Counter(e.split(":", 1)[0] for e in results.column("error").to_pylist() if e)
+    causes = Counter(
+        e.split(":", 1)[0]
+        for e, reason in zip(results.column("error").to_pylist(), results.column("finish_reason").to_pylist())
+        if e and reason == "error"
+    )
     return {"finish_reasons": dict(sorted(reasons.items())), "errors_by_cause": dict(sorted(causes.items()))}
 
 

@@ -80,5 +80,10 @@ def test_adapter_is_applied():
     without = batched(plain, ids, 8)
     assert with_adapter != without
     answers = [r["reference"] for r in seed_rows()]
-    assert sum(resp == ans[: len(resp)] and len(resp) > 10 for (resp, _), ans in zip(with_adapter, answers)) == 9
-    assert sum(resp == ans[: len(resp)] and len(resp) > 10 for (resp, _), ans in zip(without, answers)) == 0
+
+    def begins_answer(resp, ans):  # 24 tokens may end inside a character or inside "<|end|>"
+        resp = resp.rstrip("\ufffd").removesuffix("<")
+        return len(resp) > 10 and ans.startswith(resp)
+
+    assert sum(begins_answer(resp, ans) for (resp, _), ans in zip(with_adapter, answers)) == 9
+    assert sum(begins_answer(resp, ans) for (resp, _), ans in zip(without, answers)) == 0

@@ -1,0 +1,249 @@
+"""Every kind of bad input: one clear line, exit code 2, nothing written; bad rows become error rows."""
+
+import json
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from batch import engine as engine_module
+from batch.cli import main
+from tests.conftest import ROOT, TINY, cli_env, make_job, read_output, seed_rows, write_jsonl
+
+GOOD = [{"id": s["id"], "instruction": s["instruction"]} for s in seed_rows()[:3]]
+
+
+def setup_case(tmp_path, case):
+    """Lay out the files of one bad case; returns (job path, extra CLI args)."""
+    src = write_jsonl(tmp_path / "in.jsonl", GOOD)
+    sections, args = {}, []
+    kind, value = case
+    if kind == "input_file":  # bytes of the JSONL input
+        src.write_bytes(value)
+    elif kind == "input_path":
+        sections["input"] = {"path": str(tmp_path / value)}
+    elif kind == "parquet_bytes":
+        pq.write_table(pa.table({"id": ["a"] * 50, "instruction": ["q"] * 50}), tmp_path / "in.parquet")
+        data = (tmp_path / "in.parquet").read_bytes()
+        (tmp_path / "in.parquet").write_bytes(value(data))
+        sections["input"] = {"path": str(tmp_path / "in.parquet")}
+    elif kind == "two_files":
+        d = tmp_path / "dir"
+        write_jsonl(d / "a.jsonl", GOOD)
+        write_jsonl(d / "b.jsonl", value)
+        sections["input"] = {"path": str(d)}
+    elif kind == "sections":
+        sections = value(tmp_path)
+    elif kind == "args":
+        args = value
+    job = make_job(tmp_path, src, **sections)
+    if kind == "job_text":
+        job.write_text(value(job.read_text()))
+    return job, args
+
+
+def mismatched_adapter(tmp_path):
+    """A LoRA adapter made for a Llama of another width: it must be refused before loading."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.save_pretrained(tmp_path / "other-adapter")
+    return {"model": {"adapter": str(tmp_path / "other-adapter")}}
+
+
+def not_writable_output(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    return {"output": {"path": str(tmp_path / "a-file" / "out.parquet")}}
+
+
+CASES = {
+    "missing input": (("input_path", "nope.jsonl"), "input.path: " , "no such file"),
+    "empty glob": (("input_path", "*.parquet"), "input.path", "matches no .jsonl or .parquet file"),
+    "truncated parquet": (("parquet_bytes", lambda d: d[: len(d) // 2]), "in.parquet", "not a readable Parquet file"),
+    "garbage parquet": (("parquet_bytes", lambda d: b"PAR1" + b"\0" * 100), "in.parquet", "not a readable Parquet file"),
+    "jsonl not json": (("input_file", b'{"id": "a", "instruction": "q"}\n{"id": "b", \n'), "in.jsonl:2", "not valid JSON"),
+    "invalid utf-8": (("input_file", b'{"id": "a", "instruction": "\xed\xa0\x80"}\n'), "in.jsonl:1", "invalid UTF-8"),
+    "jsonl not object": (("input_file", b'{"id": "a", "instruction": "q"}\n"just a string"\n'), "in.jsonl:2", "expected a JSON object"),
+    "mixed types": (("input_file", b'{"id": "a", "instruction": "q"}\n{"id": "b", "instruction": {"x": 1}}\n'), "in.jsonl", "mixed types"),
+    "columns disagree": (("two_files", [{"id": "z", "question": "q"}]), "b.jsonl", "columns disagree"),
+    "missing template column": (("args", ["prompt.template=Q: {question}"]), "job.yaml", "column 'question' is not in the input"),
+    "bad placeholder": (("args", ["prompt.template=Q: {instruction"]), "prompt.template", "bad placeholder"),
+    "positional placeholder": (("args", ["prompt.template=Q: {0}"]), "prompt.template", "bad placeholder {0}"),
+    "yaml syntax": (("job_text", lambda t: t + "generation: [unclosed\n"), "job.yaml", "YAML syntax error at line"),
+    "unknown key": (("args", ["generation.temprature=0.5"]), "job.yaml", "did you mean generation.temperature?"),
+    "wrong type": (("args", ["batching.max_batch_size=many"]), "batching.max_batch_size", "expected an integer"),
+    "negative max_new_tokens": (("args", ["generation.max_new_tokens=-3"]), "generation.max_new_tokens", "must be >= 1"),
+    "top_p above 1": (("args", ["generation.top_p=1.2"]), "generation.top_p", "(0, 1]"),
+    "max_batch_tokens too small": (("args", ["batching.max_batch_tokens=20"]), "batching.max_batch_tokens", "too small for one row"),
+    "output is an input": (("sections", lambda t: {"output": {"path": str(t / "in.jsonl")}}), "output.path", "is also an input file"),
+    "output not writable": (("sections", not_writable_output), "output.path", "cannot write under"),
+    "missing model": (("args", ["model.base=/nonexistent/model"]), "model.base", "no such directory"),
+    "missing adapter": (("args", ["model.adapter=./no-adapter-here"]), "model.adapter", "no such directory"),
+    "adapter for another base": (("sections", mismatched_adapter), "model.adapter", "does not fit model.base"),
+    "duplicate ids": (("input_file", b'{"id": "a", "instruction": "q"}\n{"id": "a", "instruction": "r"}\n'), "input.id_column", "duplicate ids in the input (1), e.g. 'a'"),
+    "missing id column": (("args", ["input.id_column=key"]), "input.id_column", "'key' is not in the input"),
+    "response column clash": (("args", ["output.response_column=instruction"]), "output", "already has a column 'instruction'"),
+    "bad quantization": (("args", ["model.quantization=fp8"]), "model.quantization", "must be one of nf4, int8, none"),
+    "bad override": (("args", ["generation"]), "override", "expected dotted.key=value"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, capsys, name):
+    case, where, fragment = CASES[name]
+    job, args = setup_case(tmp_path, case)
+    out = tmp_path / "out" / "result.parquet"
+    out.parent.mkdir()
+    out.write_bytes(b"an earlier output")  # must survive untouched
+    code = main(["run", str(job), "--no-progress", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("komt-batch: error: ")
+    assert where in err[0] and fragment in err[0], err[0]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["result.parquet"]
+    assert out.read_bytes() == b"an earlier output"
+
+
+def test_a_real_process_prints_no_traceback(tmp_path):
+    job = make_job(tmp_path, tmp_path / "missing.jsonl")
+    p = subprocess.run([sys.executable, "-m", "batch", "run", str(job)], capture_output=True, text=True, cwd=ROOT, env=cli_env())
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip() == f"komt-batch: error: {job}: input.path: {tmp_path / 'missing.jsonl'}: no such file"
+
+
+def test_empty_input_gives_an_empty_file_with_the_schema(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text("")
+    job = make_job(tmp_path, src)
+    assert main(["run", str(job), "--no-progress"]) == 0
+    t = pq.read_table(tmp_path / "out" / "result.parquet")
+    assert t.num_rows == 0
+    assert t.column_names == ["instruction", "id", "response", "finish_reason", "prompt_tokens", "completion_tokens", "error", "row_fingerprint"]
+
+
+def test_bad_rows_become_error_rows(tmp_path, capsys):
+    rows = [
+        {"id": "ok", "instruction": seed_rows()[0]["instruction"]},
+        {"id": "null", "instruction": None},
+        {"id": "empty", "instruction": "   "},
+        {"id": "long", "instruction": "아주 긴 질문 " * 400},
+    ]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    job = make_job(tmp_path, src, generation={"max_new_tokens": 16})
+    assert main(["run", str(job), "--no-progress"]) == 0
+    got = {r["id"]: r for r in read_output(tmp_path / "out" / "result.parquet")}
+    assert [r["id"] for r in read_output(tmp_path / "out" / "result.parquet")] == [r["id"] for r in rows]
+    assert got["ok"]["finish_reason"] == "length" and got["ok"]["error"] is None
+    for rid, fragment in [("null", "is null"), ("empty", "is empty"), ("long", "too_long: the prompt has")]:
+        assert got[rid]["finish_reason"] == "error" and got[rid]["response"] is None
+        assert fragment in got[rid]["error"]
+    assert "at most 2032 fit (context 2048 - max_new_tokens 16)" in got["long"]["error"]
+    summary = json.loads((tmp_path / "out" / "result.summary.json").read_text())
+    assert summary["errors_by_cause"] == {"bad_input": 2, "too_long": 1}
+    out = capsys.readouterr().out
+    assert '"bad_input": 2' in out
+
+
+def test_non_string_field_is_an_error_row(tmp_path, capsys):
+    pq.write_table(pa.table({"id": ["a", "b"], "instruction": ["질문", "질문"], "n": [1, 2]}), tmp_path / "in.parquet")
+    job = make_job(tmp_path, tmp_path / "in.parquet", prompt={"template": "### instruction: {instruction} {n}\n\n### Response:"})
+    assert main(["run", str(job), "--no-progress"]) == 0
+    rows = read_output(tmp_path / "out" / "result.parquet")
+    assert [r["error"] for r in rows] == ["bad_input: template field 'n' is int, not a string"] * 2
+
+
+def test_too_long_truncate_keeps_the_template(tmp_path, capsys):
+    rows = [{"id": "long", "instruction": "질문 " * 3000 + "끝"}]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    job = make_job(tmp_path, src, input={"too_long": "truncate"}, generation={"max_new_tokens": 8})
+    assert main(["run", str(job), "--no-progress"]) == 0
+    (row,) = read_output(tmp_path / "out" / "result.parquet")
+    assert row["finish_reason"] == "length" and row["completion_tokens"] == 8
+    assert row["prompt_tokens"] <= 2048 - 8 and row["prompt_tokens"] > 1900
+    assert row["error"].startswith("truncated: field 'instruction' cut from")
+
+
+def inject(monkeypatch, fail):
+    """Make Engine.generate raise `fail(prompts)` (an exception or None) before generating."""
+    original = engine_module.Engine.generate
+    calls = []
+
+    def generate(self, prompts, seeds):
+        calls.append(len(prompts))
+        error = fail(prompts)
+        if error is not None:
+            raise error
+        return original(self, prompts, seeds)
+
+    monkeypatch.setattr(engine_module.Engine, "generate", generate)
+    return calls
+
+
+def many(n):
+    seeds = seed_rows()
+    return [{"id": f"r{i}", "instruction": seeds[i % 9]["instruction"] + " 더" * i} for i in range(n)]
+
+
+def run_rows(tmp_path, name, rows, **sections):
+    src = write_jsonl(tmp_path / f"{name}.jsonl", rows)
+    job = make_job(tmp_path, src, f"{name}.yaml", output={"path": str(tmp_path / f"{name}.parquet")}, **sections)
+    assert main(["run", str(job), "--no-progress"]) == 0
+    return read_output(tmp_path / f"{name}.parquet")
+
+
+def test_out_of_memory_splits_and_matches_an_unsplit_run(tmp_path, monkeypatch, capsys):
+    rows = many(8)
+    opts = dict(generation={"max_new_tokens": 12}, batching={"max_batch_size": 8, "max_batch_tokens": 100000}, checkpoint={"every_rows": 8})
+    reference = run_rows(tmp_path, "ref", rows, **opts)
+    budget = 3 * (max(len(r["instruction"]) for r in rows) + 40 + 12)
+
+    def oom(prompts):
+        cost = len(prompts) * (max(map(len, prompts)) + 12)
+        return RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 GB") if cost > budget else None
+
+    calls = inject(monkeypatch, oom)
+    got = run_rows(tmp_path, "oom", rows, **opts)
+    assert got == [dict(r, **{}) for r in reference] or [r["response"] for r in got] == [r["response"] for r in reference]
+    assert [r["response"] for r in got] == [r["response"] for r in reference]
+    assert calls[0] == 8 and max(calls[1:]) < 8  # it split, and later calls stay under the lowered budget
+    summary = json.loads((tmp_path / "oom.summary.json").read_text())
+    assert summary["oom_splits"] >= 1 and summary["lowered_max_batch_tokens"] is not None
+    assert "out of memory on 8 rows" in capsys.readouterr().err
+
+
+def test_out_of_memory_for_a_single_row_is_an_error_row(tmp_path, monkeypatch, capsys):
+    rows = many(4)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TINY / "base")
+    longest = max(len(tok(f"### instruction: {r['instruction']}\n\n### Response:")["input_ids"]) for r in rows)
+    inject(monkeypatch, lambda prompts: torch.cuda.OutOfMemoryError("CUDA out of memory") if max(map(len, prompts)) >= longest else None)
+    got = run_rows(tmp_path, "oom1", rows, generation={"max_new_tokens": 4})
+    assert [r["finish_reason"] for r in got] == ["length", "length", "length", "error"]
+    assert got[3]["error"] == f"oom: out of memory even alone ({longest} prompt tokens)"
+
+
+def test_a_failing_row_does_not_take_its_batch_down(tmp_path, monkeypatch, capsys):
+    rows = many(6)
+    rows[3]["instruction"] = "BOOM " + rows[3]["instruction"]
+    bad_ids = None
+
+    def fail(prompts):
+        text = [engine_module.Engine.decode(None, p) if False else p for p in prompts]
+        return ValueError("kernel exploded") if any(p == bad_ids for p in text) else None
+
+    # find the BOOM row's token ids with the real tokenizer, then fail any batch that holds it
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TINY / "base")
+    bad_ids = tok(f"### instruction: {rows[3]['instruction']}\n\n### Response:")["input_ids"]
+    inject(monkeypatch, fail)
+    got = run_rows(tmp_path, "fail", rows, generation={"max_new_tokens": 4}, batching={"max_batch_size": 6})
+    assert [r["finish_reason"] for r in got].count("error") == 1
+    assert got[3]["error"] == "generation: ValueError: kernel exploded"
+    assert all(r["response"] for i, r in enumerate(got) if i != 3)
