@@ -1,0 +1,99 @@
+"""Shards of one plan, merge, per-shard status, SLURM's environment, and reuse of earlier outputs."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from batch.cli import main
+from batch.shards import parse_shard, slurm_shard
+from batch.errors import JobError
+from tests.conftest import make_job, seed_rows, write_jsonl
+
+
+def rows(n, start=0):
+    seeds = seed_rows()
+    return [{"id": f"q{i:02d}", "instruction": seeds[i % 9]["instruction"] + " 왜" * (i % 4)} for i in range(start, n)]
+
+
+OPTS = dict(generation={"max_new_tokens": 12}, batching={"max_batch_size": 2}, checkpoint={"every_rows": 2})
+
+
+def test_three_shards_then_merge_equal_one_run(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "in.jsonl", rows(11))
+    single = make_job(tmp_path, src, "single.yaml", output={"path": str(tmp_path / "single.parquet")}, **OPTS)
+    sharded = make_job(tmp_path, src, "sharded.yaml", **OPTS)
+    assert main(["run", str(single), "--no-progress"]) == 0
+    assert main(["run", str(sharded), "--shard", "0/3", "--no-progress"]) == 0
+    assert main(["run", str(sharded), "--shard", "2/3", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["status", str(sharded)]) == 0
+    status = capsys.readouterr().out
+    assert "shards_of_3" in status and '"1/3": "0/' in status
+    assert main(["merge", str(sharded)]) == 1
+    err = capsys.readouterr().err
+    assert "cannot merge yet" in err and "missing shards (of 3): 1/3" in err
+    out = tmp_path / "out" / "result.parquet"
+    assert not out.exists()
+    assert main(["run", str(sharded), "--shard", "1/3", "--no-progress"]) == 0
+    assert not out.exists()  # shards never write the final file; merge does
+    assert main(["merge", str(sharded)]) == 0
+    assert pq.read_table(out).equals(pq.read_table(tmp_path / "single.parquet"))
+    summary = json.loads((tmp_path / "out" / "result.summary.json").read_text())
+    assert summary["rows"] == 11 and summary["generated_rows"] == 11
+
+
+def test_shards_share_the_plan_and_get_balanced_tokens(tmp_path, capsys):
+    from batch.checkpoint import Checkpoint
+    from batch.plan import assign_shards
+
+    src = write_jsonl(tmp_path / "in.jsonl", rows(20))
+    job = make_job(tmp_path, src, **OPTS)
+    assert main(["run", str(job), "--shard", "0/4", "--no-progress"]) == 0
+    plan = Checkpoint(tmp_path / "out" / "result.parquet.parts").load_plan()
+    owner = assign_shards(plan.chunks, 4)
+    loads = [sum(c.tokens for c in plan.chunks if owner[c.index] == s) for s in range(4)]
+    assert max(loads) - min(loads) <= max(c.tokens for c in plan.chunks)
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, (0, 1)),
+        ({"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "4"}, (2, 4)),
+        ({"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_MAX": "8"}, (2, 4)),
+        ({"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_PROCID": "1", "SLURM_NTASKS": "2"}, (3, 6)),
+        ({"SLURM_PROCID": "3", "SLURM_NTASKS": "4"}, (3, 4)),
+    ],
+)
+def test_shard_from_slurm_environment(env, expected):
+    assert slurm_shard(env) == expected
+
+
+def test_parse_shard():
+    assert parse_shard("1/4") == (1, 4)
+    for bad in ("4/4", "x", "1/0", "-1/2"):
+        with pytest.raises(JobError, match="--shard"):
+            parse_shard(bad)
+
+
+def test_reuse_generates_only_new_rows_and_equals_a_full_run(tmp_path, capsys):
+    day1 = write_jsonl(tmp_path / "day1.jsonl", rows(6))
+    day2 = write_jsonl(tmp_path / "day2.jsonl", rows(6) + rows(9, start=6))
+    first = make_job(tmp_path, day1, "day1.yaml", output={"path": str(tmp_path / "old" / "day1.parquet")}, **OPTS)
+    full = make_job(tmp_path, day2, "full.yaml", output={"path": str(tmp_path / "full.parquet")}, **OPTS)
+    second = make_job(tmp_path, day2, "day2.yaml", input={"reuse": str(tmp_path / "old" / "*.parquet")}, **OPTS)
+    assert main(["run", str(first), "--no-progress"]) == 0
+    assert main(["run", str(full), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["run", str(second), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "out" / "result.summary.json").read_text())
+    assert (summary["reused_rows"], summary["generated_rows"]) == (6, 3)
+    assert "reused_rows               6" in out
+    got = pq.read_table(tmp_path / "out" / "result.parquet")
+    assert got.equals(pq.read_table(tmp_path / "full.parquet"))
+    # a changed setting changes every fingerprint: nothing is reused
+    assert main(["run", str(second), "--no-progress", "generation.max_new_tokens=6", "--restart"]) == 0
+    summary = json.loads((tmp_path / "out" / "result.summary.json").read_text())
+    assert (summary["reused_rows"], summary["generated_rows"]) == (0, 9)
