@@ -363,8 +363,9 @@ def run(job: JobConfig, shard: int = 0, shards: int = 1, restart: bool = False, 
         owner = assign_shards(plan.chunks, shards)
         done = ckpt.done_batches(plan)
         batch_rows = plan.batch_rows()
-        todo = [b for c in plan.chunks if owner[c.index] == shard for b in c.batches if b not in done]
-        stats = Stats(resumed_rows=sum(len(batch_rows[b]) for b in done))
+        mine = [b for c in plan.chunks if owner[c.index] == shard for b in c.batches]
+        todo = [b for b in mine if b not in done]
+        stats = Stats(resumed_rows=sum(len(batch_rows[b]) for b in mine if b in done))
         if todo:
             engine = Engine.load(job.model, job.generation, job.source)
             print(

@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "models" / "tiny-komt"
 SEED = ROOT / "data" / "seed_examples.jsonl"
 
+pytest_plugins = ["tests.slurm_cluster"]  # the real SLURM cluster fixture (slurm_cluster)
+
 
 
 def seed_rows() -> list[dict]:

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Submit a komt-batch run to SLURM: an N-task array (one shard per task)
+# plus a merge job that runs only when every shard succeeded.
+#
+#   slurm/submit.sh JOB.yaml N [extra sbatch options...]
+#
+# Extra sbatch options go to both the array and the merge (e.g.
+# --partition=gpu --account=proj --time=8:00:00).
+# Output: "array job: <id>", "merge job: <id>", and the merge job id alone as
+# the last line, so scripts can do: merge=$(slurm/submit.sh j.yaml 8 | tail -n1)
+#
+# Environment knobs:
+#   GPUS_PER_TASK      GPUs per array task (default 1; 0 = no --gres)
+#   KOMT_BATCH         CLI command (default komt-batch), e.g.
+#                      "$PWD/.venv/bin/python -m batch"
+#   KOMT_ARGS          key=value overrides for run and merge (whitespace-split)
+#   KOMT_DATE          YYYY-MM-DD for {date}  (default: now, computed here once
+#   KOMT_TIME          HHMMSS for {time}       for all tasks, requeues and the merge)
+#   KOMT_RUN_ID        reuse an older run key for {job_id} (default: the array id)
+#   KOMT_MAX_REQUEUES  per-task requeue cap (default 20)
+#   KOMT_ARRAY_LIMIT   at most this many tasks at once (--array=0-(N-1)%LIMIT)
+#
+# Relative paths (logs/, the job file, paths inside it) resolve against the
+# current directory: SLURM starts the jobs there (sbatch's default --chdir).
+set -euo pipefail
+
+usage() { echo "usage: $0 JOB.yaml N [extra sbatch options...]" >&2; exit 2; }
+(($# >= 2)) || usage
+job_file=$1
+n=$2
+shift 2
+[[ $n =~ ^[1-9][0-9]*$ ]] || { echo "N must be a positive integer, got '$n'" >&2; exit 2; }
+[[ -f $job_file ]] || { echo "job file not found: $job_file" >&2; exit 2; }
+
+# The .sbatch files live next to this script, wherever it is called from.
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+gpus=${GPUS_PER_TASK:-1}
+[[ $gpus =~ ^[0-9]+$ ]] || { echo "GPUS_PER_TASK must be a number, got '$gpus'" >&2; exit 2; }
+gres=()
+((gpus > 0)) && gres=(--gres="gpu:$gpus")
+
+array_range="0-$((n - 1))"
+[[ -n ${KOMT_ARRAY_LIMIT:-} ]] && array_range+="%$KOMT_ARRAY_LIMIT"
+
+# Passed through the environment, not --export=ALL,KOMT_JOB=...: that form
+# splits on commas, so a path or an override with a comma would break it.
+# --export=ALL (explicit, in case the site sets SBATCH_EXPORT=NONE) then
+# hands them to the jobs.
+export KOMT_JOB
+KOMT_JOB=$(realpath "$job_file")
+# One {date} and {time} for all tasks, requeues and the merge, even when a
+# task starts or is requeued after midnight. One `date` call, so the two
+# cannot straddle midnight either.
+read -r now_date now_time < <(date '+%F %H%M%S')
+export KOMT_DATE=${KOMT_DATE:-$now_date}
+export KOMT_TIME=${KOMT_TIME:-$now_time}
+export KOMT_BATCH=${KOMT_BATCH:-komt-batch}
+export KOMT_ARGS=${KOMT_ARGS:-}
+export KOMT_MAX_REQUEUES=${KOMT_MAX_REQUEUES:-20}
+
+# The jobs open logs/... before running a single line of the script; a
+# missing directory makes them fail with no log at all.
+mkdir -p logs
+
+array_id=$(sbatch --parsable --export=ALL --array="$array_range" "${gres[@]}" "$@" \
+    "$here/komt-array.sbatch")
+array_id=${array_id%%;*}   # --parsable prints "id" or "id;cluster"
+echo "array job: $array_id"
+
+# The merge needs the array's run key; a resumed run keeps the old one.
+if ! merge_id=$(KOMT_RUN_ID=${KOMT_RUN_ID:-$array_id} KOMT_SHARDS=$n \
+    sbatch --parsable --export=ALL --dependency="afterok:$array_id" \
+        --kill-on-invalid-dep=yes "$@" "$here/komt-merge.sbatch"); then
+    echo "merge submission failed; array job $array_id is queued without a merge" \
+        "(scancel $array_id, or submit slurm/komt-merge.sbatch by hand)" >&2
+    exit 1
+fi
+merge_id=${merge_id%%;*}
+echo "merge job: $merge_id"
+echo "$merge_id"
