@@ -18,8 +18,10 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import logging
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,9 +38,17 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from transformers.utils import logging as hf_logging
+
 from batch.config import GenerationSettings, ModelConfig
 from batch.errors import JobError
 from batch.stops import StopChecker, trim_response
+
+# Keep the job's log readable: no per-tensor loading bar, no notice that an optional CPU kernel
+# package is absent (bitsandbytes falls back to its own kernels), no deprecation chatter from peft.
+hf_logging.disable_progress_bar()
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
