@@ -350,6 +350,12 @@ class StopFlag:
 def run(job: JobConfig, shard: int = 0, shards: int = 1, restart: bool = False, progress: bool = True, resume_hint: str = "") -> dict:
     """Generate this shard's batches; when unsharded, also write the final file. Returns the summary."""
     started = time.time()
+    stop = StopFlag()
+    with stop.installed():  # from the start: a signal while planning still ends in exit 75
+        return _run(job, shard, shards, restart, progress, resume_hint, started, stop)
+
+
+def _run(job, shard, shards, restart, progress, resume_hint, started, stop: StopFlag) -> dict:
     check_output_writable(job)
     ckpt = Checkpoint(job.parts_dir)
     rows = read_rows(job)
@@ -357,8 +363,7 @@ def run(job: JobConfig, shard: int = 0, shards: int = 1, restart: bool = False, 
     # files (tokenizer, adapter shapes) and, when there is no plan yet, the plan itself.
     tokenizer, context = load_tokenizer(job.model, job.source)
     fresh = make_plan(job, rows, tokenizer, context) if restart or not ckpt.manifest_path.exists() else None
-    stop = StopFlag()
-    with ckpt.shard_lock(shard, shards), stop.installed():
+    with ckpt.shard_lock(shard, shards):
         plan = open_plan(job, rows, ckpt, restart, fresh)
         owner = assign_shards(plan.chunks, shards)
         done = ckpt.done_batches(plan)
@@ -366,7 +371,7 @@ def run(job: JobConfig, shard: int = 0, shards: int = 1, restart: bool = False, 
         mine = [b for c in plan.chunks if owner[c.index] == shard for b in c.batches]
         todo = [b for b in mine if b not in done]
         stats = Stats(resumed_rows=sum(len(batch_rows[b]) for b in mine if b in done))
-        if todo:
+        if todo and stop.received is None:
             engine = Engine.load(job.model, job.generation, job.source)
             print(
                 f"komt-batch: generating {sum(len(batch_rows[b]) for b in todo)} rows in {len(todo)} batches"

@@ -11,6 +11,9 @@
 #
 # Environment knobs:
 #   GPUS_PER_TASK      GPUs per array task (default 1; 0 = no --gres)
+#   PROCS_PER_TASK     processes per array task, one per GPU (default 1); with P > 1 each
+#                      array task asks for P tasks of one GPU each and starts them with srun:
+#                      N array tasks x P processes = N*P shards
 #   KOMT_BATCH         CLI command (default komt-batch), e.g.
 #                      "$PWD/.venv/bin/python -m batch"
 #   KOMT_ARGS          key=value overrides for run and merge (whitespace-split)
@@ -39,6 +42,13 @@ gpus=${GPUS_PER_TASK:-1}
 [[ $gpus =~ ^[0-9]+$ ]] || { echo "GPUS_PER_TASK must be a number, got '$gpus'" >&2; exit 2; }
 gres=()
 ((gpus > 0)) && gres=(--gres="gpu:$gpus")
+procs=${PROCS_PER_TASK:-1}
+[[ $procs =~ ^[1-9][0-9]*$ ]] || { echo "PROCS_PER_TASK must be a positive integer, got '$procs'" >&2; exit 2; }
+if ((procs > 1)); then
+    # one process per GPU on a multi-GPU node: the sbatch script starts them with srun
+    gres=(--ntasks="$procs")
+    ((gpus > 0)) && gres+=(--gpus-per-task=1)
+fi
 
 array_range="0-$((n - 1))"
 [[ -n ${KOMT_ARRAY_LIMIT:-} ]] && array_range+="%$KOMT_ARRAY_LIMIT"
@@ -69,7 +79,7 @@ array_id=${array_id%%;*}   # --parsable prints "id" or "id;cluster"
 echo "array job: $array_id"
 
 # The merge needs the array's run key; a resumed run keeps the old one.
-if ! merge_id=$(KOMT_RUN_ID=${KOMT_RUN_ID:-$array_id} KOMT_SHARDS=$n \
+if ! merge_id=$(KOMT_RUN_ID=${KOMT_RUN_ID:-$array_id} KOMT_SHARDS=$((n * procs)) \
     sbatch --parsable --export=ALL --dependency="afterok:$array_id" \
         --kill-on-invalid-dep=yes "$@" "$here/komt-merge.sbatch"); then
     echo "merge submission failed; array job $array_id is queued without a merge" \

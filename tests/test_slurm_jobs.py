@@ -129,3 +129,20 @@ def test_a_failed_shard_blocks_the_merge_and_merge_names_it(slurm, tmp_path):
     assert p.returncode == 1
     assert "missing shards (of 3): 1/3" in p.stderr
     assert not (tmp_path / "out" / f"2026-11-27-{sub.array_id}" / "result.parquet").exists()
+
+
+def test_two_processes_per_array_task_are_two_shards(slurm, tmp_path):
+    """One array task with PROCS_PER_TASK=2 (as one process per GPU on a 2-GPU node) -> 2 shards."""
+    src = write_jsonl(tmp_path / "prompts.jsonl", prompts(12))
+    env = cli_env()
+    sub = Submission(
+        slurm, tmp_path, 1, komt_batch=real_cli(), job_text=JOB.format(repo=ROOT, src=src),
+        KOMT_DATE="2026-11-27", KOMT_TIME="020000", PROCS_PER_TASK="2",
+        PYTHONPATH=env["PYTHONPATH"], HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+    )
+    assert slurm.wait(sub.merge_id, timeout=300) == "COMPLETED", sub.report()
+    log = sub.task_log(0)
+    assert "(shard 0/2;" in log and "(shard 1/2;" in log
+    out = tmp_path / "out" / f"2026-11-27-{sub.array_id}" / "result.parquet"
+    assert pq.read_table(out).column("id").to_pylist() == [p["id"] for p in prompts(12)]
