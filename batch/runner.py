@@ -8,6 +8,7 @@ import contextlib
 import glob
 import hashlib
 import json
+import os
 import signal
 import sys
 import time
@@ -101,8 +102,6 @@ def check_output_writable(job: JobConfig) -> None:
 
 
 def _writable(directory: Path) -> bool:
-    import os
-
     return os.access(directory, os.W_OK | os.X_OK)
 
 

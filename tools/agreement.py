@@ -1,0 +1,52 @@
+"""Greedy agreement between batched generation and one-prompt-at-a-time `model.generate`.
+
+    python tools/agreement.py [--device cpu|cuda] [--dtype float32|bfloat16] [--quantization nf4|none]
+
+Runs the exactness test's 40 prompts on the tiny komt model (NF4 + LoRA by default) and prints how
+many rows give the same trimmed response batched (sorted, left-padded, batch size 8) as alone. In
+float32 this must be 40/40 (tests/test_exactness.py); with bfloat16 compute a few near-tied rows may
+legitimately differ, because rounding depends on the batch's shape.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from batch.config import GenerationSettings, ModelConfig  # noqa: E402
+from batch.engine import Engine, load_model  # noqa: E402
+from tests.test_exactness import MAX_NEW, batched, prompts_40  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--quantization", default="nf4")
+    args = p.parse_args()
+    cfg = ModelConfig(
+        base=str(ROOT / "models/tiny-komt/base"),
+        adapter=str(ROOT / "models/tiny-komt/adapter"),
+        quantization=args.quantization,
+        compute_dtype=args.dtype,
+        device_map=args.device,
+    )
+    engine = Engine(*load_model(cfg), GenerationSettings(max_new_tokens=MAX_NEW, do_sample=False))
+    ids = engine.tokenize(prompts_40())
+    alone = []
+    for p_ids in ids:
+        out = engine.model.generate(torch.tensor([p_ids], device=engine.device), max_new_tokens=MAX_NEW, do_sample=False)
+        c = engine.finish(len(p_ids), out[0, len(p_ids):].tolist())
+        alone.append((c.response, c.finish_reason))
+    together = batched(engine, ids, 8)
+    same = sum(a == b for a, b in zip(alone, together))
+    print(f"agreement {args.quantization} {args.dtype} on {args.device}: {same}/{len(ids)} rows equal batched vs alone")
+
+
+if __name__ == "__main__":
+    main()
