@@ -38,6 +38,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from transformers.cache_utils import DynamicLayer
 from transformers.utils import logging as hf_logging
 
 from batch.config import GenerationSettings, ModelConfig
@@ -60,6 +61,86 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int  # tokens the model generated for the row, the stopping one included
     error: str | None = None
+
+
+PREFILL_WASTE = 0.05  # a prefill group computes at most 5% padding ...
+PREFILL_GROUP_TOKENS = 8192  # ... and at most this many positions (bounds the attention's scratch memory)
+
+
+def prefill_groups(lengths: list[int]) -> list[tuple[int, int]]:
+    """Split prompt lengths sorted longest first into consecutive [a, b) groups with little padding."""
+    groups, start, real = [], 0, 0
+    for i, n in enumerate(lengths):
+        padded = (i - start + 1) * lengths[start]
+        if i > start and (padded * (1 - PREFILL_WASTE) > real + n or padded > PREFILL_GROUP_TOKENS):
+            groups.append((start, i))
+            start, real = i, 0
+        real += n
+    groups.append((start, len(lengths)))
+    return groups
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, p in enumerate(rows):
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
+def compact_order(keep: list[int]) -> list[int]:
+    """The new slot of each row that stays when others leave: rows stay where they are, except those
+    beyond the new batch size, which move into the holes -- so only they are copied in the cache."""
+    size = len(keep)
+    kept = set(keep)
+    holes = [s for s in range(size) if s not in kept]
+    movers = [s for s in keep if s >= size]
+    order = list(range(size))
+    for hole, mover in zip(holes, movers):
+        order[hole] = mover
+    return order
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A KV-cache layer with room for the whole generation. transformers' DynamicLayer concatenates
+    at every step, copying the whole cache each time (quadratic in the length); this one writes the
+    new position in place and exposes views of the filled part."""
+
+    def __init__(self, like: torch.Tensor, rows: int, capacity: int):
+        super().__init__()
+        shape = (rows, like.shape[1], capacity, like.shape[3])
+        self.buf_k, self.buf_v = like.new_zeros(shape), like.new_zeros(shape)  # zeros: padding stays finite
+        self.device, self.is_initialized, self.length = like.device, True, 0
+        self._views()
+
+    def _views(self) -> None:
+        self.keys, self.values = self.buf_k[:, :, : self.length], self.buf_v[:, :, : self.length]
+
+    def write(self, a: int, b: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.buf_k[a:b, :, start : start + keys.shape[-2]] = keys
+        self.buf_v[a:b, :, start : start + values.shape[-2]] = values
+
+    def set_length(self, length: int) -> None:
+        self.length = length
+        self._views()
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.write(0, self.buf_k.shape[0], self.length, key_states, value_states)
+        self.set_length(self.length + key_states.shape[-2])
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        size = len(indices)
+        moved = (indices != torch.arange(size, device=indices.device)).nonzero().squeeze(1)
+        if bool((indices[moved] >= size).all()):  # compact_order's shape: copy only the movers
+            for buf in (self.buf_k, self.buf_v):
+                buf[moved] = buf[indices[moved]]
+            self.buf_k, self.buf_v = self.buf_k[:size], self.buf_v[:size]
+        else:
+            self.buf_k, self.buf_v = self.buf_k[indices], self.buf_v[indices]
+        self._views()
 
 
 def row_seed(seed: int, row_id: str) -> int:
@@ -118,22 +199,11 @@ class Engine:
     def generate(self, prompts: list[list[int]], seeds: list[int]) -> list[Completion]:
         """Generate for one batch of tokenized prompts; one Completion per prompt, in order."""
         s = self.settings
-        n = len(prompts)
-        width = max(len(p) for p in prompts)
-        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p) :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        self.padded_prompt_tokens += n * width
-        cache = DynamicCache(config=self.model.config)
-        logits = self._forward(ids, mask, positions, cache)
+        active = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # slot -> prompt, longest first
+        logits, cache, mask = self._prefill([prompts[i] for i in active], s.max_new_tokens)
         next_pos = mask.sum(-1, keepdim=True)
-        generators = [torch.Generator(self.device).manual_seed(seed) for seed in seeds] if s.do_sample else None
-        active = list(range(n))  # the prompt index of each row still in the batch
-        generated: list[list[int]] = [[] for _ in range(n)]
+        generators = {i: torch.Generator(self.device).manual_seed(seeds[i]) for i in active} if s.do_sample else None
+        generated: list[list[int]] = [[] for _ in prompts]
         while True:
             self.row_steps += len(active)
             chosen = self._choose(logits, [generators[r] for r in active] if generators else None)
@@ -147,14 +217,43 @@ class Engine:
             if not keep:
                 break
             if len(keep) < len(active):  # finished rows leave the batch, with their KV cache rows
-                index = torch.tensor(keep, device=self.device)
+                order = compact_order(keep)
+                index = torch.tensor(order, device=self.device)
                 cache.batch_select_indices(index)
                 mask, next_pos, chosen = mask[index], next_pos[index], chosen[index]
-                active = [active[k] for k in keep]
+                active = [active[k] for k in order]
             mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=-1)
             logits = self._forward(chosen[:, None], mask, next_pos, cache)
             next_pos = next_pos + 1
         return [self.finish(len(p), g) for p, g in zip(prompts, generated)]
+
+    def _prefill(self, rows: list[list[int]], max_new_tokens: int):
+        """Run the prompts (longest first) in groups of near-equal length, so that little padding is
+        computed, into one KV cache with room for the whole generation. Returns the last position's
+        logits, the cache and the batch's attention mask (left-padded to the longest prompt)."""
+        width = len(rows[0])
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, p in enumerate(rows):
+            mask[i, width - len(p) :] = 1
+        layers: list[PreallocatedLayer] = []
+        logits = None
+        for a, b in prefill_groups([len(p) for p in rows]):
+            ids, group_mask = left_pad(rows[a:b], self.pad_id)
+            ids, group_mask = ids.to(self.device), group_mask.to(self.device)
+            self.padded_prompt_tokens += ids.numel()
+            group_cache = DynamicCache(config=self.model.config)
+            out = self._forward(ids, group_mask, (group_mask.cumsum(-1) - 1).clamp(min=0), group_cache)
+            if logits is None:
+                logits = out.new_empty((len(rows), out.shape[-1]))
+                layers = [PreallocatedLayer(g.keys, len(rows), width + max_new_tokens) for g in group_cache.layers]
+            logits[a:b] = out
+            for layer, g in zip(layers, group_cache.layers):
+                layer.write(a, b, width - ids.shape[1], g.keys, g.values)
+        cache = DynamicCache(config=self.model.config)
+        cache.layers = layers
+        for layer in layers:
+            layer.set_length(width)
+        return logits, cache, mask.to(self.device)
 
     def _forward(self, ids, mask, positions, cache) -> torch.Tensor:
         start = time.perf_counter()
