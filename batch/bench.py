@@ -27,7 +27,16 @@ row for one generated position, so for `model.generate` it is rows x decode step
 overhead (the share of wall time spent outside the model's forward calls; for mode 3 it is
 1 - engine.forward_seconds / wall), peak memory (CPU: the RSS high-water mark, reset before each mode
 through /proc/self/clear_refs; CUDA: torch.cuda.max_memory_allocated), and how many rows give the
-same trimmed greedy response as mode 1.
+same trimmed greedy response as mode 1. Generated tokens are counted the same way in every mode: per
+row, the tokens up to and including the one that ends it (EOS, the token completing a stop word, or
+the max_new_tokens-th), i.e. what the engine generates; what `model.generate` computes past that
+(rows kept in a batch until its longest row ends) is waste, and shows in the decode efficiency.
+
+The machine may be shared: before each mode the bench waits (up to `quiet_wait` s) while other
+processes keep the CPU busy, and every mode records the share of the CPU other processes used while
+it ran (column `others`; a warning names the distorted modes). On 2 cores a second busy process does
+not cost half: torch's two OpenMP threads wait on each other at every op, and batched modes slowed
+down 5-10x in such runs. The JSON is rewritten after every mode, so a stopped run keeps its figures.
 
 The benchmark model is built locally in seconds, never downloaded (`model.dir`, rebuilt when missing
 or when its settings change): a random-weight Llama with the test fixture's tokenizer, its decoder
@@ -79,7 +88,7 @@ MODE_LABELS = {
     "engine": "3 plan + Engine (komt-batch run)",
     "vllm": "4 vLLM LLM.generate",
 }
-BUILD_VERSION = 1  # bump when the way the model is built changes (forces a rebuild of model.dir)
+BUILD_VERSION = 2  # bump when the way the model is built changes (forces a rebuild of model.dir)
 
 # --- settings ------------------------------------------------------------------------------------
 
@@ -100,7 +109,7 @@ class BenchModel:
     lora_alpha: int = 16
     lora_b_std: float = 0.02  # LoRA B is random (not zero), so the adapter changes the outputs
     nf4_round_trip: bool = True
-    median_length: float = 0.25  # tilt EOS so that the median completion is this share of max_new_tokens
+    mean_length: float = 0.35  # tilt EOS so that the mean completion is this share of max_new_tokens
     tune_prompts: int = 48  # prompts whose greedy runs tune the tilt
 
 
@@ -124,6 +133,8 @@ class BenchConfig:
     vllm_python: str | None = "/opt/vllm-venv/bin/python"  # None / absent: mode 4 is skipped
     vllm_kv_cache_gib: float = 2.0
     vllm_timeout: float = 3600.0
+    threads: int | None = None  # torch threads (None: torch's default, one per core)
+    quiet_wait: float = 120.0  # before each mode, wait up to this many seconds for other processes to go quiet
     output: str = "out/bench.json"
     model: BenchModel = field(default_factory=BenchModel)
 
@@ -145,8 +156,8 @@ class BenchConfig:
             raise JobError(f"{where}: variants: at least one, e.g. [float32, nf4+lora]")
         for v in self.variants:
             parse_variant(v, self, where)
-        if not 0 < self.model.median_length <= 1:
-            raise JobError(f"{where}: model.median_length: must be in (0, 1], got {self.model.median_length}")
+        if not 0 < self.model.mean_length < 1:
+            raise JobError(f"{where}: model.mean_length: must be in (0, 1), got {self.model.mean_length}")
         if self.model.intermediate_size % 64 or self.model.hidden_size % 64:
             raise JobError(f"{where}: model.hidden_size and model.intermediate_size must be multiples of 64 (bitsandbytes 4-bit blocks)")
         if self.model.hidden_size % self.model.num_heads:
@@ -262,6 +273,23 @@ def busy_cpu_seconds() -> float | None:
 def own_cpu_seconds() -> float:
     r, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime + c.ru_utime + c.ru_stime
+
+
+def wait_for_quiet(max_seconds: float, threshold: float = 0.15, window: float = 2.0) -> float:
+    """Wait (at most max_seconds) until other processes use under `threshold` of the machine's CPU
+    over a `window`; returns the seconds waited. The machine may be shared: see CpuProbe."""
+    waited, said = 0.0, False
+    while waited < max_seconds:
+        probe = CpuProbe()
+        time.sleep(window)
+        share = probe.stop()["others_cpu_share"]
+        if share is None or share < threshold:
+            break
+        waited += window
+        if not said:
+            print(f"bench: other processes use {share:.0%} of the CPU; waiting up to {max_seconds:.0f}s for quiet", file=sys.stderr, flush=True)
+            said = True
+    return waited
 
 
 class CpuProbe:
@@ -471,12 +499,16 @@ def build_model(cfg: BenchConfig, tokenizer, root: Path) -> dict:
     eos_id, stop_id = tokenizer.eos_token_id, stop_token(tokenizer, cfg.stop)
     banned = [eos_id] + ([stop_id] if stop_id is not None else [])
     t1 = time.perf_counter()
+    # with and without the adapter: it moves the hidden states, and both kinds of variant should spread
     hidden, best = record_greedy_runs(peft_model.get_base_model(), tokenizer, tune, cfg.max_new_tokens, banned, device)
+    with peft_model.disable_adapter():
+        hidden_base, best_base = record_greedy_runs(peft_model.get_base_model(), tokenizer, tune, cfg.max_new_tokens, banned, device)
+    hidden, best = torch.cat([hidden, hidden_base]), torch.cat([best, best_base])
     model = peft_model.unload()  # the base model again, without LoRA layers
-    tilt = tilt_output_rows(model, hidden, best, eos_id, stop_id, m.median_length * cfg.max_new_tokens)
+    tilt = tilt_output_rows(model, hidden, best, eos_id, stop_id, m.mean_length * cfg.max_new_tokens)
     tilt["tune_seconds"] = round(time.perf_counter() - t1, 2)
     print(f"bench: tilted </s>{' and ' + repr(tokenizer.convert_ids_to_tokens(stop_id)) if stop_id is not None else ''} "
-          f"by {tilt['alpha']:.4f}; predicted completion lengths on {len(tune)} prompts: {_dist_line(tilt['predicted'], cfg.max_new_tokens)}",
+          f"by {tilt['alpha']:.4f}; predicted completion lengths on {len(tune)} prompts, with and without the adapter: {_dist_line(tilt['predicted'], cfg.max_new_tokens)}",
           file=sys.stderr, flush=True)
 
     base_dir = root / "base"
@@ -563,9 +595,11 @@ def record_greedy_runs(model, tokenizer, prompts: list[str], max_new: int, banne
 
 
 @torch.no_grad()
-def tilt_output_rows(model, hidden: torch.Tensor, best: torch.Tensor, eos_id: int, stop_id: int | None, median_target: float) -> dict:
+def tilt_output_rows(model, hidden: torch.Tensor, best: torch.Tensor, eos_id: int, stop_id: int | None, mean_target: float) -> dict:
     """Set lm_head[eos] (and lm_head[stop token]) := alpha * u + its random row, u = the unit mean
-    final hidden state, with alpha bisected so that the median completion length hits the target."""
+    final hidden state, with alpha bisected so that the mean completion length hits the target (the
+    mean, not the median: the lengths come out bimodal -- loops that never stop, rows that stop at
+    once -- and a median sitting between the two modes jumps with a few prompts)."""
     w = model.lm_head.weight
     u = hidden.reshape(-1, hidden.shape[-1]).mean(0)
     u = u / u.norm()
@@ -581,11 +615,11 @@ def tilt_output_rows(model, hidden: torch.Tensor, best: torch.Tensor, eos_id: in
         return first.numpy(), np.where(wins.any(1).numpy(), which.numpy(), -1)
 
     low, high = 0.0, 1.0
-    while np.median(lengths(high)[0]) > median_target and high < 1e4:
+    while lengths(high)[0].mean() > mean_target and high < 1e4:
         high *= 2
     for _ in range(40):
         mid = (low + high) / 2
-        low, high = (mid, high) if np.median(lengths(mid)[0]) > median_target else (low, mid)
+        low, high = (mid, high) if lengths(mid)[0].mean() > mean_target else (low, mid)
     alpha = high
     for i in ids:
         w[i] = (alpha * u.to(w.device) + w[i].float()).to(w.dtype)
@@ -633,7 +667,7 @@ class Rule:
         """Tokens the engine would have generated: up to the first EOS or the token completing a stop word."""
         n = next((i + 1 for i, t in enumerate(ids) if t in self.eos_ids), len(ids))
         if self.stop and any(w in self.decode(ids[:n]) for w in self.stop):
-            n = next(i + 1 for i in range(n) if self.checker.hit(ids[: i + 1]))
+            n = next((i + 1 for i in range(n) if self.checker.hit(ids[: i + 1])), n)
         return n
 
 
@@ -778,14 +812,23 @@ def run_vllm(cfg: BenchConfig, variant: Variant, meta: dict, tokenizer, prompts:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     try:
         with open(log_path, "w") as log:
-            proc = subprocess.run([python, str(VLLM_TOOL), f.name], stdout=subprocess.PIPE, stderr=log, text=True,
-                                  timeout=cfg.vllm_timeout, env=env, cwd=ROOT)
+            proc = subprocess.Popen([python, str(VLLM_TOOL), f.name], stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=ROOT)
+            try:
+                stdout, _ = proc.communicate(timeout=cfg.vllm_timeout)
+            except BaseException:  # a timeout, Ctrl-C or SIGTERM: stop vLLM and its engine processes too
+                proc.terminate()  # the tool kills its children on SIGTERM
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                raise
     except subprocess.TimeoutExpired:
         return {"mode": 4, "label": MODE_LABELS["vllm"], "skipped": f"vLLM timed out after {cfg.vllm_timeout:.0f}s (log: {log_path})"}
     finally:
         os.unlink(f.name)
     try:
-        result = json.loads(proc.stdout)
+        result = json.loads(stdout)
     except ValueError:
         tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
         return {"mode": 4, "label": MODE_LABELS["vllm"], "skipped": f"vLLM failed (exit {proc.returncode}; log {log_path}): {' | '.join(tail)}"}
@@ -805,7 +848,7 @@ def run_vllm(cfg: BenchConfig, variant: Variant, meta: dict, tokenizer, prompts:
 # --- one variant, and the whole run --------------------------------------------------------------
 
 
-def run_variant(cfg: BenchConfig, variant: Variant, meta: dict, prompts: list[str], log_dir: Path) -> dict:
+def run_variant(cfg: BenchConfig, variant: Variant, meta: dict, prompts: list[str], log_dir: Path, save=lambda partial: None) -> dict:
     from batch.engine import load_model
 
     mcfg = ModelConfig(base=meta["base"], adapter=meta["adapter"] if variant.lora else None, quantization=variant.quantization,
@@ -817,19 +860,29 @@ def run_variant(cfg: BenchConfig, variant: Variant, meta: dict, prompts: list[st
     rule = Rule(tokenizer, cfg.stop)
     k = min(cfg.single_limit or len(prompts), len(prompts))
     modes: dict[str, dict] = {}
-    say = lambda m, r: print(f"bench: {variant.name}: {MODE_LABELS[m]}: " + (f"{r['tokens_per_second']:.1f} tok/s, {r['wall_seconds']:.1f}s" if "skipped" not in r else f"skipped: {r['skipped']}"), file=sys.stderr, flush=True)  # noqa: E731
+    partial = {"variant": variant.name, "modes": modes}
+
+    def say(m, r):
+        compare_modes(modes, k)
+        save(partial)
+        print(f"bench: {variant.name}: {MODE_LABELS[m]}: " + (f"{r['tokens_per_second']:.1f} tok/s, {r['wall_seconds']:.1f}s" if "skipped" not in r else f"skipped: {r['skipped']}"), file=sys.stderr, flush=True)
+
+    quiet = lambda: wait_for_quiet(cfg.quiet_wait) if cfg.device == "cpu" and cfg.quiet_wait > 0 else 0.0  # noqa: E731
+    quiet()
     modes["single"] = run_single(model, tokenizer, prompts[:k], cfg, rule)
     modes["single"]["subsampled"] = k < len(prompts)
     say("single", modes["single"])
+    quiet()
     modes["fixed"] = run_fixed(model, tokenizer, prompts, cfg, rule)
     say("fixed", modes["fixed"])
+    quiet()
     modes["engine"] = run_engine(model, tokenizer, prompts, cfg, rule)
     say("engine", modes["engine"])
     del model
     _free(cfg.device)
+    quiet()
     modes["vllm"] = run_vllm(cfg, variant, meta, tokenizer, prompts, rule, log_dir / f"vllm-{variant.name.replace('+', '-')}.log")
     say("vllm", modes["vllm"])
-    compare_modes(modes, k)
     engine = modes["engine"]
     return {
         "variant": variant.name, "quantization": variant.quantization, "compute_dtype": variant.compute_dtype,
@@ -848,17 +901,19 @@ def _kept_of(mode: dict) -> list[int]:
 def compare_modes(modes: dict[str, dict], k: int) -> None:
     """Equal rows: modes 2-4 against mode 1 (on its k rows); modes 3-4 also against mode 2 (all rows).
     Ratios of generated tokens/s against modes 1 and 2."""
-    single, fixed = modes["single"], modes["fixed"]
+    single, fixed = modes.get("single"), modes.get("fixed")
     for name, m in modes.items():
         if "skipped" in m:
             continue
-        if name != "single":
-            m["equal_rows"] = sum(a == b for a, b in zip(m["responses"][:k], single["responses"]))
-            m["checked_rows"] = k
-        if name in ("engine", "vllm"):
-            m["equal_rows_vs_fixed"] = sum(a == b for a, b in zip(m["responses"], fixed["responses"]))
-        m["vs_single"] = m["tokens_per_second"] / single["tokens_per_second"]
-        m["vs_fixed"] = m["tokens_per_second"] / fixed["tokens_per_second"]
+        if single is not None:
+            if name != "single":
+                m["equal_rows"] = sum(a == b for a, b in zip(m["responses"][:k], single["responses"]))
+                m["checked_rows"] = k
+            m["vs_single"] = m["tokens_per_second"] / single["tokens_per_second"]
+        if fixed is not None:
+            if name in ("engine", "vllm"):
+                m["equal_rows_vs_fixed"] = sum(a == b for a, b in zip(m["responses"], fixed["responses"]))
+            m["vs_fixed"] = m["tokens_per_second"] / fixed["tokens_per_second"]
 
 
 def check_targets(modes: dict[str, dict]) -> dict:
@@ -881,13 +936,31 @@ def check_targets(modes: dict[str, dict]) -> dict:
 
 
 def main(job: str | None, overrides: list[str]) -> int:
+    import signal
+
     cfg = load_bench(job, overrides)
+    # SIGTERM (kill, a scheduler's stop) ends the bench through SystemExit: vLLM's processes are stopped
+    # with it, and the JSON keeps the modes already measured
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        return _main(cfg)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def _main(cfg: BenchConfig) -> int:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise JobError("bench: device: cuda, but torch sees no CUDA device")
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     t0 = time.time()
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer)
@@ -897,27 +970,40 @@ def main(job: str | None, overrides: list[str]) -> int:
     lengths = [len(i) for i in base_tokenizer(prompts)["input_ids"]]
     print(f"bench: {len(prompts)} prompts, {sum(lengths)} tokens: {_lengths_line(lengths)}", file=sys.stderr, flush=True)
     output = Path(cfg.output)
-    results = []
-    for name in cfg.variants:
-        r = run_variant(cfg, parse_variant(name, cfg), meta, prompts, output.parent)
-        results.append(r)
+    output.parent.mkdir(parents=True, exist_ok=True)
     report = {
-        "date": started, "wall_seconds": round(time.time() - t0, 1), "machine": machine_info(cfg.device),
+        "date": started, "complete": False, "wall_seconds": None, "machine": machine_info(cfg.device),
         "config": dataclasses.asdict(cfg), "model": {k: v for k, v in meta.items() if k != "key"},
         "prompts": {"count": len(prompts), "tokens": sum(lengths), "lengths": quantiles(lengths)},
-        "variants": results,
+        "variants": [],
     }
-    text = format_report(report, cfg)
-    print(text)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    for r in results:  # responses are bulky: keep a few for inspection
-        for m in r["modes"].values():
-            m.pop("_kept", None)
-            if "responses" in m:
-                m["sample_responses"] = m.pop("responses")[:3]
-    output.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    # the JSON is rewritten after every mode, so a stopped run keeps what it measured
+    save = lambda partial=None: write_report(output, report, partial)  # noqa: E731
+    for name in cfg.variants:
+        report["variants"].append(run_variant(cfg, parse_variant(name, cfg), meta, prompts, output.parent, save))
+    report["complete"], report["wall_seconds"] = True, round(time.time() - t0, 1)
+    print(format_report(report, cfg))
+    write_report(output, report)
     print(f"bench: wrote {output} ({report['wall_seconds']:.0f}s in all)", file=sys.stderr)
     return 0
+
+
+def write_report(path: Path, report: dict, partial: dict | None = None) -> None:
+    """The report as JSON, without the bulky per-row data (a few responses are kept for inspection)."""
+
+    def slim(mode: dict) -> dict:
+        m = {k: v for k, v in mode.items() if k not in ("_kept", "responses")}
+        if "responses" in mode:
+            m["sample_responses"] = mode["responses"][:3]
+        return m
+
+    out = dict(report)
+    out["variants"] = [{**r, "modes": {k: slim(m) for k, m in r["modes"].items()}} for r in report["variants"]]
+    if partial is not None:
+        out["variants"].append({**partial, "modes": {k: slim(m) for k, m in partial["modes"].items()}})
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
+    tmp.replace(path)
 
 
 # --- the table -----------------------------------------------------------------------------------
@@ -935,6 +1021,11 @@ def _mem(n: int | None) -> str:
     return "-" if not n else f"{n / 2**20:.0f} MiB" if n < 10 * 2**30 else f"{n / 2**30:.1f} GiB"
 
 
+def _others(m: dict) -> str:
+    share = (m.get("cpu") or {}).get("others_cpu_share")
+    return "-" if share is None else f"{share:.0%}"
+
+
 def _num(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
@@ -949,14 +1040,14 @@ def format_report(report: dict, cfg: BenchConfig) -> str:
         f"max_new_tokens {cfg.max_new_tokens}, greedy, stop {cfg.stop}",
         "",
     ]
-    header = ["variant", "mode", "rows", "tok/s", "rows/s", "prefill", "decode", "overhead", "peak mem", "equal", "x single", "x fixed"]
+    header = ["variant", "mode", "rows", "tok/s", "rows/s", "prefill", "decode", "overhead", "peak mem", "equal", "x single", "x fixed", "others"]
     table = [header]
-    notes = []
+    notes, busy = [], []
     for r in report["variants"]:
         for name in MODES:
             m = r["modes"][name]
             if "skipped" in m:
-                table.append([r["variant"], m["label"], "-", "skipped", "", "", "", "", "", "", "", ""])
+                table.append([r["variant"], m["label"], "-", "skipped", "", "", "", "", "", "", "", "", ""])
                 notes.append(f"{r['variant']} mode 4: {m['skipped']}")
                 continue
             rows = f"{m['rows']}" + ("*" if m.get("subsampled") else "")
@@ -965,8 +1056,10 @@ def format_report(report: dict, cfg: BenchConfig) -> str:
                 r["variant"], m["label"], rows, f"{m['tokens_per_second']:.1f}", f"{m['rows_per_second']:.2f}",
                 _num(m["prefill_efficiency"], ".3f"), _num(m["decode_efficiency"], ".3f"),
                 "-" if m["overhead"] is None else f"{m['overhead']:.1%}", _mem(m["peak_memory_bytes"]), equal,
-                f"{m['vs_single']:.2f}", f"{m['vs_fixed']:.2f}",
+                f"{m['vs_single']:.2f}", f"{m['vs_fixed']:.2f}", _others(m),
             ])
+            if (m.get("cpu") or {}).get("others_cpu_share", 0) > 0.1:
+                busy.append(f"{r['variant']} mode {m['mode']}")
             if m.get("note"):
                 notes.append(f"{r['variant']} mode 4: {m['note']}")
             if name in ("engine", "vllm") and m.get("equal_rows_vs_fixed") is not None:
@@ -980,6 +1073,9 @@ def format_report(report: dict, cfg: BenchConfig) -> str:
     if k < report["prompts"]["count"]:
         lines.append(f"* mode 1 timed on the first {k} of {report['prompts']['count']} prompts (single_limit); "
                      f"'equal' compares those {k} rows")
+    lines.append("others: the share of the machine's CPU that other processes used during the mode")
+    if busy:
+        lines.append(f"WARNING: other processes kept the CPU busy during {', '.join(busy)}: those figures are distorted; rerun on a quiet machine")
     lines += [f"note: {n}" for n in notes]
     lines.append("")
     for r in report["variants"]:
