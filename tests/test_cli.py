@@ -81,12 +81,16 @@ def test_every_command_has_help(command):
 
 
 def test_console_script_is_installed():
-    exe = shutil.which("komt-batch")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "komt-batch"  # the venv's scripts, where `pip install -e .` puts it
+    if not exe.exists():
+        exe = shutil.which("komt-batch")
     if exe is None:
         pytest.skip("the package is not installed in this environment (pip install -e .)")
-    import subprocess
-
-    assert "komt-batch" in subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
+    assert "komt-batch" in subprocess.run([str(exe), "--version"], capture_output=True, text=True).stdout
 
 
 def test_validate_checks_without_writing(tmp_path):

@@ -11,6 +11,15 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 {
   nvidia-smi
-  python3 -c 'import torch, transformers, peft, bitsandbytes; print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__, "peft", peft.__version__, "bitsandbytes", bitsandbytes.__version__)'
+  python3 - <<'PY'
+import importlib
+for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors", "tokenizers", "yaml", "numpy"):
+    try:
+        print(f"{name} {getattr(importlib.import_module(name), '__version__', '?')}")
+    except Exception as e:  # say what is missing before the bench fails on it
+        print(f"{name} MISSING: {type(e).__name__}: {e}")
+import torch
+print("cuda", torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name(0))
+PY
   python3 -m batch bench jobs/bench-gpu.yaml "output=$OUT/bench-gpu.json" "$@"
 } 2>&1 | tee "$OUT/bench-gpu.log"
