@@ -209,4 +209,4 @@ class Checkpoint:
             keep = pa.array([done.get(b) == path for b in t.column("batch").to_pylist()], pa.bool_())
             tables.append(t.filter(keep))  # a batch held by two overlapping parts is taken once
         tables.append(read_parquet_checked(self.settled_path))
-        return pa.concat_tables(tables) if tables else RESULT_SCHEMA.empty_table()
+        return pa.concat_tables(tables)  # never empty: settled.parquet is always there
