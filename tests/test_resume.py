@@ -45,7 +45,7 @@ def output_rows(path):
 
 @pytest.mark.parametrize("sampling", [False, True], ids=["greedy", "sampled"])
 def test_kill_loop_gives_the_uninterrupted_file(tmp_path, sampling):
-    src = write_jsonl(tmp_path / "in.jsonl", many_rows(24))
+    src = write_jsonl(tmp_path / "in.jsonl", many_rows(48))
     gen = {"max_new_tokens": 24, "do_sample": sampling, "seed": 7}
     ref_job = make_job(tmp_path, src, "ref.yaml", generation=gen, output={"path": str(tmp_path / "ref.parquet")}, batching={"max_batch_size": 2}, checkpoint={"every_rows": 2})
     job = make_job(tmp_path, src, "job.yaml", generation=gen, batching={"max_batch_size": 2}, checkpoint={"every_rows": 2})
@@ -57,7 +57,7 @@ def test_kill_loop_gives_the_uninterrupted_file(tmp_path, sampling):
     while kills < 5:
         proc = start(job)
         wait_for_parts(out, len(parts(out)) + 1, proc)  # let it make progress, then kill at a random moment
-        time.sleep(rng.uniform(0.0, 0.4))
+        time.sleep(rng.uniform(0.0, 0.15))
         if proc.poll() is not None:
             break
         proc.send_signal(signal.SIGKILL)
@@ -68,7 +68,7 @@ def test_kill_loop_gives_the_uninterrupted_file(tmp_path, sampling):
     assert p.returncode == 0, p.stderr
     got, ref = pq.read_table(out), pq.read_table(tmp_path / "ref.parquet")
     ids = got.column("id").to_pylist()
-    assert ids == [r["id"] for r in many_rows(24)]  # every id exactly once, input order
+    assert ids == [r["id"] for r in many_rows(48)]  # every id exactly once, input order
     assert got.equals(ref)
     assert not list(out.parent.glob(".*.tmp"))
 
