@@ -8,7 +8,7 @@ In one process, on the same model and the same prompts, greedy, with the job's s
   2. fixed   -- fixed-size batches in input order, left-padded (pad = <unk>, attention mask),
                 `model.generate` with stop_strings;
   3. engine  -- this job's own code, as `komt-batch run` uses it: `plan_batches` + `SafeGenerator`
-                over `Engine.generate`;
+                over `Engine.stream` (finished rows' places refilled from the next batches);
   4. vllm    -- where vLLM is installed, `LLM.generate` with the same stop words: the peer to beat. It
                 needs its own virtual environment (it pins transformers<5.20), so it runs as a
                 subprocess: `tools/vllm_bench.py` under `vllm_python`, on the same saved float32 model
@@ -758,8 +758,9 @@ def run_fixed(model, tokenizer, prompts: list[str], cfg: BenchConfig, rule: Rule
 
 
 def run_engine(model, tokenizer, prompts: list[str], cfg: BenchConfig, rule: Rule) -> dict:
-    """Mode 3: what `komt-batch run` does -- tokenize, plan_batches, then per batch tokenize + SafeGenerator."""
-    from batch.engine import Engine, SafeGenerator, row_seed
+    """Mode 3: what `komt-batch run` does -- tokenize, plan_batches, then the batches' rows streamed
+    (batch by batch tokenized) through SafeGenerator.stream: finished rows' places are refilled."""
+    from batch.engine import Engine, Request, SafeGenerator, row_seed
     from batch.plan import plan_batches
 
     settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, do_sample=False, seed=cfg.seed, stop=list(cfg.stop))
@@ -772,11 +773,15 @@ def run_engine(model, tokenizer, prompts: list[str], cfg: BenchConfig, rule: Rul
     start = time.perf_counter()
     lengths = [len(ids) for ids in engine.tokenize(prompts)]
     batches = plan_batches(lengths, cfg.max_new_tokens, cfg.max_batch_size, cfg.max_batch_tokens)
-    generator = SafeGenerator(engine, cfg.max_batch_tokens, cfg.max_new_tokens)
-    for batch in batches:
-        out = generator(engine.tokenize([prompts[i] for i in batch]), [row_seed(cfg.seed, str(i)) for i in batch])
-        for i, c in zip(batch, out):
-            completions[i] = c
+    generator = SafeGenerator(engine, cfg.max_batch_size, cfg.max_batch_tokens, cfg.max_new_tokens)
+
+    def requests():
+        for batch in batches:
+            for i, ids in zip(batch, engine.tokenize([prompts[i] for i in batch])):
+                yield Request(i, ids, row_seed(cfg.seed, str(i)))
+
+    for i, c in generator.stream(requests()):
+        completions[i] = c
     _sync(device)
     wall = time.perf_counter() - start
     cpu = probe.stop()
@@ -785,7 +790,7 @@ def run_engine(model, tokenizer, prompts: list[str], cfg: BenchConfig, rule: Rul
                         responses=[c.response for c in completions], reasons=[c.finish_reason for c in completions],
                         prompt_tokens=sum(lengths), padded_prompt_tokens=engine.padded_prompt_tokens,
                         row_steps=engine.row_steps, forward_seconds=engine.forward_seconds, peak=peak_memory(device),
-                        batches=len(batches), batch_sizes=quantiles([len(b) for b in batches]),
+                        mean_running_rows=round(engine.row_steps / max(engine.steps, 1), 2), batches=len(batches), batch_sizes=quantiles([len(b) for b in batches]),
                         oom_splits=generator.oom_splits, errors=errors[:5], error_rows=len(errors), cpu=cpu)
 
 

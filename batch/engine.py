@@ -1,6 +1,6 @@
-"""The model: load it (NF4 + LoRA, as on the model card) and generate a batch of prompts.
+"""The model: load it (NF4 + LoRA, as on the model card) and generate a stream of prompts.
 
-`Engine.generate` is a small decode loop over transformers' model forward and KV cache:
+`Engine.stream` is a small decode loop over transformers' model forward and KV cache:
 
 - prompts are left-padded with a pad id that is masked out everywhere (Llama-2 has no pad token;
   we use <unk>, never eos: pad = eos is what breaks batched Llama output, transformers #25790), and
@@ -8,6 +8,9 @@
 - every row stops on its own: on EOS, on a stop word (checked incrementally, stops.StopChecker), or
   at max_new_tokens -- and a finished row leaves the batch at once (its rows of the KV cache are
   dropped), so one long answer does not keep the others computing;
+- the places of finished rows are refilled from the stream (continuous batching): new rows are
+  prefilled and join the running batch, their prompts right-aligned to the current cache column
+  (SlotCache), so the batch stays full until the stream runs dry;
 - sampling uses transformers' temperature / top-k / top-p warpers and one random generator per row,
   seeded from generation.seed and the row's id: a row's sample does not depend on which rows share
   its batch, so a resumed or re-batched run samples the same tokens.
@@ -17,12 +20,14 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import itertools
 import json
 import logging
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -103,44 +108,181 @@ def compact_order(keep: list[int]) -> list[int]:
     return order
 
 
-class PreallocatedLayer(DynamicLayer):
-    """A KV-cache layer with room for the whole generation. transformers' DynamicLayer concatenates
-    at every step, copying the whole cache each time (quadratic in the length); this one writes the
-    new position in place and exposes views of the filled part."""
+REFILL_FRACTION = 8  # new rows join when 1/8 of the batch's places are free: one prefill per finished
+# row would cost a forward pass each (on a GPU, as much as a decode step of the whole batch)
 
-    def __init__(self, like: torch.Tensor, rows: int, capacity: int):
+
+@dataclass
+class Request:
+    key: object  # the caller's name for the row, handed back with its Completion
+    ids: list[int]
+    seed: int
+
+
+class Requests:
+    """Rows waiting for a place in the running batch, in order. The engine looks at the next one
+    (does it fit?) before it takes it."""
+
+    def __init__(self, requests: Iterable[Request]):
+        self._it = iter(requests)
+        self._next: list[Request] = []
+
+    def peek(self) -> Request | None:
+        if not self._next:
+            self._next = list(itertools.islice(self._it, 1))
+        return self._next[0] if self._next else None
+
+    def take(self) -> Request:
+        request = self.peek()
+        self._next = []
+        return request
+
+
+@dataclass
+class Running:
+    request: Request
+    generator: torch.Generator | None
+    generated: list[int] = field(default_factory=list)
+
+
+class BatchFailed(Exception):
+    """Generation failed with `cause`; `unfinished` are the rows it was generating (to be redone)."""
+
+    def __init__(self, cause: Exception, unfinished: list[Request]):
+        super().__init__(str(cause))
+        self.cause, self.unfinished = cause, unfinished
+
+
+class SlotLayer(DynamicLayer):
+    """One layer's KV cache for a batch whose rows come and go: buffers of [slots, heads, columns,
+    head_dim], of which the running rows' window is read. A decode step writes its column in place
+    (transformers' DynamicLayer concatenates, copying the whole cache at every step)."""
+
+    def __init__(self, like: torch.Tensor, slots: int, columns: int):
         super().__init__()
-        shape = (rows, like.shape[1], capacity, like.shape[3])
+        shape = (slots, like.shape[1], columns, like.shape[3])
         self.buf_k, self.buf_v = like.new_zeros(shape), like.new_zeros(shape)  # zeros: padding stays finite
-        self.device, self.is_initialized, self.length = like.device, True, 0
-        self._views()
+        self.device, self.is_initialized = like.device, True
+        self.set_window(0, 0, 0)
 
-    def _views(self) -> None:
-        self.keys, self.values = self.buf_k[:, :, : self.length], self.buf_v[:, :, : self.length]
+    def set_window(self, n: int, lo: int, cur: int) -> None:
+        self.n, self.lo, self.cur = n, lo, cur
+        self.keys, self.values = self.buf_k[:n, :, lo:cur], self.buf_v[:n, :, lo:cur]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        end = self.cur + key_states.shape[-2]
+        self.buf_k[: self.n, :, self.cur : end] = key_states
+        self.buf_v[: self.n, :, self.cur : end] = value_states
+        self.set_window(self.n, self.lo, end)
+        return self.keys, self.values
 
     def write(self, a: int, b: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Put a prefilled group's keys and values into slots [a, b), from column `start` on."""
         self.buf_k[a:b, :, start : start + keys.shape[-2]] = keys
         self.buf_v[a:b, :, start : start + values.shape[-2]] = values
 
-    def set_length(self, length: int) -> None:
-        self.length = length
-        self._views()
+    def move(self, src: list[int], dst: list[int]) -> None:
+        for buf in (self.buf_k, self.buf_v):
+            buf[dst] = buf[src]
 
-    def update(self, key_states, value_states, *args, **kwargs):
-        self.write(0, self.buf_k.shape[0], self.length, key_states, value_states)
-        self.set_length(self.length + key_states.shape[-2])
-        return self.keys, self.values
+    def copy_window(self, into: SlotLayer, n: int, lo: int, cur: int, to: int) -> None:
+        """Copy slots [0, n), columns [lo, cur) to column `to` of `into` (this layer or a new one)."""
+        for src, dst in ((self.buf_k, into.buf_k), (self.buf_v, into.buf_v)):
+            dst[:n, :, to : to + cur - lo] = src[:n, :, lo:cur].clone()
 
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        size = len(indices)
-        moved = (indices != torch.arange(size, device=indices.device)).nonzero().squeeze(1)
-        if bool((indices[moved] >= size).all()):  # compact_order's shape: copy only the movers
-            for buf in (self.buf_k, self.buf_v):
-                buf[moved] = buf[indices[moved]]
-            self.buf_k, self.buf_v = self.buf_k[:size], self.buf_v[:size]
-        else:
-            self.buf_k, self.buf_v = self.buf_k[indices], self.buf_v[indices]
-        self._views()
+
+class SlotCache:
+    """The running batch's KV cache, attention mask and position ids, for rows that come and go.
+
+    Running rows hold slots [0, n). Rows are right-aligned: every row's last token is in column
+    cur - 1, so one decode step writes one column for all rows; a row's prompt is placed in the
+    columns just before cur when it joins. Attention reads the window [lo, cur), lo being the first
+    column of the row that has been in the batch longest; when cur reaches the end of the buffer the
+    window moves back to column 0 (its width + max_new_tokens always fits: see `reserve`)."""
+
+    def __init__(self, model_config, device):
+        self.cache = DynamicCache(config=model_config)
+        self.device = device
+        self.slots = self.columns = self.n = self.lo = self.cur = 0
+        self.start: list[int] = []  # slot -> first column of its row
+        self.mask = self.pos = None
+
+    @property
+    def width(self) -> int:
+        return self.cur - self.lo
+
+    def reserve(self, n: int, width: int, room: int, like: list[torch.Tensor], max_slots: int) -> None:
+        """Make the buffers hold n rows whose tokens span `width` columns, plus `room` columns to grow
+        into, and end the window at a column >= width (so a prompt of that length fits before it)."""
+        need = width + room
+        if self.slots < n or self.columns < need:  # (re)allocate; the running window is copied over
+            slots = max(n, max_slots)
+            layers = [SlotLayer(k, slots, need) for k in like]
+            mask = torch.zeros((slots, need), dtype=torch.long, device=self.device)
+            pos = torch.zeros(slots, dtype=torch.long, device=self.device)
+            self._move_window(width - self.width, layers, mask)
+            if self.n:
+                pos[: self.n] = self.pos[: self.n]
+            self.cache.layers, self.mask, self.pos, self.slots, self.columns = layers, mask, pos, slots, need
+        elif self.cur < width:
+            self._move_window(width - self.width)
+
+    def _move_window(self, to: int, layers=None, mask=None) -> None:
+        """Move the running window to start at column `to`, in place or into new buffers."""
+        width = self.width
+        if self.n:  # (the cache's layers are plain DynamicLayers until the first allocation, with n = 0)
+            for old, new in zip(self.cache.layers, layers or self.cache.layers):
+                old.copy_window(new, self.n, self.lo, self.cur, to)
+        window = self.mask[: self.n, self.lo : self.cur].clone() if self.n else None
+        if mask is None:
+            mask = self.mask
+            mask[: self.n] = 0
+        if window is not None:
+            mask[: self.n, to : to + width] = window
+        self.start = [s - self.lo + to for s in self.start[: self.n]]
+        self.lo, self.cur = to, to + width
+
+    def add(self, a: int, lengths: list[int], layer_keys: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Rows of a prefilled group (left-padded to lengths[0]) join in slots [a, a + len(lengths))."""
+        b = a + len(lengths)
+        start = self.cur - lengths[0]
+        for layer, (k, v) in zip(self.cache.layers, layer_keys):
+            layer.write(a, b, start, k, v)
+        self.mask[a:b] = 0
+        for slot, length in zip(range(a, b), lengths):
+            self.mask[slot, self.cur - length : self.cur] = 1
+        self.pos[a:b] = torch.tensor(lengths, device=self.device)
+        self.start = self.start[:a] + [self.cur - length for length in lengths]
+        self.n = b
+        self.lo = min(self.start)
+
+    def select(self, order: list[int]) -> None:
+        """Keep the rows now in slots `order` (compact_order's shape: only rows beyond the new size move)."""
+        moves = [(src, dst) for dst, src in enumerate(order) if src != dst]
+        if moves:
+            src, dst = [s for s, _ in moves], [d for _, d in moves]
+            for layer in self.cache.layers:
+                layer.move(src, dst)
+            self.mask[dst] = self.mask[src]
+            self.pos[dst] = self.pos[src]
+        self.start = [self.start[s] for s in order]
+        self.n = len(order)
+        self.lo = min(self.start) if self.start else self.cur
+        if not self.n:
+            self.lo = self.cur = 0
+
+    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention mask and position ids for one decode step; the layers' windows set for it."""
+        if self.cur == self.columns:
+            self._move_window(0)
+        self.mask[: self.n, self.cur] = 1
+        for layer in self.cache.layers:
+            layer.set_window(self.n, self.lo, self.cur)
+        return self.mask[: self.n, self.lo : self.cur + 1], self.pos[: self.n, None]
+
+    def advance(self) -> None:
+        self.cur += 1
+        self.pos[: self.n] += 1
 
 
 def row_seed(seed: int, row_id: str) -> int:
@@ -178,6 +320,7 @@ class Engine:
         self.cache_kwarg = "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
         self.forward_seconds = 0.0  # time inside the model's forward calls (for the overhead figure)
         self.row_steps = 0  # row x decode steps computed (for the decode-efficiency figure)
+        self.steps = 0  # decode steps (row_steps / steps: the running batch's mean size)
         self.padded_prompt_tokens = 0  # prompt positions computed, padding included (prefill efficiency)
 
     @classmethod
@@ -197,63 +340,101 @@ class Engine:
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], seeds: list[int]) -> list[Completion]:
-        """Generate for one batch of tokenized prompts; one Completion per prompt, in order."""
-        s = self.settings
-        active = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # slot -> prompt, longest first
-        logits, cache, mask = self._prefill([prompts[i] for i in active], s.max_new_tokens)
-        next_pos = mask.sum(-1, keepdim=True)
-        generators = {i: torch.Generator(self.device).manual_seed(seeds[i]) for i in active} if s.do_sample else None
-        generated: list[list[int]] = [[] for _ in prompts]
-        while True:
-            self.row_steps += len(active)
-            chosen = self._choose(logits, [generators[r] for r in active] if generators else None)
-            keep = []
-            for slot, (r, token) in enumerate(zip(active, chosen.tolist())):
-                generated[r].append(token)
-                if not (
-                    token in self.eos_ids or len(generated[r]) >= s.max_new_tokens or self.stops.hit(generated[r])
-                ):
-                    keep.append(slot)
-            if not keep:
-                break
-            if len(keep) < len(active):  # finished rows leave the batch, with their KV cache rows
-                order = compact_order(keep)
-                index = torch.tensor(order, device=self.device)
-                cache.batch_select_indices(index)
-                mask, next_pos, chosen = mask[index], next_pos[index], chosen[index]
-                active = [active[k] for k in order]
-            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=-1)
-            logits = self._forward(chosen[:, None], mask, next_pos, cache)
-            next_pos = next_pos + 1
-        return [self.finish(len(p), g) for p, g in zip(prompts, generated)]
+        """Generate for one batch of tokenized prompts, all in at once; one Completion per prompt, in order."""
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        requests = Requests(Request(i, prompts[i], seeds[i]) for i in order)
+        out: list[Completion] = [None] * len(prompts)  # type: ignore[list-item]
+        try:
+            for i, completion in self.stream(requests, max_rows=len(prompts), budget=sys.maxsize):
+                out[i] = completion
+        except BatchFailed as failed:
+            raise failed.cause from None
+        return out
 
-    def _prefill(self, rows: list[list[int]], max_new_tokens: int):
-        """Run the prompts (longest first) in groups of near-equal length, so that little padding is
-        computed, into one KV cache with room for the whole generation. Returns the last position's
-        logits, the cache and the batch's attention mask (left-padded to the longest prompt)."""
-        width = len(rows[0])
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, p in enumerate(rows):
-            mask[i, width - len(p) :] = 1
-        layers: list[PreallocatedLayer] = []
+    @torch.inference_mode()
+    def stream(self, requests: Requests, max_rows: int, budget: int) -> Iterator[tuple[object, Completion]]:
+        """Generate for a stream of rows (best sorted longest first), at most `max_rows` at a time and
+        within `budget` cache tokens (rows x (columns + max_new_tokens)); yield (key, Completion) as
+        each row finishes. A finished row leaves the batch at once, and new rows join when an eighth
+        of the places are free, so the batch stays full. Raises BatchFailed with the unfinished rows."""
+        batch = SlotCache(self.model.config, self.device)
+        running: list[Running] = []
+        joining: list[Request] = []
         logits = None
-        for a, b in prefill_groups([len(p) for p in rows]):
-            ids, group_mask = left_pad(rows[a:b], self.pad_id)
+        try:
+            while True:
+                joining = self._joining(requests, batch, max_rows, budget)
+                if joining:
+                    new = self._join(batch, joining, max_rows, budget)
+                    logits = new if logits is None else torch.cat([logits, new])
+                    running += [Running(r, self._generator(r.seed)) for r in joining]
+                    joining = []
+                if not running:
+                    return
+                self.row_steps += len(running)
+                self.steps += 1
+                chosen = self._choose(logits, [r.generator for r in running])
+                keep, finished = [], []
+                for slot, (row, token) in enumerate(zip(running, chosen.tolist())):
+                    row.generated.append(token)
+                    (finished if self._stops(row.generated) else keep).append(slot)
+                if finished:  # they leave the batch, with their rows of the cache
+                    order = compact_order(keep)
+                    batch.select(order)
+                    done = [running[k] for k in finished]
+                    running = [running[k] for k in order]
+                    chosen = chosen[torch.tensor(order, dtype=torch.long, device=chosen.device)]
+                    for row in done:
+                        yield row.request.key, self.finish(len(row.request.ids), row.generated)
+                logits = None
+                if running:
+                    mask, positions = batch.step()
+                    logits = self._forward(chosen[:, None], mask, positions, batch.cache)
+                    batch.advance()
+        except Exception as e:  # noqa: BLE001 -- the caller decides: split, retry or error rows
+            raise BatchFailed(e, [r.request for r in running] + joining) from e
+
+    def _stops(self, generated: list[int]) -> bool:
+        return generated[-1] in self.eos_ids or len(generated) >= self.settings.max_new_tokens or self.stops.hit(generated)
+
+    def _generator(self, seed: int) -> torch.Generator | None:
+        return torch.Generator(self.device).manual_seed(seed) if self.settings.do_sample else None
+
+    def _joining(self, requests: Requests, batch: SlotCache, max_rows: int, budget: int) -> list[Request]:
+        """The next rows that fit in the batch, taken when there are enough of them to be worth a prefill."""
+        room = self.settings.max_new_tokens
+        n, width = batch.n, batch.width
+        if n and min(max_rows, budget // (width + room)) - n < max(1, max_rows // REFILL_FRACTION):
+            return []
+        out: list[Request] = []
+        while n + len(out) < max_rows and (r := requests.peek()) is not None:
+            wider = max(width, len(r.ids))
+            if (n or out) and (n + len(out) + 1) * (wider + room) > budget:
+                break
+            out.append(requests.take())
+            width = wider
+        return out
+
+    def _join(self, batch: SlotCache, joining: list[Request], max_rows: int, budget: int) -> torch.Tensor:
+        """Prefill the joining rows (longest first) in groups of near-equal length, so that little
+        padding is computed, into the batch's cache; return their last positions' logits."""
+        joining.sort(key=lambda r: -len(r.ids))
+        lengths = [len(r.ids) for r in joining]
+        n, width, room = batch.n, max(batch.width, lengths[0]), self.settings.max_new_tokens
+        logits = None
+        for a, b in prefill_groups(lengths):
+            ids, group_mask = left_pad([r.ids for r in joining[a:b]], self.pad_id)
             ids, group_mask = ids.to(self.device), group_mask.to(self.device)
             self.padded_prompt_tokens += ids.numel()
-            group_cache = DynamicCache(config=self.model.config)
-            out = self._forward(ids, group_mask, (group_mask.cumsum(-1) - 1).clamp(min=0), group_cache)
+            group = DynamicCache(config=self.model.config)
+            out = self._forward(ids, group_mask, (group_mask.cumsum(-1) - 1).clamp(min=0), group)
             if logits is None:
-                logits = out.new_empty((len(rows), out.shape[-1]))
-                layers = [PreallocatedLayer(g.keys, len(rows), width + max_new_tokens) for g in group_cache.layers]
+                logits = out.new_empty((len(joining), out.shape[-1]))
+                slots = max(n + len(joining), min(max_rows, budget // (width + room)))
+                batch.reserve(n + len(joining), width, room, [g.keys for g in group.layers], slots)
             logits[a:b] = out
-            for layer, g in zip(layers, group_cache.layers):
-                layer.write(a, b, width - ids.shape[1], g.keys, g.values)
-        cache = DynamicCache(config=self.model.config)
-        cache.layers = layers
-        for layer in layers:
-            layer.set_length(width)
-        return logits, cache, mask.to(self.device)
+            batch.add(n + a, lengths[a:b], [(g.keys, g.values) for g in group.layers])
+        return logits
 
     def _forward(self, ids, mask, positions, cache) -> torch.Tensor:
         start = time.perf_counter()
@@ -271,8 +452,8 @@ class Engine:
         self.forward_seconds += time.perf_counter() - start
         return logits
 
-    def _choose(self, logits: torch.Tensor, generators) -> torch.Tensor:
-        if generators is None:
+    def _choose(self, logits: torch.Tensor, generators: list) -> torch.Tensor:
+        if not self.settings.do_sample:
             return logits.argmax(-1)
         scores = self.warpers(None, logits)
         probs = torch.softmax(scores, dim=-1)
@@ -296,18 +477,19 @@ def quantization_config(cfg: ModelConfig) -> BitsAndBytesConfig | None:
 
 
 class SafeGenerator:
-    """Engine.generate with the failures of one batch contained.
+    """Engine.stream with the failures of one batch contained.
 
-    - Out of memory: split the batch in halves and retry, down to one row; lower the token budget
-      for the batches that follow (they are split to fit it). A single row that still does not fit
-      becomes an error row.
-    - Any other exception: retry the rows one by one, so only the row that really fails becomes an
+    - Out of memory: split the rows that were running in halves and redo them, down to one row; lower
+      the token budget for the rows that follow. A single row that still does not fit becomes an
       error row.
-    Row seeds travel with their rows, so a split batch samples what the whole batch would have.
+    - Any other exception: redo the rows one by one, so only the row that really fails becomes an
+      error row.
+    Row seeds travel with their rows, so a redone row samples what it would have in the batch.
     """
 
-    def __init__(self, engine: Engine, max_batch_tokens: int, max_new_tokens: int):
+    def __init__(self, engine: Engine, max_batch_size: int, max_batch_tokens: int, max_new_tokens: int):
         self.engine = engine
+        self.max_rows = max_batch_size
         self.budget = max_batch_tokens
         self.max_new = max_new_tokens
         self.oom_splits = 0
@@ -316,34 +498,37 @@ class SafeGenerator:
     def cost(self, prompts: list[list[int]]) -> int:
         return len(prompts) * (max(len(p) for p in prompts) + self.max_new)
 
-    def __call__(self, prompts: list[list[int]], seeds: list[int]) -> list[Completion]:
-        out: list[Completion] = []
-        start = 0
-        while start < len(prompts):  # split to the (possibly lowered) budget; rows come longest first
-            end = start + 1
-            while end < len(prompts) and self.cost(prompts[start : end + 1]) <= self.budget:
-                end += 1
-            out += self._generate(prompts[start:end], seeds[start:end])
-            start = end
-        return out
+    def stream(self, requests: Iterable[Request]) -> Iterator[tuple[object, Completion]]:
+        source = Requests(requests)
+        while True:
+            try:
+                yield from self.engine.stream(source, self.max_rows, self.budget)
+                return
+            except BatchFailed as failed:
+                rows = failed.unfinished
+                redone = self._recover(failed.cause, [r.ids for r in rows], [r.seed for r in rows])
+                yield from ((r.key, c) for r, c in zip(rows, redone))
 
     def _generate(self, prompts: list[list[int]], seeds: list[int]) -> list[Completion]:
         try:
             return self.engine.generate(prompts, seeds)
         except Exception as e:  # noqa: BLE001 -- every failure becomes split, retry or an error row
-            if is_out_of_memory(e):
-                _free_memory()
-                if len(prompts) == 1:
-                    return [error_completion(prompts[0], f"oom: out of memory even alone ({len(prompts[0])} prompt tokens)")]
-                self.oom_splits += 1
-                self.budget = max(1, min(self.budget, self.cost(prompts) // 2))
-                self.lowered_budget = self.budget
-                print(f"komt-batch: out of memory on {len(prompts)} rows: splitting; batching.max_batch_tokens lowered to {self.budget} for the rest of this run", file=sys.stderr)
-                half = len(prompts) // 2
-                return self._generate(prompts[:half], seeds[:half]) + self._generate(prompts[half:], seeds[half:])
+            return self._recover(e, prompts, seeds)
+
+    def _recover(self, e: Exception, prompts: list[list[int]], seeds: list[int]) -> list[Completion]:
+        if is_out_of_memory(e):
+            _free_memory()
             if len(prompts) == 1:
-                return [error_completion(prompts[0], f"generation: {type(e).__name__}: {_first_line(e)}")]
-            return [c for p, s in zip(prompts, seeds) for c in self._generate([p], [s])]
+                return [error_completion(prompts[0], f"oom: out of memory even alone ({len(prompts[0])} prompt tokens)")]
+            self.oom_splits += 1
+            self.budget = max(1, min(self.budget, self.cost(prompts) // 2))
+            self.lowered_budget = self.budget
+            print(f"komt-batch: out of memory on {len(prompts)} rows: splitting; batching.max_batch_tokens lowered to {self.budget} for the rest of this run", file=sys.stderr)
+            half = len(prompts) // 2
+            return self._generate(prompts[:half], seeds[:half]) + self._generate(prompts[half:], seeds[half:])
+        if len(prompts) == 1:
+            return [error_completion(prompts[0], f"generation: {type(e).__name__}: {_first_line(e)}")]
+        return [c for p, s in zip(prompts, seeds) for c in self._generate([p], [s])]
 
 
 def error_completion(prompt: list[int], message: str) -> Completion:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from batch.checkpoint import Checkpoint, StoredPlan
 from batch.config import JobConfig
-from batch.engine import Completion, Engine, SafeGenerator, load_tokenizer, row_seed
+from batch.engine import Completion, Engine, Request, SafeGenerator, load_tokenizer, row_seed
 from batch.errors import EXIT_INTERRUPTED, IncompleteError, JobError
 from batch.plan import assign_shards, plan_batches, plan_chunks
 from batch.readers import input_files, read_table, row_ids
@@ -427,16 +427,30 @@ class Stats:
 
 
 def generate_batches(job, rows: Rows, plan: StoredPlan, ckpt: Checkpoint, engine: Engine, todo: list[int], batch_rows, stop: StopFlag, stats: Stats, progress: bool) -> None:
-    """The hot loop: generate batch after batch, commit parts, stop cleanly on a signal."""
+    """The hot loop: stream the batches' rows through the engine (finished rows' places are refilled
+    from the next batches), collect each batch's results, commit parts in batch order, stop cleanly
+    on a signal (no new batch starts; the rows already in the engine finish and are committed)."""
     overrides = dict(zip(plan.rows.column("row").to_pylist(), plan.rows.column("prompt_override").to_pylist()))
     notes = {r: n for r, n in zip(plan.rows.column("row").to_pylist(), plan.rows.column("note").to_pylist()) if n}
     key = row_settings_key(job)
-    generator = SafeGenerator(engine, job.batching.max_batch_tokens, job.generation.max_new_tokens)
+    generator = SafeGenerator(engine, job.batching.max_batch_size, job.batching.max_batch_tokens, job.generation.max_new_tokens)
     bar = tqdm(total=sum(len(batch_rows[b]) for b in todo), unit="row", disable=not progress, mininterval=1.0, dynamic_ncols=True)
     chunk_of = {b: c.index for c in plan.chunks for b in c.batches}
+    prompts_of: dict[int, list[str]] = {}
+    results: dict[int, list[Completion | None]] = {}
     pending: list[tuple[int, pa.Table]] = []
     pending_stats = {"rows": 0, "completion_tokens": 0, "seconds": 0.0}
-    last_commit = time.time()
+    last_commit, last_release = time.time(), time.perf_counter()
+
+    def requests():
+        for b in todo:
+            if stop.received is not None:
+                return
+            indices = batch_rows[b]
+            prompts_of[b] = [overrides[r] if overrides[r] is not None else p for r, p in zip(indices, rows.prompts(indices))]
+            results[b] = [None] * len(indices)
+            for j, ids in enumerate(engine.tokenize(prompts_of[b])):
+                yield Request((b, j), ids, row_seed(job.generation.seed, rows.ids[indices[j]]))
 
     def commit():
         nonlocal pending, last_commit
@@ -446,14 +460,12 @@ def generate_batches(job, rows: Rows, plan: StoredPlan, ckpt: Checkpoint, engine
             pending_stats.update(rows=0, completion_tokens=0, seconds=0.0)
         last_commit = time.time()
 
-    for i, b in enumerate(todo):
-        if stop.received is not None:
-            break
-        indices = batch_rows[b]
-        prompts = [overrides[r] if overrides[r] is not None else p for r, p in zip(indices, rows.prompts(indices))]
-        t0 = time.perf_counter()
-        completions = generator(engine.tokenize(prompts), [row_seed(job.generation.seed, rows.ids[r]) for r in indices])
-        seconds = time.perf_counter() - t0
+    def release(i: int, b: int) -> None:
+        """Batch b (todo[i]) is whole: add it to the pending part; commit at a chunk's end or when due."""
+        nonlocal last_release
+        indices, completions, prompts = batch_rows[b], results.pop(b), prompts_of.pop(b)
+        now = time.perf_counter()
+        seconds, last_release = now - last_release, now
         for r, c in zip(indices, completions):
             if r in notes and c.error is None:
                 c.error = notes[r]  # the row ran, truncated: say so
@@ -478,6 +490,15 @@ def generate_batches(job, rows: Rows, plan: StoredPlan, ckpt: Checkpoint, engine
             or time.time() - last_commit >= job.checkpoint.every_seconds
         ):
             commit()
+
+    released = 0  # todo[:released] are in pending parts or committed
+    left = {b: len(batch_rows[b]) for b in todo}
+    for (b, j), completion in generator.stream(requests()):
+        results[b][j] = completion
+        left[b] -= 1
+        while released < len(todo) and todo[released] in results and left[todo[released]] == 0:
+            release(released, todo[released])
+            released += 1
     commit()
     bar.close()
 

@@ -169,18 +169,19 @@ def test_too_long_truncate_keeps_the_template(tmp_path, capsys):
 
 
 def inject(monkeypatch, fail):
-    """Make Engine.generate raise `fail(prompts)` (an exception or None) before generating."""
-    original = engine_module.Engine.generate
+    """Make the engine raise `fail(prompts)` (an exception or None) when rows join the batch."""
+    original = engine_module.Engine._join
     calls = []
 
-    def generate(self, prompts, seeds):
+    def join(self, batch, joining, *args):
+        prompts = [r.ids for r in joining]
         calls.append(len(prompts))
         error = fail(prompts)
         if error is not None:
             raise error
-        return original(self, prompts, seeds)
+        return original(self, batch, joining, *args)
 
-    monkeypatch.setattr(engine_module.Engine, "generate", generate)
+    monkeypatch.setattr(engine_module.Engine, "_join", join)
     return calls
 
 

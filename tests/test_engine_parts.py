@@ -1,8 +1,8 @@
-"""The engine's pure helpers: prefill grouping, cache compaction order, the preallocated KV layer."""
+"""The engine's parts: prefill grouping, cache compaction order, the running batch's KV cache."""
 
 import torch
 
-from batch.engine import PreallocatedLayer, compact_order, left_pad, prefill_groups
+from batch.engine import SlotCache, SlotLayer, compact_order, left_pad, prefill_groups
 
 
 def test_prefill_groups_bound_the_padding():
@@ -28,21 +28,52 @@ def test_left_pad():
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
 
 
-def test_preallocated_layer_writes_in_place_and_compacts():
+def test_slot_layer_writes_in_place():
     like = torch.zeros(1, 2, 1, 3)
-    layer = PreallocatedLayer(like, rows=4, capacity=5)
-    prompt = torch.arange(4 * 2 * 2 * 3, dtype=torch.float32).reshape(4, 2, 2, 3)
-    layer.write(0, 4, 1, prompt, -prompt)  # left padding in column 0
-    layer.set_length(3)
-    assert layer.get_seq_length() == 3 and torch.equal(layer.keys[:, :, 1:], prompt)
-    assert torch.equal(layer.keys[:, :, 0], torch.zeros(4, 2, 3))
-    step = torch.ones(4, 2, 1, 3)
+    layer = SlotLayer(like, slots=4, columns=6)
+    prompt = torch.arange(3 * 2 * 2 * 3, dtype=torch.float32).reshape(3, 2, 2, 3)
+    layer.write(0, 3, 1, prompt, -prompt)
+    layer.set_window(3, 1, 3)
+    assert layer.get_seq_length() == 2 and torch.equal(layer.keys, prompt)
+    step = torch.ones(3, 2, 1, 3)
     keys, values = layer.update(step, -step)
-    assert keys.shape == (4, 2, 4, 3) and torch.equal(keys[:, :, 3:], step)
-    before = layer.keys.clone()
-    order = compact_order([0, 2, 3])  # row 1 leaves; row 3 moves into slot 1
-    layer.batch_select_indices(torch.tensor(order))
-    assert torch.equal(layer.keys, before[order])
-    assert torch.equal(layer.values, -before[order])
-    layer.batch_select_indices(torch.tensor([2, 0]))  # any other order: a gather
-    assert torch.equal(layer.keys, before[order][[2, 0]])
+    assert keys.shape == (3, 2, 3, 3) and torch.equal(keys[:, :, 2:], step) and torch.equal(values[:, :, :2], -prompt)
+    assert keys.data_ptr() == layer.buf_k[:, :, 1:].data_ptr()  # a view of the buffer: nothing copied
+
+
+def kv(rows: int, length: int, value: float):
+    t = torch.full((rows, 1, length, 2), value)
+    return [(t, t)]
+
+
+def test_slot_cache_rows_join_leave_and_the_window_moves():
+    c = SlotCache(model_config=None, device="cpu")
+    like = [torch.zeros(1, 1, 1, 2)]
+    c.reserve(2, width=4, room=3, like=like, max_slots=3)  # 2 rows of prompts <= 4, 3 tokens each to come
+    assert (c.slots, c.columns, c.lo, c.cur) == (3, 7, 4, 4)
+    c.add(0, [4, 2], kv(2, 4, 1.0))  # right-aligned: row 1's prompt is columns 2..3
+    assert c.mask[:2].tolist() == [[1, 1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 0, 0, 0]]
+    assert c.pos[:2].tolist() == [4, 2] and (c.n, c.lo) == (2, 0)
+    mask, pos = c.step()
+    assert mask.tolist() == [[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]] and pos.tolist() == [[4], [2]]
+    c.cache.layers[0].update(torch.full((2, 1, 1, 2), 2.0), torch.full((2, 1, 1, 2), 2.0))
+    c.advance()
+    c.select(compact_order([1]))  # row 0 leaves; row 1 moves into slot 0; the window starts at its prompt
+    assert (c.n, c.lo, c.cur) == (1, 2, 5) and c.pos[:1].tolist() == [3]
+    c.reserve(3, width=3, room=3, like=like, max_slots=3)  # fits: no reallocation, no move
+    c.add(1, [3, 1], kv(2, 3, 5.0))  # two rows join at the current column
+    assert c.mask[:3, 2:5].tolist() == [[1, 1, 1], [1, 1, 1], [0, 0, 1]] and c.start == [2, 2, 4]
+    layer = c.cache.layers[0]
+    for _ in range(3):  # the third step finds cur at the buffer's end: the window moves to column 0 first
+        c.step()
+        layer.update(torch.full((3, 1, 1, 2), 7.0), torch.full((3, 1, 1, 2), 7.0))
+        c.advance()
+    assert (c.lo, c.cur, c.start) == (0, 6, [0, 0, 2])
+    assert c.mask[:3, :7].tolist() == [[1] * 6 + [0], [1] * 6 + [0], [0, 0, 1, 1, 1, 1, 0]]
+    assert layer.buf_k[0, 0, :6, 0].tolist() == [1.0, 1.0, 2.0, 7.0, 7.0, 7.0]  # prompt, its token, three steps
+    assert layer.buf_k[1, 0, :6, 0].tolist() == [5.0, 5.0, 5.0, 7.0, 7.0, 7.0]
+    assert c.pos[:3].tolist() == [6, 6, 4]
+    c.reserve(4, width=6, room=3, like=like, max_slots=4)  # more rows than slots: a new buffer, window copied
+    assert (c.slots, c.columns, c.lo, c.cur) == (4, 9, 0, 6) and c.pos[:3].tolist() == [6, 6, 4]
+    assert c.mask[:3, :6].tolist() == [[1] * 6, [1] * 6, [0, 0, 1, 1, 1, 1]]
+    assert c.cache.layers[0].buf_k[1, 0, :6, 0].tolist() == [5.0, 5.0, 5.0, 7.0, 7.0, 7.0]

@@ -1,14 +1,16 @@
 """Greedy batched generation equals one-prompt-at-a-time `model.generate`, row for row.
 
 Float32 and NF4 + LoRA with float32 compute, on the CPU: padding, masking, position ids, per-row
-stopping and rows leaving the batch must not change a single token.
+stopping, rows leaving the batch and new rows joining it (the cache window moved, the cache
+reallocated) must not change a single token.
 """
 
 import pytest
 import torch
 
 from batch.config import GenerationSettings, ModelConfig
-from batch.engine import Engine, load_model
+from batch import engine as engine_module
+from batch.engine import Engine, Request, Requests, load_model
 from batch.plan import plan_batches
 from tests.conftest import TINY, seed_rows
 
@@ -60,14 +62,34 @@ def load(quantization: str, adapter: bool) -> Engine:
     return Engine(*load_model(cfg), settings)
 
 
+def streamed(engine: Engine, ids: list[list[int]], max_rows: int, budget: int):
+    """The way `run` generates: one stream, longest first; finished rows' places are refilled."""
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    results = {}
+    for row, c in engine.stream(Requests(Request(i, ids[i], 0) for i in order), max_rows, budget):
+        assert row not in results
+        results[row] = (c.response, c.finish_reason)
+    return [results[r] for r in range(len(ids))]
+
+
 @pytest.mark.parametrize("quantization, adapter", [("none", False), ("none", True), ("nf4", True)])
-def test_batched_equals_single_prompt_generate(quantization, adapter):
+def test_batched_equals_single_prompt_generate(quantization, adapter, monkeypatch):
     engine = load(quantization, adapter)
     ids = engine.tokenize(prompts_40())
     expected = [reference(engine, p) for p in ids]
     got = batched(engine, ids, batch_size=8)
     mismatches = [(i, e, g) for i, (e, g) in enumerate(zip(expected, got)) if e != g]
     assert not mismatches, mismatches[:3]
+
+    moves = []  # (rows in the batch, in place?) for every move of the cache window
+    original = engine_module.SlotCache._move_window
+    monkeypatch.setattr(engine_module.SlotCache, "_move_window", lambda self, to, layers=None, mask=None: (moves.append((self.n, layers is None)), original(self, to, layers, mask))[1])
+    longest = max(map(len, ids))
+    for max_rows, budget in [(8, 10**9), (5, 4 * (longest + MAX_NEW))]:
+        got = streamed(engine, ids, max_rows, budget)
+        mismatches = [(i, e, g) for i, (e, g) in enumerate(zip(expected, got)) if e != g]
+        assert not mismatches, (max_rows, budget, mismatches[:3])
+    assert any(n and in_place for n, in_place in moves) and any(n and not in_place for n, in_place in moves)
     reasons = {r for _, r in expected}
     assert "stop" in reasons or "eos" in reasons  # rows really stop at different points
     assert "length" in reasons or quantization == "nf4"
