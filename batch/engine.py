@@ -181,9 +181,10 @@ class SlotLayer(DynamicLayer):
         self.buf_k[a:b, :, start : start + keys.shape[-2]] = keys
         self.buf_v[a:b, :, start : start + values.shape[-2]] = values
 
-    def move(self, src: list[int], dst: list[int]) -> None:
+    def move(self, src: list[int], dst: list[int], lo: int, cur: int) -> None:
+        """Copy slots src to slots dst, columns [lo, cur) only (the rest is masked out)."""
         for buf in (self.buf_k, self.buf_v):
-            buf[dst] = buf[src]
+            buf[dst, :, lo:cur] = buf[src, :, lo:cur]
 
     def copy_window(self, into: SlotLayer, n: int, lo: int, cur: int, to: int) -> None:
         """Copy slots [0, n), columns [lo, cur) to column `to` of `into` (this layer or a new one)."""
@@ -211,19 +212,25 @@ class SlotCache:
     def width(self) -> int:
         return self.cur - self.lo
 
-    def reserve(self, n: int, width: int, room: int, like: list[torch.Tensor], max_slots: int) -> None:
+    def reserve(self, n: int, width: int, room: int, like: list[torch.Tensor], budget: int, max_rows: int) -> None:
         """Make the buffers hold n rows whose tokens span `width` columns, plus `room` columns to grow
-        into, and end the window at a column >= width (so a prompt of that length fits before it)."""
+        into, and end the window at a column >= width (so a prompt of that length fits before it).
+
+        A new buffer gets `room` columns more: the oldest row, whose first column starts the window,
+        is still running, so the window is at most its prompt + room wide, and rows that join later
+        start inside it -- in a stream sorted longest first the buffer then never grows again. Its
+        slots are as many as the budget allows (budget // columns tokens), at least n."""
         need = width + room
         if self.slots < n or self.columns < need:  # (re)allocate; the running window is copied over
-            slots = max(n, max_slots)
-            layers = [SlotLayer(k, slots, need) for k in like]
-            mask = torch.zeros((slots, need), dtype=torch.long, device=self.device)
+            columns = need + room
+            slots = max(n, min(max_rows, budget // columns))
+            layers = [SlotLayer(k, slots, columns) for k in like]
+            mask = torch.zeros((slots, columns), dtype=torch.long, device=self.device)
             pos = torch.zeros(slots, dtype=torch.long, device=self.device)
             self._move_window(width - self.width, layers, mask)
             if self.n:
                 pos[: self.n] = self.pos[: self.n]
-            self.cache.layers, self.mask, self.pos, self.slots, self.columns = layers, mask, pos, slots, need
+            self.cache.layers, self.mask, self.pos, self.slots, self.columns = layers, mask, pos, slots, columns
         elif self.cur < width:
             self._move_window(width - self.width)
 
@@ -262,7 +269,7 @@ class SlotCache:
         if moves:
             src, dst = [s for s, _ in moves], [d for _, d in moves]
             for layer in self.cache.layers:
-                layer.move(src, dst)
+                layer.move(src, dst, self.lo, self.cur)
             self.mask[dst] = self.mask[src]
             self.pos[dst] = self.pos[src]
         self.start = [self.start[s] for s in order]
@@ -430,8 +437,7 @@ class Engine:
             out = self._forward(ids, group_mask, (group_mask.cumsum(-1) - 1).clamp(min=0), group)
             if logits is None:
                 logits = out.new_empty((len(joining), out.shape[-1]))
-                slots = max(n + len(joining), min(max_rows, budget // (width + room)))
-                batch.reserve(n + len(joining), width, room, [g.keys for g in group.layers], slots)
+                batch.reserve(n + len(joining), width, room, [g.keys for g in group.layers], budget, max_rows)
             logits[a:b] = out
             batch.add(n + a, lengths[a:b], [(g.keys, g.values) for g in group.layers])
         return logits

@@ -49,10 +49,10 @@ def kv(rows: int, length: int, value: float):
 def test_slot_cache_rows_join_leave_and_the_window_moves():
     c = SlotCache(model_config=None, device="cpu")
     like = [torch.zeros(1, 1, 1, 2)]
-    c.reserve(2, width=4, room=3, like=like, max_slots=3)  # 2 rows of prompts <= 4, 3 tokens each to come
-    assert (c.slots, c.columns, c.lo, c.cur) == (3, 7, 4, 4)
+    c.reserve(2, width=4, room=3, like=like, budget=30, max_rows=3)  # prompts <= 4, 3 tokens each to come
+    assert (c.slots, c.columns, c.lo, c.cur) == (3, 10, 4, 4)  # 4 + 3 + 3 more (see reserve); 30 // 10 slots
     c.add(0, [4, 2], kv(2, 4, 1.0))  # right-aligned: row 1's prompt is columns 2..3
-    assert c.mask[:2].tolist() == [[1, 1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 0, 0, 0]]
+    assert c.mask[:2, :6].tolist() == [[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 0, 0]]
     assert c.pos[:2].tolist() == [4, 2] and (c.n, c.lo) == (2, 0)
     mask, pos = c.step()
     assert mask.tolist() == [[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]] and pos.tolist() == [[4], [2]]
@@ -60,20 +60,21 @@ def test_slot_cache_rows_join_leave_and_the_window_moves():
     c.advance()
     c.select(compact_order([1]))  # row 0 leaves; row 1 moves into slot 0; the window starts at its prompt
     assert (c.n, c.lo, c.cur) == (1, 2, 5) and c.pos[:1].tolist() == [3]
-    c.reserve(3, width=3, room=3, like=like, max_slots=3)  # fits: no reallocation, no move
+    c.reserve(3, width=3, room=3, like=like, budget=30, max_rows=3)  # fits: no reallocation, no move
+    assert (c.slots, c.columns, c.lo, c.cur) == (3, 10, 2, 5)
     c.add(1, [3, 1], kv(2, 3, 5.0))  # two rows join at the current column
     assert c.mask[:3, 2:5].tolist() == [[1, 1, 1], [1, 1, 1], [0, 0, 1]] and c.start == [2, 2, 4]
     layer = c.cache.layers[0]
-    for _ in range(3):  # the third step finds cur at the buffer's end: the window moves to column 0 first
+    for _ in range(6):  # the sixth step finds cur at the buffer's end: the window moves to column 0 first
         c.step()
         layer.update(torch.full((3, 1, 1, 2), 7.0), torch.full((3, 1, 1, 2), 7.0))
         c.advance()
-    assert (c.lo, c.cur, c.start) == (0, 6, [0, 0, 2])
-    assert c.mask[:3, :7].tolist() == [[1] * 6 + [0], [1] * 6 + [0], [0, 0, 1, 1, 1, 1, 0]]
-    assert layer.buf_k[0, 0, :6, 0].tolist() == [1.0, 1.0, 2.0, 7.0, 7.0, 7.0]  # prompt, its token, three steps
-    assert layer.buf_k[1, 0, :6, 0].tolist() == [5.0, 5.0, 5.0, 7.0, 7.0, 7.0]
-    assert c.pos[:3].tolist() == [6, 6, 4]
-    c.reserve(4, width=6, room=3, like=like, max_slots=4)  # more rows than slots: a new buffer, window copied
-    assert (c.slots, c.columns, c.lo, c.cur) == (4, 9, 0, 6) and c.pos[:3].tolist() == [6, 6, 4]
-    assert c.mask[:3, :6].tolist() == [[1] * 6, [1] * 6, [0, 0, 1, 1, 1, 1]]
-    assert c.cache.layers[0].buf_k[1, 0, :6, 0].tolist() == [5.0, 5.0, 5.0, 7.0, 7.0, 7.0]
+    assert (c.lo, c.cur, c.start) == (0, 9, [0, 0, 2])
+    assert c.mask[:3].tolist() == [[1] * 9 + [0], [1] * 9 + [0], [0, 0] + [1] * 7 + [0]]
+    assert layer.buf_k[0, 0, :9, 0].tolist() == [1.0, 1.0, 2.0] + [7.0] * 6  # prompt, its token, six steps
+    assert layer.buf_k[1, 0, :9, 0].tolist() == [5.0] * 3 + [7.0] * 6
+    assert c.pos[:3].tolist() == [9, 9, 7]
+    c.reserve(4, width=9, room=3, like=like, budget=60, max_rows=4)  # more rows than slots: a new buffer, window copied
+    assert (c.slots, c.columns, c.lo, c.cur) == (4, 15, 0, 9) and c.pos[:3].tolist() == [9, 9, 7]
+    assert c.mask[:3, :9].tolist() == [[1] * 9, [1] * 9, [0, 0] + [1] * 7]
+    assert c.cache.layers[0].buf_k[1, 0, :9, 0].tolist() == [5.0] * 3 + [7.0] * 6

@@ -5,6 +5,8 @@ stopping, rows leaving the batch and new rows joining it (the cache window moved
 reallocated) must not change a single token.
 """
 
+import random
+
 import pytest
 import torch
 
@@ -62,9 +64,12 @@ def load(quantization: str, adapter: bool) -> Engine:
     return Engine(*load_model(cfg), settings)
 
 
-def streamed(engine: Engine, ids: list[list[int]], max_rows: int, budget: int):
-    """The way `run` generates: one stream, longest first; finished rows' places are refilled."""
+def streamed(engine: Engine, ids: list[list[int]], max_rows: int, budget: int, shuffle: bool = False):
+    """The way `run` generates: one stream, longest first; finished rows' places are refilled.
+    Shuffled, longer prompts join later, so the window must move right and the buffer grow."""
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    if shuffle:
+        random.Random(5).shuffle(order)
     results = {}
     for row, c in engine.stream(Requests(Request(i, ids[i], 0) for i in order), max_rows, budget):
         assert row not in results
@@ -85,8 +90,8 @@ def test_batched_equals_single_prompt_generate(quantization, adapter, monkeypatc
     original = engine_module.SlotCache._move_window
     monkeypatch.setattr(engine_module.SlotCache, "_move_window", lambda self, to, layers=None, mask=None: (moves.append((self.n, layers is None)), original(self, to, layers, mask))[1])
     longest = max(map(len, ids))
-    for max_rows, budget in [(8, 10**9), (5, 4 * (longest + MAX_NEW))]:
-        got = streamed(engine, ids, max_rows, budget)
+    for max_rows, budget, shuffle in [(8, 10**9, False), (5, 4 * (longest + MAX_NEW), False), (6, 10**9, True)]:
+        got = streamed(engine, ids, max_rows, budget, shuffle)
         mismatches = [(i, e, g) for i, (e, g) in enumerate(zip(expected, got)) if e != g]
         assert not mismatches, (max_rows, budget, mismatches[:3])
     assert any(n and in_place for n, in_place in moves) and any(n and not in_place for n, in_place in moves)
