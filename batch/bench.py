@@ -690,34 +690,48 @@ def _mode_result(mode: str, *, rows: int, wall: float, kept: list[int], response
     }
 
 
+class Measured:
+    """One mode's measurement: wall clock and CPU use from here to stop(), time in the model's
+    forward calls (hooks), peak memory."""
+
+    def __init__(self, model, device: str):
+        self.device = device
+        self.timer = ForwardTimer(inner_model(model), device)
+        reset_peak_memory(device)
+        _sync(device)
+        self.probe = CpuProbe()
+        self.start = time.perf_counter()
+
+    def stop(self) -> dict:
+        _sync(self.device)
+        wall = time.perf_counter() - self.start
+        cpu = self.probe.stop()
+        self.timer.close()
+        return {"wall": wall, "cpu": cpu, "forward_seconds": self.timer.seconds, "forward_calls": self.timer.calls,
+                "peak": peak_memory(self.device)}
+
+
+def _generate_result(mode: str, outputs: list[list[int]], trimmed: list[tuple[str, str]], rule: Rule, measured: dict, **counts) -> dict:
+    """A model.generate mode's result: generated ids, and (response, finish reason) by the job's rule."""
+    return _mode_result(mode, rows=len(outputs), kept=[rule.kept(g) for g in outputs], responses=[t[0] for t in trimmed],
+                        reasons=[t[1] for t in trimmed], **measured, **counts)
+
+
 @torch.inference_mode()
 def run_single(model, tokenizer, prompts: list[str], cfg: BenchConfig, rule: Rule) -> dict:
     """Mode 1, as on the model card: tokenize one prompt, model.generate, decode, trim."""
-    device = cfg.device
-    timer = ForwardTimer(inner_model(model), device)
-    reset_peak_memory(device)
-    outputs, responses, reasons, prompt_tokens = [], [], [], 0
-    _sync(device)
-    probe = CpuProbe()
-    start = time.perf_counter()
+    outputs, trimmed, prompt_tokens = [], [], 0
+    clock = Measured(model, cfg.device)
     for text in prompts:
         enc = tokenizer(text, return_tensors="pt").to(model.device)
         out = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, do_sample=False, stop_strings=cfg.stop,
                              tokenizer=tokenizer, pad_token_id=tokenizer.unk_token_id)
         width = enc["input_ids"].shape[1]
         generated = out[0, width:].tolist()
-        response, reason = rule.trim(generated)
-        outputs.append(generated), responses.append(response), reasons.append(reason)
+        outputs.append(generated), trimmed.append(rule.trim(generated))
         prompt_tokens += width
-    _sync(device)
-    wall = time.perf_counter() - start
-    cpu = probe.stop()
-    timer.close()
-    kept = [rule.kept(g) for g in outputs]
-    return _mode_result("single", rows=len(prompts), wall=wall, kept=kept, responses=responses, reasons=reasons,
-                        prompt_tokens=prompt_tokens, padded_prompt_tokens=prompt_tokens,
-                        row_steps=sum(len(g) for g in outputs), forward_seconds=timer.seconds,
-                        peak=peak_memory(device), forward_calls=timer.calls, cpu=cpu)
+    return _generate_result("single", outputs, trimmed, rule, clock.stop(), prompt_tokens=prompt_tokens,
+                            padded_prompt_tokens=prompt_tokens, row_steps=sum(len(g) for g in outputs))
 
 
 @torch.inference_mode()
@@ -725,36 +739,22 @@ def run_fixed(model, tokenizer, prompts: list[str], cfg: BenchConfig, rule: Rule
     """Mode 2: batches of fixed_batch_size in input order, left-padded, model.generate with stop_strings."""
     from transformers import AutoTokenizer
 
-    device = cfg.device
     padded = AutoTokenizer.from_pretrained(tokenizer.name_or_path)  # its own copy: pad = <unk>, left
     padded.pad_token, padded.padding_side = padded.unk_token, "left"
-    timer = ForwardTimer(inner_model(model), device)
-    reset_peak_memory(device)
-    outputs, responses, reasons, prompt_tokens, padded_tokens, row_steps = [], [], [], 0, 0, 0
-    _sync(device)
-    probe = CpuProbe()
-    start = time.perf_counter()
+    outputs, trimmed, prompt_tokens, padded_tokens, row_steps = [], [], 0, 0, 0
+    clock = Measured(model, cfg.device)
     for s in range(0, len(prompts), cfg.fixed_batch_size):
         enc = padded(prompts[s : s + cfg.fixed_batch_size], padding=True, return_tensors="pt").to(model.device)
         out = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, do_sample=False, stop_strings=cfg.stop,
                              tokenizer=padded, pad_token_id=padded.pad_token_id)
         rows, width = enc["input_ids"].shape
-        generated = out[:, width:].tolist()
-        for g in generated:
-            response, reason = rule.trim(g)
-            outputs.append(g), responses.append(response), reasons.append(reason)
+        for g in out[:, width:].tolist():
+            outputs.append(g), trimmed.append(rule.trim(g))
         prompt_tokens += int(enc["attention_mask"].sum())
         padded_tokens += rows * width
         row_steps += rows * (out.shape[1] - width)
-    _sync(device)
-    wall = time.perf_counter() - start
-    cpu = probe.stop()
-    timer.close()
-    kept = [rule.kept(g) for g in outputs]
-    return _mode_result("fixed", rows=len(prompts), wall=wall, kept=kept, responses=responses, reasons=reasons,
-                        prompt_tokens=prompt_tokens, padded_prompt_tokens=padded_tokens, row_steps=row_steps,
-                        forward_seconds=timer.seconds, peak=peak_memory(device), forward_calls=timer.calls, cpu=cpu,
-                        batches=math.ceil(len(prompts) / cfg.fixed_batch_size))
+    return _generate_result("fixed", outputs, trimmed, rule, clock.stop(), prompt_tokens=prompt_tokens, padded_prompt_tokens=padded_tokens,
+                            row_steps=row_steps, batches=math.ceil(len(prompts) / cfg.fixed_batch_size))
 
 
 def run_engine(model, tokenizer, prompts: list[str], cfg: BenchConfig, rule: Rule) -> dict:

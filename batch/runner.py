@@ -318,7 +318,7 @@ def load_reusable(job: JobConfig) -> dict[str, Completion]:
 
 
 class StopFlag:
-    """SIGTERM, SIGUSR1, SIGINT: finish the batch in flight, commit, exit 75. A second SIGINT: stop now."""
+    """SIGTERM, SIGUSR1, SIGINT: start no new batch, finish the rows in flight, commit, exit 75. A second SIGINT: stop now."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -330,7 +330,7 @@ class StopFlag:
             raise KeyboardInterrupt
         self.received = signum
         print(
-            f"\nkomt-batch: got {signal.Signals(signum).name}: finishing the batch in flight, then checkpointing "
+            f"\nkomt-batch: got {signal.Signals(signum).name}: no new batch starts; finishing the rows in flight, then checkpointing "
             "(press Ctrl-C again to stop at once)",
             file=sys.stderr,
             flush=True,
@@ -371,7 +371,7 @@ def _run(job, shard, shards, restart, progress, resume_hint, started, stop: Stop
         todo = [b for b in mine if b not in done]
         stats = Stats(resumed_rows=sum(len(batch_rows[b]) for b in mine if b in done))
         if todo and stop.received is None:
-            engine = Engine.load(job.model, job.generation, job.source)
+            engine = Engine.load(job.model, job.generation, job.source, tokenizer)
             print(
                 f"komt-batch: generating {sum(len(batch_rows[b]) for b in todo)} rows in {len(todo)} batches"
                 f" (shard {shard}/{shards}; {stats.resumed_rows} rows already done)",

@@ -2,7 +2,8 @@
 
 import torch
 
-from batch.engine import SlotCache, SlotLayer, compact_order, left_pad, prefill_groups
+from batch.engine import left_pad, prefill_groups
+from batch.kv_cache import SlotCache, SlotLayer, compact_order
 
 
 def test_prefill_groups_bound_the_padding():

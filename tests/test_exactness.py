@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from batch.config import GenerationSettings, ModelConfig
-from batch import engine as engine_module
+from batch import kv_cache
 from batch.engine import Engine, Request, Requests, load_model
 from batch.plan import plan_batches
 from tests.conftest import TINY, seed_rows
@@ -87,8 +87,8 @@ def test_batched_equals_single_prompt_generate(quantization, adapter, monkeypatc
     assert not mismatches, mismatches[:3]
 
     moves = []  # (rows in the batch, in place?) for every move of the cache window
-    original = engine_module.SlotCache._move_window
-    monkeypatch.setattr(engine_module.SlotCache, "_move_window", lambda self, to, layers=None, mask=None: (moves.append((self.n, layers is None)), original(self, to, layers, mask))[1])
+    original = kv_cache.SlotCache._move_window
+    monkeypatch.setattr(kv_cache.SlotCache, "_move_window", lambda self, to, layers=None, mask=None: (moves.append((self.n, layers is None)), original(self, to, layers, mask))[1])
     longest = max(map(len, ids))
     for max_rows, budget, shuffle in [(8, 10**9, False), (5, 4 * (longest + MAX_NEW), False), (6, 10**9, True)]:
         got = streamed(engine, ids, max_rows, budget, shuffle)

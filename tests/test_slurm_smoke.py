@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
