@@ -116,7 +116,10 @@ class Requests:
 
     def peek(self) -> Request | None:
         if not self._next:
-            self._next = list(itertools.islice(self._it, 1))
+            try:
+                self._next = list(itertools.islice(self._it, 1))
+            except Exception as e:  # the caller's own failure, not generation's: not to be retried
+                raise SourceFailed(e) from e
         return self._next[0] if self._next else None
 
     def take(self) -> Request:
@@ -130,6 +133,10 @@ class Running:
     request: Request
     generator: torch.Generator | None
     generated: list[int] = field(default_factory=list)
+
+
+class SourceFailed(Exception):
+    """The iterator of requests raised (passed through the engine and SafeGenerator unchanged)."""
 
 
 class BatchFailed(Exception):
@@ -246,6 +253,8 @@ class Engine:
                     mask, positions = batch.step()
                     logits = self._forward(chosen[:, None], mask, positions, batch.cache)
                     batch.advance()
+        except SourceFailed as e:
+            raise e.__cause__ from None
         except Exception as e:  # noqa: BLE001 -- the caller decides: split, retry or error rows
             raise BatchFailed(e, [r.request for r in running] + joining) from e
 

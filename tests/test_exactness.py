@@ -114,3 +114,18 @@ def test_adapter_is_applied():
 
     assert sum(begins_answer(resp, ans) for (resp, _), ans in zip(with_adapter, answers)) == 9
     assert sum(begins_answer(resp, ans) for (resp, _), ans in zip(without, answers)) == 0
+
+
+def test_a_failing_request_source_is_not_taken_for_a_generation_failure():
+    """The caller's iterator raising must reach the caller as is: not be retried row by row."""
+    from batch.engine import SafeGenerator
+
+    engine = load("none", False)
+    ids = engine.tokenize(prompts_40()[:4])
+
+    def requests():
+        yield from (Request(i, p, 0) for i, p in enumerate(ids))
+        raise KeyError("the input went away")
+
+    with pytest.raises(KeyError, match="the input went away"):
+        list(SafeGenerator(engine, 2, 10**6, MAX_NEW).stream(requests()))
