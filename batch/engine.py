@@ -25,6 +25,7 @@ import json
 import logging
 import sys
 import time
+import traceback
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -241,13 +242,13 @@ class Engine:
                     row.generated.append(token)
                     (finished if self._stops(row.generated) else keep).append(slot)
                 if finished:  # they leave the batch, with their rows of the cache
+                    # (what can fail runs while `running` still holds them: on failure they are redone)
+                    done = [(running[k].request.key, self.finish(len(running[k].request.ids), running[k].generated)) for k in finished]
                     order = compact_order(keep)
                     batch.select(order)
-                    done = [running[k] for k in finished]
-                    running = [running[k] for k in order]
                     chosen = chosen[torch.tensor(order, dtype=torch.long, device=chosen.device)]
-                    for row in done:
-                        yield row.request.key, self.finish(len(row.request.ids), row.generated)
+                    running = [running[k] for k in order]
+                    yield from done
                 logits = None
                 if running:
                     mask, positions = batch.step()
@@ -256,7 +257,12 @@ class Engine:
         except SourceFailed as e:
             raise e.__cause__ from None
         except Exception as e:  # noqa: BLE001 -- the caller decides: split, retry or error rows
-            raise BatchFailed(e, [r.request for r in running] + joining) from e
+            unfinished = [r.request for r in running] + joining
+            # Free this batch's KV cache and activations before the rows are redone (after an
+            # out-of-memory error above all): the exception's traceback would keep them alive.
+            batch = logits = chosen = None
+            traceback.clear_frames(e.__traceback__)
+            raise BatchFailed(e, unfinished) from e
 
     def _stops(self, generated: list[int]) -> bool:
         return generated[-1] in self.eos_ids or len(generated) >= self.settings.max_new_tokens or self.stops.hit(generated)

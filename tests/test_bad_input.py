@@ -248,3 +248,43 @@ def test_a_failing_row_does_not_take_its_batch_down(tmp_path, monkeypatch, capsy
     assert [r["finish_reason"] for r in got].count("error") == 1
     assert got[3]["error"] == "generation: ValueError: kernel exploded"
     assert all(r["response"] for i, r in enumerate(got) if i != 3)
+
+
+def test_a_failure_while_rows_finish_loses_no_row(tmp_path, monkeypatch, capsys):
+    """Rows that finished in the step that failed are redone, not dropped."""
+    rows = many(6)
+    opts = dict(generation={"max_new_tokens": 6}, batching={"max_batch_size": 6})
+    reference = run_rows(tmp_path, "ref", rows, **opts)
+    original, calls = engine_module.Engine.finish, []
+
+    def finish(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("decoder hiccup")
+        return original(self, *args)
+
+    monkeypatch.setattr(engine_module.Engine, "finish", finish)
+    got = run_rows(tmp_path, "hiccup", rows, **opts)
+    assert got == reference and len(got) == 6
+
+
+def test_a_failed_batch_frees_its_cache_before_the_rows_are_redone(tmp_path, monkeypatch, capsys):
+    import weakref
+
+    from batch import kv_cache
+
+    caches, alive_at_redo = [], []
+    init = kv_cache.SlotCache.__init__
+    monkeypatch.setattr(kv_cache.SlotCache, "__init__", lambda self, *a: (caches.append(weakref.ref(self)), init(self, *a))[1])
+    recover = engine_module.SafeGenerator._recover
+
+    def spy(self, e, prompts, seeds):
+        alive_at_redo.append(sum(ref() is not None for ref in caches))
+        return recover(self, e, prompts, seeds)
+
+    monkeypatch.setattr(engine_module.SafeGenerator, "_recover", spy)
+    joins = inject(monkeypatch, lambda prompts: RuntimeError("CUDA out of memory") if len(joins) == 2 else None)
+    rows = many(8)
+    got = run_rows(tmp_path, "freed", rows, generation={"max_new_tokens": 12}, batching={"max_batch_size": 4})
+    assert len(got) == 8 and all(r["response"] is not None for r in got)
+    assert alive_at_redo and alive_at_redo[0] == 0  # the failed stream's cache was already gone
