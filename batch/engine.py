@@ -271,15 +271,25 @@ class Engine:
         return torch.Generator(self.device).manual_seed(seed) if self.settings.do_sample else None
 
     def _joining(self, requests: Requests, batch: SlotCache, max_rows: int, budget: int) -> list[Request]:
-        """The next rows that fit in the batch, taken when there are enough of them to be worth a prefill."""
+        """The next rows to join the batch: when enough places are free to be worth a prefill, as many
+        as fit. The places: max_rows, or fewer where the token budget binds at the batch's width.
+        While rows are running, the cache's buffer is remade only for an eighth more places; rows that
+        would need wider buffers wait for the running rows to leave."""
         room = self.settings.max_new_tokens
         n, width = batch.n, batch.width
-        if n and min(max_rows, budget // (width + room)) - n < max(1, max_rows // REFILL_FRACTION):
-            return []
+        places = min(max_rows, budget // (width + room))
+        if n:
+            if places < batch.slots + max(1, batch.slots // REFILL_FRACTION):
+                places = min(places, batch.slots)
+            if places - n < max(1, places // REFILL_FRACTION):
+                return []
+        columns = batch.columns if n and places <= batch.slots else None  # None: a new buffer anyway
         out: list[Request] = []
-        while n + len(out) < max_rows and (r := requests.peek()) is not None:
+        while n + len(out) < max(places, 1) and (r := requests.peek()) is not None:
             wider = max(width, len(r.ids))
             if (n or out) and (n + len(out) + 1) * (wider + room) > budget:
+                break
+            if columns is not None and wider + room > columns:
                 break
             out.append(requests.take())
             width = wider

@@ -87,14 +87,16 @@ class SlotCache:
         """Make the buffers hold n rows whose tokens span `width` columns, plus `room` columns to grow
         into, and end the window at a column >= width (so a prompt of that length fits before it).
 
-        A new buffer gets `room` columns more: the oldest row, whose first column starts the window,
-        is still running, so the window is at most its prompt + room wide, and rows that join later
-        start inside it -- in a stream sorted longest first the buffer then never grows again. Its
-        slots are as many as the budget allows (budget // columns tokens), at least n."""
+        A new buffer has as many slots as the token budget allows at this width (at least n), and,
+        where the budget leaves it, `room` more columns: the oldest running row starts the window,
+        so the window is at most its prompt + room wide and later rows start inside it -- in a stream
+        sorted longest first such a buffer is made once. Its tokens stay within the budget."""
         need = width + room
         if self.slots < n or self.columns < need:  # (re)allocate; the running window is copied over
-            columns = need + room
-            slots = max(n, min(max_rows, budget // columns))
+            slots = max(n, min(max_rows, budget // need))
+            columns = max(need, min(need + room, budget // slots))
+            if not self.n:  # nothing to copy: let the old buffer go first
+                self.cache.layers = []
             layers = [SlotLayer(k, slots, columns) for k in like]
             mask = torch.zeros((slots, columns), dtype=torch.long, device=self.device)
             pos = torch.zeros(slots, dtype=torch.long, device=self.device)
