@@ -204,8 +204,7 @@ class Engine:
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], seeds: list[int]) -> list[Completion]:
         """Generate for one batch of tokenized prompts, all in at once; one Completion per prompt, in order."""
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-        requests = Requests(Request(i, prompts[i], seeds[i]) for i in order)
+        requests = Requests(Request(i, p, seed) for i, (p, seed) in enumerate(zip(prompts, seeds)))
         out: list[Completion] = [None] * len(prompts)  # type: ignore[list-item]
         try:
             for i, completion in self.stream(requests, max_rows=len(prompts), budget=sys.maxsize):

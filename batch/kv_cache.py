@@ -75,9 +75,14 @@ class SlotCache:
     def __init__(self, model_config, device):
         self.cache = DynamicCache(config=model_config)
         self.device = device
-        self.slots = self.columns = self.n = self.lo = self.cur = 0
+        self.slots = self.columns = self.n = self.cur = 0
         self.start: list[int] = []  # slot -> first column of its row
         self.mask = self.pos = None
+
+    @property
+    def lo(self) -> int:
+        """The window's first column: that of the row in the batch longest (cur when none is)."""
+        return min(self.start) if self.start else self.cur
 
     @property
     def width(self) -> int:
@@ -119,8 +124,9 @@ class SlotCache:
             mask[: self.n] = 0
         if window is not None:
             mask[: self.n, to : to + width] = window
-        self.start = [s - self.lo + to for s in self.start[: self.n]]
-        self.lo, self.cur = to, to + width
+        shift = to - self.lo
+        self.start = [s + shift for s in self.start]
+        self.cur = to + width
 
     def add(self, a: int, lengths: list[int], layer_keys: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Rows of a prefilled group (left-padded to lengths[0]) join in slots [a, a + len(lengths))."""
@@ -134,7 +140,6 @@ class SlotCache:
         self.pos[a:b] = torch.tensor(lengths, device=self.device)
         self.start = self.start[:a] + [self.cur - length for length in lengths]
         self.n = b
-        self.lo = min(self.start)
 
     def select(self, order: list[int]) -> None:
         """Keep the rows now in slots `order` (compact_order's shape: only rows beyond the new size move)."""
@@ -147,18 +152,18 @@ class SlotCache:
             self.pos[dst] = self.pos[src]
         self.start = [self.start[s] for s in order]
         self.n = len(order)
-        self.lo = min(self.start) if self.start else self.cur
         if not self.n:
-            self.lo = self.cur = 0
+            self.cur = 0
 
     def step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The attention mask and position ids for one decode step; the layers' windows set for it."""
         if self.cur == self.columns:
             self._move_window(0)
+        lo = self.lo
         self.mask[: self.n, self.cur] = 1
         for layer in self.cache.layers:
-            layer.set_window(self.n, self.lo, self.cur)
-        return self.mask[: self.n, self.lo : self.cur + 1], self.pos[: self.n, None]
+            layer.set_window(self.n, lo, self.cur)
+        return self.mask[: self.n, lo : self.cur + 1], self.pos[: self.n, None]
 
     def advance(self) -> None:
         self.cur += 1

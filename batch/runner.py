@@ -496,7 +496,7 @@ def generate_batches(job, rows: Rows, plan: StoredPlan, ckpt: Checkpoint, engine
     for (b, j), completion in generator.stream(requests()):
         results[b][j] = completion
         left[b] -= 1
-        while released < len(todo) and todo[released] in results and left[todo[released]] == 0:
+        while released < len(todo) and left[todo[released]] == 0:  # (0 only once fed and done)
             release(released, todo[released])
             released += 1
     commit()
