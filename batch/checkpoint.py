@@ -28,20 +28,9 @@ import pyarrow.parquet as pq
 
 from batch.errors import JobError
 from batch.plan import Chunk
+from batch.results import RESULT_SCHEMA
 
 PART_RE = re.compile(r"^part-(\d{7})-(\d{7})\.parquet$")
-RESULT_SCHEMA = pa.schema(
-    [
-        ("row", pa.int64()),
-        ("batch", pa.int32()),
-        ("response", pa.string()),
-        ("finish_reason", pa.string()),
-        ("prompt_tokens", pa.int64()),
-        ("completion_tokens", pa.int64()),
-        ("error", pa.string()),
-        ("row_fingerprint", pa.string()),
-    ]
-)
 
 
 @dataclass
@@ -148,6 +137,12 @@ class Checkpoint:
         write_parquet_atomic(self.plan_path, rows)
         write_parquet_atomic(self.settled_path, settled)
         write_atomic(self.manifest_path, lambda fh: fh.write(json.dumps(manifest, indent=1, ensure_ascii=False).encode()))
+
+    def remove(self) -> None:
+        """Delete the checkpoint directory (after the final file is written)."""
+        for p in self.dir.iterdir():
+            p.unlink()
+        self.dir.rmdir()
 
     def clear(self) -> None:
         """Forget the plan and every part (for --restart); locks stay."""

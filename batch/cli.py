@@ -99,7 +99,7 @@ def dispatch(args) -> int:
         return bench_main(args.job, args.overrides)
     fill = placeholders(args)
     job = load_job(args.job, args.overrides, fill)
-    from batch import runner
+    from batch import runner, status
 
     if args.command == "run":
         from batch.shards import parse_shard, slurm_shard
@@ -110,9 +110,9 @@ def dispatch(args) -> int:
     elif args.command == "validate":
         print_summary(runner.validate(job))
     elif args.command == "status":
-        print_summary(runner.status(job, args.shards))
+        print_summary(status.status(job, args.shards))
     elif args.command == "merge":
-        print_summary(runner.merge(job, args.shards))
+        print_summary(status.merge(job, args.shards))
     return 0
 
 

@@ -31,10 +31,15 @@ class ModelConfig:
     compute_dtype: str = "bfloat16"  # bfloat16 | float16 | float32
     device_map: str = "auto"
     trust_remote_code: bool = False  # never on unless the job file says so
+    # How NF4 weights are held while generating (a property of the device, not of the outputs' settings):
+    # nf4 = stay 4-bit; dequantized = dequantize once to compute_dtype; auto = dequantize when they fit
+    weights: str = "auto"
+    cuda_graphs: bool = True  # replay the decode step as CUDA graphs on a GPU (ignored on the CPU)
 
     def validate(self, where: str) -> None:
         _choice(where, "model.quantization", self.quantization, ("nf4", "int8", "none"))
         _choice(where, "model.compute_dtype", self.compute_dtype, ("bfloat16", "float16", "float32"))
+        _choice(where, "model.weights", self.weights, ("auto", "nf4", "dequantized"))
 
 
 @dataclass
@@ -80,12 +85,24 @@ class GenerationSettings:
 
 @dataclass
 class BatchingConfig:
-    max_batch_size: int = 32  # rows per batch
+    max_batch_size: int = 32  # rows per planned batch (the unit of commits)
     max_batch_tokens: int = 32768  # rows x (longest prompt in the batch + max_new_tokens)
+    # Rows generating at once, and their KV-cache budget in tokens: properties of the device, not of
+    # the plan (kept out of its fingerprint). null = sized from the GPU's free memory (on the CPU:
+    # max_batch_size rows within max_batch_tokens).
+    running_rows: int | None = None
+    running_tokens: int | None = None
+    memory_headroom: float = 0.1  # the fraction of the GPU's free memory left unused when sizing them
 
     def validate(self, where: str) -> None:
         _at_least(where, "batching.max_batch_size", self.max_batch_size, 1)
         _at_least(where, "batching.max_batch_tokens", self.max_batch_tokens, 1)
+        if self.running_rows is not None:
+            _at_least(where, "batching.running_rows", self.running_rows, 1)
+        if self.running_tokens is not None:
+            _at_least(where, "batching.running_tokens", self.running_tokens, 1)
+        if not 0 <= self.memory_headroom < 1:
+            raise JobError(f"{where}: batching.memory_headroom: must be in [0, 1), got {self.memory_headroom}")
 
 
 @dataclass

@@ -49,6 +49,8 @@ from transformers.utils import logging as hf_logging
 from batch.config import GenerationSettings, ModelConfig
 from batch.errors import JobError
 from batch.kv_cache import SlotCache, compact_order
+from batch.results import Completion
+from batch.results import error_completion as _error_row
 from batch.stops import StopChecker, trim_response
 
 # Keep the job's log readable: no per-tensor loading bar, no notice that an optional CPU kernel
@@ -58,15 +60,6 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-@dataclass
-class Completion:
-    response: str | None
-    finish_reason: str  # stop | eos | length | error
-    prompt_tokens: int
-    completion_tokens: int  # tokens the model generated for the row, the stopping one included
-    error: str | None = None
 
 
 PREFILL_WASTE = 0.05  # a prefill group computes at most 5% padding ...
@@ -410,7 +403,7 @@ class SafeGenerator:
 
 
 def error_completion(prompt: list[int], message: str) -> Completion:
-    return Completion(None, "error", len(prompt), 0, message)
+    return _error_row(message, len(prompt))
 
 
 def is_out_of_memory(e: BaseException) -> bool:

@@ -1,4 +1,4 @@
-"""Completions -> result tables (for the checkpoint's parts) -> the final Parquet file.
+"""Result tables (from the checkpoint) + the input's columns -> the final Parquet file; the summary.
 
 The final file is the input's columns, unchanged and in input order, plus the generated columns:
   <response_column>  string, null for error rows
@@ -15,35 +15,16 @@ from __future__ import annotations
 
 import json
 import time
-from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from batch import __version__
-from batch.checkpoint import RESULT_SCHEMA, write_atomic, write_parquet_atomic
+from batch.checkpoint import write_atomic, write_parquet_atomic
 from batch.config import JobConfig
-from batch.engine import Completion
 from batch.errors import IncompleteError
-
-GENERATED_COLUMNS = ["finish_reason", "prompt_tokens", "completion_tokens", "error", "row_fingerprint"]
-
-
-def results_table(rows: list[int], batch: int, completions: list[Completion], fingerprints: list[str]) -> pa.Table:
-    return pa.table(
-        {
-            "row": pa.array(rows, pa.int64()),
-            "batch": pa.array([batch] * len(rows), pa.int32()),
-            "response": pa.array([c.response for c in completions], pa.string()),
-            "finish_reason": pa.array([c.finish_reason for c in completions], pa.string()),
-            "prompt_tokens": pa.array([c.prompt_tokens for c in completions], pa.int64()),
-            "completion_tokens": pa.array([c.completion_tokens for c in completions], pa.int64()),
-            "error": pa.array([c.error for c in completions], pa.string()),
-            "row_fingerprint": pa.array(fingerprints, pa.string()),
-        },
-        schema=RESULT_SCHEMA,
-    )
+from batch.results import GENERATED_COLUMNS
 
 
 def job_metadata(job: JobConfig) -> dict[str, str]:
@@ -80,17 +61,6 @@ def assemble(job: JobConfig, inputs: pa.Table, results: pa.Table) -> Path:
     out = Path(job.output.path)
     write_parquet_atomic(out, table, job_metadata(job))
     return out
-
-
-def count_results(results: pa.Table) -> dict:
-    """Rows by finish reason, and error rows by cause (the part of `error` before the first colon)."""
-    reasons = Counter(results.column("finish_reason").to_pylist())
-    causes = Counter(
-        e.split(":", 1)[0]
-        for e, reason in zip(results.column("error").to_pylist(), results.column("finish_reason").to_pylist())
-        if e and reason == "error"
-    )
-    return {"finish_reasons": dict(sorted(reasons.items())), "errors_by_cause": dict(sorted(causes.items()))}
 
 
 def summary_path(job: JobConfig) -> Path:

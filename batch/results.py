@@ -1,0 +1,70 @@
+"""What generation gives for a row (`Completion`) and the result tables the checkpoint stores.
+
+A result table has one line per row: the row's position in the input, its planned batch, the
+generated columns. The checkpoint's parts and settled rows are such tables; the writer joins them
+with the input's columns for the final file.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+# The columns the job adds to the input's (after the response column, whose name is configurable).
+GENERATED_COLUMNS = ["finish_reason", "prompt_tokens", "completion_tokens", "error", "row_fingerprint"]
+
+RESULT_SCHEMA = pa.schema(
+    [
+        ("row", pa.int64()),
+        ("batch", pa.int32()),
+        ("response", pa.string()),
+        ("finish_reason", pa.string()),
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("error", pa.string()),
+        ("row_fingerprint", pa.string()),
+    ]
+)
+
+
+@dataclass
+class Completion:
+    response: str | None
+    finish_reason: str  # stop | eos | length | error
+    prompt_tokens: int
+    completion_tokens: int  # tokens the model generated for the row, the stopping one included
+    error: str | None = None
+
+
+def error_completion(message: str, prompt_tokens: int = 0) -> Completion:
+    """A row that did not run (or failed): no response, `error` = "cause: details"."""
+    return Completion(None, "error", prompt_tokens, 0, message)
+
+
+def results_table(rows: list[int], batch: int, completions: list[Completion], fingerprints: list[str]) -> pa.Table:
+    return pa.table(
+        {
+            "row": pa.array(rows, pa.int64()),
+            "batch": pa.array([batch] * len(rows), pa.int32()),
+            "response": pa.array([c.response for c in completions], pa.string()),
+            "finish_reason": pa.array([c.finish_reason for c in completions], pa.string()),
+            "prompt_tokens": pa.array([c.prompt_tokens for c in completions], pa.int64()),
+            "completion_tokens": pa.array([c.completion_tokens for c in completions], pa.int64()),
+            "error": pa.array([c.error for c in completions], pa.string()),
+            "row_fingerprint": pa.array(fingerprints, pa.string()),
+        },
+        schema=RESULT_SCHEMA,
+    )
+
+
+def count_results(results: pa.Table) -> dict:
+    """Rows by finish reason, and error rows by cause (the part of `error` before the first colon)."""
+    reasons = Counter(results.column("finish_reason").to_pylist())
+    causes = Counter(
+        e.split(":", 1)[0]
+        for e, reason in zip(results.column("error").to_pylist(), results.column("finish_reason").to_pylist())
+        if e and reason == "error"
+    )
+    return {"finish_reasons": dict(sorted(reasons.items())), "errors_by_cause": dict(sorted(causes.items()))}

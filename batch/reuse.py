@@ -1,0 +1,36 @@
+"""input.reuse: successful rows of earlier outputs, found by row fingerprint."""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batch.config import JobConfig
+from batch.errors import JobError
+from batch.results import Completion
+
+
+def load_reusable(job: JobConfig) -> dict[str, Completion]:
+    """Successful rows of earlier outputs (input.reuse), by row fingerprint."""
+    if not job.input.reuse:
+        return {}
+    out = Path(job.output.path).resolve()
+    found: dict[str, Completion] = {}
+    for path in sorted(glob.glob(job.input.reuse)):
+        if Path(path).resolve() == out:
+            continue
+        cols = ["row_fingerprint", "finish_reason", "prompt_tokens", "completion_tokens"]
+        try:
+            schema = pq.read_schema(path)
+            response = json.loads(schema.metadata[b"komt_batch"])["response_column"] if b"komt_batch" in (schema.metadata or {}) else "response"
+            t = pq.read_table(path, columns=[*cols, response])
+        except (OSError, KeyError, ValueError, pa.ArrowException) as e:
+            raise JobError(f"{job.source}: input.reuse: {path} is not a readable komt-batch output ({e})") from None
+        for fp, reason, pt, ct, resp in zip(*(t.column(c).to_pylist() for c in [*cols, response])):
+            if reason != "error" and fp:
+                found.setdefault(fp, Completion(resp, reason, pt, ct))
+    return found
