@@ -854,7 +854,7 @@ def run_vllm(cfg: BenchConfig, variant: Variant, meta: dict, tokenizer, prompts:
 
 
 def run_variant(cfg: BenchConfig, variant: Variant, meta: dict, prompts: list[str], log_dir: Path, save=lambda partial: None) -> dict:
-    from batch.engine import load_model
+    from batch.loading import load_model
 
     mcfg = ModelConfig(base=meta["base"], adapter=meta["adapter"] if variant.lora else None, quantization=variant.quantization,
                        compute_dtype=variant.compute_dtype, device_map="cuda" if cfg.device == "cuda" else "cpu")

@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from batch.checkpoint import Checkpoint, StoredPlan
 from batch.config import JobConfig
-from batch.engine import load_tokenizer
+from batch.loading import load_tokenizer
 from batch.errors import JobError
 from batch.fingerprints import input_fingerprint, plan_changes, row_fingerprint, row_settings_key, settings_fingerprint
 from batch.plan import plan_batches, plan_chunks

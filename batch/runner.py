@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from batch.checkpoint import Checkpoint, StoredPlan
 from batch.config import JobConfig
-from batch.engine import Engine, Request, SafeGenerator, load_tokenizer, row_seed
+from batch.engine import Engine, Request, SafeGenerator, row_seed
+from batch.loading import load_tokenizer
 from batch.fingerprints import row_fingerprint, row_settings_key
 from batch.paths import check_output_writable
 from batch.plan import assign_shards
@@ -114,7 +115,7 @@ def generate_batches(job, rows: Rows, plan: StoredPlan, ckpt: Checkpoint, engine
     overrides = dict(zip(plan.rows.column("row").to_pylist(), plan.rows.column("prompt_override").to_pylist()))
     notes = {r: n for r, n in zip(plan.rows.column("row").to_pylist(), plan.rows.column("note").to_pylist()) if n}
     key = row_settings_key(job)
-    generator = SafeGenerator(engine, job.batching.max_batch_size, job.batching.max_batch_tokens, job.generation.max_new_tokens)
+    generator = SafeGenerator.for_job(engine, job.batching, job.generation.max_new_tokens)
     bar = tqdm(total=sum(len(batch_rows[b]) for b in todo), unit="row", disable=not progress, mininterval=1.0, dynamic_ncols=True)
     chunk_of = {b: c.index for c in plan.chunks for b in c.batches}
     prompts_of: dict[int, list[str]] = {}

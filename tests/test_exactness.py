@@ -12,7 +12,8 @@ import torch
 
 from batch.config import GenerationSettings, ModelConfig
 from batch import kv_cache
-from batch.engine import Engine, Request, Requests, load_model
+from batch.engine import Engine, Request, Requests
+from batch.loading import load_model
 from batch.plan import plan_batches
 from tests.conftest import TINY, seed_rows
 

@@ -17,7 +17,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from batch.config import GenerationSettings, ModelConfig  # noqa: E402
-from batch.engine import Engine, load_model  # noqa: E402
+from batch.engine import Engine  # noqa: E402
+from batch.loading import load_model  # noqa: E402
 from tests.test_exactness import MAX_NEW, batched, prompts_40  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

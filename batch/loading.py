@@ -1,0 +1,161 @@
+"""Loading the model as the model card does: the tokenizer, the base in 4-bit NF4 (bitsandbytes,
+double quant) or as configured, and the PEFT LoRA adapter; the checks that run before any weight is
+read (paths, the adapter's shapes against the base's layers)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers.utils import logging as hf_logging
+
+from batch.config import ModelConfig
+from batch.errors import JobError
+
+# Keep the job's log readable: no per-tensor loading bar, no notice that an optional CPU kernel
+# package is absent (bitsandbytes falls back to its own kernels), no deprecation chatter from peft.
+hf_logging.disable_progress_bar()
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def quantization_config(cfg: ModelConfig) -> BitsAndBytesConfig | None:
+    if cfg.quantization == "nf4":  # the model card's setup: 4-bit NF4, double quant
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=DTYPES[cfg.compute_dtype],
+        )
+    if cfg.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_tokenizer(cfg: ModelConfig, where: str = "<job>"):
+    """The tokenizer and the model's context length, without loading the weights (for planning)."""
+    _check_paths(cfg, where)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.base, trust_remote_code=cfg.trust_remote_code)
+        config = AutoConfig.from_pretrained(cfg.base, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise JobError(f"{where}: model.base: cannot load the tokenizer of {cfg.base}: {first_line(e)}") from None
+    if cfg.adapter and Path(cfg.adapter).is_dir():
+        check_adapter_fits(config, cfg.adapter, where)
+    context = getattr(config, "max_position_embeddings", None) or tokenizer.model_max_length
+    return tokenizer, int(context)
+
+
+def check_adapter_fits(config, adapter: str, where: str) -> None:
+    """Compare the adapter's LoRA weight shapes with the base's layers, before any weight is loaded.
+
+    peft would otherwise fail deep inside with a size-mismatch traceback (or not at all, for a
+    missing layer). The base is built on the meta device: shapes only, no memory."""
+    from safetensors import safe_open
+
+    weights = Path(adapter) / "adapter_model.safetensors"
+    if not weights.exists():
+        return
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(config)
+    modules = dict(base.named_modules())
+    with safe_open(str(weights), "pt") as f:
+        for key in f.keys():
+            name, _, kind = key.rpartition(".lora_")
+            name = name.removeprefix("base_model.model.")
+            layer = modules.get(name)
+            shape = tuple(f.get_slice(key).get_shape())
+            if layer is None or not hasattr(layer, "in_features"):
+                problem = f"the base has no layer {name}"
+            elif kind.startswith("A") and shape[-1] != layer.in_features:
+                problem = f"{name} takes {layer.in_features} inputs, the adapter's lora_A expects {shape[-1]}"
+            elif kind.startswith("B") and shape[0] != layer.out_features:
+                problem = f"{name} gives {layer.out_features} outputs, the adapter's lora_B expects {shape[0]}"
+            else:
+                continue
+            trained_on = _adapter_base(adapter)
+            raise JobError(
+                f"{where}: model.adapter: {adapter} does not fit model.base ({problem})"
+                + (f"; it was trained on {trained_on}" if trained_on else "")
+            )
+
+
+def _check_paths(cfg: ModelConfig, where: str) -> None:
+    for key, name in (("model.base", cfg.base), ("model.adapter", cfg.adapter)):
+        if name and _looks_local(name) and not Path(name).expanduser().exists():
+            raise JobError(f"{where}: {key}: {name}: no such directory")
+
+
+def _looks_local(name: str) -> bool:
+    return Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") != 1
+
+
+def load_model(cfg: ModelConfig, where: str = "<job>", tokenizer=None):
+    """Model (base, quantized as configured, with the LoRA adapter applied) and tokenizer (loaded
+    here unless the caller has it already)."""
+    _check_paths(cfg, where)
+    dtype = DTYPES[cfg.compute_dtype]
+    try:
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(cfg.base, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.base,
+            quantization_config=quantization_config(cfg),
+            dtype=dtype,
+            device_map=cfg.device_map,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    except (OSError, ValueError) as e:
+        raise JobError(f"{where}: model.base: cannot load {cfg.base}: {first_line(e)}") from None
+    if cfg.quantization == "nf4" and dtype == torch.float32:
+        honour_float32_compute(model)
+    if cfg.adapter:
+        model = _apply_adapter(model, cfg.adapter, where)
+    model.eval()
+    return model, tokenizer
+
+
+def honour_float32_compute(model) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes runs 4-bit layers through a fused kernel that casts the
+    activations to bfloat16 whatever bnb_4bit_compute_dtype says. With float32 compute asked for, turn
+    that kernel off (dequantize + float32 matmul), so float32 means float32: rows then compute the
+    same alone or in a batch (the exactness test), instead of differing by bf16 rounding."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _apply_adapter(model, adapter: str, where: str):
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, adapter)
+    except (OSError, ValueError) as e:
+        raise JobError(f"{where}: model.adapter: cannot load {adapter}: {first_line(e)}") from None
+    except RuntimeError as e:
+        if "size mismatch" not in str(e):
+            raise
+        base = _adapter_base(adapter)
+        raise JobError(
+            f"{where}: model.adapter: {adapter} does not fit model.base (its weights' shapes differ"
+            + (f"; it was trained on {base}" if base else "")
+            + ")"
+        ) from None
+
+
+def _adapter_base(adapter: str) -> str | None:
+    try:
+        return json.loads((Path(adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError):
+        return None
+
+
+def first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
