@@ -1,11 +1,13 @@
 """Loading the model as the model card does: the tokenizer, the base in 4-bit NF4 (bitsandbytes,
-double quant) or as configured, and the PEFT LoRA adapter; the checks that run before any weight is
-read (paths, the adapter's shapes against the base's layers)."""
+double quant) or as configured, and the PEFT LoRA adapter; then, where memory allows, the 4-bit
+weights dequantized once (model.weights); the checks that run before any weight is read (paths, the
+adapter's shapes against the base's layers)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 import warnings
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from transformers.utils import logging as hf_logging
 
 from batch.config import ModelConfig
 from batch.errors import JobError
+from batch.memory import dequantizing_fits, free_memory, size
 
 # Keep the job's log readable: no per-tensor loading bar, no notice that an optional CPU kernel
 # package is absent (bitsandbytes falls back to its own kernels), no deprecation chatter from peft.
@@ -116,8 +119,71 @@ def load_model(cfg: ModelConfig, where: str = "<job>", tokenizer=None):
         honour_float32_compute(model)
     if cfg.adapter:
         model = _apply_adapter(model, cfg.adapter, where)
+    if cfg.quantization == "nf4":
+        print(f"komt-batch: {choose_weights(model, cfg.weights, dtype)}", file=sys.stderr, flush=True)
     model.eval()
     return model, tokenizer
+
+
+def choose_weights(model, weights: str, dtype: torch.dtype) -> str:
+    """Apply model.weights to a model loaded in NF4 (with or without its adapter): `nf4` keeps the
+    4-bit layers, `dequantized` dequantizes them once, `auto` dequantizes when that leaves the KV
+    cache at least half the free memory it would have beside the 4-bit weights (memory.py). Returns
+    the log line: which was used and why, with the sizes."""
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    nf4 = sum(_nf4_bytes(m) for m in layers)
+    dense = sum(m.out_features * m.in_features * dtype.itemsize for m in layers)
+    if weights == "auto":
+        free, where = free_memory(next(model.parameters()).device)
+        dequantize, why = dequantizing_fits(free, nf4, dense)
+        why = f"model.weights: auto: {why} on {where}"
+    else:
+        dequantize, why = weights == "dequantized", f"model.weights: {weights}"
+    if not dequantize:
+        return f"weights: NF4 resident, {size(nf4)} ({why})"
+    dequantize_model(model, dtype)
+    return f"weights: dequantized to {str(dtype).removeprefix('torch.')}, {size(dense)}, NF4 was {size(nf4)} ({why})"
+
+
+def _nf4_bytes(layer) -> int:
+    """A 4-bit layer's storage: the packed weight and its quantization state (absmax, nested too)."""
+    state = layer.weight.quant_state
+    tensors = [layer.weight.data, state.absmax, state.code]
+    if state.nested:
+        tensors += [state.state2.absmax, state.state2.code, state.offset]
+    return sum(t.nbytes for t in tensors if isinstance(t, torch.Tensor))
+
+
+@torch.no_grad()
+def dequantize_model(model, dtype: torch.dtype) -> None:
+    """Replace every bitsandbytes 4-bit layer by an nn.Linear holding its weight dequantized once,
+    `bitsandbytes.functional.dequantize_4bit`, in `dtype`: the values bitsandbytes' batched path
+    (dequantize, then F.linear) multiplies by, so outputs equal that path. The 4-bit storage is freed
+    layer by layer.
+
+    A 4-bit layer wrapped by peft keeps its LoRA wrapper (peft's lora.bnb.Linear4bit, whose forward
+    calls its base layer and adds the adapter): only the base layer is swapped, so the adapter stays
+    unmerged and peft computes it as before, in the same dtypes (peft's plain lora.Linear would add
+    the float32 LoRA output before rounding to the compute dtype, bnb's wrapper after)."""
+    import bitsandbytes as bnb
+
+    for parent in list(model.modules()):
+        for name, layer in list(parent.named_children()):
+            if not isinstance(layer, bnb.nn.Linear4bit):
+                continue
+            weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)
+            dense = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+            dense.weight = torch.nn.Parameter(weight.reshape(layer.out_features, layer.in_features), requires_grad=False)
+            if layer.bias is not None:
+                dense.bias = torch.nn.Parameter(layer.bias.data.to(dtype), requires_grad=False)
+            setattr(parent, name, dense)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base, "hf_quantizer", None) is not None:  # what transformers' model.dequantize() leaves
+        base.hf_quantizer.remove_quantization_config(base)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # give the 4-bit storage back, so the KV cache can be sized into it
 
 
 def honour_float32_compute(model) -> None:

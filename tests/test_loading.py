@@ -1,0 +1,86 @@
+"""model.weights: the NF4 layers dequantized once are bitsandbytes' own dequantized values, the LoRA
+adapter stays as peft computes it, and the outputs equal the NF4 model's (on the CPU, where
+bitsandbytes always dequantizes and multiplies); the log line says which weights and why."""
+
+import bitsandbytes as bnb
+import pytest
+import torch
+
+from batch import loading
+from batch.config import GenerationSettings, ModelConfig
+from batch.engine import Engine
+from batch.loading import dequantize_model, load_model
+from tests.conftest import TINY
+from tests.test_exactness import MAX_NEW, batched, prompts_40
+
+
+def config(weights: str, dtype: str = "float32") -> ModelConfig:
+    return ModelConfig(base=str(TINY / "base"), adapter=str(TINY / "adapter"), quantization="nf4",
+                       compute_dtype=dtype, device_map="cpu", weights=weights)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_model(config("nf4"))[1]
+
+
+def test_dequantized_weights_are_dequantize_4bit_of_the_nf4_weights(tokenizer):
+    model, _ = load_model(config("nf4"), tokenizer=tokenizer)
+    expected = {name: bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).to(torch.float32)
+                for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert len(expected) == 2 * 7  # two layers, seven projections each
+    dequantize_model(model, torch.float32)
+    modules = dict(model.named_modules())
+    for name, weight in expected.items():
+        dense = modules[name]
+        assert type(dense) is torch.nn.Linear and dense.weight.dtype == torch.float32
+        assert torch.equal(dense.weight, weight), name
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    # the adapter is still peft's, unmerged, around the dense layer
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert "default" in q.lora_A and not q.merged and q.base_layer is modules[next(n for n in expected if n.endswith("0.self_attn.q_proj.base_layer"))]
+    assert getattr(model.get_base_model(), "hf_quantizer", None) is None  # an ordinary model now
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dequantized_logits_equal_nf4_logits(tokenizer, dtype):
+    nf4, _ = load_model(config("nf4", dtype), tokenizer=tokenizer)
+    dense, _ = load_model(config("dequantized", dtype), tokenizer=tokenizer)
+    tokenizer.pad_token = tokenizer.unk_token
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts_40()[:8], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.equal(nf4(**enc).logits, dense(**enc).logits)
+
+
+def test_dequantized_greedy_outputs_equal_nf4(tokenizer):
+    settings = GenerationSettings(max_new_tokens=MAX_NEW, do_sample=False)
+    nf4 = Engine(*load_model(config("nf4"), tokenizer=tokenizer), settings)
+    dense = Engine(*load_model(config("dequantized"), tokenizer=tokenizer), settings)
+    ids = nf4.tokenize(prompts_40())
+    out = batched(dense, ids, 8)
+    assert out == batched(nf4, ids, 8)
+    assert {"stop", "length"} <= {reason for _, reason in out}  # answers that stop, and longer ones
+
+
+def test_the_log_line_says_which_weights_and_why(tokenizer, capsys, monkeypatch):
+    load_model(config("auto"), tokenizer=tokenizer)
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("komt-batch: weights: dequantized to float32, ") and "MiB, NF4 was " in line
+    assert "model.weights: auto: dequantized they take" in line and "at least 50% kept for the KV cache on the CPU" in line
+
+    load_model(config("nf4"), tokenizer=tokenizer)
+    assert capsys.readouterr().err.strip().endswith("MiB (model.weights: nf4)")
+
+    monkeypatch.setattr(loading, "free_memory", lambda device: (3 * 2**19, "a small device"))  # 1.5 MiB
+    model, _ = load_model(config("auto"), tokenizer=tokenizer)
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("komt-batch: weights: NF4 resident, ") and "under 50% kept for the KV cache on a small device" in line
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+def test_unquantized_models_are_left_alone(tokenizer, capsys):
+    model, _ = load_model(ModelConfig(base=str(TINY / "base"), quantization="none", compute_dtype="float32",
+                                      device_map="cpu", weights="dequantized"), tokenizer=tokenizer)
+    assert capsys.readouterr().err == ""
+    assert all(type(m) is torch.nn.Linear for n, m in model.named_modules() if n.endswith("q_proj"))
