@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any
 import yaml
 
 from batch.errors import JobError
+from batch.results import GENERATED_COLUMNS
 
 DEFAULT_STOP = ["<|end|>", "<s>", "###"]
 DEFAULT_TEMPLATE = "### instruction: {instruction}\n\n### Response:"
@@ -115,6 +117,11 @@ class OutputConfig:
             raise JobError(f"{where}: output.path: required (the Parquet file to write)")
         if not self.response_column:
             raise JobError(f"{where}: output.response_column: must not be empty")
+        if self.response_column in GENERATED_COLUMNS:
+            raise JobError(
+                f"{where}: output.response_column: {self.response_column!r} is one of the columns the job adds "
+                f"({', '.join(GENERATED_COLUMNS)}); choose another name"
+            )
 
 
 @dataclass
@@ -153,6 +160,12 @@ class JobConfig:
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
                 section.validate(self.source)
+        written = [self.output.response_column, *GENERATED_COLUMNS]
+        if self.input.id_column in written:
+            raise JobError(
+                f"{self.source}: input.id_column: {self.input.id_column!r} is a column the job writes "
+                f"({', '.join(written)}); an input column cannot share its name"
+            )
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -161,6 +174,11 @@ class JobConfig:
 
 
 # --- loading -------------------------------------------------------------------------------------
+
+# The paths the job reads or writes: `~` is expanded in all; {date}, {time}, {job_id} are filled in
+# all but the model's (a hub id or a local directory).
+PLACEHOLDER_PATHS = ("input.path", "output.path", "checkpoint.dir", "input.reuse")
+PATHS = (*PLACEHOLDER_PATHS, "model.base", "model.adapter")
 
 
 def load_job(path: str | Path, overrides: list[str] = (), fill: dict[str, str] | None = None) -> JobConfig:
@@ -187,15 +205,24 @@ def load_job(path: str | Path, overrides: list[str] = (), fill: dict[str, str] |
         _apply_override(raw, item, where)
     job = _build(JobConfig, raw, where, prefix="")
     job.source, job.text = where, text
-    if fill:
-        job.input.path = fill_placeholders(job.input.path, fill, where, "input.path")
-        job.output.path = fill_placeholders(job.output.path, fill, where, "output.path")
-        if job.checkpoint.dir:
-            job.checkpoint.dir = fill_placeholders(job.checkpoint.dir, fill, where, "checkpoint.dir")
-        if job.input.reuse:
-            job.input.reuse = fill_placeholders(job.input.reuse, fill, where, "input.reuse")
+    for key in PATHS:
+        section_name, name = key.split(".")
+        section = getattr(job, section_name)
+        value = getattr(section, name)
+        if value and fill and key in PLACEHOLDER_PATHS:
+            value = fill_placeholders(value, fill, where, key)
+        if value:
+            setattr(section, name, expand_home(value, where, key))
     job.validate()
     return job
+
+
+def expand_home(value: str, where: str, key: str) -> str:
+    """`~` and `~user` at the start of a path, as a shell would expand them (never a folder named ~)."""
+    expanded = os.path.expanduser(value)
+    if expanded.startswith("~"):
+        raise JobError(f"{where}: {key}: cannot expand {expanded.split('/')[0]!r} in {value!r}: no such user or no home directory")
+    return expanded
 
 
 def fill_placeholders(value: str, fill: dict[str, str], where: str, key: str) -> str:

@@ -79,3 +79,28 @@ def test_placeholders_filled_in_paths(tmp_path):
     assert job.output.path == "out/2026-11-27/x-77.parquet"
     with pytest.raises(JobError, match="bad placeholder"):
         load_job(write(tmp_path, BASE.replace("out/x.parquet", "out/{when}.parquet")), fill={"date": "d", "time": "t", "job_id": "j"})
+
+
+def test_home_is_expanded_in_every_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", "/home/me")
+    overrides = [
+        "input.path=~/in.jsonl",
+        "output.path=~/out/{date}.parquet",
+        "checkpoint.dir=~/parts",
+        "input.reuse=~/old/*.parquet",
+        "model.base=~/models/base",
+        "model.adapter=~/models/adapter",
+    ]
+    job = load_job(write(tmp_path, BASE), overrides, fill={"date": "2026-11-27", "time": "020000", "job_id": "7"})
+    assert [job.input.path, job.output.path, str(job.parts_dir), job.input.reuse, job.model.base, job.model.adapter] == [
+        "/home/me/in.jsonl",
+        "/home/me/out/2026-11-27.parquet",
+        "/home/me/parts",
+        "/home/me/old/*.parquet",
+        "/home/me/models/base",
+        "/home/me/models/adapter",
+    ]
+    job = load_job(write(tmp_path, BASE), ["output.path=out/~x/a.parquet", "model.base=davidkim205/komt-Llama-2-7b-chat-hf"])
+    assert (job.output.path, job.model.base) == ("out/~x/a.parquet", "davidkim205/komt-Llama-2-7b-chat-hf")
+    with pytest.raises(JobError, match=r"input.path: cannot expand '~nobody-komt' in '~nobody-komt/in.jsonl'"):
+        load_job(write(tmp_path, BASE), ["input.path=~nobody-komt/in.jsonl"])
