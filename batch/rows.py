@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from batch.config import JobConfig
 from batch.errors import JobError
-from batch.readers import input_files, read_table, row_ids
+from batch.readers import input_files, input_root, read_table, row_ids
 from batch.results import GENERATED_COLUMNS
 from batch.template import Template
 
@@ -53,7 +53,7 @@ def read_rows(job: JobConfig) -> Rows:
     if any(f.resolve() == out for f in files):
         raise JobError(f"{where}: output.path: {job.output.path} is also an input file; choose another path")
     template = Template.parse(job.prompt.template, where)
-    table = read_table(files)
+    table = read_table(files, input_root(job.input.path))
     if table.num_rows == 0:  # an empty input has no columns to speak of: give it the template's
         for name in [*template.fields, *([job.input.id_column] if job.input.id_column else [])]:
             if name not in table.column_names:

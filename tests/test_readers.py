@@ -53,10 +53,17 @@ def test_missing_input_and_empty_glob(tmp_path):
         input_files(str(tmp_path / "*.jsonl"))
 
 
-def test_columns_must_agree_across_files(tmp_path):
+def test_files_with_different_columns_are_joined_with_nulls(tmp_path):
     (tmp_path / "a.jsonl").write_text(json.dumps({"id": 1, "q": "a"}) + "\n")
     (tmp_path / "b.jsonl").write_text(json.dumps({"id": 2, "question": "b"}) + "\n")
-    with pytest.raises(JobError, match=r"b.jsonl: its columns disagree .*missing \['q'\].*extra \['question'\]"):
+    t = read_table(input_files(str(tmp_path)))
+    assert t.to_pylist() == [{"id": 1, "q": "a", "question": None}, {"id": 2, "q": None, "question": "b"}]
+
+
+def test_column_types_must_agree_across_files(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"id": 1, "q": "a"}) + "\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"id": "2", "q": "b"}) + "\n")
+    with pytest.raises(JobError, match=r"b.jsonl: column 'id' is string here but int64 in .*a.jsonl; a column holds one type of value"):
         read_table(input_files(str(tmp_path)))
 
 
