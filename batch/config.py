@@ -1,8 +1,8 @@
 """The job file: dataclasses, loading, `dotted.key=value` overrides, validation with clear errors.
 
-A job file is YAML with the sections below; every key has a default except `input.path` and
-`output.path`. Unknown keys, wrong types and out-of-range values raise JobError naming the file and
-the dotted key (and, for a typo, the closest valid key).
+A job file is YAML with the sections below; every key has a default except `input.path` (or
+`input.dataset`) and `output.path`. Unknown keys, wrong types and out-of-range values raise JobError
+naming the file and the dotted key (and, for a typo, the closest valid key).
 """
 
 from __future__ import annotations
@@ -46,14 +46,23 @@ class ModelConfig:
 
 @dataclass
 class InputConfig:
-    path: str = ""  # a .jsonl or .parquet file, a glob, or a directory of such files
+    # Exactly one of path and dataset names the input.
+    path: str = ""  # a .jsonl/.jsonl.gz/.parquet file, a glob, a directory of such files, or a save_to_disk folder
+    dataset: str | None = None  # a Hugging Face dataset id (org/name), read from the local cache
+    config: str | None = None  # the dataset's config; needed when the cache holds several
+    split: str | None = None  # the split of a Hub dataset or a saved DatasetDict; needed when it has several
     id_column: str | None = None  # without it a row's id is its position in the input
     too_long: str = "error"  # error | truncate: what to do with a prompt that does not fit
     reuse: str | None = None  # glob of earlier outputs whose matching rows are carried over
 
     def validate(self, where: str) -> None:
-        if not self.path:
-            raise JobError(f"{where}: input.path: required (a .jsonl/.parquet file, glob or directory)")
+        if bool(self.path) == bool(self.dataset):
+            raise JobError(
+                f"{where}: input.path: {'name one of input.path and input.dataset, not both' if self.path else 'required'} "
+                "(a .jsonl/.jsonl.gz/.parquet file, glob, directory or save_to_disk folder; or input.dataset: a Hugging Face dataset id)"
+            )
+        if self.config is not None and not self.dataset:
+            raise JobError(f"{where}: input.config: only for input.dataset (a Hugging Face dataset id)")
         _choice(where, "input.too_long", self.too_long, ("error", "truncate"))
 
 

@@ -1,8 +1,15 @@
-"""Input: a .jsonl or .parquet file, a glob, or a directory of such files -> one Arrow table.
+"""Input files (.jsonl, .jsonl.gz, .parquet; a glob; a directory) -> one Arrow stream file, read
+memory-mapped, so that no process holds the input in memory (the final file repeats every input
+column in input order, so the input must stay at hand, not in RAM).
 
-The input is read once into Arrow memory (compact: about the size of the text itself), because the
-final file repeats every input column in input order. Every value arrives as it was, or the input is
-refused (JobError naming the file, the column and, for JSONL, the line):
+The files are converted once, streaming, into an Arrow stream file in the input cache
+($XDG_CACHE_HOME/komt-batch/inputs, default ~/.cache), named by the files' paths, sizes and times:
+`validate`, `run` and every shard of a job find it there and only map it. A file changed in the
+last two seconds may change again within its timestamp's tick: its conversion is used by this
+process only. Entries unused for CACHE_DAYS days are removed.
+
+Every value arrives as it was, or the input is refused (JobError naming the file, the column and,
+for JSONL, the line):
 
 - the columns are the union of all rows' (and files') keys, in order of first appearance, with nulls
   where a row lacks one;
@@ -19,9 +26,20 @@ refused (JobError naming the file, the column and, for JSONL, the line):
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
+import gzip
+import hashlib
 import json
+import mmap
+import os
 import re
+import tempfile
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -30,10 +48,15 @@ import pyarrow.parquet as pq
 
 from batch.errors import JobError
 
-SUFFIXES = (".jsonl", ".parquet")
+SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
+KINDS = ".jsonl, .jsonl.gz or .parquet"
 _JSONL_BATCH = 20_000  # lines parsed into one Arrow batch: bounds the Python objects alive at once
+_PARQUET_BATCH = 65_536  # rows decoded at a time while converting a Parquet file
 _PARTITION = re.compile(r"^([^=]+)=(.*)$")  # a Hive partition folder: key=value
 _HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"  # how Hive, Spark and pyarrow write a null partition value
+_CACHE_FORMAT = 1  # part of every cache key: a change in how files are converted makes new entries
+CACHE_DAYS = 3  # a cache entry unused this long is removed (nightly inputs are new files every night)
+FRESH_NS = 2_000_000_000  # a file changed this recently may change again within its mtime's tick
 
 
 def input_files(path: str) -> list[Path]:
@@ -44,17 +67,17 @@ def input_files(path: str) -> list[Path]:
     if not p.exists() and glob.has_magic(path):
         files = sorted(Path(f) for f in glob.glob(path, recursive=True) if f.endswith(SUFFIXES))
         if not files:
-            raise JobError(f"input.path: the glob {path!r} matches no .jsonl or .parquet file")
+            raise JobError(f"input.path: the glob {path!r} matches no {KINDS} file")
         return files
     if p.is_dir():
         files = sorted(_listing(p))
         if not files:
-            raise JobError(f"input.path: the directory {path} holds no .jsonl or .parquet file")
+            raise JobError(f"input.path: the directory {path} holds no {KINDS} file")
         return files
     if not p.exists():
         raise JobError(f"input.path: {path}: no such file")
-    if p.suffix not in SUFFIXES:
-        raise JobError(f"input.path: {path}: expected a .jsonl or .parquet file")
+    if not p.name.endswith(SUFFIXES):
+        raise JobError(f"input.path: {path}: expected a {KINDS} file")
     return [p]
 
 
@@ -63,7 +86,7 @@ def _listing(directory: Path):
     for f in directory.iterdir():
         if f.is_dir() and _PARTITION.match(f.name):
             yield from _listing(f)
-        elif f.suffix in SUFFIXES and f.is_file():
+        elif f.name.endswith(SUFFIXES) and f.is_file():
             yield f
 
 
@@ -82,66 +105,205 @@ def input_root(path: str) -> Path | None:
     return Path(*fixed) if fixed else Path(".")
 
 
-def read_table(files: list[Path], root: Path | None = None) -> pa.Table:
-    """All rows of all files, in file order then row order, as one table (columns: the union)."""
-    tables = []
-    for f in files:
-        table = _read_parquet(f) if f.suffix == ".parquet" else _read_jsonl(f)
-        tables.append((f, _add_partitions(table, f, root)))
-    return _join(tables)
+
+@dataclass
+class MappedInput:
+    """The input as one Arrow table over memory-mapped Arrow files.
+
+    Pages read through a mapping count as the process's resident memory until they are unmapped;
+    release() drops them (they stay in the page cache), so a scan reads a slice, then releases."""
+
+    files: list[Path]  # the files the user named (or the dataset's Arrow files): what fingerprints and checks see
+    table: pa.Table
+    maps: list[mmap.mmap]
+
+    def release(self) -> None:
+        for m in self.maps:
+            m.madvise(mmap.MADV_DONTNEED)  # read-only mappings: the pages come back from the file when read again
 
 
-def _add_partitions(table: pa.Table, file: Path, root: Path | None) -> pa.Table:
+def open_arrow(files: list[Path], arrow_files: list[Path]) -> MappedInput:
+    """Map Arrow stream files (ours, or a `datasets` cache's) and join them, zero-copy, into one table."""
+    tables, maps = [], []
+    for path in arrow_files:
+        try:
+            with open(path, "rb") as fh:
+                m = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(fh.fileno()).st_size else None
+            if m is None:
+                raise JobError(f"{path}: not a readable Arrow file (it is empty)")
+            tables.append(pa.ipc.open_stream(pa.BufferReader(pa.py_buffer(m))).read_all())
+        except (OSError, pa.ArrowException) as e:
+            raise JobError(f"{path}: not a readable Arrow file ({_first_line(e)})") from None
+        maps.append(m)
+    try:
+        table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+    except pa.ArrowInvalid as e:
+        raise JobError(f"{arrow_files[0].parent}: its Arrow files have different columns ({_first_line(e)})") from None
+    return MappedInput(files, table, maps)
+
+
+def read_files(files: list[Path], root: Path | None = None) -> MappedInput:
+    """All rows of all files, in file order then row order, as one memory-mapped table (columns: the union)."""
+    cache = _cache_dir()
+    stamps = [_stamp(f) for f in files]
+    key = json.dumps([_CACHE_FORMAT, str(root.resolve()) if root else None, stamps])
+    entry = cache / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.arrow"
+    if time.time_ns() - max((max(s[3], s[4]) for s in stamps), default=0) < FRESH_NS:
+        return _read_once(files, root, cache)
+    with _locked(entry.with_suffix(".lock")):  # shards starting together: one converts, the others wait
+        if not entry.exists():
+            _convert_atomic(files, root, entry)
+            _evict(cache, keep=entry)
+    os.utime(entry)  # its mtime says when it was last used (eviction)
+    return open_arrow(files, [entry])
+
+
+def _read_once(files: list[Path], root: Path | None, cache: Path) -> MappedInput:
+    """A conversion only this process sees: mapped, then unlinked (the mapping keeps it)."""
+    fd, name = tempfile.mkstemp(dir=cache, prefix=".once-", suffix=".arrow")
+    os.close(fd)
+    try:
+        _convert(files, root, Path(name))
+        return open_arrow(files, [Path(name)])
+    finally:
+        os.unlink(name)
+
+
+def _stamp(f: Path) -> list:
+    st = f.stat()
+    return [str(f.resolve()), st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _cache_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "komt-batch" / "inputs"
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        return base
+    except OSError as e:
+        raise JobError(f"cannot create the input cache {base} ({e.strerror}); set XDG_CACHE_HOME to a writable folder") from None
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except OSError:
+            pass  # a file system without locks: two processes may convert; the rename keeps the entry whole
+        yield
+
+
+def _convert_atomic(files: list[Path], root: Path | None, entry: Path) -> None:
+    fd, name = tempfile.mkstemp(dir=entry.parent, prefix=f".{entry.stem}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        _convert(files, root, Path(name))
+        os.replace(name, entry)
+    except BaseException:
+        os.unlink(name)
+        raise
+
+
+def _evict(cache: Path, keep: Path) -> None:
+    """Remove entries (and leftovers of killed conversions) unused for CACHE_DAYS days. A process that
+    has one mapped keeps reading it: unlinking a file leaves open mappings whole."""
+    old = time.time() - CACHE_DAYS * 86400
+    for f in cache.iterdir():
+        with contextlib.suppress(OSError):
+            if f != keep and f.stat().st_mtime < old:
+                f.unlink()
+
+
+# --- converting files to one Arrow stream ----------------------------------------------------------
+
+# One part of the input: a file (or a run of a JSONL file's batches with one schema), its schema with
+# its partition columns, and its tables in order.
+Part = tuple[Path, pa.Schema, Callable[[], Iterator[pa.Table]]]
+
+
+def _convert(files: list[Path], root: Path | None, target: Path) -> None:
+    """Pass 1 reads every file (JSONL is parsed and spooled as Arrow: its columns' types are known
+    only at its end); pass 2 writes every part, in order, with the joined schema."""
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".spool-") as spool:
+        parts: list[Part] = []
+        for f in files:
+            partitions = _partitions(f, root)
+            for schema, tables in _parquet_parts(f) if f.name.endswith(".parquet") else _jsonl_parts(f, Path(spool)):
+                for key, (_, folder) in partitions.items():
+                    if key in schema.names:
+                        raise JobError(f"{f}: column {key!r} is in the file and in its folder name {folder}")
+                    schema = schema.append(pa.field(key, pa.string()))
+                parts.append((f, schema, _with_partitions(tables, partitions)))
+        schema = _joined_schema([(f, s) for f, s, _ in parts])
+        with pa.OSFile(str(target), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            for f, _, tables in parts:
+                for t in tables():
+                    writer.write_table(_conform(f, t, schema))
+
+
+def _partitions(file: Path, root: Path | None) -> dict[str, tuple[str | None, str]]:
+    """The file's `key=value` folders below the root (Hive partitions): key -> (value, folder)."""
+    found: dict[str, tuple[str | None, str]] = {}
     if root is None:
-        return table
+        return found
     for folder in file.relative_to(root).parent.parts:
         m = _PARTITION.match(folder)
         if not m:
             continue
         key, value = unquote(m.group(1)), unquote(m.group(2))
-        if key in table.column_names:
-            raise JobError(f"{file}: column {key!r} is in the file and in its folder name {folder}")
-        table = table.append_column(key, pa.array([None if value == _HIVE_NULL else value] * table.num_rows, pa.string()))
-    return table
+        if key in found:
+            raise JobError(f"{file}: column {key!r} is in the folder names {found[key][1]} and {folder}")
+        found[key] = (None if value == _HIVE_NULL else value, folder)
+    return found
 
 
-def _join(tables: list[tuple[Path, pa.Table]]) -> pa.Table:
-    """One table from parts whose columns may differ: the union of their columns (nulls where a part
-    lacks one), each with the type that holds every part's values unchanged."""
-    if len(tables) == 1:
-        return tables[0][1]
-    schema, origin = tables[0][1].schema, {name: tables[0][0] for name in tables[0][1].column_names}
-    for f, t in tables[1:]:
+def _with_partitions(tables: Callable[[], Iterator[pa.Table]], partitions: dict[str, tuple[str | None, str]]):
+    def with_columns():
+        for t in tables():
+            for key, (value, _) in partitions.items():
+                t = t.append_column(key, pa.array([value] * t.num_rows, pa.string()))
+            yield t
+
+    return with_columns
+
+
+def _joined_schema(parts: list[tuple[Path, pa.Schema]]) -> pa.Schema:
+    """The union of the parts' columns (nulls where a part lacks one), each with the type that holds
+    every part's values unchanged."""
+    schema, origin = parts[0][1], {name: parts[0][0] for name in parts[0][1].names}
+    for f, s in parts[1:]:
         for i, field in enumerate(schema):
-            if field.name not in t.column_names:  # nulls there
+            if field.name not in s.names:  # nulls there
                 schema = schema.set(i, field.with_nullable(True))
-        for field in t.schema:
+        for field in s:
             i = schema.get_field_index(field.name)
             if i < 0:
                 schema, origin[field.name] = schema.append(field.with_nullable(True)), f
             elif schema.field(i).type != field.type:
                 schema = schema.set(i, _merged_field(schema.field(i), field, f, origin[field.name]))
+    return schema
+
+
+def _conform(f: Path, t: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A part's table with the joined schema: nulls for the columns it lacks, its values cast."""
     if not schema:  # rows that are all {}: keep their number
-        return _no_columns(sum(t.num_rows for _, t in tables))
-    joined = []
-    for f, t in tables:
-        columns = []
-        for field in schema:
-            if field.name not in t.column_names:
-                columns.append(pa.nulls(t.num_rows, field.type))
-                continue
-            column = t.column(field.name)
-            if column.type != field.type:
-                try:
-                    column = column.cast(field.type)  # a safe cast: refuses any value it would change
-                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-                    raise JobError(
-                        f"{f}: column {field.name!r}: its {column.type} values cannot all be kept as {field.type}, "
-                        f"the type the other files need ({_first_line(e)})"
-                    ) from None
-            columns.append(column)
-        joined.append(pa.Table.from_arrays(columns, schema=schema))
-    return pa.concat_tables(joined)
+        return _no_columns(t.num_rows)
+    columns = []
+    for field in schema:
+        if field.name not in t.column_names:
+            columns.append(pa.nulls(t.num_rows, field.type))
+            continue
+        column = t.column(field.name)
+        if column.type != field.type:
+            try:
+                column = column.cast(field.type)  # a safe cast: refuses any value it would change
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+                raise JobError(
+                    f"{f}: column {field.name!r}: its {column.type} values cannot all be kept as {field.type}, "
+                    f"the type the other files need ({_first_line(e)})"
+                ) from None
+        columns.append(column)
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def _no_columns(rows: int) -> pa.Table:
@@ -174,15 +336,24 @@ def _rounds_decimals(a: pa.DataType, b: pa.DataType) -> bool:
     return False
 
 
-def _read_parquet(path: Path) -> pa.Table:
+def _parquet_parts(path: Path) -> list[tuple[pa.Schema, Callable[[], Iterator[pa.Table]]]]:
     try:
-        names = pq.read_schema(path).names
-        twice = sorted({n for n in names if names.count(n) > 1})
-        if twice:
-            raise JobError(f"{path}: more than one column is named {twice[0]!r}")
-        return pq.read_table(path)
+        schema = pq.read_schema(path)
     except (OSError, pa.ArrowException) as e:
         raise JobError(f"{path}: not a readable Parquet file ({_first_line(e)})") from None
+    twice = sorted({n for n in schema.names if schema.names.count(n) > 1})
+    if twice:
+        raise JobError(f"{path}: more than one column is named {twice[0]!r}")
+
+    def tables():
+        try:
+            with pq.ParquetFile(path) as pf:
+                for batch in pf.iter_batches(batch_size=_PARQUET_BATCH):
+                    yield pa.Table.from_batches([batch])
+        except (OSError, pa.ArrowException) as e:
+            raise JobError(f"{path}: not a readable Parquet file ({_first_line(e)})") from None
+
+    return [(schema, tables)]
 
 
 # --- JSONL ---------------------------------------------------------------------------------------
@@ -213,12 +384,15 @@ _DECODER = json.JSONDecoder(object_pairs_hook=_object, parse_float=_float)
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
-def _read_jsonl(path: Path) -> pa.Table:
-    batches: list[tuple[Path, pa.Table]] = []
+def _jsonl_parts(path: Path, spool: Path) -> list[tuple[pa.Schema, Callable[[], Iterator[pa.Table]]]]:
+    """Parse a JSONL file (or .jsonl.gz) into Arrow batches spooled in `spool`: one part per run of
+    batches with one schema (a schema grows while new keys and types appear, then stays)."""
+    out = _Spool(spool)
     rows: list[dict] = []
     shapes: dict[str, object] = {}  # column -> the shape of its values so far (below)
+    opener = gzip.open if path.name.endswith(".gz") else open
     try:
-        with open(path, "rb") as fh:
+        with opener(path, "rb") as fh:
             for lineno, raw in enumerate(fh, 1):
                 try:
                     line = raw.decode("utf-8")
@@ -248,13 +422,45 @@ def _read_jsonl(path: Path) -> pa.Table:
                     raise JobError(f"{path}:{lineno}: lists or objects nested too deeply") from None
                 rows.append(row)
                 if len(rows) >= _JSONL_BATCH:
-                    batches.append((path, _rows_table(rows, shapes, path)))
+                    out.write(_rows_table(rows, shapes, path))
                     rows = []
-    except OSError as e:
-        raise JobError(f"{path}: cannot read ({e.strerror})") from None
-    if rows or not batches:
-        batches.append((path, _rows_table(rows, shapes, path)))
-    return _join(batches)
+        if rows or not out.parts:
+            out.write(_rows_table(rows, shapes, path))
+    except (OSError, EOFError, zlib.error) as e:  # EOFError, zlib.error: a truncated or damaged .gz
+        raise JobError(f"{path}: cannot read ({getattr(e, 'strerror', None) or _first_line(e)})") from None
+    finally:
+        out.close()
+    return out.parts
+
+
+class _Spool:
+    """Arrow batches written to files in a folder, one stream per run of batches with one schema."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.parts: list[tuple[pa.Schema, Callable[[], Iterator[pa.Table]]]] = []
+        self.sink = self.writer = None
+
+    def write(self, table: pa.Table) -> None:
+        if not self.parts or not self.parts[-1][0].equals(table.schema):
+            self.close()
+            name = self.folder / f"{len(os.listdir(self.folder)):06d}.arrow"
+            self.sink = pa.OSFile(str(name), "wb")
+            self.writer = pa.ipc.new_stream(self.sink, table.schema)
+            self.parts.append((table.schema, lambda: _spooled(name)))
+        self.writer.write_table(table)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.sink.close()
+            self.sink = self.writer = None
+
+
+def _spooled(name: Path) -> Iterator[pa.Table]:
+    with pa.OSFile(str(name)) as source:  # plain reads, not a mapping: pages do not stay resident
+        for batch in pa.ipc.open_stream(source):
+            yield pa.Table.from_batches([batch])
 
 
 def _check_encodable(row: dict) -> None:
@@ -327,27 +533,3 @@ def _rows_table(rows: list[dict], shapes: dict[str, object], path: Path) -> pa.T
     if not shapes:  # rows that are all {} (or none): keep their number
         return _no_columns(len(rows))
     return pa.table({k: pa.array([r.get(k) for r in rows], _arrow_type(s, k, path)) for k, s in shapes.items()})
-
-
-def row_ids(table: pa.Table, id_column: str | None, source: str) -> list[str]:
-    """Each row's id as a string: the id column's value, or the row's position in the input."""
-    if id_column is None:
-        return [str(i) for i in range(table.num_rows)]
-    if id_column not in table.column_names:
-        raise JobError(
-            f"{source}: input.id_column: column {id_column!r} is not in the input (columns: {table.column_names})"
-        )
-    col = table.column(id_column)
-    if col.null_count:
-        raise JobError(f"{source}: input.id_column: {col.null_count} row(s) have no {id_column!r}")
-    ids = [str(v) for v in col.to_pylist()]
-    if len(set(ids)) != len(ids):
-        seen: set[str] = set()
-        dupes = []
-        for i in ids:
-            if i in seen and i not in dupes:
-                dupes.append(i)
-            seen.add(i)
-        shown = ", ".join(repr(d) for d in dupes[:5])
-        raise JobError(f"{source}: input.id_column: duplicate ids in the input ({len(dupes)}), e.g. {shown}")
-    return ids

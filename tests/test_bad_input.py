@@ -63,7 +63,7 @@ def not_writable_output(tmp_path):
 
 CASES = {
     "missing input": (("input_path", "nope.jsonl"), "input.path: " , "no such file"),
-    "empty glob": (("input_path", "*.parquet"), "input.path", "matches no .jsonl or .parquet file"),
+    "empty glob": (("input_path", "*.parquet"), "input.path", "matches no .jsonl, .jsonl.gz or .parquet file"),
     "truncated parquet": (("parquet_bytes", lambda d: d[: len(d) // 2]), "in.parquet", "not a readable Parquet file"),
     "garbage parquet": (("parquet_bytes", lambda d: b"PAR1" + b"\0" * 100), "in.parquet", "not a readable Parquet file"),
     "jsonl not json": (("input_file", b'{"id": "a", "instruction": "q"}\n{"id": "b", \n'), "in.jsonl:2", "not valid JSON"),

@@ -5,7 +5,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from batch.errors import JobError
-from batch.readers import input_files, read_table, row_ids
+from batch.readers import input_files, read_files
+from batch.rows import row_ids
 
 
 def test_jsonl_parquet_glob_and_directory(tmp_path):
@@ -15,15 +16,15 @@ def test_jsonl_parquet_glob_and_directory(tmp_path):
     for spec in (str(tmp_path), str(tmp_path / "*")):
         files = input_files(spec)
         assert [f.name for f in files] == ["a.jsonl", "b.parquet"]
-        t = read_table(files)
+        t = read_files(files).table
         assert t.column("id").to_pylist() == ["x", "y", "z"]
         assert t.column("q").to_pylist() == ["하나", "two", "셋"]
 
 
 def test_ids_by_column_or_position(tmp_path):
     t = pa.table({"id": [3, 1, 2], "q": ["a", "b", "c"]})
-    assert row_ids(t, "id", "job") == ["3", "1", "2"]
-    assert row_ids(t, None, "job") == ["0", "1", "2"]
+    assert list(row_ids(t, "id", "job")) == ["3", "1", "2"]
+    assert list(row_ids(t, None, "job")) == ["0", "1", "2"]
 
 
 def test_duplicate_ids_named():
@@ -43,20 +44,20 @@ def test_duplicate_ids_named():
 def test_bad_jsonl_names_file_and_line(tmp_path, content, fragment):
     (tmp_path / "x.jsonl").write_bytes(content)
     with pytest.raises(JobError, match=fragment):
-        read_table([tmp_path / "x.jsonl"])
+        read_files([tmp_path / "x.jsonl"])
 
 
 def test_missing_input_and_empty_glob(tmp_path):
     with pytest.raises(JobError, match="no such file"):
         input_files(str(tmp_path / "none.jsonl"))
-    with pytest.raises(JobError, match="matches no .jsonl or .parquet file"):
+    with pytest.raises(JobError, match="matches no .jsonl, .jsonl.gz or .parquet file"):
         input_files(str(tmp_path / "*.jsonl"))
 
 
 def test_files_with_different_columns_are_joined_with_nulls(tmp_path):
     (tmp_path / "a.jsonl").write_text(json.dumps({"id": 1, "q": "a"}) + "\n")
     (tmp_path / "b.jsonl").write_text(json.dumps({"id": 2, "question": "b"}) + "\n")
-    t = read_table(input_files(str(tmp_path)))
+    t = read_files(input_files(str(tmp_path))).table
     assert t.to_pylist() == [{"id": 1, "q": "a", "question": None}, {"id": 2, "q": None, "question": "b"}]
 
 
@@ -64,7 +65,7 @@ def test_column_types_must_agree_across_files(tmp_path):
     (tmp_path / "a.jsonl").write_text(json.dumps({"id": 1, "q": "a"}) + "\n")
     (tmp_path / "b.jsonl").write_text(json.dumps({"id": "2", "q": "b"}) + "\n")
     with pytest.raises(JobError, match=r"b.jsonl: column 'id' is string here but int64 in .*a.jsonl; a column holds one type of value"):
-        read_table(input_files(str(tmp_path)))
+        read_files(input_files(str(tmp_path)))
 
 
 def test_truncated_parquet(tmp_path):
@@ -72,4 +73,4 @@ def test_truncated_parquet(tmp_path):
     data = (tmp_path / "t.parquet").read_bytes()
     (tmp_path / "t.parquet").write_bytes(data[: len(data) // 2])
     with pytest.raises(JobError, match="t.parquet: not a readable Parquet file"):
-        read_table([tmp_path / "t.parquet"])
+        read_files([tmp_path / "t.parquet"])
