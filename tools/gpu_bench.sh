@@ -1,17 +1,32 @@
 #!/usr/bin/env bash
-# The GPU check of `komt-batch bench`, as one prepared script: run from the repo root on the GPU
-# machine, with $OUT set (the folder whose files come back). Carried wheels in .whl/ (bitsandbytes
-# 0.50.2, transformers 5.24.0) are installed into /tmp/site, nothing is downloaded; the model is a
-# 7B-shaped random Llama built on the GPU (jobs/bench-gpu.yaml). Writes $OUT/bench-gpu.json and
-# $OUT/bench-gpu.log.
+# The GPU check of `komt-batch bench`, as one prepared script, at most 8 minutes on the GPU machine
+# with the model's build: run from the repo root there, with $OUT set (the folder whose files come
+# back). Nothing is downloaded: wheels carried in .whl/ (bitsandbytes 0.50.2, transformers 5.24.0,
+# peft 0.21.2, as on the CPU machines) are installed into /tmp/site; the model is a 7B-shaped random
+# Llama built on the GPU (jobs/bench-gpu.yaml: 1,024 prompts, modes 1-6, each stopped after
+# mode_budget seconds). Writes $OUT/bench-gpu.log (everything), $OUT/bench-gpu.txt (the table),
+# $OUT/bench-gpu.json (all figures; rewritten after every mode, so a stopped run keeps its modes),
+# then the greedy agreement of tools/agreement.py in bf16 on the tiny model if time is left.
+#
+#   fetch the wheels here (see the device README):  pip download --no-deps --only-binary=:all: ... -d .whl NAME==VERSION
+#   run there:  bash tools/gpu_bench.sh [KEY=VALUE overrides of jobs/bench-gpu.yaml]      (carry: .whl)
 set -euo pipefail
 OUT=${OUT:-out}
+BENCH_SECONDS=${BENCH_SECONDS:-450}  # the bench's share of the 8 minutes: build, load, six modes of <= 60 s
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-{
-  nvidia-smi
-  python3 - <<'PY'
+exec > >(tee "$OUT/bench-gpu.log") 2>&1
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  echo "gpu_bench: no wheels in .whl/: using the machine's own packages"
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+nvidia-smi || echo "gpu_bench: nvidia-smi failed"
+python3 - <<'PY'
 import importlib
 for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors", "tokenizers", "yaml", "numpy"):
     try:
@@ -21,5 +36,21 @@ for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "saf
 import torch
 print("cuda", torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name(0))
 PY
-  python3 -m batch bench jobs/bench-gpu.yaml "output=$OUT/bench-gpu.json" "$@"
-} 2>&1 | tee "$OUT/bench-gpu.log"
+
+status=0
+timeout --signal=TERM --kill-after=30 "$BENCH_SECONDS" \
+  python3 -m batch bench jobs/bench-gpu.yaml "output=$OUT/bench-gpu.json" "$@" | tee "$OUT/bench-gpu.txt" || status=$?
+if [ "$status" -ne 0 ] && [ -f "$OUT/bench-gpu.json" ]; then
+  echo "gpu_bench: the bench stopped early (exit $status); the modes it finished:"
+  python3 -m batch.bench "$OUT/bench-gpu.json" | tee "$OUT/bench-gpu.txt"
+fi
+
+# Greedy agreement, batched vs alone, on the tiny trained model in bf16 (random 7B weights are full of
+# near-ties): NF4 resident and dequantized. Only in what is left of the 8 minutes.
+for weights in nf4 dequantized; do
+  if [ "$SECONDS" -lt 430 ]; then
+    timeout 25 python3 tools/agreement.py --device cuda --dtype bfloat16 --weights "$weights" | tee -a "$OUT/bench-gpu.txt" \
+      || echo "gpu_bench: agreement ($weights) failed or ran out of time"
+  fi
+done
+exit "$status"
