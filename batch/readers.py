@@ -35,6 +35,7 @@ import json
 import mmap
 import os
 import re
+import shutil
 import tempfile
 import time
 import zlib
@@ -50,8 +51,9 @@ from batch.errors import JobError
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 KINDS = ".jsonl, .jsonl.gz or .parquet"
-_JSONL_BATCH = 20_000  # lines parsed into one Arrow batch: bounds the Python objects alive at once
-_PARQUET_BATCH = 65_536  # rows decoded at a time while converting a Parquet file
+_JSONL_BATCH = 4096  # lines parsed into one Arrow batch: bounds the Python objects alive at once
+_PARQUET_BATCH = 8192  # rows decoded at a time while converting a Parquet file
+_PARQUET_BUFFER = 1 << 20  # read a column chunk in pieces this size, not whole (a row group can hold millions of rows)
 _PARTITION = re.compile(r"^([^=]+)=(.*)$")  # a Hive partition folder: key=value
 _HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"  # how Hive, Spark and pyarrow write a null partition value
 _CACHE_FORMAT = 1  # part of every cache key: a change in how files are converted makes new entries
@@ -211,7 +213,7 @@ def _evict(cache: Path, keep: Path) -> None:
     for f in cache.iterdir():
         with contextlib.suppress(OSError):
             if f != keep and f.stat().st_mtime < old:
-                f.unlink()
+                shutil.rmtree(f) if f.is_dir() else f.unlink()  # a folder: a killed conversion's spool
 
 
 # --- converting files to one Arrow stream ----------------------------------------------------------
@@ -347,7 +349,7 @@ def _parquet_parts(path: Path) -> list[tuple[pa.Schema, Callable[[], Iterator[pa
 
     def tables():
         try:
-            with pq.ParquetFile(path) as pf:
+            with pq.ParquetFile(path, buffer_size=_PARQUET_BUFFER, pre_buffer=False) as pf:
                 for batch in pf.iter_batches(batch_size=_PARQUET_BATCH):
                     yield pa.Table.from_batches([batch])
         except (OSError, pa.ArrowException) as e:

@@ -1,24 +1,31 @@
 """Memory stays bounded at scale: `validate` (read, render, tokenize, plan) on 100,000 prompts of
 about 300 characters, JSONL and Parquet, in a real process; the growth from 10,000 to 100,000 rows,
-extrapolated to 1,000,000, must stay under 2 GB of resident memory."""
+extrapolated to 1,000,000, must stay under 2 GB of resident memory. Reading the input the way
+planning and the input fingerprint do (convert or map, every slice's prompts, every id), from JSONL,
+Parquet and a save_to_disk folder, extrapolated to 10,000,000 rows, must too."""
 
+import json
 import random
 import subprocess
 import sys
 import time
 
+import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import ROOT, cli_env, make_job
 
+# The peak resident memory of the process image (VmHWM): ru_maxrss would also count the pytest
+# process it was forked from (Linux keeps the high-water mark across exec).
+PEAK = "print('MAXRSS_KB', open('/proc/self/status').read().split('VmHWM:')[1].split()[0])\n"
 MEASURE = (
-    "import resource, sys\n"
+    "import sys\n"
     "from batch.cli import main\n"
     "code = main(sys.argv[1:])\n"
-    "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
-    "sys.exit(code)\n"
+    + PEAK
+    + "sys.exit(code)\n"
 )
 WORDS = "자동차 검사 의무기간 누전차단기 이유 협력공인중개사 원산지표시 the quick brown fox 공기압 관리 행정심판 질문".split()
 
@@ -34,10 +41,23 @@ def prompts_table(n: int) -> pa.Table:
     return pa.table({"id": [f"row-{i:07d}" for i in range(n)], "instruction": texts})
 
 
-def validate_rss_mb(tmp_path, input_path) -> tuple[float, float]:
+# What planning and the input fingerprint do with the input, without the tokenizer and the plan.
+READ = (
+    "import sys\n"
+    "from batch.config import load_job\n"
+    "from batch.fingerprints import input_fingerprint\n"
+    "from batch.rows import read_rows\n"
+    "rows = read_rows(load_job(sys.argv[1]))\n"
+    "assert input_fingerprint(rows)['rows'] == len(rows.ids)\n"
+    + PEAK
+)
+
+
+def validate_rss_mb(tmp_path, input_path, script: str = MEASURE, args: tuple[str, ...] = ("validate",)) -> tuple[float, float]:
     job = make_job(tmp_path, input_path, f"job-{input_path.name}.yaml", generation={"max_new_tokens": 128})
+    env = {**cli_env(), "XDG_CACHE_HOME": str(tmp_path / f"cache-{input_path.name}")}  # the first read converts
     start = time.time()
-    p = subprocess.run([sys.executable, "-c", MEASURE, "validate", str(job)], cwd=ROOT, env=cli_env(), capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-c", script, *args, str(job)], cwd=ROOT, env=env, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     rss = next(int(line.split()[1]) for line in p.stdout.splitlines() if line.startswith("MAXRSS_KB"))
     return rss / 1024, time.time() - start
@@ -48,18 +68,33 @@ def inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("scale")
     big = prompts_table(100_000)
     pq.write_table(big, d / "100k.parquet")
-    for name, table in (("10k.jsonl", big.slice(0, 10_000)), ("100k.jsonl", big)):
-        with open(d / name, "w", encoding="utf-8") as fh:
-            import json
-
+    # Reading grows by a few MB until its buffers and allocators are warm (about 50,000 rows), then
+    # stays: growth is measured from 40,000 to 160,000 rows (100,000 prompts, some twice).
+    texts = big.column("instruction").combine_chunks()
+    reading = pa.table({"id": [f"row-{i:07d}" for i in range(160_000)], "instruction": pa.concat_arrays([texts, texts.slice(0, 60_000)])})
+    for name, table in (("10k", big.slice(0, 10_000)), ("100k", big), ("40k", reading.slice(0, 40_000)), ("160k", reading)):
+        if name in ("40k", "160k"):
+            # pyarrow decodes a Parquet row group's column whole: memory is bounded by a row group, not by the
+            # file (pyarrow writes at most 1,048,576 rows per group), so growth is measured with small ones
+            pq.write_table(table, d / f"{name}.parquet", row_group_size=10_000)
+            datasets.Dataset(table).save_to_disk(str(d / f"{name}-saved"))
+        with open(d / f"{name}.jsonl", "w", encoding="utf-8") as fh:
             for row in table.to_pylist():
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     return d
 
 
-def test_validate_memory_grows_slowly_enough_for_a_million_rows(inputs, tmp_path):
+@pytest.fixture(scope="module")
+def validate_jsonl(inputs, tmp_path_factory):
+    """validate's peak memory on 10,000 and 100,000 JSONL rows, and its time on 100,000."""
+    tmp_path = tmp_path_factory.mktemp("validate")
     small, _ = validate_rss_mb(tmp_path, inputs / "10k.jsonl")
     large, seconds = validate_rss_mb(tmp_path, inputs / "100k.jsonl")
+    return small, large, seconds
+
+
+def test_validate_memory_grows_slowly_enough_for_a_million_rows(validate_jsonl):
+    small, large, seconds = validate_jsonl
     per_row_kb = (large - small) * 1024 / 90_000
     projected_1m = large + (large - small) * 10
     print(f"validate RSS: 10k rows {small:.0f} MB, 100k rows {large:.0f} MB ({per_row_kb:.2f} KB/row), 1M projected {projected_1m:.0f} MB, 100k in {seconds:.1f}s")
@@ -71,3 +106,23 @@ def test_validate_parquet_100k(inputs, tmp_path):
     rss, seconds = validate_rss_mb(tmp_path, inputs / "100k.parquet")
     print(f"validate RSS on 100k Parquet rows: {rss:.0f} MB in {seconds:.1f}s")
     assert rss < 1024 and seconds < 60
+
+
+@pytest.mark.parametrize("source", [".jsonl", ".parquet", "-saved"])
+def test_reading_memory_grows_slowly_enough_for_ten_million_rows(inputs, tmp_path, source):
+    small, _ = validate_rss_mb(tmp_path, inputs / f"40k{source}", READ, ())
+    large, seconds = validate_rss_mb(tmp_path, inputs / f"160k{source}", READ, ())
+    projected_10m = large + (large - small) * (10_000_000 - 160_000) / 120_000
+    print(f"reading {source}: 40k rows {small:.0f} MB, 160k rows {large:.0f} MB, 10M projected {projected_10m:.0f} MB, 160k in {seconds:.1f}s")
+    assert projected_10m < 2048
+    assert seconds < 60
+
+
+@pytest.mark.xfail(strict=True, reason="planning keeps Python objects per planned row (about 330 bytes: the planned list, "
+                   "fingerprints, the plan table); bounding them is issue 10 part 2/4 (batch/planning.py). "
+                   "Strict: when it passes, remove this mark")
+def test_validate_memory_projected_to_ten_million_rows(validate_jsonl):
+    small, large, _ = validate_jsonl
+    projected_10m = large + (large - small) * (10_000_000 - 100_000) / 90_000
+    print(f"validate: 10M projected {projected_10m:.0f} MB")
+    assert projected_10m < 2048
