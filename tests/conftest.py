@@ -77,7 +77,9 @@ def read_output(path: Path) -> list[dict]:
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _offline():
+def _offline(tmp_path_factory):
+    # the job's caches (converted inputs, weight hashes) go to a fresh folder, not the user's
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
