@@ -1,0 +1,76 @@
+"""The next token of every running row at once, on the device (pure torch; safe to capture in a CUDA graph).
+
+Greedy decoding takes the argmax. Sampling warps the logits as transformers' TemperatureLogitsWarper,
+TopKLogitsWarper and TopPLogitsWarper do, in that order, then draws with the Gumbel-max trick:
+argmax(warped + g), with g = -log(-log u) for uniform u, is a draw from softmax(warped).
+
+The uniform numbers are not drawn from a random generator: they are a hash (splitmix64) of the row's
+seed, the index of the token being chosen in the row's answer, and the vocabulary id. So a row's k-th
+token depends only on its logits, its seed and k -- not on which rows share the step, in which slot,
+after a resume or after an out-of-memory split -- and there is no per-row generator, no Python loop
+over rows, and no host sync.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+
+def _int64(c: int) -> int:
+    """A 64-bit constant as the signed value torch's int64 arithmetic (which wraps) works with."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+GOLDEN = _int64(0x9E3779B97F4A7C15)  # splitmix64's increment
+MIX1 = _int64(0xBF58476D1CE4E5B9)
+MIX2 = _int64(0x94D049BB133111EB)
+
+
+def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 values (torch's >> is arithmetic: it copies the sign bit)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finalizer: a bijection of 64-bit values whose output bits all depend on all input bits."""
+    x = (x ^ _shr(x, 30)) * MIX1
+    x = (x ^ _shr(x, 27)) * MIX2
+    return x ^ _shr(x, 31)
+
+
+def uniforms(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[rows, vocab] float64 numbers in (0, 1): splitmix64's output number (step * 2**32 + id) of the
+    stream seeded by each row's (mixed) seed."""
+    ids = torch.arange(vocab, dtype=torch.int64, device=seeds.device)
+    counter = (steps[:, None] << 32) + ids + 1
+    bits = mix64(mix64(seeds)[:, None] + counter * GOLDEN)
+    return (_shr(bits, 11).double() + 0.5) * 2.0**-53  # the top 53 bits, centred: never 0 or 1
+
+
+def warp(scores: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Temperature, then top-k, then top-p, with transformers' semantics (ties at the k-th value are
+    kept; top-p keeps the smallest set of most likely tokens whose probability exceeds top_p, and at
+    least one). Filtered tokens get -inf."""
+    if temperature != 1.0:
+        scores = scores / temperature
+    if top_k > 0:
+        kth = torch.topk(scores, min(top_k, scores.shape[-1])).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, -float("inf"))
+    if top_p < 1.0:
+        # a stable sort, so that equal logits are ordered the same whatever rows share the step
+        ordered, order = torch.sort(scores, descending=False, stable=True)
+        drop = ordered.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[..., -1:].fill_(False)  # (fill_: an assignment would make a tensor of the scalar on the host)
+        scores = scores.masked_fill(drop.scatter(-1, order, drop), -float("inf"))
+    return scores
+
+
+def choose(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, settings) -> torch.Tensor:
+    """The next token of each row: logits [rows, vocab] (float32), seeds and steps [rows] (int64; a row's
+    step is the number of tokens it has generated). `settings`: do_sample, temperature, top_k, top_p."""
+    if not settings.do_sample:
+        return logits.argmax(-1)
+    scores = warp(logits, settings.temperature, settings.top_k, settings.top_p)
+    gumbel = -torch.log(-torch.log(uniforms(seeds, steps, logits.shape[-1])))
+    return (scores.double() + gumbel).argmax(-1)
