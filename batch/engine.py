@@ -1,36 +1,46 @@
 """Generating: a stream of tokenized prompts in, one Completion per row out (loading: batch.loading).
 
-`Engine.stream` is a small decode loop over transformers' model forward and KV cache:
+`Engine.stream` is a small decode loop over transformers' model forward and a KV cache of its own:
 
 - prompts are left-padded with a pad id that is masked out everywhere (Llama-2 has no pad token;
   we use <unk>, never eos: pad = eos is what breaks batched Llama output, transformers #25790), and
   position ids count only real tokens, so a padded row computes what it would compute alone;
-- every row stops on its own: on EOS, on a stop word (checked incrementally, stops.StopChecker), or
-  at max_new_tokens -- and a finished row leaves the batch at once (its rows of the KV cache are
-  dropped), so one long answer does not keep the others computing;
+- every row stops on its own: on EOS or at max_new_tokens (flags computed on the device), or on a
+  stop word (checked on the host, only after a token that can complete one: stops.StopChecker) --
+  and a finished row leaves the batch at once (its rows of the KV cache are dropped), so one long
+  answer does not keep the others computing;
 - the places of finished rows are refilled from the stream (continuous batching): new rows are
   prefilled and join the running batch, their prompts right-aligned to the current cache column
   (SlotCache), so the batch stays full until the stream runs dry;
-- sampling uses transformers' temperature / top-k / top-p warpers and one random generator per row,
-  seeded from generation.seed and the row's id: a row's sample does not depend on which rows share
-  its batch, so a resumed or re-batched run samples the same tokens.
+- a decode step (batch.decode_step) runs the forward, chooses every row's next token (greedy or
+  sampled: batch.sampling) and flags EOS / length on the device, and the host reads its tokens once.
+  With fixed shapes (the default on a GPU) the step computes a power-of-two bucket of rows over the
+  whole cache buffer, is replayed as a CUDA graph, and runs one step ahead of the host: step n+1 is
+  launched before the host reads step n's tokens (a row that finished at step n computed one token
+  for nothing). On the CPU the step computes exactly the running rows over their window;
+- sampling is counter-based (sampling.choose): a row's k-th token depends only on its logits, its
+  seed (generation.seed and the row's id) and k, so a row samples the same tokens whichever rows
+  share its step, in a resumed run, and after an out-of-memory split.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import itertools
 import sys
 import time
 import traceback
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import DynamicCache
 
 from batch.config import BatchingConfig, GenerationSettings, ModelConfig
+from batch.decode_step import DecodeStep, row_bucket
 from batch.kv_cache import SlotCache, compact_order
 from batch.loading import first_line, load_model
 from batch.results import Completion
@@ -98,11 +108,27 @@ class Requests:
         return request
 
 
-@dataclass
+@dataclass(eq=False)
 class Running:
     request: Request
-    generator: torch.Generator | None
     generated: list[int] = field(default_factory=list)
+    done: bool = False  # finished and handed back (a step launched ahead may still hold a token of it)
+
+
+@dataclass
+class Report:
+    """A launched step's chosen tokens, on their way to the host: `rows` are the rows of its first
+    columns (a decode step's slots, or the rows a prefill added), the rest is padding."""
+
+    rows: list[Running]
+    values: torch.Tensor  # [2, >= len(rows)]: the tokens, and whether each is EOS or the last allowed
+    ready: torch.cuda.Event | None = None  # recorded after the copy to the host (None: on the host already)
+
+    def read(self) -> tuple[list[int], list[int]]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        tokens, done = self.values.tolist()
+        return tokens, done
 
 
 class SourceFailed(Exception):
@@ -124,7 +150,11 @@ def row_seed(seed: int, row_id: str) -> int:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, settings: GenerationSettings):
+    """`fixed_shapes` (default: on a GPU) makes decode steps compute a power-of-two bucket of rows over
+    the whole KV-cache buffer and run one step ahead of the host; with `cuda_graphs` on a GPU they are
+    replayed as CUDA graphs. Off, a step computes exactly the running rows over their window."""
+
+    def __init__(self, model, tokenizer, settings: GenerationSettings, cuda_graphs: bool = True, fixed_shapes: bool | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.settings = settings
@@ -134,30 +164,45 @@ class Engine:
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         if tokenizer.eos_token_id is not None:
             eos.append(tokenizer.eos_token_id)
-        self.eos_ids = set(eos)
         self.eos_text = tokenizer.eos_token
         self.special = list(tokenizer.all_special_tokens)
-        self.stops = StopChecker(self.decode, settings.stop)
-        warpers = []
-        if settings.do_sample:
-            if settings.temperature != 1.0:
-                warpers.append(TemperatureLogitsWarper(settings.temperature))
-            if settings.top_k > 0:
-                warpers.append(TopKLogitsWarper(settings.top_k))
-            if settings.top_p < 1.0:
-                warpers.append(TopPLogitsWarper(settings.top_p))
-        self.warpers = LogitsProcessorList(warpers)
+        pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=False) if settings.stop else None
+        self.stops = StopChecker(self.decode, settings.stop, pieces)
         # transformers 5.2x renamed forward's `past_key_values` to `cache`; accept either release
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.cache_kwarg = "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
-        self.forward_seconds = 0.0  # time inside the model's forward calls (for the overhead figure)
-        self.row_steps = 0  # row x decode steps computed (for the decode-efficiency figure)
+        # decode steps hand attention a ready 4D mask: boolean for sdpa, additive for eager attention
+        attention = getattr(model.config, "_attn_implementation", None) or "eager"
+        if attention not in ("sdpa", "eager"):
+            raise ValueError(f"komt-batch decodes with sdpa or eager attention, not {attention}")
+        mask_dtype = None if attention == "sdpa" else model.get_input_embeddings().weight.dtype
+        cuda = self.device.type == "cuda"
+        self.fixed_shapes = cuda if fixed_shapes is None else fixed_shapes
+        self.lookahead = 1 if self.fixed_shapes else 0  # decode steps launched before the host reads the previous one's tokens
+        self.step = DecodeStep(self._logits, settings, sorted(set(eos)), self.device, mask_dtype, graphs=cuda and cuda_graphs and self.fixed_shapes)
+        self.seconds = {"prefill": 0.0, "decode": 0.0}  # time in the model's prefills and decode steps
+        self._timings: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []  # GPU timings not read yet
+        self.row_steps = 0  # row x decode steps computed (for the decode-efficiency figure; padding not counted)
         self.steps = 0  # decode steps (row_steps / steps: the running batch's mean size)
         self.padded_prompt_tokens = 0  # prompt positions computed, padding included (prefill efficiency)
 
+    @property
+    def prefill_seconds(self) -> float:
+        return self.seconds["prefill"]
+
+    @property
+    def decode_seconds(self) -> float:
+        """Seconds of decode steps: on a GPU, device time (a replayed step includes the token choice)."""
+        return self.seconds["decode"]
+
+    @property
+    def forward_seconds(self) -> float:
+        """Time inside the model's forward calls (for the overhead figure)."""
+        return self.seconds["prefill"] + self.seconds["decode"]
+
     @classmethod
     def load(cls, cfg: ModelConfig, settings: GenerationSettings, where: str = "<job>", tokenizer=None) -> Engine:
-        return cls(*load_model(cfg, where, tokenizer), settings)
+        return cls(*load_model(cfg, where, tokenizer), settings, cuda_graphs=cfg.cuda_graphs)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
@@ -189,54 +234,69 @@ class Engine:
         each row finishes. A finished row leaves the batch at once, and new rows join when an eighth
         of the places are free, so the batch stays full. Raises BatchFailed with the unfinished rows."""
         batch = SlotCache(self.model.config, self.device)
-        running: list[Running] = []
+        running: list[Running] = []  # slot -> row (a row stays until its tokens are read and it is done)
+        pending: deque[Report] = deque()  # launched steps whose tokens the host has not read, oldest first
         joining: list[Request] = []
-        logits = None
         try:
             while True:
+                while len(pending) > self.lookahead:  # read all but the newest `lookahead` steps
+                    yield from self._settle(pending.popleft(), batch, running)
                 joining = self._joining(requests, batch, max_rows, budget)
                 if joining:
-                    new = self._join(batch, joining, max_rows, budget)
-                    logits = new if logits is None else torch.cat([logits, new])
-                    running += [Running(r, self._generator(r.seed)) for r in joining]
+                    report = self._join(batch, joining, max_rows, budget)
+                    running += report.rows
+                    pending.append(report)
                     joining = []
-                if not running:
-                    return
-                self.row_steps += len(running)
-                self.steps += 1
-                chosen = self._choose(logits, [r.generator for r in running])
-                keep, finished = [], []
-                for slot, (row, token) in enumerate(zip(running, chosen.tolist())):
-                    row.generated.append(token)
-                    (finished if self._stops(row.generated) else keep).append(slot)
-                if finished:  # they leave the batch, with their rows of the cache
-                    # (what can fail runs while `running` still holds them: on failure they are redone)
-                    done = [(running[k].request.key, self.finish(len(running[k].request.ids), running[k].generated)) for k in finished]
-                    order = compact_order(keep)
-                    batch.select(order)
-                    chosen = chosen[torch.tensor(order, dtype=torch.long, device=chosen.device)]
-                    running = [running[k] for k in order]
-                    yield from done
-                logits = None
+                    continue  # (with no step ahead, their first tokens are read before they decode: one may end a row)
                 if running:
-                    mask, positions = batch.step()
-                    logits = self._forward(chosen[:, None], mask, positions, batch.cache)
-                    batch.advance()
+                    pending.append(self._decode(batch, running))
+                elif requests.peek() is None:
+                    self._read_timings(wait=True)
+                    return
         except SourceFailed as e:
             raise e.__cause__ from None
         except Exception as e:  # noqa: BLE001 -- the caller decides: split, retry or error rows
-            unfinished = [r.request for r in running] + joining
-            # Free this batch's KV cache and activations before the rows are redone (after an
+            unfinished = [r.request for r in running if not r.done] + joining
+            # Free this batch's KV cache, graphs and activations before the rows are redone (after an
             # out-of-memory error above all): the exception's traceback would keep them alive.
-            batch = logits = chosen = None
+            batch = pending = None
+            self.step.release()
+            self._timings.clear()
             traceback.clear_frames(e.__traceback__)
             raise BatchFailed(e, unfinished) from e
+        finally:
+            self.step.release()  # the graphs hold their memory pool
 
-    def _stops(self, generated: list[int]) -> bool:
-        return generated[-1] in self.eos_ids or len(generated) >= self.settings.max_new_tokens or self.stops.hit(generated)
+    def _settle(self, report: Report, batch: SlotCache, running: list[Running]) -> Iterator[tuple[object, Completion]]:
+        """Read a step's tokens; the rows they finish leave the batch (and are yielded)."""
+        tokens, flags = report.read()
+        self._read_timings()
+        finished = []
+        for row, token, flag in zip(report.rows, tokens, flags):
+            if row.done:  # it finished at an earlier step: this token was computed ahead for nothing
+                continue
+            row.generated.append(token)
+            if flag or self.stops.hit(row.generated):
+                finished.append(row)
+        if finished:
+            # (what can fail runs while `running` still holds them: on failure they are redone)
+            done = [(row.request.key, self.finish(len(row.request.ids), row.generated)) for row in finished]
+            for row in finished:
+                row.done = True
+            order = compact_order([slot for slot, row in enumerate(running) if not row.done])
+            batch.select(order)
+            running[:] = [running[k] for k in order]
+            yield from done
 
-    def _generator(self, seed: int) -> torch.Generator | None:
-        return torch.Generator(self.device).manual_seed(seed) if self.settings.do_sample else None
+    def _decode(self, batch: SlotCache, running: list[Running]) -> Report:
+        """Launch one decode step for the running rows (padded to a bucket with fixed shapes)."""
+        n = len(running)
+        self.steps += 1
+        self.row_steps += n
+        with self._timed("decode"):
+            values = self.step(batch, row_bucket(n, batch.slots) if self.fixed_shapes else n, whole=self.fixed_shapes)
+        batch.advance()
+        return self._report(list(running), values)
 
     def _joining(self, requests: Requests, batch: SlotCache, max_rows: int, budget: int) -> list[Request]:
         """The next rows to join the batch: when enough places are free to be worth a prefill, as many
@@ -263,28 +323,27 @@ class Engine:
             width = wider
         return out
 
-    def _join(self, batch: SlotCache, joining: list[Request], max_rows: int, budget: int) -> torch.Tensor:
+    def _join(self, batch: SlotCache, joining: list[Request], max_rows: int, budget: int) -> Report:
         """Prefill the joining rows (longest first) in groups of near-equal length, so that little
-        padding is computed, into the batch's cache; return their last positions' logits."""
+        padding is computed, into the batch's cache, and choose their first tokens."""
         joining.sort(key=lambda r: -len(r.ids))
         lengths = [len(r.ids) for r in joining]
         n, width, room = batch.n, max(batch.width, lengths[0]), self.settings.max_new_tokens
-        logits = None
+        chosen = []
         for a, b in prefill_groups(lengths):
             ids, group_mask = left_pad([r.ids for r in joining[a:b]], self.pad_id)
             ids, group_mask = ids.to(self.device), group_mask.to(self.device)
             self.padded_prompt_tokens += ids.numel()
             group = DynamicCache(config=self.model.config)
-            out = self._forward(ids, group_mask, (group_mask.cumsum(-1) - 1).clamp(min=0), group)
-            if logits is None:
-                logits = out.new_empty((len(joining), out.shape[-1]))
+            with self._timed("prefill"):
+                logits = self._logits(ids, group_mask, (group_mask.cumsum(-1) - 1).clamp(min=0), group)
+            if a == 0:
                 batch.reserve(n + len(joining), width, room, [g.keys for g in group.layers], budget, max_rows)
-            logits[a:b] = out
-            batch.add(n + a, lengths[a:b], [(g.keys, g.values) for g in group.layers])
-        return logits
+            batch.add(n + a, lengths[a:b], [(g.keys, g.values) for g in group.layers], [r.seed for r in joining[a:b]])
+            chosen.append(self.step.pick(logits, batch.state[:, n + a : n + b]))
+        return self._report([Running(r) for r in joining], torch.cat(chosen, dim=1))
 
-    def _forward(self, ids, mask, positions, cache) -> torch.Tensor:
-        start = time.perf_counter()
+    def _logits(self, ids, mask, positions, cache) -> torch.Tensor:
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
@@ -293,18 +352,38 @@ class Engine:
             logits_to_keep=1,
             **{self.cache_kwarg: cache},
         )
-        logits = out.logits[:, -1, :].float()
-        if logits.is_cuda:
-            torch.cuda.synchronize()
-        self.forward_seconds += time.perf_counter() - start
-        return logits
+        return out.logits[:, -1, :].float()
 
-    def _choose(self, logits: torch.Tensor, generators: list) -> torch.Tensor:
-        if not self.settings.do_sample:
-            return logits.argmax(-1)
-        scores = self.warpers(None, logits)
-        probs = torch.softmax(scores, dim=-1)
-        return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+    def _report(self, rows: list[Running], values: torch.Tensor) -> Report:
+        """Start the copy of a step's tokens to the host (from a GPU into pinned memory, without waiting
+        for it). A copy also on the CPU: a replayed graph's output changes at the next replay."""
+        host = values.to("cpu", non_blocking=True, copy=True)
+        if not values.is_cuda:
+            return Report(rows, host)
+        ready = torch.cuda.Event()
+        ready.record()
+        return Report(rows, host, ready)
+
+    @contextlib.contextmanager
+    def _timed(self, kind: str):
+        """Time the model's work: wall time on the CPU; CUDA events on a GPU (read once they have
+        happened, so that timing adds no host sync)."""
+        if not self.device.type == "cuda":
+            start = time.perf_counter()
+            yield
+            self.seconds[kind] += time.perf_counter() - start
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        self._timings.append((kind, start, end))
+
+    def _read_timings(self, wait: bool = False) -> None:
+        while self._timings and (wait or self._timings[0][2].query()):
+            kind, start, end = self._timings.pop(0)
+            end.synchronize()
+            self.seconds[kind] += start.elapsed_time(end) / 1000
 
 
 class SafeGenerator:

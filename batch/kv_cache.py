@@ -1,14 +1,24 @@
-"""The running batch's KV cache: rows come and go, and every decode step writes in place.
+"""The running batch's KV cache and per-row state: rows come and go, and every decode step writes in place.
 
-Pure tensor bookkeeping (no model): `SlotCache` keeps the running rows' attention mask, position ids
-and one `SlotLayer` per model layer; the engine hands its `cache` to the model's forward.
+Pure tensor bookkeeping (no model): `SlotCache` keeps one `SlotLayer` per model layer and, for every
+slot of its buffers, the row's attention mask and its state on the device (next input token,
+position, sampling seed, tokens generated); the engine hands its `cache` to the model's forward. A
+decode step writes one column for all rows, at a column index held in a device tensor; it reads
+either the running window (the fewest columns) or the whole buffer (the same shapes and addresses at
+every step, which a CUDA graph needs).
 """
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import dataclass
+
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+_buffers = itertools.count(1)  # names every buffer made, so that graphs captured on one are not replayed on another
+IDS, POS, SEED, COUNT = range(4)  # the rows of SlotCache.state: next input id, position, seed, tokens generated
 
 
 def compact_order(keep: list[int]) -> list[int]:
@@ -26,7 +36,7 @@ def compact_order(keep: list[int]) -> list[int]:
 
 class SlotLayer(DynamicLayer):
     """One layer's KV cache for a batch whose rows come and go: buffers of [slots, heads, columns,
-    head_dim], of which the running rows' window is read. A decode step writes its column in place
+    head_dim]. A decode step reads the view set by `read` and writes its column into it in place
     (transformers' DynamicLayer concatenates, copying the whole cache at every step)."""
 
     def __init__(self, like: torch.Tensor, slots: int, columns: int):
@@ -34,17 +44,17 @@ class SlotLayer(DynamicLayer):
         shape = (slots, like.shape[1], columns, like.shape[3])
         self.buf_k, self.buf_v = like.new_zeros(shape), like.new_zeros(shape)  # zeros: padding stays finite
         self.device, self.is_initialized = like.device, True
-        self.set_window(0, 0, 0)
+        self.read(0, 0, 0, None)
 
-    def set_window(self, n: int, lo: int, cur: int) -> None:
-        self.n, self.lo, self.cur = n, lo, cur
-        self.keys, self.values = self.buf_k[:n, :, lo:cur], self.buf_v[:n, :, lo:cur]
+    def read(self, rows: int, lo: int, hi: int, column: torch.Tensor | None) -> None:
+        """The next step reads slots [0, rows), columns [lo, hi), and writes at `column` of that view
+        (a one-element device tensor: its value may change between steps, its address may not)."""
+        self.keys, self.values = self.buf_k[:rows, :, lo:hi], self.buf_v[:rows, :, lo:hi]
+        self.column = column
 
     def update(self, key_states, value_states, *args, **kwargs):
-        end = self.cur + key_states.shape[-2]
-        self.buf_k[: self.n, :, self.cur : end] = key_states
-        self.buf_v[: self.n, :, self.cur : end] = value_states
-        self.set_window(self.n, self.lo, end)
+        self.keys.index_copy_(2, self.column, key_states)
+        self.values.index_copy_(2, self.column, value_states)
         return self.keys, self.values
 
     def write(self, a: int, b: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -63,21 +73,34 @@ class SlotLayer(DynamicLayer):
             dst[:n, :, to : to + cur - lo] = src[:n, :, lo:cur].clone()
 
 
-class SlotCache:
-    """The running batch's KV cache, attention mask and position ids, for rows that come and go.
+@dataclass
+class StepInputs:
+    """What a decode step over slots [0, rows) reads and advances, all views of the cache's buffers."""
 
-    Running rows hold slots [0, n). Rows are right-aligned: every row's last token is in column
-    cur - 1, so one decode step writes one column for all rows; a row's prompt is placed in the
-    columns just before cur when it joins. Attention reads the window [lo, cur), lo being the first
-    column of the row that has been in the batch longest; when cur reaches the end of the buffer the
-    window moves back to column 0 (its width + max_new_tokens always fits: see `reserve`)."""
+    mask: torch.Tensor  # [rows, columns read] bool: what each row attends to
+    state: torch.Tensor  # [4, rows] int64: next input id, position, seed, tokens generated
+    column: torch.Tensor  # [1] int64: the step's column within the columns read
+
+
+class SlotCache:
+    """The running batch's KV cache, attention mask and per-row state, for rows that come and go.
+
+    Running rows hold slots [0, n); a fixed-shape step also computes slots [n, rows) as padding (their
+    outputs are ignored, their state and columns are never read by a running row). Rows are
+    right-aligned: every row's last token is in column cur - 1, so one decode step writes column cur
+    for all rows; a row's prompt is placed in the columns just before cur when it joins. A running
+    row's mask is true exactly on its own columns [start, cur). The window [lo, cur) starts at the
+    first column of the row in the batch longest; when cur reaches the end of the buffer the window
+    moves back to column 0 (its width + max_new_tokens always fits: see `reserve`)."""
 
     def __init__(self, model_config, device):
         self.cache = DynamicCache(config=model_config)
         self.device = device
         self.slots = self.columns = self.n = self.cur = 0
         self.start: list[int] = []  # slot -> first column of its row
-        self.mask = self.pos = None
+        self.mask = self.state = None
+        self.column = torch.zeros(1, dtype=torch.long, device=device)
+        self.buffer = 0  # which buffers these are (a new number each time they are made)
 
     @property
     def lo(self) -> int:
@@ -103,12 +126,13 @@ class SlotCache:
             if not self.n:  # nothing to copy: let the old buffer go first
                 self.cache.layers = []
             layers = [SlotLayer(k, slots, columns) for k in like]
-            mask = torch.zeros((slots, columns), dtype=torch.long, device=self.device)
-            pos = torch.zeros(slots, dtype=torch.long, device=self.device)
+            mask = torch.zeros((slots, columns), dtype=torch.bool, device=self.device)
+            state = torch.zeros((4, slots), dtype=torch.long, device=self.device)
             self._move_window(width - self.width, layers, mask)
             if self.n:
-                pos[: self.n] = self.pos[: self.n]
-            self.cache.layers, self.mask, self.pos, self.slots, self.columns = layers, mask, pos, slots, columns
+                state[:, : self.n] = self.state[:, : self.n]
+            self.cache.layers, self.mask, self.state, self.slots, self.columns = layers, mask, state, slots, columns
+            self.buffer = next(_buffers)
         elif self.cur < width:
             self._move_window(width - self.width)
 
@@ -121,23 +145,26 @@ class SlotCache:
         window = self.mask[: self.n, self.lo : self.cur].clone() if self.n else None
         if mask is None:
             mask = self.mask
-            mask[: self.n] = 0
+            mask[: self.n] = False
         if window is not None:
             mask[: self.n, to : to + width] = window
         shift = to - self.lo
         self.start = [s + shift for s in self.start]
         self.cur = to + width
 
-    def add(self, a: int, lengths: list[int], layer_keys: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Rows of a prefilled group (left-padded to lengths[0]) join in slots [a, a + len(lengths))."""
+    def add(self, a: int, lengths: list[int], layer_keys: list[tuple[torch.Tensor, torch.Tensor]], seeds: list[int]) -> None:
+        """Rows of a prefilled group (left-padded to lengths[0]) join in slots [a, a + len(lengths)):
+        their keys and values, mask, positions (the next token's: the prompt's length) and seeds; no
+        token generated yet. (Their first token is chosen from the prefill's logits: `ids` is set then.)"""
         b = a + len(lengths)
         start = self.cur - lengths[0]
         for layer, (k, v) in zip(self.cache.layers, layer_keys):
             layer.write(a, b, start, k, v)
-        self.mask[a:b] = 0
+        self.mask[a:b] = False
         for slot, length in zip(range(a, b), lengths):
-            self.mask[slot, self.cur - length : self.cur] = 1
-        self.pos[a:b] = torch.tensor(lengths, device=self.device)
+            self.mask[slot, self.cur - length : self.cur] = True
+        self.state[[POS, SEED], a:b] = torch.tensor([lengths, seeds], dtype=torch.long).to(self.device)
+        self.state[COUNT, a:b] = 0
         self.start = self.start[:a] + [self.cur - length for length in lengths]
         self.n = b
 
@@ -149,22 +176,23 @@ class SlotCache:
             for layer in self.cache.layers:
                 layer.move(src, dst, self.lo, self.cur)
             self.mask[dst] = self.mask[src]
-            self.pos[dst] = self.pos[src]
+            self.state[:, dst] = self.state[:, src]
         self.start = [self.start[s] for s in order]
         self.n = len(order)
         if not self.n:
             self.cur = 0
 
-    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The attention mask and position ids for one decode step; the layers' windows set for it."""
+    def step(self, rows: int, whole: bool) -> StepInputs:
+        """Set up the next decode step over slots [0, rows) (rows >= n: those beyond n are padding).
+        It writes column cur; it reads the window [lo, cur] or, `whole`, every column of the buffer."""
         if self.cur == self.columns:
             self._move_window(0)
-        lo = self.lo
-        self.mask[: self.n, self.cur] = 1
+        lo, hi = (0, self.columns) if whole else (self.lo, self.cur + 1)
+        self.column.fill_(self.cur - lo)
         for layer in self.cache.layers:
-            layer.set_window(self.n, lo, self.cur)
-        return self.mask[: self.n, lo : self.cur + 1], self.pos[: self.n, None]
+            layer.read(rows, lo, hi, self.column)
+        return StepInputs(self.mask[:rows, lo:hi], self.state[:, :rows], self.column)
 
     def advance(self) -> None:
+        """The step has been launched: the next one writes the next column (the device state advanced itself)."""
         self.cur += 1
-        self.pos[: self.n] += 1

@@ -1,8 +1,12 @@
 """Greedy batched generation equals one-prompt-at-a-time `model.generate`, row for row.
 
-Float32 and NF4 + LoRA with float32 compute, on the CPU: padding, masking, position ids, per-row
-stopping, rows leaving the batch and new rows joining it (the cache window moved, the cache
-reallocated) must not change a single token.
+Float32, float32 + LoRA, and NF4 + LoRA with float32 compute (4-bit weights resident, and
+dequantized once), on the CPU, with both kinds of decode step: exact shapes (the running rows over
+their window) and fixed shapes (a power-of-two bucket of rows, padding included, over the whole
+buffer, one step ahead of the host: the GPU's step, without the graph). Padding, masking, position
+ids, per-row stopping, rows leaving the batch and new rows joining it (the cache window moved, the
+cache reallocated) must not change a single token, nor where a row stops. Sampled rows draw the same
+tokens alone, in a batch and in a shuffled stream.
 """
 
 import random
@@ -11,8 +15,8 @@ import pytest
 import torch
 
 from batch.config import GenerationSettings, ModelConfig
-from batch import kv_cache
-from batch.engine import Engine, Request, Requests
+from batch import decode_step, kv_cache
+from batch.engine import Engine, Request, Requests, row_seed
 from batch.loading import load_model
 from batch.plan import plan_batches
 from tests.conftest import TINY, seed_rows
@@ -39,72 +43,137 @@ def prompts_40() -> list[str]:
 
 
 def reference(engine: Engine, prompt_ids: list[int]):
+    """The prompt alone through `model.generate`: the response rule on its output, and where the
+    engine must stop (EOS, or the first token after which the text holds a stop word)."""
     model = engine.model
     out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=MAX_NEW, do_sample=False)
-    c = engine.finish(len(prompt_ids), out[0, len(prompt_ids) :].tolist())
-    return c.response, c.finish_reason
+    generated = out[0, len(prompt_ids) :].tolist()
+    c = engine.finish(len(prompt_ids), generated)
+    eos = {engine.tokenizer.eos_token_id, model.generation_config.eos_token_id}
+    stop = engine.settings.stop
+    ends = (i + 1 for i, t in enumerate(generated) if t in eos or any(w in engine.decode(generated[: i + 1]) for w in stop))
+    return c.response, c.finish_reason, next(ends, len(generated))
 
 
-def batched(engine: Engine, ids: list[list[int]], batch_size: int):
+def result(c):
+    return c.response, c.finish_reason, c.completion_tokens
+
+
+def batched(engine: Engine, ids: list[list[int]], batch_size: int, seeds=None):
     results = {}
     for batch in plan_batches([len(i) for i in ids], MAX_NEW, batch_size, 10**6):
-        for row, c in zip(batch, engine.generate([ids[r] for r in batch], [0] * len(batch))):
-            results[row] = (c.response, c.finish_reason)
+        for row, c in zip(batch, engine.generate([ids[r] for r in batch], [seeds[r] if seeds else 0 for r in batch])):
+            results[row] = result(c)
     return [results[r] for r in range(len(ids))]
 
 
-def load(quantization: str, adapter: bool) -> Engine:
+VARIANTS = {  # name: (quantization, adapter, model.weights)
+    "float32": ("none", False, "auto"),
+    "float32+lora": ("none", True, "auto"),
+    "nf4+lora": ("nf4", True, "nf4"),
+    "dequantized+lora": ("nf4", True, "dequantized"),
+    "nf4": ("nf4", False, "nf4"),  # (without the adapter: only to see that the adapter matters)
+}
+
+
+def load(variant: str, fixed_shapes: bool = False, **generation) -> Engine:
+    quantization, adapter, weights = VARIANTS[variant]
     cfg = ModelConfig(
         base=str(TINY / "base"),
         adapter=str(TINY / "adapter") if adapter else None,
         quantization=quantization,
         compute_dtype="float32",
         device_map="cpu",
+        weights=weights,
     )
-    settings = GenerationSettings(max_new_tokens=MAX_NEW, do_sample=False)
-    return Engine(*load_model(cfg), settings)
+    settings = GenerationSettings(**{"max_new_tokens": MAX_NEW, "do_sample": False, **generation})
+    return Engine(*load_model(cfg), settings, fixed_shapes=fixed_shapes)
 
 
-def streamed(engine: Engine, ids: list[list[int]], max_rows: int, budget: int, shuffle: bool = False):
+def with_steps(engine: Engine, fixed_shapes: bool) -> Engine:
+    """The same model and settings with the other kind of decode step."""
+    return Engine(engine.model, engine.tokenizer, engine.settings, fixed_shapes=fixed_shapes)
+
+
+def streamed(engine: Engine, ids: list[list[int]], max_rows: int, budget: int, shuffle: bool = False, seeds=None):
     """The way `run` generates: one stream, longest first; finished rows' places are refilled.
     Shuffled, longer prompts join later, so the window must move right and the buffer grow."""
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     if shuffle:
         random.Random(5).shuffle(order)
     results = {}
-    for row, c in engine.stream(Requests(Request(i, ids[i], 0) for i in order), max_rows, budget):
+    for row, c in engine.stream(Requests(Request(i, ids[i], seeds[i] if seeds else 0) for i in order), max_rows, budget):
         assert row not in results
-        results[row] = (c.response, c.finish_reason)
+        results[row] = result(c)
     return [results[r] for r in range(len(ids))]
 
 
-@pytest.mark.parametrize("quantization, adapter", [("none", False), ("none", True), ("nf4", True)])
-def test_batched_equals_single_prompt_generate(quantization, adapter, monkeypatch):
-    engine = load(quantization, adapter)
+@pytest.mark.parametrize("variant", ["float32", "float32+lora", "nf4+lora", "dequantized+lora"])
+def test_batched_equals_single_prompt_generate(variant, monkeypatch):
+    engine = load(variant)
     ids = engine.tokenize(prompts_40())
     expected = [reference(engine, p) for p in ids]
-    got = batched(engine, ids, batch_size=8)
-    mismatches = [(i, e, g) for i, (e, g) in enumerate(zip(expected, got)) if e != g]
-    assert not mismatches, mismatches[:3]
 
     moves = []  # (rows in the batch, in place?) for every move of the cache window
     original = kv_cache.SlotCache._move_window
     monkeypatch.setattr(kv_cache.SlotCache, "_move_window", lambda self, to, layers=None, mask=None: (moves.append((self.n, layers is None)), original(self, to, layers, mask))[1])
+    shapes = []  # (rows computed, rows running, slots, columns read, columns) of every decode step
+    step = decode_step.DecodeStep._run
+    monkeypatch.setattr(decode_step.DecodeStep, "_run", lambda self, inputs, batch: (shapes.append((*inputs.mask.shape[:1], batch.n, batch.slots, *inputs.mask.shape[1:], batch.columns)), step(self, inputs, batch))[1])
     longest = max(map(len, ids))
-    for max_rows, budget, shuffle in [(8, 10**9, False), (5, 4 * (longest + MAX_NEW), False), (6, 10**9, True), (6, 700, True)]:
-        got = streamed(engine, ids, max_rows, budget, shuffle)
+    streams = [(8, 10**9, False), (5, 4 * (longest + MAX_NEW), False), (6, 10**9, True), (6, 700, True)]
+    for fixed in (False, True):
+        engine = with_steps(engine, fixed)
+        got = batched(engine, ids, batch_size=8)
         mismatches = [(i, e, g) for i, (e, g) in enumerate(zip(expected, got)) if e != g]
-        assert not mismatches, (max_rows, budget, mismatches[:3])
+        assert not mismatches, (fixed, mismatches[:3])
+        # (the 4-bit variants' fixed-shape steps: the stream that moves the window and remakes the buffer)
+        for max_rows, budget, shuffle in streams[-1:] if fixed and variant.startswith(("nf4", "dequantized")) else streams:
+            got = streamed(engine, ids, max_rows, budget, shuffle)
+            mismatches = [(i, e, g) for i, (e, g) in enumerate(zip(expected, got)) if e != g]
+            assert not mismatches, (fixed, max_rows, budget, mismatches[:3])
+        if fixed:  # rows padded to a power of two (e.g. a bucket of 8 with 5 running), the whole buffer read
+            assert all(rows >= n and (rows & (rows - 1) == 0 or rows == slots) and read == columns for rows, n, slots, read, columns in shapes)
+            assert (8, 5) in {(rows, n) for rows, n, *_ in shapes}
+        else:  # the running rows over their window
+            assert all(rows == n and read <= columns for rows, n, slots, read, columns in shapes)
+            assert any(read < columns for *_, read, columns in shapes)
+        shapes.clear()
     assert any(n and in_place for n, in_place in moves)  # the window moved with rows running
-    if (quantization, adapter) == ("none", False):  # budget 700, shuffled: with this model's answer lengths,
+    if variant == "float32":  # budget 700, shuffled: with this model's answer lengths,
         assert any(n and not in_place for n, in_place in moves)  # a new buffer was made with rows running
-    reasons = {r for _, r in expected}
+    reasons = {r for _, r, _ in expected}
     assert "stop" in reasons or "eos" in reasons  # rows really stop at different points
-    assert "length" in reasons or quantization == "nf4"
+    assert "length" in reasons or variant in ("nf4+lora", "dequantized+lora")
+
+
+def test_eager_attention_takes_an_additive_mask():
+    engine = load("float32")
+    engine.model.set_attn_implementation("eager")
+    ids = engine.tokenize(prompts_40()[:12])
+    expected = [reference(engine, p) for p in ids]
+    for fixed in (False, True):
+        assert streamed(with_steps(engine, fixed), ids, 5, 10**9, shuffle=True) == expected
+
+
+def test_a_sampled_row_draws_the_same_tokens_alone_in_a_batch_and_in_a_stream():
+    card = dict(do_sample=True, temperature=0.9, top_p=0.7, top_k=100)  # the model card's settings
+    engine = load("float32+lora", **card)
+    ids = engine.tokenize(prompts_40()[:16])
+    seeds = [row_seed(0, f"row-{i}") for i in range(len(ids))]
+    alone = [result(engine.generate([p], [s])[0]) for p, s in zip(ids, seeds)]
+    assert len({r for r in alone}) > 8 and {r for _, r, _ in alone} != {"length"}
+    greedy = batched(load("float32+lora"), ids, 16)
+    assert sum(a != g for a, g in zip(alone, greedy)) > 4  # really sampled
+    for fixed in (False, True):
+        engine = with_steps(engine, fixed)
+        assert batched(engine, ids, 16, seeds) == alone
+        assert streamed(engine, ids, 5, 10**9, shuffle=True, seeds=seeds) == alone
+        assert streamed(engine, ids, 3, 600, seeds=seeds) == alone
 
 
 def test_adapter_is_applied():
-    plain, tuned = load("nf4", False), load("nf4", True)
+    plain, tuned = load("nf4"), load("nf4+lora")
     ids = plain.tokenize(prompts_40()[:9])
     with_adapter = batched(tuned, ids, 8)
     without = batched(plain, ids, 8)
@@ -115,15 +184,15 @@ def test_adapter_is_applied():
         resp = resp.rstrip("\ufffd").removesuffix("<")
         return len(resp) > 10 and ans.startswith(resp)
 
-    assert sum(begins_answer(resp, ans) for (resp, _), ans in zip(with_adapter, answers)) == 9
-    assert sum(begins_answer(resp, ans) for (resp, _), ans in zip(without, answers)) == 0
+    assert sum(begins_answer(resp, ans) for (resp, _, _), ans in zip(with_adapter, answers)) == 9
+    assert sum(begins_answer(resp, ans) for (resp, _, _), ans in zip(without, answers)) == 0
 
 
 def test_a_failing_request_source_is_not_taken_for_a_generation_failure():
     """The caller's iterator raising must reach the caller as is: not be retried row by row."""
     from batch.engine import SafeGenerator
 
-    engine = load("none", False)
+    engine = load("float32")
     ids = engine.tokenize(prompts_40()[:4])
 
     def requests():

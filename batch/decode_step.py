@@ -1,0 +1,140 @@
+"""The running batch's decode step at fixed shapes, captured and replayed as CUDA graphs on a GPU.
+
+One step, all on the device: the model's forward for every row's last token (all layers, attention
+over the KV cache through a 4D mask, LoRA), the logits of that position, the choice of the next token
+(batch.sampling) and the EOS / length flags. It leaves each row's next input token, position and
+token count in the cache's per-slot state, and returns the chosen tokens with their flags as one
+[2, rows] tensor: one transfer to the host per step.
+
+Reading the whole buffer (SlotCache.step with `whole`), everything the step touches lives at
+addresses fixed for the life of the cache's buffers, and nothing in it looks at a tensor's values on
+the host. On a GPU it is therefore captured once per (buffer, row bucket) as a torch.cuda.CUDAGraph
+and replayed at every later step of that shape: one launch instead of the forward's thousands of
+kernels and its Python. A capture that fails, or whose replay does not give the eager step's logits,
+leaves the step eager (one line on stderr). On the CPU the same function runs eagerly.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+
+from batch.kv_cache import COUNT, IDS, POS, SEED, SlotCache, StepInputs
+from batch.loading import first_line
+from batch.sampling import choose
+
+CAPTURE_WARMUP = 2  # eager runs before a capture: lazy initialisation (cuBLAS workspaces, bitsandbytes' state)
+
+
+def row_bucket(n: int, slots: int) -> int:
+    """The rows a fixed-shape step computes for n running rows: the next power of two, at most the
+    buffer's slots -- a handful of shapes, so a handful of graphs per buffer."""
+    return min(slots, 1 << (n - 1).bit_length())
+
+
+class DecodeStep:
+    """`forward(ids [rows, 1], mask [rows, 1, 1, columns], positions [rows, 1], cache)` gives the last
+    position's logits [rows, vocab] in float32. `mask_dtype`: None for a boolean mask (sdpa
+    attention), else the dtype of an additive one (eager attention). `graphs`: capture on CUDA."""
+
+    def __init__(self, forward: Callable, settings, eos_ids: list[int], device, mask_dtype: torch.dtype | None, graphs: bool):
+        self.forward = forward
+        self.settings = settings
+        self.eos = torch.tensor(sorted(eos_ids) or [-1], dtype=torch.long, device=device)
+        self.mask_dtype = mask_dtype
+        self.graphs = graphs
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # rows -> (graph, its output)
+        self._buffer = None  # the cache buffer the graphs were captured on
+        self._pool = None  # their memory
+
+    def pick(self, logits: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """Choose each row's next token; make it the row's next input and count it; return [tokens;
+        done], done = EOS or max_new_tokens reached. `state`: SlotCache.state's columns of these rows."""
+        tokens = choose(logits, state[SEED], state[COUNT], self.settings)
+        state[COUNT].add_(1)
+        state[IDS].copy_(tokens)
+        done = (tokens[:, None] == self.eos).any(-1) | (state[COUNT] >= self.settings.max_new_tokens)
+        return torch.stack([tokens, done.long()])
+
+    def __call__(self, batch: SlotCache, rows: int, whole: bool) -> torch.Tensor:
+        """Run one decode step over slots [0, rows) of `batch`; return its [2, rows] tokens and flags
+        (a replayed graph's output tensor: it changes at the next replay)."""
+        inputs = batch.step(rows, whole)
+        if not (self.graphs and whole):
+            return self._run(inputs, batch)[0]
+        if batch.buffer != self._buffer:  # new buffers: the old graphs point at freed memory
+            self.release()
+            self._buffer = batch.buffer
+        if rows not in self._graphs:
+            return self._capture(inputs, batch, rows)
+        graph, out = self._graphs[rows]
+        graph.replay()
+        return out
+
+    def release(self) -> None:
+        """Drop the captured graphs and their memory (new buffers, a failed stream, the stream's end)."""
+        self._graphs.clear()
+        self._buffer = self._pool = None
+
+    def _run(self, inputs: StepInputs, batch: SlotCache) -> tuple[torch.Tensor, torch.Tensor]:
+        # Every computed row sees the step's own column: a running row's new token, and for a padding
+        # row one finite key, so that no row's attention is empty (NaN would reach the cache).
+        inputs.mask.index_fill_(1, inputs.column, True)
+        mask = inputs.mask[:, None, None, :]
+        if self.mask_dtype is not None:
+            mask = torch.zeros(mask.shape, dtype=self.mask_dtype, device=mask.device).masked_fill_(~mask, torch.finfo(self.mask_dtype).min)
+        state = inputs.state
+        logits = self.forward(state[IDS][:, None], mask, state[POS][:, None], batch.cache)
+        out = self.pick(logits, state)
+        state[POS].add_(1)
+        return out, logits
+
+    def _capture(self, inputs: StepInputs, batch: SlotCache, rows: int) -> torch.Tensor:
+        """Capture this shape's step and replay it once (that is the step). The warm-up runs are real
+        steps: they write the keys and values the replay writes again, and the rows' state is put
+        back after each, so that only the replay advances it."""
+        saved = inputs.state.clone()
+
+        def run():
+            return self._run(inputs, batch)
+
+        eager_logits = _warm_up(run, restore=lambda: inputs.state.copy_(saved))
+        try:
+            graph, (out, logits) = _capture_graph(run, self._pool)
+            graph.replay()
+            # kernels may round differently (bf16); a broken capture gives other numbers altogether
+            if (logits - eager_logits).abs().max() > 0.01 * (eager_logits.abs().max() + 1):
+                raise RuntimeError("its replay does not give the eager step's logits")
+        except Exception as e:  # noqa: BLE001 -- any failure to capture: decode eagerly, as on the CPU
+            print(f"komt-batch: CUDA graph capture failed ({type(e).__name__}: {first_line(e)}); decoding eagerly", file=sys.stderr)
+            self.graphs = False
+            self.release()
+            inputs.state.copy_(saved)
+            return run()[0]
+        self._pool = graph.pool()  # the next captures share it: graphs of one stream never run at once
+        self._graphs[rows] = (graph, out)
+        return out
+
+
+def _warm_up(run: Callable, restore: Callable) -> torch.Tensor:
+    """Run the step CAPTURE_WARMUP times eagerly on a side stream (as capturing wants), restoring the
+    rows' state after each; return the last run's logits."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(CAPTURE_WARMUP):
+            _, logits = run()
+            restore()
+    torch.cuda.current_stream().wait_stream(side)
+    return logits
+
+
+def _capture_graph(run: Callable, pool) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]:
+    """Capture `run` into a new CUDA graph (its memory from `pool`, a new one if None); capturing
+    executes nothing: the rows' state is left as it was."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        outputs = run()
+    return graph, outputs

@@ -1,0 +1,150 @@
+"""The fixed-shape decode step (batch/decode_step.py) on the CPU: what a CUDA graph needs of it, and
+its capture / replay / fallback logic with a stand-in for torch.cuda's graphs."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from batch import decode_step
+from batch.engine import Engine, Request, Requests, row_seed
+from tests.test_exactness import load, prompts_40, streamed
+
+# Operators that hand a tensor's values to the host (a sync, and illegal while a CUDA stream is being
+# captured), make a tensor from host data (a host-to-device copy of memory the graph does not own),
+# or have an output shape that depends on values.
+HOST_READS = {
+    "aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal", "aten::nonzero",
+    "aten::nonzero_static", "aten::masked_select", "aten::_unique2", "aten::unique_dim",
+    "aten::unique_consecutive", "aten::lift_fresh", "aten::lift_fresh_copy", "aten::repeat_interleave",
+}
+
+
+class Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+CARD = dict(do_sample=True, temperature=0.9, top_p=0.7, top_k=100)
+
+
+@pytest.mark.parametrize("variant", ["float32+lora", "nf4+lora", "dequantized+lora"])
+def test_a_fixed_shape_step_reads_nothing_on_the_host(variant, monkeypatch):
+    """Every operator of the step -- llama layers, peft's LoRA, the 4D mask, sampling, the flags --
+    keeps values on the device: what a CUDA graph can capture. (bitsandbytes' 4-bit layers run their
+    CPU kernels here; their CUDA kernels are checked by the capture itself, on a GPU.)"""
+    engine = load(variant, fixed_shapes=True, **CARD)
+    ops = []
+    run = decode_step.DecodeStep._run
+
+    def spy(self, inputs, batch):
+        with Ops() as mode:
+            out = run(self, inputs, batch)
+        ops.append(mode.seen)
+        return out
+
+    monkeypatch.setattr(decode_step.DecodeStep, "_run", spy)
+    ids = engine.tokenize(prompts_40()[:5])
+    list(engine.stream(Requests(Request(i, p, row_seed(0, str(i))) for i, p in enumerate(ids)), 5, 10**6))
+    assert len(ops) > 5
+    seen = set().union(*ops)
+    assert "aten::index_copy_" in seen and "aten::argmax" in seen  # the cache write and the choice are in it
+    assert not seen & HOST_READS, seen & HOST_READS
+
+
+def test_padding_rows_compute_finite_values(monkeypatch):
+    """A padding row attends at least to its own column, so nothing it writes is NaN (a NaN key or
+    value would reach running rows that later take its slot, even under their mask)."""
+    engine = load("float32", fixed_shapes=True)
+    seen = []  # (rows computed, rows running, all logits finite)
+    run = decode_step.DecodeStep._run
+
+    def check(self, inputs, batch):
+        out, logits = run(self, inputs, batch)
+        seen.append((logits.shape[0], batch.n, bool(torch.isfinite(logits).all())))
+        return out, logits
+
+    monkeypatch.setattr(decode_step.DecodeStep, "_run", check)
+    streamed(engine, engine.tokenize(prompts_40()), 8, 10**9, shuffle=True)
+    assert sum(rows > n for rows, n, _ in seen) > 10 and all(finite for *_, finite in seen)
+
+
+class StandInGraph:
+    """torch.cuda.CUDAGraph's contract at the Python level: capturing executes nothing (the rows'
+    state is put back), a replay recomputes the captured outputs in place."""
+
+    captures = 0
+
+    def __init__(self, run, state):
+        saved = state.clone()
+        self.run, self.outputs = run, run()
+        state.copy_(saved)
+        StandInGraph.captures += 1
+
+    def replay(self):
+        for mine, new in zip(self.outputs, self.run()):
+            mine.copy_(new)
+
+    def pool(self):
+        return "pool"
+
+
+def stand_in_cuda(monkeypatch, capture=None):
+    """Let a CPU engine take the graph path: warm-ups without streams, captures by StandInGraph."""
+    def warm_up(run, restore):
+        for _ in range(decode_step.CAPTURE_WARMUP):
+            _, logits = run()
+            restore()
+        return logits
+
+    monkeypatch.setattr(decode_step, "_warm_up", warm_up)
+    monkeypatch.setattr(decode_step, "_capture_graph", capture)
+
+
+def test_replayed_steps_give_the_eager_steps_tokens(monkeypatch):
+    card = load("float32+lora", **CARD)
+    ids = card.tokenize(prompts_40())
+    seeds = [row_seed(0, str(i)) for i in range(len(ids))]
+    expected = streamed(card, ids, 6, 700, shuffle=True, seeds=seeds)  # window moves, buffer remade
+    engine = Engine(card.model, card.tokenizer, card.settings, fixed_shapes=True)
+    engine.step.graphs = True  # (on a GPU: Engine(cuda_graphs=True))
+    states = {}
+
+    def capture(run, pool):
+        graph = StandInGraph(run, states["state"])
+        return graph, graph.outputs
+
+    stand_in_cuda(monkeypatch, capture)
+    step_call = decode_step.DecodeStep.__call__
+    replays = []
+
+    def remember_state(self, batch, rows, whole):
+        states["state"] = batch.state[:, :rows]
+        replays.append(rows in self._graphs and batch.buffer == self._buffer)
+        return step_call(self, batch, rows, whole)
+
+    monkeypatch.setattr(decode_step.DecodeStep, "__call__", remember_state)
+    StandInGraph.captures = 0
+    assert streamed(engine, ids, 6, 700, shuffle=True, seeds=seeds) == expected
+    assert engine.step.graphs and 2 <= StandInGraph.captures < 20 and sum(replays) > 10 * StandInGraph.captures
+
+
+def test_a_capture_that_fails_leaves_the_step_eager(monkeypatch, capsys):
+    engine = load("float32", fixed_shapes=True)
+    ids = engine.tokenize(prompts_40()[:12])
+    expected = streamed(engine, ids, 5, 10**9)
+    engine.step.graphs = True
+
+    def capture(run, pool):
+        run()  # as if the capture got half-way, then failed
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    stand_in_cuda(monkeypatch, capture)
+    assert streamed(engine, ids, 5, 10**9) == expected
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["komt-batch: CUDA graph capture failed (RuntimeError: operation not permitted when stream is capturing); decoding eagerly"]
+    assert not engine.step.graphs
