@@ -1,43 +1,71 @@
-"""The checkpoint directory: the stored plan, fingerprints, committed parts, and the locks.
+"""The checkpoint directory: the stored plan, the committed parts, the locks -- and nothing else.
 
-    <output>.parts/
-      manifest.json    fingerprints of the input and of the output-changing settings, the chunks
-      plan.parquet     one line per planned row: row, batch, chunk, prompt_tokens (execution order)
-      settled.parquet  rows settled at planning: errors (bad field, too long) and rows reused from earlier outputs
-      part-B1-B2.parquet  the results of batches B1..B2 (one chunk's or part of one)
-      shard-I-of-N.lock   held (flock) by the process running that shard
+    <output>.parts/  (checkpoint.dir)
+      manifest.json     the plan's identity (plan_id, a hash of the manifest itself), fingerprints
+                        of the input, the settings and the model's files, the batches and chunks
+      plan.parquet      one line per planned row: row, batch, chunk, prompt_tokens, the prompt
+                        override and note of a truncated row, row_fingerprint (execution order)
+      settled.parquet   rows settled at planning: errors (bad field, too long) and reused rows
+      part-I-of-N-SEQ-TOKEN.parquet
+                        finished rows, committed as they finish by shard I of N: result lines that
+                        carry their own row and row_fingerprint, and the plan_id in the metadata
+      part-*.parquet.rejected   a part set aside: damaged, or not of this plan
+      summary-shard-I-of-N.json a finished shard's summary
+      job.lock, plan.lock, shard-I-of-N.lock   flock locks
+      .NAME.XXXXXXXX.tmp  a file of the names above being written (left behind only by a kill)
 
-What is left is a directory listing: a batch is done when a valid part covers it. Parts are written
-atomically (temporary file, fsync, rename) with Parquet page checksums; a part that does not read
-back whole, with the rows its name promises, is deleted and redone.
+Only these names are the job's (`owned`): cleanup after the final file and --restart delete
+nothing else, and a checkpoint directory that holds anything else is refused before the job starts.
+
+What is done is the set of rows in parts that verify: the file reads back whole (Parquet page
+checksums), it is a result table of this plan (plan_id), and every row in it is a planned row
+with the fingerprint the plan expects. A part that does not verify is set aside and its rows are
+redone; its name says nothing about what it holds.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
+import sys
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batch.errors import JobError
+from batch.config import JobConfig
+from batch.errors import JobError, WriteError
 from batch.plan import Chunk
 from batch.results import RESULT_SCHEMA
 
-PART_RE = re.compile(r"^part-(\d{7})-(\d{7})\.parquet$")
+FORMAT = 2  # the manifest's format; 1 (parts named by batch range) is not resumed
+_OWNED_NAMES = (
+    r"manifest\.json|plan\.parquet|settled\.parquet|part-[0-9a-z-]+\.parquet(\.rejected)?"
+    r"|summary-shard-\d+-of-\d+\.json|job\.lock|plan\.lock|shard-\d+-of-\d+\.lock"
+)
+OWNED = re.compile(rf"({_OWNED_NAMES})|\.({_OWNED_NAMES})\.\w+\.tmp")
+PLAN_FILES = ("manifest.json", "plan.parquet", "settled.parquet")
+MANIFEST_FIELDS = ("format", "plan_id", "nonce", "created", "context", "planned_rows", "settled_rows", "reused_rows", "batch_sizes", "chunks", "input", "settings")
+PLAN_COLUMNS = ("row", "batch", "chunk", "prompt_tokens", "prompt_override", "note", "row_fingerprint")
 
 
 @dataclass
 class StoredPlan:
     manifest: dict
-    rows: pa.Table  # row, batch, chunk, prompt_tokens, in execution order
+    rows: pa.Table  # row, batch, chunk, prompt_tokens, prompt_override, note, row_fingerprint; in execution order
     chunks: list[Chunk] = field(default_factory=list)
+
+    @property
+    def plan_id(self) -> str:
+        return self.manifest["plan_id"]
 
     @property
     def num_batches(self) -> int:
@@ -50,26 +78,61 @@ class StoredPlan:
             out[b].append(row)
         return out
 
+    def expected_fingerprints(self) -> pa.Array:
+        """The fingerprint each input row must have in a part (null: the row is not planned)."""
+        fps: list[str | None] = [None] * self.manifest["input"]["rows"]
+        for row, fp in zip(self.rows.column("row").to_pylist(), self.rows.column("row_fingerprint").to_pylist()):
+            fps[row] = fp
+        return pa.array(fps, pa.string())
+
+
+def plan_id(manifest: dict) -> str:
+    """A hash of the manifest without its plan_id: the plan's identity, and a check of the manifest."""
+    body = {k: v for k, v in manifest.items() if k != "plan_id"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]
+
+
+# --- writing files -------------------------------------------------------------------------------
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where /proc tells (os.umask sets it to read it)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
 
 def write_atomic(path: Path, write) -> None:
-    """Write a file via a temporary file in the same directory, fsync, rename, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write a file via a temporary file in the same directory, fsync, rename, fsync the directory.
+
+    The file gets the user's umask (mkstemp alone would make it -rw-------). A failed write (a full
+    disk) leaves no temporary file and raises WriteError."""
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dirfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dirfd)
+        tmp = None
+        dirfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
+    except OSError as e:
+        raise WriteError(f"{path}: cannot write: {e.strerror or e}") from None
     finally:
-        os.close(dirfd)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def write_parquet_atomic(path: Path, table: pa.Table, metadata: dict[str, str] | None = None) -> None:
@@ -87,121 +150,268 @@ def read_parquet_checked(path: Path, columns: list[str] | None = None) -> pa.Tab
     return pq.read_table(path, columns=columns, page_checksum_verification=True)
 
 
+def remove_temporaries(directory: Path, pattern: str) -> None:
+    """Delete the temporary files (`.<pattern>.XXXXXXXX.tmp`, as write_atomic names them) that a
+    killed writer left. Call it only while holding the lock under which such files are written:
+    then none of them is being written."""
+    for p in directory.glob(f".{pattern}.*.tmp") if directory.is_dir() else []:
+        p.unlink(missing_ok=True)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 class Checkpoint:
     def __init__(self, directory: Path):
         self.dir = Path(directory)
         self.manifest_path = self.dir / "manifest.json"
         self.plan_path = self.dir / "plan.parquet"
         self.settled_path = self.dir / "settled.parquet"
+        self._token = uuid.uuid4().hex[:8]  # this process's parts: unique names whatever they hold
+        self._seq = 0
+
+    # --- its place -------------------------------------------------------------------------------
+
+    def check_place(self, job: JobConfig, inputs: list[Path]) -> None:
+        """Refuse a checkpoint directory that holds what the job did not write, or the output or an
+        input: cleanup deletes the directory's files, and only the job's own may be there."""
+        where = f"{job.source}: checkpoint.dir: {self.dir}"
+        here = self.dir.resolve()
+        for what, path in [("the output", Path(job.output.path)), *(("the input file", f) for f in inputs)]:
+            if path.resolve() == here or path.resolve().is_relative_to(here):
+                raise JobError(f"{where}: it {'is' if path.resolve() == here else 'holds'} {what} {path}; choose a directory of its own")
+        if not self.dir.exists():
+            return
+        if not self.dir.is_dir():
+            raise JobError(f"{where}: it is a file, not a directory; move it or choose another checkpoint.dir")
+        foreign = sorted(p.name for p in self.dir.iterdir() if not (OWNED.fullmatch(p.name) and p.is_file() and not p.is_symlink()))
+        if foreign:
+            raise JobError(
+                f"{where}: it holds files komt-batch did not write ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
+                "the checkpoint directory must be the job's alone: move them or choose another checkpoint.dir"
+            )
 
     # --- locks -----------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def lock(self, name: str, wait: bool, busy_message: str):
+    def _flock(self, name: str, mode: int, busy_message: str):
         """An OS file lock (flock): released by the kernel when the process dies, even by kill -9."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fh = open(self.dir / name, "a+")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fh = open(self.dir / name, "a+")
+        except OSError as e:
+            raise WriteError(f"{self.dir / name}: cannot write: {e.strerror or e}") from None
         try:
             try:
-                fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                fcntl.flock(fh, mode)
             except BlockingIOError:
                 raise JobError(busy_message) from None
-            fh.seek(0), fh.truncate(), fh.write(f"{os.getpid()}\n"), fh.flush()
-            yield
+            yield fh
         finally:
             fh.close()
 
-    def shard_lock(self, shard: int, shards: int):
-        return self.lock(
-            f"shard-{shard}-of-{shards}.lock",
-            wait=False,
-            busy_message=f"{self.dir}: another komt-batch process is running shard {shard}/{shards} of this job "
-            f"(lock shard-{shard}-of-{shards}.lock); wait for it or stop it first",
-        )
+    @contextlib.contextmanager
+    def job_lock(self, shard: int, shards: int, restart: bool = False):
+        """One lock per output, whatever the shard count: an unsharded run (and merge) holds job.lock
+        exclusively, the shards of a sharded run share it and each holds its shard-I-of-N.lock, so
+        the two modes exclude each other while shards run side by side. With restart, the plan and
+        every part are deleted first, under the exclusive lock. Temporary files that a kill left
+        behind are deleted: all of them under the exclusive lock, else this shard's own."""
+        exclusive = shards == 1  # (merge takes it as an unsharded run does)
+        mode = fcntl.LOCK_EX if exclusive or restart else fcntl.LOCK_SH
+        busy = f"{self.dir}: another komt-batch process is running this job" + (" unsharded, or merging it" if mode == fcntl.LOCK_SH else "")
+        with self._flock("job.lock", mode | fcntl.LOCK_NB, busy + "; wait for it or stop it first") as fh:
+            if restart:
+                self.clear()
+            if exclusive:
+                remove_temporaries(self.dir, "*")
+                yield
+                return
+            if restart:
+                self._share(fh, busy)
+            with self._flock(
+                f"shard-{shard}-of-{shards}.lock",
+                fcntl.LOCK_EX | fcntl.LOCK_NB,
+                f"{self.dir}: another komt-batch process is running shard {shard}/{shards} of this job; wait for it or stop it first",
+            ):
+                remove_temporaries(self.dir, f"part-{shard}-of-{shards}-*.parquet")
+                remove_temporaries(self.dir, f"summary-shard-{shard}-of-{shards}.json")
+                yield
+
+    @staticmethod
+    def _share(fh, busy: str) -> None:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise JobError(busy) from None
 
     def plan_lock(self):
-        return self.lock("plan.lock", wait=True, busy_message="")
+        return self._flock("plan.lock", fcntl.LOCK_EX, "")
 
     # --- the plan --------------------------------------------------------------------------------
 
+    def damaged(self, what: str) -> JobError:
+        return JobError(f"{self.dir}: the checkpoint is damaged: {what}. Run with --restart to start over (its committed rows are redone)")
+
     def load_plan(self) -> StoredPlan | None:
-        if not self.manifest_path.exists():
+        """The stored plan, verified; None without a manifest. Anything damaged raises one clear JobError."""
+        try:
+            data = self.manifest_path.read_bytes()
+        except FileNotFoundError:
             return None
-        manifest = json.loads(self.manifest_path.read_text())
-        rows = read_parquet_checked(self.plan_path)
-        chunks = [Chunk(**c) for c in manifest["chunks"]]
+        except OSError as e:
+            raise self.damaged(f"manifest.json is unreadable ({_first_line(e)})") from None
+        try:
+            manifest = json.loads(data)
+        except ValueError as e:  # (invalid UTF-8 included)
+            raise self.damaged(f"manifest.json is not valid JSON ({e})") from None
+        if not isinstance(manifest, dict):
+            raise self.damaged("manifest.json is not a JSON object")
+        if manifest.get("format") != FORMAT:
+            raise self.damaged(f"manifest.json is of format {manifest.get('format')!r}, not {FORMAT} (another komt-batch version)")
+        missing = [k for k in MANIFEST_FIELDS if k not in manifest]
+        if missing:
+            raise self.damaged(f"manifest.json lacks {', '.join(missing)}")
+        if manifest["plan_id"] != plan_id(manifest):
+            raise self.damaged("manifest.json does not match its plan_id (edited or corrupted)")
+        try:
+            chunks = [Chunk(**c) for c in manifest["chunks"]]
+        except (TypeError, ValueError):
+            raise self.damaged("manifest.json has malformed chunks") from None
+        rows = self._read_plan_file(self.plan_path, manifest["plan_id"])
+        if rows.num_rows != manifest["planned_rows"] or any(c not in rows.column_names for c in PLAN_COLUMNS):
+            raise self.damaged("plan.parquet does not hold the manifest's planned rows")
+        settled = self._plan_file_id(self.settled_path)
+        if settled != manifest["plan_id"]:
+            raise self.damaged(f"settled.parquet {'is missing or unreadable' if settled is None else 'belongs to another plan'}")
         return StoredPlan(manifest, rows, chunks)
 
-    def store_plan(self, manifest: dict, rows: pa.Table, settled: pa.Table) -> None:
-        """Write the plan; the manifest goes last, so a plan without its manifest is never read."""
-        write_parquet_atomic(self.plan_path, rows)
-        write_parquet_atomic(self.settled_path, settled)
+    def _read_plan_file(self, path: Path, expected_id: str) -> pa.Table:
+        try:
+            table = read_parquet_checked(path)
+        except FileNotFoundError:
+            raise self.damaged(f"{path.name} is missing") from None
+        except (OSError, pa.ArrowException) as e:
+            raise self.damaged(f"{path.name} is unreadable ({_first_line(e)})") from None
+        if (table.schema.metadata or {}).get(b"komt_batch_plan", b"").decode() != expected_id:
+            raise self.damaged(f"{path.name} belongs to another plan")
+        return table
+
+    @staticmethod
+    def _plan_file_id(path: Path) -> str | None:
+        try:
+            return (pq.read_schema(path).metadata or {}).get(b"komt_batch_plan", b"").decode()
+        except (OSError, pa.ArrowException):
+            return None
+
+    def store_plan(self, manifest: dict, rows: pa.Table, settled: pa.Table) -> StoredPlan:
+        """Write a new plan under a new identity; the manifest goes last, so a plan without its
+        manifest is never read (and parts of any earlier plan are never adopted: their plan_id differs)."""
+        manifest = {**manifest, "format": FORMAT, "nonce": uuid.uuid4().hex}
+        manifest["plan_id"] = plan_id(manifest)
+        for name in PLAN_FILES:
+            remove_temporaries(self.dir, name)
+        tag = {"komt_batch_plan": manifest["plan_id"]}
+        write_parquet_atomic(self.plan_path, rows, tag)
+        write_parquet_atomic(self.settled_path, settled, tag)
         write_atomic(self.manifest_path, lambda fh: fh.write(json.dumps(manifest, indent=1, ensure_ascii=False).encode()))
+        return self.load_plan()
+
+    def owned_files(self) -> list[Path]:
+        return [p for p in self.dir.iterdir() if OWNED.fullmatch(p.name) and p.is_file()] if self.dir.is_dir() else []
 
     def remove(self) -> None:
-        """Delete the checkpoint directory (after the final file is written)."""
-        for p in self.dir.iterdir():
-            p.unlink()
-        self.dir.rmdir()
+        """Delete the job's own files and, if nothing else is left, the directory (after the final file)."""
+        for p in self.owned_files():
+            p.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.dir.rmdir()
 
     def clear(self) -> None:
-        """Forget the plan and every part (for --restart); locks stay."""
-        for p in self.dir.iterdir() if self.dir.exists() else []:
-            if p.suffix in (".parquet", ".json", ".tmp"):
-                p.unlink()
+        """Forget the plan and every part (--restart), whatever state they are in; the locks stay."""
+        for p in self.owned_files():
+            if p.suffix != ".lock":
+                p.unlink(missing_ok=True)
 
     # --- parts -----------------------------------------------------------------------------------
 
-    @staticmethod
-    def part_name(first_batch: int, last_batch: int) -> str:
-        return f"part-{first_batch:07d}-{last_batch:07d}.parquet"
-
-    def write_part(self, first_batch: int, last_batch: int, table: pa.Table, stats: dict) -> Path:
-        path = self.dir / self.part_name(first_batch, last_batch)
-        write_parquet_atomic(path, table, {"komt_batch_part": json.dumps(stats)})
+    def write_part(self, plan: StoredPlan, shard: int, shards: int, table: pa.Table, stats: dict) -> Path:
+        """Commit finished rows as a new part (a new name every time: nothing is overwritten)."""
+        self._seq += 1
+        path = self.dir / f"part-{shard}-of-{shards}-{self._seq:06d}-{self._token}.parquet"
+        write_parquet_atomic(path, table, {"komt_batch_part": json.dumps({"plan_id": plan.plan_id, **stats})})
         return path
 
-    def part_files(self) -> list[tuple[int, int, Path]]:
-        out = []
-        for p in sorted(self.dir.glob("part-*.parquet")):
-            m = PART_RE.match(p.name)
-            if m:
-                out.append((int(m.group(1)), int(m.group(2)), p))
-        return out
+    def done_rows(self, plan: StoredPlan, set_aside: bool = True) -> tuple[dict[int, Path], list[str]]:
+        """(row -> the part that holds its result, the parts that do not verify and why).
 
-    def done_batches(self, plan: StoredPlan, verify: bool = True) -> dict[int, Path]:
-        """batch -> the part that holds it. With verify, damaged parts are deleted (to be redone)."""
-        sizes = plan.manifest["batch_sizes"]
+        A part that does not verify is set aside (renamed *.rejected, said on stderr) and its rows
+        are redone; with set_aside False (status: it only reads) it is skipped."""
+        expected = plan.expected_fingerprints()
         done: dict[int, Path] = {}
-        for first, last, path in self.part_files():
-            expected = sum(sizes[first : last + 1]) if last < len(sizes) else -1
-            if verify and not self._part_is_whole(path, expected):
-                path.unlink(missing_ok=True)
+        bad = []
+        for path in sorted(self.dir.glob("part-*.parquet")):
+            rows, problem = self._verify_part(path, plan.plan_id, expected)
+            if problem is None:
+                for r in rows:
+                    done.setdefault(r, path)  # a row in two parts (two runs of one shard) is taken once
                 continue
-            for b in range(first, last + 1):
-                done.setdefault(b, path)
-        return done
+            bad.append(f"{path.name}: {problem}")
+            if set_aside:
+                with contextlib.suppress(FileNotFoundError):  # another shard may have set it aside first
+                    os.replace(path, path.with_name(path.name + ".rejected"))
+                print(f"komt-batch: set aside {path.name} ({problem}); its rows will be redone", file=sys.stderr, flush=True)
+        return done, bad
 
     @staticmethod
-    def _part_is_whole(path: Path, expected_rows: int) -> bool:
+    def _verify_part(path: Path, expected_id: str, expected: pa.Array) -> tuple[list[int], str | None]:
         try:
             table = read_parquet_checked(path)
-        except (OSError, pa.ArrowException):
-            return False
-        return table.num_rows == expected_rows and table.schema.equals(RESULT_SCHEMA, check_metadata=False)
+        except FileNotFoundError:
+            return [], None  # set aside by another shard meanwhile
+        except (OSError, pa.ArrowException) as e:
+            return [], f"unreadable: {_first_line(e)}"
+        if not table.schema.equals(RESULT_SCHEMA, check_metadata=False):
+            return [], "not a table of results"
+        try:
+            part_plan = json.loads((table.schema.metadata or {}).get(b"komt_batch_part", b"{}")).get("plan_id")
+        except (ValueError, AttributeError):
+            part_plan = None
+        if part_plan != expected_id:
+            return [], f"of another plan ({part_plan or 'no plan_id'}; this plan is {expected_id})"
+        rows = table.column("row")
+        if table.num_rows == 0:
+            return [], None
+        if rows.null_count or pc.min(rows).as_py() < 0 or pc.max(rows).as_py() >= len(expected):
+            return [], "rows outside this plan"
+        if pc.count_distinct(rows).as_py() != table.num_rows:
+            return [], "a row twice"
+        same = pc.equal(pc.take(expected, rows), table.column("row_fingerprint")).fill_null(False)
+        if not pc.all(same).as_py():
+            first = rows.filter(pc.invert(same))[0].as_py()
+            return [], f"rows that are not this plan's (row {first}'s fingerprint differs)"
+        return rows.to_pylist(), None
 
     @staticmethod
     def part_stats(path: Path) -> dict:
         meta = pq.read_schema(path).metadata or {}
         return json.loads(meta.get(b"komt_batch_part", b"{}"))
 
-    def read_results(self, plan: StoredPlan) -> pa.Table:
-        """Every committed result (parts and settled rows), one line per row."""
-        done = self.done_batches(plan, verify=False)
+    def read_results(self, done: dict[int, Path]) -> pa.Table:
+        """Every committed result (the verified parts' rows in `done`, and the settled rows), one line per row."""
+        by_part: dict[Path, list[int]] = {}
+        for row, path in done.items():
+            by_part.setdefault(path, []).append(row)
         tables = []
-        for path in sorted(set(done.values())):
-            t = read_parquet_checked(path)
-            keep = pa.array([done.get(b) == path for b in t.column("batch").to_pylist()], pa.bool_())
-            tables.append(t.filter(keep))  # a batch held by two overlapping parts is taken once
-        tables.append(read_parquet_checked(self.settled_path))
-        return pa.concat_tables(tables)  # never empty: settled.parquet is always there
+        for path in sorted(by_part):
+            try:
+                t = read_parquet_checked(path)
+            except (OSError, pa.ArrowException) as e:
+                raise self.damaged(f"{path.name} became unreadable ({_first_line(e)}); run again to redo its rows") from None
+            tables.append(t.filter(pc.is_in(t.column("row"), pa.array(by_part[path], pa.int64()))))
+        try:
+            tables.append(read_parquet_checked(self.settled_path))
+        except (OSError, pa.ArrowException) as e:
+            raise self.damaged(f"settled.parquet is unreadable ({_first_line(e)})") from None
+        return pa.concat_tables(tables)

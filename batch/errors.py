@@ -1,12 +1,13 @@
-"""The one exception type for mistakes a user can fix (bad job file, bad input, bad paths).
+"""The exception types for what a user can fix or must know, and the exit codes.
 
-It is raised where the mistake is found, with the file and the field, and turned into one line and
-exit code 2 at the CLI edge (see cli.main) -- never caught and re-worded on the way.
+A user-fixable mistake is raised where it is found, with the file and the field, and turned into
+one line and an exit code at the CLI edge (see cli.main) -- never caught and re-worded on the way.
 """
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # a crash, or a merge that found missing chunks
-EXIT_USAGE = 2  # JobError: the user's job file, input or paths
+EXIT_USAGE = 2  # JobError: the user's job file, input, paths or checkpoint
+EXIT_IO = 74  # EX_IOERR: a write failed (a full disk): committed rows are kept; free space and rerun
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal after checkpointing; rerun to resume
 
 
@@ -20,3 +21,9 @@ class IncompleteError(JobError):
     """merge (or a finished shard) found chunks that are not done yet."""
 
     exit_code = EXIT_FAILED
+
+
+class WriteError(JobError):
+    """Writing a file failed (no space left, quota, I/O error). Nothing committed is lost."""
+
+    exit_code = EXIT_IO

@@ -4,32 +4,27 @@ pack the rest into batches and chunks (batch.plan), and store it once in the che
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 
 import pyarrow as pa
 
 from batch.checkpoint import Checkpoint, StoredPlan
 from batch.config import JobConfig
-from batch.loading import load_tokenizer
 from batch.errors import JobError
-from batch.fingerprints import input_fingerprint, plan_changes, row_fingerprint, row_settings_key, settings_fingerprint
+from batch.fingerprints import plan_changes, row_fingerprint, row_settings_key
 from batch.plan import plan_batches, plan_chunks
 from batch.results import Completion, error_completion, results_table
 from batch.reuse import load_reusable
 from batch.rows import Rows
 
 
-def open_plan(job: JobConfig, rows: Rows, ckpt: Checkpoint, restart: bool, fresh=None) -> StoredPlan:
-    """The stored plan, or `fresh` (make_plan's result) stored now if there is none.
+def open_plan(job: JobConfig, ckpt: Checkpoint, make_fresh: Callable[[], tuple], input_fp: dict, settings_fp: dict) -> StoredPlan:
+    """The stored plan, or a new one (make_fresh() gives make_plan's result) stored now if there is none.
 
     Many shards may start at once: the plan lock lets the first store its plan; the others find it."""
-    settings_fp = settings_fingerprint(job)
-    input_fp = input_fingerprint(rows)
     with ckpt.plan_lock():
         stored = ckpt.load_plan()
-        if stored and restart:
-            ckpt.clear()
-            stored = None
         if stored:
             changes = plan_changes(stored.manifest, input_fp, settings_fp)
             if changes:
@@ -38,23 +33,22 @@ def open_plan(job: JobConfig, rows: Rows, ckpt: Checkpoint, restart: bool, fresh
                     f"({ckpt.dir}): " + "; ".join(changes) + ". Run with --restart to start over."
                 )
             return stored
-        if fresh is None:
-            fresh = make_plan(job, rows, *load_tokenizer(job.model, job.source))
-        manifest, plan_rows, settled = fresh
-        manifest.update(input=input_fp, settings=settings_fp)
-        ckpt.store_plan(manifest, plan_rows, settled)
-        return ckpt.load_plan()
+        manifest, plan_rows, settled = make_fresh()
+        return ckpt.store_plan({**manifest, "input": input_fp, "settings": settings_fp}, plan_rows, settled)
 
 
-def make_plan(job: JobConfig, rows: Rows, tokenizer, context: int):
-    """Render and tokenize every prompt; settle the rows that cannot run; pack the rest in batches."""
+def make_plan(job: JobConfig, rows: Rows, tokenizer, context: int, settings_fp: dict):
+    """Render and tokenize every prompt; settle the rows that cannot run; pack the rest in batches.
+
+    Each planned row gets the fingerprint of the prompt it runs with (its truncated prompt, if cut):
+    a committed part must carry exactly these."""
     g, where = job.generation, job.source
     limit = context - g.max_new_tokens
     if limit < 1:
         raise JobError(f"{where}: generation.max_new_tokens: {g.max_new_tokens} leaves no room for a prompt in the model's context of {context} tokens")
-    key = row_settings_key(job)
+    key = row_settings_key(settings_fp)
     reusable = load_reusable(job)
-    planned: list[tuple[int, int, str | None, str | None]] = []  # row, prompt tokens, truncated prompt, note
+    planned: list[tuple[int, int, str | None, str | None, str]] = []  # row, prompt tokens, truncated prompt, note, fingerprint
     settled: list[tuple[int, Completion, str]] = []
     for start, prompts in rows.slices():
         todo = []
@@ -71,13 +65,13 @@ def make_plan(job: JobConfig, rows: Rows, tokenizer, context: int):
         lengths = [len(t) for t in tokenizer([p for _, p, _ in todo], add_special_tokens=True)["input_ids"]] if todo else []
         for (r, p, fp), n in zip(todo, lengths):
             if n <= limit:
-                planned.append((r, n, None, None))
+                planned.append((r, n, None, None, fp))
             elif job.input.too_long == "truncate":
                 cut = truncate_prompt(rows, r, tokenizer, limit)
                 if isinstance(cut, str):
                     settled.append((r, error_completion(f"too_long: {cut}", n), fp))
                 else:
-                    planned.append((r, cut[1], cut[0], f"truncated: {cut[2]}"))
+                    planned.append((r, cut[1], cut[0], f"truncated: {cut[2]}", row_fingerprint(key, rows.ids[r], cut[0])))
             else:
                 settled.append((r, error_completion(f"too_long: the prompt has {n} tokens; at most {limit} fit (context {context} - max_new_tokens {g.max_new_tokens})", n), fp))
     lengths = [p[1] for p in planned]
@@ -98,11 +92,11 @@ def make_plan(job: JobConfig, rows: Rows, tokenizer, context: int):
             "prompt_tokens": pa.array([planned[i][1] for _, i in order], pa.int32()),
             "prompt_override": pa.array([planned[i][2] for _, i in order], pa.string()),
             "note": pa.array([planned[i][3] for _, i in order], pa.string()),
+            "row_fingerprint": pa.array([planned[i][4] for _, i in order], pa.string()),
         }
     )
     settled_table = results_table([r for r, _, _ in settled], -1, [c for _, c, _ in settled], [fp for _, _, fp in settled])
     manifest = {
-        "format": 1,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "context": context,
         "planned_rows": len(planned),

@@ -43,11 +43,12 @@ def error_completion(message: str, prompt_tokens: int = 0) -> Completion:
     return Completion(None, "error", prompt_tokens, 0, message)
 
 
-def results_table(rows: list[int], batch: int, completions: list[Completion], fingerprints: list[str]) -> pa.Table:
+def results_table(rows: list[int], batches: int | list[int], completions: list[Completion], fingerprints: list[str]) -> pa.Table:
+    """Result lines of `rows`, with their planned batch (one for all, or each row's)."""
     return pa.table(
         {
             "row": pa.array(rows, pa.int64()),
-            "batch": pa.array([batch] * len(rows), pa.int32()),
+            "batch": pa.array(batches if isinstance(batches, list) else [batches] * len(rows), pa.int32()),
             "response": pa.array([c.response for c in completions], pa.string()),
             "finish_reason": pa.array([c.finish_reason for c in completions], pa.string()),
             "prompt_tokens": pa.array([c.prompt_tokens for c in completions], pa.int64()),

@@ -1,75 +1,96 @@
-"""The job, top to bottom: read the input -> plan once -> generate this shard's batches -> commit
-parts -> the final file. `validate` runs the same steps up to the plan, without the model.
+"""The job, top to bottom: read the input -> plan once -> generate this shard's rows -> commit
+parts as rows finish -> the final file. `validate` runs the same steps up to the plan, without the model.
 
 One row's way: rows (readers + template) -> planning (plan) -> engine -> checkpoint parts -> writer.
 """
 
 from __future__ import annotations
 
-import signal
+import itertools
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-import pyarrow as pa
 from tqdm import tqdm
 
 from batch.checkpoint import Checkpoint, StoredPlan
 from batch.config import JobConfig
 from batch.engine import Engine, Request, SafeGenerator, row_seed
+from batch.fingerprints import input_fingerprint, settings_fingerprint
 from batch.loading import load_tokenizer
-from batch.fingerprints import row_fingerprint, row_settings_key
 from batch.paths import check_output_writable
 from batch.plan import assign_shards
 from batch.planning import make_plan, open_plan
 from batch.results import Completion, count_results, results_table
 from batch.rows import Rows, read_rows
-from batch.signals import Interrupted, StopFlag
-from batch.writer import assemble, summary_path, write_summary
+from batch.signals import StopFlag
+from batch.writer import (
+    already_done,
+    assemble,
+    output_state,
+    refuse_to_replace,
+    remove_stale_temporaries,
+    summary_path,
+    write_summary,
+)
+
+NOTHING_DONE = "before any work; nothing was written"
 
 
-def run(job: JobConfig, shard: int = 0, shards: int = 1, restart: bool = False, progress: bool = True, resume_hint: str = "") -> dict:
-    """Generate this shard's batches; when unsharded, also write the final file. Returns the summary."""
+def run(job: JobConfig, shard: int, shards: int, stop: StopFlag, restart: bool = False, progress: bool = True) -> dict:
+    """Generate this shard's rows; when unsharded, also write the final file. Returns the summary.
+
+    Every check that can fail on the user's input or paths runs before anything is written. A
+    finished output that this job wrote from the same input and settings is left alone."""
     started = time.time()
-    stop = StopFlag()
-    with stop.installed():  # from the start: a signal while planning still ends in exit 75
-        return _run(job, shard, shards, restart, progress, resume_hint, started, stop)
-
-
-def _run(job, shard, shards, restart, progress, resume_hint, started, stop: StopFlag) -> dict:
+    stop.check(NOTHING_DONE)
     check_output_writable(job)
     ckpt = Checkpoint(job.parts_dir)
     rows = read_rows(job)
-    # Every check that can fail on the user's input runs before anything is written: the model's
-    # files (tokenizer, adapter shapes) and, when there is no plan yet, the plan itself.
+    ckpt.check_place(job, rows.files)
     tokenizer, context = load_tokenizer(job.model, job.source)
-    fresh = make_plan(job, rows, tokenizer, context) if restart or not ckpt.manifest_path.exists() else None
-    with ckpt.shard_lock(shard, shards):
-        plan = open_plan(job, rows, ckpt, restart, fresh)
+    input_fp, settings_fp = input_fingerprint(rows), settings_fingerprint(job)
+    state, changes = output_state(job, input_fp, settings_fp)
+    if state == "done" and not restart:
+        stop.finished()
+        return already_done(job, rows.table.num_rows)
+    resuming = ckpt.manifest_path.exists() and not restart
+    fresh = None if resuming else make_plan(job, rows, tokenizer, context, settings_fp)
+    # A file at output.path is replaced only by a run of this job that started with it there
+    # (--restart, or a checkpoint made then), and never when komt-batch did not write it.
+    if state == "foreign" or (state == "changed" and not resuming and not restart):
+        raise refuse_to_replace(job, state, changes)
+    stop.check(NOTHING_DONE)
+    with ckpt.job_lock(shard, shards, restart):
+        if not restart and output_state(job, input_fp, settings_fp)[0] == "done":  # finished by another process meanwhile
+            ckpt.remove()
+            stop.finished()
+            return already_done(job, rows.table.num_rows)
+        if shards == 1:
+            remove_stale_temporaries(job)
+        plan = open_plan(job, ckpt, lambda: fresh or make_plan(job, rows, tokenizer, context, settings_fp), input_fp, settings_fp)
+        done, _ = ckpt.done_rows(plan)
         owner = assign_shards(plan.chunks, shards)
-        done = ckpt.done_batches(plan)
-        batch_rows = plan.batch_rows()
-        mine = [b for c in plan.chunks if owner[c.index] == shard for b in c.batches]
-        todo = [b for b in mine if b not in done]
-        stats = Stats(resumed_rows=sum(len(batch_rows[b]) for b in mine if b in done))
+        plan_rows, plan_batches, plan_chunks = (plan.rows.column(k).to_pylist() for k in ("row", "batch", "chunk"))
+        mine = [i for i, c in enumerate(plan_chunks) if owner[c] == shard]  # positions in the plan, in plan order
+        todo = [i for i in mine if plan_rows[i] not in done]
+        stats = Stats(resumed_rows=len(mine) - len(todo))
         if todo and stop.received is None:
             engine = Engine.load(job.model, job.generation, job.source, tokenizer)
             print(
-                f"komt-batch: generating {sum(len(batch_rows[b]) for b in todo)} rows in {len(todo)} batches"
+                f"komt-batch: generating {len(todo)} rows in {len({plan_batches[i] for i in todo})} batches"
                 f" (shard {shard}/{shards}; {stats.resumed_rows} rows already done)",
                 file=sys.stderr,
                 flush=True,
             )
-            generate_batches(job, rows, plan, ckpt, engine, todo, batch_rows, stop, stats, progress)
-        if stop.received is not None:
-            raise Interrupted(
-                f"komt-batch: stopped by {signal.Signals(stop.received).name} after committing every finished row "
-                f"({stats.generated_rows} generated this run). Run the same command again to resume{resume_hint}."
-            )
+            done.update(generate_rows(job, rows, plan, ckpt, engine, todo, stop, stats, progress, shard, shards))
+        stop.check(f"after committing every finished row ({stats.generated_rows} generated this run)")
         summary = stats.summary(job, plan, started)
         if shards == 1:
-            results = ckpt.read_results(plan)
-            out = assemble(job, rows.table, results)
+            results = ckpt.read_results(done)
+            out = assemble(job, rows.table, results, plan.manifest)
+            stop.finished()
             summary.update(count_results(results), output=str(out), rows=rows.table.num_rows)
             write_summary(summary_path(job), summary)
             if not job.checkpoint.keep:
@@ -77,6 +98,7 @@ def _run(job, shard, shards, restart, progress, resume_hint, started, stop: Stop
         else:
             summary.update(shard=f"{shard}/{shards}")
             write_summary(ckpt.dir / f"summary-shard-{shard}-of-{shards}.json", summary)
+            stop.finished()
         return summary
 
 
@@ -108,90 +130,69 @@ class Stats:
         }
 
 
-def generate_batches(job, rows: Rows, plan: StoredPlan, ckpt: Checkpoint, engine: Engine, todo: list[int], batch_rows, stop: StopFlag, stats: Stats, progress: bool) -> None:
-    """The hot loop: stream the batches' rows through the engine (finished rows' places are refilled
-    from the next batches), collect each batch's results, commit parts in batch order, stop cleanly
-    on a signal (no new batch starts; the rows already in the engine finish and are committed)."""
-    overrides = dict(zip(plan.rows.column("row").to_pylist(), plan.rows.column("prompt_override").to_pylist()))
-    notes = {r: n for r, n in zip(plan.rows.column("row").to_pylist(), plan.rows.column("note").to_pylist()) if n}
-    key = row_settings_key(job)
+def generate_rows(job, rows: Rows, plan: StoredPlan, ckpt: Checkpoint, engine: Engine, todo: list[int], stop: StopFlag, stats: Stats, progress: bool, shard: int, shards: int) -> dict[int, Path]:
+    """The hot loop: stream the rows at plan positions `todo` through the engine in plan order
+    (finished rows' places are refilled from the next ones) and commit finished rows as they
+    finish: a part every checkpoint.every_rows rows or checkpoint.every_seconds, whichever comes
+    first, so a kill loses at most one part's rows besides those still generating. On a signal no
+    new batch starts; the rows already in the engine finish and are committed.
+    Returns row -> the part that holds it, for the rows committed here."""
+    plan_cols = {k: plan.rows.column(k).to_pylist() for k in ("row", "batch", "prompt_override", "note", "row_fingerprint")}
+    row_of, batch_of, override, notes, fps = plan_cols.values()
     generator = SafeGenerator.for_job(engine, job.batching, job.generation.max_new_tokens)
-    bar = tqdm(total=sum(len(batch_rows[b]) for b in todo), unit="row", disable=not progress, mininterval=1.0, dynamic_ncols=True)
-    chunk_of = {b: c.index for c in plan.chunks for b in c.batches}
-    prompts_of: dict[int, list[str]] = {}
-    results: dict[int, list[Completion | None]] = {}
-    pending: list[tuple[int, pa.Table]] = []
-    pending_stats = {"rows": 0, "completion_tokens": 0, "seconds": 0.0}
-    last_commit, last_release = time.time(), time.perf_counter()
+    bar = tqdm(total=len(todo), unit="row", disable=not progress, mininterval=1.0, dynamic_ncols=True)
+    pending: list[tuple[int, Completion]] = []
+    committed: dict[int, Path] = {}
+    last_commit = time.perf_counter()
 
     def requests():
-        for b in todo:
+        for _, group in itertools.groupby(todo, key=lambda i: batch_of[i]):
             if stop.received is not None:
                 return
-            indices = batch_rows[b]
-            prompts_of[b] = [overrides[r] if overrides[r] is not None else p for r, p in zip(indices, rows.prompts(indices))]
-            results[b] = [None] * len(indices)
-            for j, ids in enumerate(engine.tokenize(prompts_of[b])):
-                yield Request((b, j), ids, row_seed(job.generation.seed, rows.ids[indices[j]]))
+            group = list(group)
+            prompts = [o if o is not None else p for o, p in zip((override[i] for i in group), rows.prompts([row_of[i] for i in group]))]
+            for i, ids in zip(group, engine.tokenize(prompts)):
+                yield Request(i, ids, row_seed(job.generation.seed, rows.ids[row_of[i]]))
 
     def commit():
-        nonlocal pending, last_commit
-        if pending:
-            ckpt.write_part(pending[0][0], pending[-1][0], pa.concat_tables(t for _, t in pending), dict(pending_stats))
-            pending = []
-            pending_stats.update(rows=0, completion_tokens=0, seconds=0.0)
-        last_commit = time.time()
-
-    def release(i: int, b: int) -> None:
-        """Batch b (todo[i]) is whole: add it to the pending part; commit at a chunk's end or when due."""
-        nonlocal last_release
-        indices, completions, prompts = batch_rows[b], results.pop(b), prompts_of.pop(b)
+        nonlocal last_commit
         now = time.perf_counter()
-        seconds, last_release = now - last_release, now
-        for r, c in zip(indices, completions):
-            if r in notes and c.error is None:
-                c.error = notes[r]  # the row ran, truncated: say so
-        fps = [row_fingerprint(key, rows.ids[r], p) for r, p in zip(indices, prompts)]
-        pending.append((b, results_table(indices, b, completions, fps)))
-        tokens = sum(c.completion_tokens for c in completions)
-        pending_stats["rows"] += len(indices)
-        pending_stats["completion_tokens"] += tokens
-        pending_stats["seconds"] += seconds
-        stats.generated_rows += len(indices)
-        stats.completion_tokens += tokens
-        stats.prompt_tokens += sum(c.prompt_tokens for c in completions)
-        stats.generate_seconds += seconds
-        stats.oom_splits, stats.lowered_budget = generator.oom_splits, generator.lowered_budget
-        bar.update(len(indices))
-        bar.set_postfix_str(f"{stats.completion_tokens / max(stats.generate_seconds, 1e-9):.1f} tok/s", refresh=False)
-        nxt = todo[i + 1] if i + 1 < len(todo) else None
-        if (
-            nxt != b + 1
-            or chunk_of[nxt] != chunk_of[b]
-            or pending_stats["rows"] >= job.checkpoint.every_rows
-            or time.time() - last_commit >= job.checkpoint.every_seconds
-        ):
-            commit()
+        if pending:
+            at = [i for i, _ in pending]
+            completions = [c for _, c in pending]
+            table = results_table([row_of[i] for i in at], [batch_of[i] for i in at], completions, [fps[i] for i in at])
+            tokens = sum(c.completion_tokens for c in completions)
+            path = ckpt.write_part(plan, shard, shards, table, {"rows": len(at), "completion_tokens": tokens, "seconds": round(now - last_commit, 3)})
+            committed.update((row_of[i], path) for i in at)
+            pending.clear()
+        stats.generate_seconds += now - last_commit
+        last_commit = now
 
-    released = 0  # todo[:released] are in pending parts or committed
-    left = {b: len(batch_rows[b]) for b in todo}
-    for (b, j), completion in generator.stream(requests()):
-        results[b][j] = completion
-        left[b] -= 1
-        while released < len(todo) and left[todo[released]] == 0:  # (0 only once fed and done)
-            release(released, todo[released])
-            released += 1
+    for i, completion in generator.stream(requests()):
+        if notes[i] and completion.error is None:
+            completion.error = notes[i]  # the row ran, truncated: say so
+        pending.append((i, completion))
+        stats.generated_rows += 1
+        stats.completion_tokens += completion.completion_tokens
+        stats.prompt_tokens += completion.prompt_tokens
+        stats.oom_splits, stats.lowered_budget = generator.oom_splits, generator.lowered_budget
+        bar.update(1)
+        bar.set_postfix_str(f"{stats.completion_tokens / max(stats.generate_seconds + time.perf_counter() - last_commit, 1e-9):.1f} tok/s", refresh=False)
+        if len(pending) >= job.checkpoint.every_rows or time.perf_counter() - last_commit >= job.checkpoint.every_seconds:
+            commit()
     commit()
     bar.close()
+    return committed
 
 
 def validate(job: JobConfig) -> dict:
-    """Check the job file and the input, and plan it in memory, without loading the model's weights."""
+    """Check the job file, the input and the paths, and plan it in memory, without loading the model's weights."""
     check_output_writable(job)
     rows = read_rows(job)
+    Checkpoint(job.parts_dir).check_place(job, rows.files)
     result = {"job": job.source, "input_files": len(rows.files), "rows": rows.table.num_rows}
     tokenizer, context = load_tokenizer(job.model, job.source)
-    manifest, _, settled = make_plan(job, rows, tokenizer, context)
+    manifest, _, settled = make_plan(job, rows, tokenizer, context, settings_fingerprint(job))
     result.update(
         planned_rows=manifest["planned_rows"],
         reused_rows=manifest["reused_rows"],

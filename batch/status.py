@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from batch.checkpoint import Checkpoint, StoredPlan
@@ -11,7 +12,23 @@ from batch.fingerprints import input_fingerprint, plan_changes, settings_fingerp
 from batch.plan import assign_shards
 from batch.results import count_results
 from batch.rows import read_rows
-from batch.writer import assemble, summary_path, write_summary
+from batch.signals import StopFlag
+from batch.writer import (
+    already_done,
+    assemble,
+    output_state,
+    refuse_to_replace,
+    remove_stale_temporaries,
+    summary_path,
+    write_summary,
+)
+
+NO_PLAN_STATES = {
+    "absent": "not started",
+    "done": "done",
+    "changed": "not started; output.path holds an output of another input or settings",
+    "foreign": "not started; output.path holds a file komt-batch did not write",
+}
 
 
 def shard_counts(ckpt: Checkpoint) -> list[int]:
@@ -19,81 +36,106 @@ def shard_counts(ckpt: Checkpoint) -> list[int]:
     return sorted({int(p.stem.split("-of-")[1]) for p in ckpt.dir.glob("shard-*-of-*.lock")})
 
 
+def chunks_done(plan: StoredPlan, done: dict[int, Path]) -> set[int]:
+    """The chunks whose planned rows are all done."""
+    left = Counter(c for r, c in zip(plan.rows.column("row").to_pylist(), plan.rows.column("chunk").to_pylist()) if r not in done)
+    return {c.index for c in plan.chunks if not left[c.index]}
+
+
 def status(job: JobConfig, shards: int | None = None) -> dict:
+    """Progress from the checkpoint (read only: it changes nothing, and works while a run goes on)."""
     ckpt = Checkpoint(job.parts_dir)
-    out = Path(job.output.path)
     plan = ckpt.load_plan()
+    rows = read_rows(job)
+    input_fp, settings_fp = input_fingerprint(rows), settings_fingerprint(job)
     if plan is None:
-        state = "finished" if out.exists() else "not started"
-        return {"job": job.source, "state": state, "output": str(out)}
-    done = ckpt.done_batches(plan, verify=False)
-    sizes = plan.manifest["batch_sizes"]
+        state, changes = output_state(job, input_fp, settings_fp)
+        return {"job": job.source, "state": NO_PLAN_STATES[state], "output": job.output.path, **({"changes": changes} if changes else {})}
+    done, bad = ckpt.done_rows(plan, set_aside=False)
     total = plan.manifest["planned_rows"] + plan.manifest["settled_rows"]
-    rows_done = sum(sizes[b] for b in done) + plan.manifest["settled_rows"]
-    chunks_done = [c for c in plan.chunks if all(b in done for b in c.batches)]
+    rows_done = len(done) + plan.manifest["settled_rows"]
+    finished_chunks = chunks_done(plan, done)
     parts = [ckpt.part_stats(p) for p in set(done.values())]
     seconds = sum(p.get("seconds", 0) for p in parts)
     rows_gen = sum(p.get("rows", 0) for p in parts)
     tokens = sum(p.get("completion_tokens", 0) for p in parts)
     remaining = total - rows_done
-    rows = read_rows(job)
-    changes = plan_changes(plan.manifest, input_fingerprint(rows), settings_fingerprint(job))
+    changes = plan_changes(plan.manifest, input_fp, settings_fp)
     result = {
         "job": job.source,
         "state": "done" if remaining == 0 else "in progress",
         "rows_done": rows_done,
         "rows_total": total,
-        "chunks_done": len(chunks_done),
+        "chunks_done": len(finished_chunks),
         "chunks_total": len(plan.chunks),
         "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
         "eta_seconds": round(remaining * seconds / rows_gen) if rows_gen else None,
         "plan_matches": not changes,
         "changes": changes,
-        "errors_by_cause": count_results(ckpt.read_results(plan))["errors_by_cause"],
+        "errors_by_cause": count_results(ckpt.read_results(done))["errors_by_cause"],
     }
+    if bad:
+        result["parts_set_aside_next_run"] = bad
     for n in [shards] if shards else shard_counts(ckpt):
         if n and n > 1:
             owner = assign_shards(plan.chunks, n)
             result[f"shards_of_{n}"] = {
-                f"{s}/{n}": f"{sum(1 for c in chunks_done if owner[c.index] == s)}/{owner.count(s)} chunks"
+                f"{s}/{n}": f"{sum(1 for c in finished_chunks if owner[c] == s)}/{owner.count(s)} chunks"
                 for s in range(n)
             }
     return result
 
 
-def missing_chunks(ckpt: Checkpoint, plan: StoredPlan, shards: int | None) -> str:
-    done = ckpt.done_batches(plan)
-    missing = [c for c in plan.chunks if not all(b in done for b in c.batches)]
+def missing_chunks(ckpt: Checkpoint, plan: StoredPlan, done: dict[int, Path], shards: int | None) -> str:
+    finished = chunks_done(plan, done)
+    missing = [c.index for c in plan.chunks if c.index not in finished]
     if not missing:
         return ""
     counts = [shards] if shards else shard_counts(ckpt) or [1]
-    lines = [f"{len(missing)} of {len(plan.chunks)} chunks are not done: {[c.index for c in missing][:20]}"]
+    lines = [f"{len(missing)} of {len(plan.chunks)} chunks are not done: {missing[:20]}"]
     for n in counts:
         owner = assign_shards(plan.chunks, n)
-        by_shard = sorted({owner[c.index] for c in missing})
+        by_shard = sorted({owner[c] for c in missing})
         lines.append(f"missing shards (of {n}): " + ", ".join(f"{s}/{n}" for s in by_shard))
     return "; ".join(lines)
 
 
-def merge(job: JobConfig, shards: int | None = None) -> dict:
-    """Write the final file from the checkpoint when every chunk is done."""
+def merge(job: JobConfig, shards: int | None, stop: StopFlag) -> dict:
+    """Write the final file from the checkpoint when every chunk is done (a finished one is left alone)."""
+    stop.check("before any work; nothing was written")
     ckpt = Checkpoint(job.parts_dir)
-    plan = ckpt.load_plan()
-    if plan is None:
-        raise IncompleteError(f"{job.source}: nothing to merge: no plan in {ckpt.dir} (has any shard started?)")
-    missing = missing_chunks(ckpt, plan, shards)
-    if missing:
-        raise IncompleteError(f"{job.source}: cannot merge yet: {missing}. Rerun those shards, then merge again.")
     rows = read_rows(job)
-    changes = plan_changes(plan.manifest, input_fingerprint(rows), settings_fingerprint(job))
-    if changes:
-        raise JobError(f"{job.source}: the input or settings changed since the plan was made: " + "; ".join(changes))
-    results = ckpt.read_results(plan)
-    out = assemble(job, rows.table, results)
-    summary = {"job": job.source, "output": str(out), "rows": rows.table.num_rows, **count_results(results)}
-    summary["generated_rows"] = plan.manifest["planned_rows"]
-    summary["reused_rows"] = plan.manifest["reused_rows"]
-    write_summary(summary_path(job), summary)
-    if not job.checkpoint.keep:
-        ckpt.remove()
-    return summary
+    ckpt.check_place(job, rows.files)
+    input_fp, settings_fp = input_fingerprint(rows), settings_fingerprint(job)
+    state, _ = output_state(job, input_fp, settings_fp)
+    if state == "done":
+        stop.finished()
+        return already_done(job, rows.table.num_rows)
+    if state == "foreign":
+        raise refuse_to_replace(job, state, [])
+    nothing = IncompleteError(f"{job.source}: nothing to merge: no plan in {ckpt.dir} (has any shard started?)")
+    if not ckpt.manifest_path.exists():
+        raise nothing
+    with ckpt.job_lock(0, 1):
+        plan = ckpt.load_plan()
+        if plan is None:
+            raise nothing
+        done, _ = ckpt.done_rows(plan)
+        missing = missing_chunks(ckpt, plan, done, shards)
+        if missing:
+            raise IncompleteError(f"{job.source}: cannot merge yet: {missing}. Rerun those shards, then merge again.")
+        changes = plan_changes(plan.manifest, input_fp, settings_fp)
+        if changes:
+            raise JobError(f"{job.source}: the input or settings changed since the plan was made: " + "; ".join(changes))
+        remove_stale_temporaries(job)
+        stop.check("before writing the final file; nothing was lost")
+        results = ckpt.read_results(done)
+        out = assemble(job, rows.table, results, plan.manifest)
+        stop.finished()
+        summary = {"job": job.source, "output": str(out), "rows": rows.table.num_rows, **count_results(results)}
+        summary["generated_rows"] = plan.manifest["planned_rows"]
+        summary["reused_rows"] = plan.manifest["reused_rows"]
+        write_summary(summary_path(job), summary)
+        if not job.checkpoint.keep:
+            ckpt.remove()
+        return summary

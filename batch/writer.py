@@ -8,26 +8,33 @@ The final file is the input's columns, unchanged and in input order, plus the ge
   error              string, null when none ("cause: details")
   row_fingerprint    hash of the row's id, prompt and output-changing settings (for input.reuse)
 Its key-value metadata `komt_batch` (JSON) records the model, adapter, quantization, generation
-settings, the job file and the package version.
+settings, the job file and the package version, and the fingerprints of the input and of the
+settings (with the model's files) it was made from: a rerun of a finished job compares them with
+its own and leaves a file that matches alone (`output_state`).
 """
 
 from __future__ import annotations
 
+import glob
 import json
+import sys
 import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from batch import __version__
-from batch.checkpoint import write_atomic, write_parquet_atomic
+from batch.checkpoint import remove_temporaries, write_atomic, write_parquet_atomic
 from batch.config import JobConfig
-from batch.errors import IncompleteError
+from batch.errors import IncompleteError, JobError
+from batch.fingerprints import plan_changes
 from batch.results import GENERATED_COLUMNS
 
 
-def job_metadata(job: JobConfig) -> dict[str, str]:
+def job_metadata(job: JobConfig, made_from: dict) -> dict[str, str]:
+    """The output's `komt_batch` metadata; made_from: the plan's input and settings fingerprints."""
     m = job.model
     info = {
         "package": "komt-batch",
@@ -42,11 +49,13 @@ def job_metadata(job: JobConfig) -> dict[str, str]:
         "job_file": job.source,
         "job": job.text,
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "input": made_from["input"],
+        "settings": made_from["settings"],
     }
     return {"komt_batch": json.dumps(info, ensure_ascii=False)}
 
 
-def assemble(job: JobConfig, inputs: pa.Table, results: pa.Table) -> Path:
+def assemble(job: JobConfig, inputs: pa.Table, results: pa.Table, made_from: dict) -> Path:
     """Write the final file: every input row exactly once, in input order, with its results."""
     n = inputs.num_rows
     rows = results.column("row")
@@ -59,7 +68,7 @@ def assemble(job: JobConfig, inputs: pa.Table, results: pa.Table) -> Path:
     for name in GENERATED_COLUMNS:
         table = table.append_column(name, ordered.column(name))
     out = Path(job.output.path)
-    write_parquet_atomic(out, table, job_metadata(job))
+    write_parquet_atomic(out, table, job_metadata(job, made_from))
     return out
 
 
@@ -71,3 +80,49 @@ def summary_path(job: JobConfig) -> Path:
 def write_summary(path: Path, summary: dict) -> None:
     text = json.dumps(summary, indent=1, ensure_ascii=False) + "\n"
     write_atomic(path, lambda fh: fh.write(text.encode()))
+
+
+def remove_stale_temporaries(job: JobConfig) -> None:
+    """Temporary files of the output and its summary that a kill left (call it holding the job lock
+    exclusively: only that holder writes them). Nothing else in the output's folder is touched."""
+    for path in (Path(job.output.path), summary_path(job)):
+        remove_temporaries(path.parent, glob.escape(path.name))
+
+
+def output_state(job: JobConfig, input_fp: dict, settings_fp: dict) -> tuple[str, list[str]]:
+    """What is at output.path: ("absent", []), ("done", []) when this job wrote it from the same input
+    and settings, ("changed", what differs) when a komt-batch run wrote it from others, or
+    ("foreign", []) when komt-batch did not write it."""
+    out = Path(job.output.path)
+    if not out.exists():
+        return "absent", []
+    try:
+        made_from = json.loads(pq.read_schema(out).metadata[b"komt_batch"])
+    except (OSError, KeyError, TypeError, ValueError, pa.ArrowException):
+        return "foreign", []
+    try:
+        changes = plan_changes(made_from, input_fp, settings_fp)
+    except (KeyError, TypeError, AttributeError):
+        return "changed", ["it records no fingerprints (an earlier komt-batch version)"]
+    return ("changed", changes) if changes else ("done", [])
+
+
+def already_done(job: JobConfig, rows: int) -> dict:
+    """What run and merge say about a finished output they leave alone."""
+    print(
+        f"komt-batch: {job.output.path} is done: this job wrote it from the same input and settings; "
+        "nothing to do (--restart regenerates it)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return {"job": job.source, "state": "done", "output": job.output.path, "rows": rows}
+
+
+def refuse_to_replace(job: JobConfig, state: str, changes: list[str]) -> JobError:
+    out = job.output.path
+    if state == "foreign":
+        return JobError(f"{job.source}: output.path: {out} exists and komt-batch did not write it; move it away or choose another output.path")
+    return JobError(
+        f"{job.source}: output.path: {out} was written from another input or settings: " + "; ".join(changes)
+        + ". Run with --restart to regenerate it, or choose another output.path"
+    )

@@ -85,7 +85,7 @@ def test_sigterm_commits_and_exits_75_then_resumes(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 75, err
-    assert "Run the same command again to resume" in err
+    assert "To resume, run: komt-batch run" in err
     committed = parts(out)
     assert committed, "rows finished before SIGTERM must be committed"  # every_rows is larger than the job
     done_rows = sum(pq.read_metadata(p).num_rows for p in committed)
@@ -140,7 +140,7 @@ def test_second_run_on_the_same_output_refuses(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", many_rows(16))
     job = make_job(tmp_path, src, batching={"max_batch_size": 2})
     first = start(job)
-    lock = tmp_path / "out" / "result.parquet.parts" / "shard-0-of-1.lock"
+    lock = tmp_path / "out" / "result.parquet.parts" / "job.lock"
     end = time.time() + 30
     while not lock.exists() and time.time() < end:
         time.sleep(0.05)
