@@ -75,6 +75,8 @@ class DecodeStep:
 
     def release(self) -> None:
         """Drop the captured graphs and their memory (new buffers, a failed stream, the stream's end)."""
+        if self._graphs and torch.cuda.is_available():
+            torch.cuda.synchronize()  # none of them may still be running
         self._graphs.clear()
         self._buffer = self._pool = None
 

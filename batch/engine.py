@@ -14,10 +14,11 @@
   (SlotCache), so the batch stays full until the stream runs dry;
 - a decode step (batch.decode_step) runs the forward, chooses every row's next token (greedy or
   sampled: batch.sampling) and flags EOS / length on the device, and the host reads its tokens once.
-  With fixed shapes (the default on a GPU) the step computes a power-of-two bucket of rows over the
-  whole cache buffer, is replayed as a CUDA graph, and runs one step ahead of the host: step n+1 is
-  launched before the host reads step n's tokens (a row that finished at step n computed one token
-  for nothing). On the CPU the step computes exactly the running rows over their window;
+  On a GPU with model.cuda_graphs (the default) the step runs at fixed shapes -- a power-of-two
+  bucket of rows over the whole cache buffer -- is replayed as a CUDA graph, and runs one step ahead
+  of the host: step n+1 is launched before the host reads step n's tokens (a row that finished at
+  step n computed one token for nothing). On the CPU (and a GPU without graphs) the step computes
+  exactly the running rows over their window, and its tokens are read before the next step;
 - sampling is counter-based (sampling.choose): a row's k-th token depends only on its logits, its
   seed (generation.seed and the row's id) and k, so a row samples the same tokens whichever rows
   share its step, in a resumed run, and after an out-of-memory split.
@@ -150,9 +151,10 @@ def row_seed(seed: int, row_id: str) -> int:
 
 
 class Engine:
-    """`fixed_shapes` (default: on a GPU) makes decode steps compute a power-of-two bucket of rows over
-    the whole KV-cache buffer and run one step ahead of the host; with `cuda_graphs` on a GPU they are
-    replayed as CUDA graphs. Off, a step computes exactly the running rows over their window."""
+    """`fixed_shapes` makes decode steps compute a power-of-two bucket of rows over the whole KV-cache
+    buffer and run one step ahead of the host; on a GPU with `cuda_graphs` (the default there) they
+    are replayed as CUDA graphs. Otherwise a step computes exactly the running rows over their window,
+    and the host reads its tokens before the next step (the CPU's way, and a GPU's without graphs)."""
 
     def __init__(self, model, tokenizer, settings: GenerationSettings, cuda_graphs: bool = True, fixed_shapes: bool | None = None):
         self.model = model
@@ -177,7 +179,7 @@ class Engine:
             raise ValueError(f"komt-batch decodes with sdpa or eager attention, not {attention}")
         mask_dtype = None if attention == "sdpa" else model.get_input_embeddings().weight.dtype
         cuda = self.device.type == "cuda"
-        self.fixed_shapes = cuda if fixed_shapes is None else fixed_shapes
+        self.fixed_shapes = cuda and cuda_graphs if fixed_shapes is None else fixed_shapes
         self.lookahead = 1 if self.fixed_shapes else 0  # decode steps launched before the host reads the previous one's tokens
         self.step = DecodeStep(self._logits, settings, sorted(set(eos)), self.device, mask_dtype, graphs=cuda and cuda_graphs and self.fixed_shapes)
         self.seconds = {"prefill": 0.0, "decode": 0.0}  # time in the model's prefills and decode steps
@@ -260,12 +262,11 @@ class Engine:
             # Free this batch's KV cache, graphs and activations before the rows are redone (after an
             # out-of-memory error above all): the exception's traceback would keep them alive.
             batch = pending = None
-            self.step.release()
             self._timings.clear()
             traceback.clear_frames(e.__traceback__)
             raise BatchFailed(e, unfinished) from e
         finally:
-            self.step.release()  # the graphs hold their memory pool
+            self.step.release()  # (graphs hold a memory pool)
 
     def _settle(self, report: Report, batch: SlotCache, running: list[Running]) -> Iterator[tuple[object, Completion]]:
         """Read a step's tokens; the rows they finish leave the batch (and are yielded)."""
@@ -368,7 +369,7 @@ class Engine:
     def _timed(self, kind: str):
         """Time the model's work: wall time on the CPU; CUDA events on a GPU (read once they have
         happened, so that timing adds no host sync)."""
-        if not self.device.type == "cuda":
+        if self.device.type != "cuda":
             start = time.perf_counter()
             yield
             self.seconds[kind] += time.perf_counter() - start

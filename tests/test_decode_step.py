@@ -148,3 +148,33 @@ def test_a_capture_that_fails_leaves_the_step_eager(monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["komt-batch: CUDA graph capture failed (RuntimeError: operation not permitted when stream is capturing); decoding eagerly"]
     assert not engine.step.graphs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("variant", ["float32+lora", "nf4+lora", "dequantized+lora"])
+def test_on_a_gpu_replayed_graphs_give_the_eager_fixed_shape_tokens(variant, monkeypatch, capsys):
+    """The real capture: the tiny model on the GPU (float32 compute), greedy and sampled, decodes the
+    same tokens with graphs as eagerly at the same shapes, and no capture falls back."""
+    from batch.config import GenerationSettings, ModelConfig
+    from batch.loading import load_model
+    from tests.conftest import TINY
+    from tests.test_exactness import MAX_NEW, VARIANTS
+
+    quantization, adapter, weights = VARIANTS[variant]
+    cfg = ModelConfig(base=str(TINY / "base"), adapter=str(TINY / "adapter") if adapter else None, quantization=quantization,
+                      compute_dtype="float32", device_map="cuda:0", weights=weights)
+    model, tokenizer = load_model(cfg)
+    captures = []
+    capture = decode_step._capture_graph
+    monkeypatch.setattr(decode_step, "_capture_graph", lambda run, pool: (captures.append(1), capture(run, pool))[1])
+    for settings in (GenerationSettings(max_new_tokens=MAX_NEW, do_sample=False), GenerationSettings(max_new_tokens=MAX_NEW, **CARD)):
+        eager = Engine(model, tokenizer, settings, cuda_graphs=False, fixed_shapes=True)
+        graphs = Engine(model, tokenizer, settings)
+        assert eager.fixed_shapes and graphs.step.graphs
+        ids = eager.tokenize(prompts_40())
+        seeds = [row_seed(0, str(i)) for i in range(len(ids))]
+        for max_rows, budget in [(8, 10**9), (6, 700)]:  # (700: new buffers mid-run)
+            expected = streamed(eager, ids, max_rows, budget, shuffle=True, seeds=seeds)
+            assert streamed(graphs, ids, max_rows, budget, shuffle=True, seeds=seeds) == expected
+        assert graphs.step.graphs and graphs.decode_seconds > 0
+    assert len(captures) >= 4 and "capture failed" not in capsys.readouterr().err
