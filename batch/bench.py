@@ -1186,14 +1186,21 @@ def check_targets(modes: dict[str, dict], device: str, quantization: str) -> dic
 
 def cross_targets(variants: list[dict]) -> dict:
     """Targets between variants: an NF4 variant's dequantized mode against the first unquantized
-    variant's engine (the CPU target: at least 0.9x the float32 job's tokens/s)."""
-    base = next((v for v in variants if v["quantization"] == "none" and _ran(v["modes"], "engine")), None)
+    variant's engine (the CPU target: at least 0.9x the float32 job's tokens/s). The two variants
+    answer the same prompts with different lengths (the adapter changes the outputs), so where an
+    unquantized variant with the same adapter ran too (e.g. float32+lora: the same function as
+    dequantized NF4+LoRA, the bench model being NF4-round-tripped), the like-for-like ratio is
+    reported beside it."""
+    plain = [v for v in variants if v["quantization"] == "none" and _ran(v["modes"], "engine")]
     out = {}
     for v in variants:
         d = _ran(v["modes"], "dequantized")
-        if base is not None and d is not None:
+        if d is None:
+            continue
+        for base in plain[:1] + [b for b in plain[1:] if b["lora"] == v["lora"]][:1]:
             ratio = d["tokens_per_second"] / base["modes"]["engine"]["tokens_per_second"]
-            out[f"{v['variant']} dequantized >= 0.9x {base['variant']} engine (tok/s)"] = {"value": ratio, "goal": ">= 0.9", "pass": ratio >= 0.9}
+            name = f"{v['variant']} dequantized vs {base['variant']} engine (tok/s)"
+            out[name] = {"value": ratio, "goal": ">= 0.9", "pass": ratio >= 0.9} if base is plain[0] else {"value": ratio, "goal": "report", "pass": None}
     return out
 
 
