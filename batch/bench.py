@@ -1188,7 +1188,7 @@ def cross_targets(variants: list[dict]) -> dict:
     """Targets between variants: an NF4 variant's dequantized mode against the first unquantized
     variant's engine (the CPU target: at least 0.9x the float32 job's tokens/s). The two variants
     answer the same prompts with different lengths (the adapter changes the outputs), so where an
-    unquantized variant with the same adapter ran too (e.g. float32+lora: the same function as
+    unquantized variant with the same adapter ran too (e.g. float32+lora: nearly the function of
     dequantized NF4+LoRA, the bench model being NF4-round-tripped), the like-for-like ratio is
     reported beside it."""
     plain = [v for v in variants if v["quantization"] == "none" and _ran(v["modes"], "engine")]
