@@ -44,6 +44,7 @@ from batch.config import BatchingConfig, GenerationSettings, ModelConfig
 from batch.decode_step import DecodeStep, row_bucket
 from batch.kv_cache import SlotCache, compact_order
 from batch.loading import first_line, load_model
+from batch.memory import running_limits
 from batch.results import Completion
 from batch.results import error_completion as _error_row
 from batch.stops import StopChecker, trim_response
@@ -408,8 +409,11 @@ class SafeGenerator:
 
     @classmethod
     def for_job(cls, engine: Engine, batching: BatchingConfig, max_new_tokens: int) -> SafeGenerator:
-        """The running batch's limits for this job on this device: rows at once and their token budget."""
-        return cls(engine, batching.max_batch_size, batching.max_batch_tokens, max_new_tokens)
+        """The running batch's limits for this job on this device (batch.memory): rows at once and
+        their token budget; the choice is logged."""
+        rows, tokens, line = running_limits(batching, engine.model, max_new_tokens)
+        print(line, file=sys.stderr, flush=True)
+        return cls(engine, rows, tokens, max_new_tokens)
 
     def cost(self, prompts: list[list[int]]) -> int:
         return len(prompts) * (max(len(p) for p in prompts) + self.max_new)
