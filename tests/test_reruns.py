@@ -1,0 +1,193 @@
+"""Reruns and resumes do what the user means: a finished job is left alone, a changed one is refused
+until --restart, the message after an interruption gives a command that really resumes (wherever
+{date}, {time}, {job_id} came from), --date/--time/--shards/--run-id are checked, and every file is
+created with the user's umask."""
+
+import json
+import os
+import shlex
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from batch.cli import main
+from tests.conftest import ROOT, cli_env, make_job, seed_rows, write_jsonl
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _own_cache_one_thread(tmp_path_factory):
+    """The caches in a folder of the module's own; torch on one thread, here and in the processes
+    started (on a shared machine, busy cores make torch's spinning worker threads 20x slower)."""
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        mp.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        yield
+    torch.set_num_threads(threads)
+
+
+def rows(n: int) -> list[dict]:
+    seeds = seed_rows()
+    return [{"id": f"u{i:02d}", "instruction": seeds[i % 9]["instruction"] + " 다시" * (i % 3)} for i in range(n)]
+
+
+OPTS = dict(generation={"max_new_tokens": 8}, batching={"max_batch_size": 2}, checkpoint={"every_rows": 2})
+
+
+def summary(text: str) -> dict:
+    return dict(line.split(None, 1) for line in text.splitlines())
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("komt-batch: error: ") and "Traceback" not in err[0], err
+    return err[0]
+
+
+def test_a_finished_job_is_left_alone_until_restart(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "in.jsonl", rows(4))
+    job = make_job(tmp_path, src, **OPTS)
+    out = tmp_path / "out" / "result.parquet"
+    assert main(["run", str(job), "--no-progress"]) == 0
+    before = (out.read_bytes(), out.stat().st_mtime_ns)
+    capsys.readouterr()
+    for command in (["run", str(job), "--no-progress"], ["run", str(job), "--shard", "1/2"], ["merge", str(job)]):
+        assert main(command) == 0
+        captured = capsys.readouterr()
+        assert summary(captured.out)["state"] == "done" and "is done" in captured.err
+        assert "generating" not in captured.err and "weights:" not in captured.err  # the model was not loaded
+    assert (out.read_bytes(), out.stat().st_mtime_ns) == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["result.parquet", "result.summary.json"]  # no checkpoint made
+    assert main(["status", str(job)]) == 0 and summary(capsys.readouterr().out)["state"] == "done"
+    assert main(["run", str(job), "--no-progress", "--restart"]) == 0  # regenerates on purpose
+    assert summary(capsys.readouterr().out)["generated_rows"] == "4"
+    assert out.stat().st_mtime_ns != before[1] and pq.read_table(out).equals(pq.read_table(pa.BufferReader(before[0])))
+
+
+def test_a_finished_job_with_other_input_or_settings_is_refused_until_restart(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "in.jsonl", rows(3))
+    job = make_job(tmp_path, src, **OPTS)
+    out = tmp_path / "out" / "result.parquet"
+    assert main(["run", str(job), "--no-progress"]) == 0
+    written = out.read_bytes()
+    capsys.readouterr()
+    assert main(["run", str(job), "--no-progress", "generation.max_new_tokens=6"]) == 2
+    line = one_line(capsys)
+    assert "output.path" in line and "generation.max_new_tokens: 8 -> 6" in line and "--restart" in line
+    write_jsonl(src, rows(4))
+    assert main(["run", str(job), "--no-progress"]) == 2
+    assert "input rows: 3 -> 4" in one_line(capsys)
+    assert main(["status", str(job)]) == 0
+    assert "input rows: 3 -> 4" in capsys.readouterr().out
+    assert out.read_bytes() == written and not out.with_name("result.parquet.parts").exists()
+    assert main(["run", str(job), "--no-progress", "--restart"]) == 0
+    assert pq.read_table(out).num_rows == 4
+    capsys.readouterr()
+    # a file komt-batch did not write is never replaced, not even with --restart
+    out.write_bytes(b"someone else's file")
+    for args in ([], ["--restart"]):
+        assert main(["run", str(job), "--no-progress", *args]) == 2
+        assert "exists and komt-batch did not write it" in one_line(capsys)
+    assert out.read_bytes() == b"someone else's file"
+
+
+@pytest.mark.parametrize(
+    "bad, fragment",
+    [
+        (["--date", "2026-13-01"], "--date: expected a date as YYYY-MM-DD"),
+        (["--date", "20261127"], "--date: expected a date as YYYY-MM-DD"),
+        (["--time", "250000"], "--time: expected a time as HHMMSS"),
+        (["--time", "12:00"], "--time: expected a time as HHMMSS"),
+        (["--run-id", "a/b"], "--run-id: expected letters, digits"),
+        (["--shards", "0"], "--shards: expected a number of shards >= 1"),
+        (["--shards", "x"], "--shards: expected a number of shards >= 1"),
+    ],
+)
+def test_date_time_shards_and_run_id_are_checked(tmp_path, capsys, bad, fragment):
+    src = write_jsonl(tmp_path / "in.jsonl", rows(2))
+    job = make_job(tmp_path, src, output={"path": str(tmp_path / "out" / "{date}-{time}-{job_id}.parquet")})
+    command = "merge" if bad[0] == "--shards" else "run"
+    assert main([command, str(job), *bad]) == 2
+    line = one_line(capsys)
+    assert fragment in line and repr(bad[1]) in line
+    assert not (tmp_path / "out").exists()
+
+
+def wait_generating(proc: subprocess.Popen) -> str:
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if line.startswith("komt-batch: generating"):
+            return "".join(seen)
+    raise AssertionError("the run ended before generating:\n" + "".join(seen))
+
+
+RESUME_CASES = {
+    # where the placeholders come from, the signal, the extra arguments, the environment
+    "job file {date} {time}": ({"output": {"path": "{out}/{date}/{time}.parquet"}}, signal.SIGHUP, ["--date", "2026-11-27"], {}),
+    "override {time}, with --restart": ({}, signal.SIGTERM, ["--restart", "output.path={out}/{time}/r.parquet"], {}),
+    "SLURM {job_id} and shard": (
+        {"output": {"path": "{out}/{job_id}/r.parquet"}},
+        signal.SIGUSR1,
+        [],
+        {"SLURM_ARRAY_JOB_ID": "4242", "SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "2"},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(RESUME_CASES))
+def test_the_resume_hint_is_a_command_that_resumes(tmp_path, name):
+    sections, sig, args, env = RESUME_CASES[name]
+    src = write_jsonl(tmp_path / "in.jsonl", rows(16))
+    out = tmp_path / "out"
+    sections = json.loads(json.dumps(sections).replace("{out}", str(out)))
+    job = make_job(tmp_path, src, generation={"max_new_tokens": 16}, batching={"max_batch_size": 2}, checkpoint={"every_rows": 2}, **sections)
+    args = [a.replace("{out}", str(out)) for a in args]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batch", "run", str(job), "--no-progress", *args],
+        cwd=ROOT, env={**cli_env(), **env}, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    )
+    while not list(out.rglob("part-*.parquet")):  # some rows committed: the resume has work to skip
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 75, err
+    hint = err.split("To resume, run: ")[1].strip()
+    assert "--restart" not in hint
+    words = shlex.split(hint)
+    assert words[:2] == ["komt-batch", "run"]
+    plain = {k: v for k, v in cli_env().items() if not k.startswith("SLURM_")}  # later, outside SLURM, another {time}
+    p = subprocess.run([sys.executable, "-m", "batch", *words[1:]], cwd=ROOT, env=plain, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert int(summary(p.stdout)["resumed_rows"]) > 0
+    if "shard" in name:
+        assert "--shard 1/2" in hint and "--run-id 4242" in hint
+        assert (out / "4242" / "r.parquet.parts" / "summary-shard-1-of-2.json").exists()
+    else:
+        (final,) = out.rglob("*.parquet")
+        assert pq.read_table(final).num_rows == 16
+
+
+@pytest.mark.parametrize("umask", [0o002, 0o027])
+def test_files_get_the_users_umask(tmp_path, capsys, umask):
+    src = write_jsonl(tmp_path / "in.jsonl", rows(4))
+    job = make_job(tmp_path, src, **{**OPTS, "checkpoint": {"every_rows": 2, "keep": True}})
+    old = os.umask(umask)
+    try:
+        assert main(["run", str(job), "--no-progress"]) == 0
+    finally:
+        os.umask(old)
+    out = tmp_path / "out"
+    files = [out / "result.parquet", out / "result.summary.json", *(out / "result.parquet.parts").iterdir()]
+    assert len(files) > 6
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f
