@@ -1208,11 +1208,12 @@ def main(job: str | None, overrides: list[str]) -> int:
     cfg = load_bench(job, overrides)
     # SIGTERM (kill, a scheduler's stop) ends the bench through SystemExit: vLLM's processes are stopped
     # with it, and the JSON keeps the modes already measured
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    previous, threads = signal.signal(signal.SIGTERM, _exit_on_sigterm), torch.get_num_threads()
     try:
         return _main(cfg)
-    finally:
+    finally:  # (main also runs inside other programs: the tests)
         signal.signal(signal.SIGTERM, previous)
+        torch.set_num_threads(threads)
 
 
 def _exit_on_sigterm(signum, frame):

@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from batch.config import GenerationSettings, ModelConfig  # noqa: E402
 from batch.engine import Engine  # noqa: E402
 from batch.loading import load_model  # noqa: E402
-from tests.test_exactness import MAX_NEW, batched, prompts_40  # noqa: E402
+from batch.plan import plan_batches  # noqa: E402
+from tests.test_exactness import MAX_NEW, prompts_40  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +49,10 @@ def main() -> None:
         out = engine.model.generate(torch.tensor([p_ids], device=engine.device), max_new_tokens=MAX_NEW, do_sample=False)
         c = engine.finish(len(p_ids), out[0, len(p_ids):].tolist())
         alone.append((c.response, c.finish_reason))
-    together = batched(engine, ids, 8)
+    together = [None] * len(ids)
+    for batch in plan_batches([len(i) for i in ids], MAX_NEW, 8, 10**6):  # sorted, left-padded batches of 8
+        for row, c in zip(batch, engine.generate([ids[r] for r in batch], [0] * len(batch))):
+            together[row] = (c.response, c.finish_reason)
     same = sum(a == b for a, b in zip(alone, together))
     weights = f" ({args.weights})" if args.quantization == "nf4" else ""
     print(f"agreement {args.quantization}{weights} {args.dtype} on {args.device}: {same}/{len(ids)} rows equal batched vs alone")
