@@ -726,7 +726,7 @@ class Rule:
 def _mode_result(mode: str, *, rows: int, wall: float, kept: list[int], responses: list[str], reasons: list[str],
                  prompt_tokens: int, padded_prompt_tokens: int, row_steps: int, steps: int | None,
                  forward_seconds: float | None, decode_seconds: float | None = None, prefill_seconds: float | None = None,
-                 decode_steps: int | None = None, peak: tuple[int, str], **extra) -> dict:
+                 decode_steps: int | None = None, rows_in_flight: float | None = None, peak: tuple[int, str], **extra) -> dict:
     generated = int(sum(kept))
     reason_counts = {r: reasons.count(r) for r in ("eos", "stop", "length", "error")}
     return {
@@ -735,7 +735,7 @@ def _mode_result(mode: str, *, rows: int, wall: float, kept: list[int], response
         "prompt_tokens": prompt_tokens, "padded_prompt_tokens": padded_prompt_tokens,
         "prefill_efficiency": prompt_tokens / padded_prompt_tokens if padded_prompt_tokens else None,
         "kept_tokens": generated, "row_steps": row_steps, "decode_efficiency": generated / row_steps if row_steps else None,
-        "steps": steps, "rows_in_flight": row_steps / steps if steps else None,
+        "steps": steps, "rows_in_flight": rows_in_flight or (row_steps / steps if steps else None),
         "forward_seconds": None if forward_seconds is None else round(forward_seconds, 3),
         "overhead": None if forward_seconds is None else max(0.0, 1 - forward_seconds / wall),
         "decode_seconds": decode_seconds, "decode_steps": decode_steps,
@@ -866,7 +866,9 @@ def run_engine(mode: str, model, tokenizer, prompts: list[str], cfg: BenchConfig
     return _mode_result(mode, rows=len(prompts), wall=wall, kept=[c.completion_tokens for c in completions],
                         responses=[c.response for c in completions], reasons=[c.finish_reason for c in completions],
                         prompt_tokens=sum(lengths), padded_prompt_tokens=engine.padded_prompt_tokens,
-                        row_steps=engine.row_steps, steps=engine.steps, forward_seconds=engine.forward_seconds,
+                        # the engine counts rows in its decode steps; each row's first token came from its prefill
+                        row_steps=engine.row_steps + len(prompts), steps=engine.steps, forward_seconds=engine.forward_seconds,
+                        rows_in_flight=engine.row_steps / engine.steps if engine.steps else None,
                         decode_seconds=decode_seconds, prefill_seconds=prefill_seconds, decode_steps=decode_steps,
                         peak=peak_memory(device), sampled=sample,
                         running_rows=getattr(generator, "max_rows", None), running_tokens=getattr(generator, "budget", None),
