@@ -93,7 +93,7 @@ class StandInGraph:
         return "pool"
 
 
-def stand_in_cuda(monkeypatch, capture=None):
+def stand_in_cuda(monkeypatch, capture):
     """Let a CPU engine take the graph path: warm-ups without streams, captures by StandInGraph."""
     def warm_up(run, restore):
         for _ in range(decode_step.CAPTURE_WARMUP):
