@@ -140,12 +140,13 @@ def test_second_run_on_the_same_output_refuses(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", many_rows(16))
     job = make_job(tmp_path, src, batching={"max_batch_size": 2})
     first = start(job)
-    lock = tmp_path / "out" / "result.parquet.parts" / "job.lock"
-    end = time.time() + 30
-    while not lock.exists() and time.time() < end:
-        time.sleep(0.05)
+    for line in first.stderr:  # it holds the job lock from before this line to its end
+        if line.startswith("komt-batch: generating"):
+            break
+    first.send_signal(signal.SIGSTOP)  # paused: surely still running while the second one starts
     p = komt("run", job, "--no-progress")
-    first.wait(timeout=120)
+    first.send_signal(signal.SIGCONT)
+    first.communicate(timeout=120)
     assert p.returncode == 2
     assert "another komt-batch process is running" in p.stderr
     assert first.returncode == 0
