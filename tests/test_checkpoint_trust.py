@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -193,17 +192,17 @@ def test_stale_temporaries_are_cleaned_on_the_next_run(tmp_path, capsys):
 
 
 def foreign_settings(tmp_path, root, victim):
-    return shutil.copy(sorted(root.glob("other settings/r.parquet.parts/part-*"))[0], victim.with_name("part-0-of-1-000001-00000000.parquet"))
+    return shutil.copy(min(root.glob("other settings/r.parquet.parts/part-*")), victim.with_name("part-0-of-1-000001-00000000.parquet"))
 
 
 def foreign_model(tmp_path, root, victim):
-    return shutil.copy(sorted(root.glob("other model/r.parquet.parts/part-*"))[0], victim.with_name("part-0-of-1-000001-00000000.parquet"))
+    return shutil.copy(min(root.glob("other model/r.parquet.parts/part-*")), victim.with_name("part-0-of-1-000001-00000000.parquet"))
 
 
 def forged_plan_id(tmp_path, root, victim):
     """Another run's part that claims this plan's id: its rows' fingerprints still give it away."""
     ours = json.loads(pq.read_schema(victim).metadata[b"komt_batch_part"])
-    foreign = pq.read_table(sorted(root.glob("other settings/r.parquet.parts/part-*"))[0])
+    foreign = pq.read_table(min(root.glob("other settings/r.parquet.parts/part-*")))
     path = victim.with_name("part-0-of-1-000001-00000000.parquet")
     pq.write_table(foreign.replace_schema_metadata({"komt_batch_part": json.dumps(ours)}), path)
     return path
@@ -259,7 +258,7 @@ def test_renamed_and_duplicated_parts_are_used_by_their_content(tmp_path, capsys
 
 
 def test_without_a_manifest_leftover_parts_are_not_adopted(tmp_path, capsys, finished):
-    job, out, parts, reference = finished
+    job, out, _, reference = finished
     out.unlink()
     (out.with_name("r.parquet.parts") / "manifest.json").unlink()
     assert run(job) == 0
@@ -368,7 +367,7 @@ def test_status_and_merge_with_a_damaged_part(tmp_path, capsys):
     job = make_job(tmp_path, src, **OPTS)
     assert run(job, "--shard", "0/2") == 0 and run(job, "--shard", "1/2") == 0
     ckpt = tmp_path / "out" / "result.parquet.parts"
-    part = sorted(ckpt.glob("part-*.parquet"))[0]
+    part = min(ckpt.glob("part-*.parquet"))
     part.write_bytes(b"garbage")
     capsys.readouterr()
     assert main(["status", str(job)]) == 0  # status only reads: it names the part, moves nothing

@@ -70,7 +70,7 @@ def test_a_signal_at_start_up_exits_75_and_writes_nothing(tmp_path, sig):
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.001)
     proc.send_signal(sig)  # while it parses its arguments, or imports torch
-    out, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err
     assert f"stopped by {sig.name} before any work; nothing was written" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
