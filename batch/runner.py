@@ -64,7 +64,8 @@ def run(job: JobConfig, shard: int, shards: int, stop: StopFlag, restart: bool =
     stop.check(NOTHING_DONE)
     with ckpt.job_lock(shard, shards, restart):
         if not restart and output_state(job, input_fp, settings_fp)[0] == "done":  # finished by another process meanwhile
-            ckpt.remove()
+            if not job.checkpoint.keep:
+                ckpt.remove()  # (only the lock this process made is left to remove)
             stop.finished()
             return already_done(job, rows.table.num_rows)
         if shards == 1:

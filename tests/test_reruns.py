@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from batch import runner
 from batch.cli import main
 from tests.conftest import ROOT, cli_env, make_job, seed_rows, write_jsonl
 
@@ -97,6 +98,29 @@ def test_a_finished_job_with_other_input_or_settings_is_refused_until_restart(tm
         assert main(["run", str(job), "--no-progress", *args]) == 2
         assert "exists and komt-batch did not write it" in one_line(capsys)
     assert out.read_bytes() == b"someone else's file"
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_job_finished_by_another_process_meanwhile_is_left_alone(tmp_path, capsys, monkeypatch, keep):
+    """The output is checked again under the job lock: a run that finished while this one started
+    (its first look said 'not there yet') is not redone, and its kept checkpoint stays."""
+    src = write_jsonl(tmp_path / "in.jsonl", rows(2))
+    job = make_job(tmp_path, src, **{**OPTS, "checkpoint": {"every_rows": 2, "keep": keep}})
+    out = tmp_path / "out" / "result.parquet"
+    assert main(["run", str(job), "--no-progress"]) == 0
+    written, kept = out.read_bytes(), sorted(p.name for p in out.parent.rglob("*"))
+    looks = []
+    real = runner.output_state
+
+    def first_look_finds_nothing(*args):
+        looks.append(1)
+        return ("absent", []) if len(looks) == 1 else real(*args)
+
+    monkeypatch.setattr(runner, "output_state", first_look_finds_nothing)
+    capsys.readouterr()
+    assert main(["run", str(job), "--no-progress"]) == 0
+    assert len(looks) == 2 and summary(capsys.readouterr().out)["state"] == "done"
+    assert out.read_bytes() == written and sorted(p.name for p in out.parent.rglob("*")) == kept
 
 
 @pytest.mark.parametrize(
