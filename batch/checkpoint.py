@@ -31,12 +31,15 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -52,6 +55,7 @@ _OWNED_NAMES = (
     r"|summary-shard-\d+-of-\d+\.json|job\.lock|plan\.lock|shard-\d+-of-\d+\.lock"
 )
 OWNED = re.compile(rf"({_OWNED_NAMES})|\.({_OWNED_NAMES})\.\w+\.tmp")
+SETTLED_SLICE = 65536  # settled rows read at a time
 PLAN_FILES = ("manifest.json", "plan.parquet", "settled.parquet")
 MANIFEST_FIELDS = ("format", "plan_id", "nonce", "created", "context", "planned_rows", "settled_rows", "reused_rows", "batch_sizes", "chunks", "input", "settings")
 PLAN_COLUMNS = ("row", "batch", "chunk", "prompt_tokens", "prompt_override", "note", "row_fingerprint")
@@ -71,19 +75,39 @@ class StoredPlan:
     def num_batches(self) -> int:
         return self.chunks[-1].last_batch + 1 if self.chunks else 0
 
-    def batch_rows(self) -> list[list[int]]:
-        """Row indices of each batch, in execution order."""
-        out: list[list[int]] = [[] for _ in range(self.num_batches)]
-        for row, b in zip(self.rows.column("row").to_pylist(), self.rows.column("batch").to_pylist()):
-            out[b].append(row)
-        return out
+    def positions(self) -> np.ndarray:
+        """Each input row's position in the plan (-1: the row is not planned); 8 bytes a row."""
+        pos = np.full(self.manifest["input"]["rows"], -1, np.int64)
+        pos[self.rows.column("row").to_numpy()] = np.arange(self.rows.num_rows)
+        return pos
 
-    def expected_fingerprints(self) -> pa.Array:
-        """The fingerprint each input row must have in a part (null: the row is not planned)."""
-        fps: list[str | None] = [None] * self.manifest["input"]["rows"]
-        for row, fp in zip(self.rows.column("row").to_pylist(), self.rows.column("row_fingerprint").to_pylist()):
-            fps[row] = fp
-        return pa.array(fps, pa.string())
+
+class Done:
+    """The rows committed in verified parts: for each input row, the part that holds its result
+    (-1: none), 4 bytes a row, not a dict of every row."""
+
+    def __init__(self, rows: int):
+        self.parts: list[Path] = []
+        self.part_of = np.full(rows, -1, np.int32)
+
+    def add(self, path: Path, rows) -> None:
+        """The part at `path` holds these rows; a row already held by another part keeps that one."""
+        rows = np.asarray(rows, np.int64)
+        new = rows[self.part_of[rows] < 0]
+        if len(new):
+            if not self.parts or self.parts[-1] != path:
+                self.parts.append(path)
+            self.part_of[new] = len(self.parts) - 1
+
+    def __len__(self) -> int:
+        return int(np.count_nonzero(self.part_of >= 0))
+
+    def mask(self, rows: np.ndarray) -> np.ndarray:
+        """Whether each of these rows is done."""
+        return self.part_of[rows] >= 0
+
+    def used_parts(self) -> list[Path]:
+        return [self.parts[k] for k in np.unique(self.part_of[self.part_of >= 0])]
 
 
 def plan_id(manifest: dict) -> str:
@@ -155,7 +179,10 @@ def remove_temporaries(directory: Path, pattern: str) -> None:
     killed writer left. Call it only while holding the lock under which such files are written:
     then none of them is being written."""
     for p in directory.glob(f".{pattern}.*.tmp") if directory.is_dir() else []:
-        p.unlink(missing_ok=True)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)  # the final file's sort runs (row_order)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def _first_line(e: BaseException) -> str:
@@ -343,19 +370,19 @@ class Checkpoint:
         write_parquet_atomic(path, table, {"komt_batch_part": json.dumps({"plan_id": plan.plan_id, **stats})})
         return path
 
-    def done_rows(self, plan: StoredPlan, set_aside: bool = True) -> tuple[dict[int, Path], list[str]]:
-        """(row -> the part that holds its result, the parts that do not verify and why).
+    def done_rows(self, plan: StoredPlan, set_aside: bool = True) -> tuple[Done, list[str]]:
+        """(the rows committed in parts that verify, the parts that do not verify and why).
 
         A part that does not verify is set aside (renamed *.rejected, said on stderr) and its rows
         are redone; with set_aside False (status: it only reads) it is skipped."""
-        expected = plan.expected_fingerprints()
-        done: dict[int, Path] = {}
+        positions = plan.positions()
+        expected = plan.rows.column("row_fingerprint")
+        done = Done(len(positions))
         bad = []
         for path in sorted(self.dir.glob("part-*.parquet")):
-            rows, problem = self._verify_part(path, plan.plan_id, expected)
+            rows, problem = self._verify_part(path, plan.plan_id, positions, expected)
             if problem is None:
-                for r in rows:
-                    done.setdefault(r, path)  # a row in two parts (two runs of one shard) is taken once
+                done.add(path, rows)  # a row in two parts (two runs of one shard) is taken once
                 continue
             bad.append(f"{path.name}: {problem}")
             if set_aside:
@@ -365,53 +392,59 @@ class Checkpoint:
         return done, bad
 
     @staticmethod
-    def _verify_part(path: Path, expected_id: str, expected: pa.Array) -> tuple[list[int], str | None]:
+    def _verify_part(path: Path, expected_id: str, positions: np.ndarray, expected: pa.ChunkedArray) -> tuple[np.ndarray, str | None]:
+        none = np.zeros(0, np.int64)
         try:
             table = read_parquet_checked(path)
         except FileNotFoundError:
-            return [], None  # set aside by another shard meanwhile
+            return none, None  # set aside by another shard meanwhile
         except (OSError, pa.ArrowException) as e:
-            return [], f"unreadable: {_first_line(e)}"
+            return none, f"unreadable: {_first_line(e)}"
         if not table.schema.equals(RESULT_SCHEMA, check_metadata=False):
-            return [], "not a table of results"
+            return none, "not a table of results"
         try:
             part_plan = json.loads((table.schema.metadata or {}).get(b"komt_batch_part", b"{}")).get("plan_id")
         except (ValueError, AttributeError):
             part_plan = None
         if part_plan != expected_id:
-            return [], f"of another plan ({part_plan or 'no plan_id'}; this plan is {expected_id})"
-        rows = table.column("row")
+            return none, f"of another plan ({part_plan or 'no plan_id'}; this plan is {expected_id})"
         if table.num_rows == 0:
-            return [], None
-        if rows.null_count or pc.min(rows).as_py() < 0 or pc.max(rows).as_py() >= len(expected):
-            return [], "rows outside this plan"
-        if pc.count_distinct(rows).as_py() != table.num_rows:
-            return [], "a row twice"
-        same = pc.equal(pc.take(expected, rows), table.column("row_fingerprint")).fill_null(False)
-        if not pc.all(same).as_py():
-            first = rows.filter(pc.invert(same))[0].as_py()
-            return [], f"rows that are not this plan's (row {first}'s fingerprint differs)"
-        return rows.to_pylist(), None
+            return none, None
+        column = table.column("row")
+        if column.null_count:
+            return none, "rows outside this plan"
+        rows = column.to_numpy()
+        if rows.min() < 0 or rows.max() >= len(positions):
+            return none, "rows outside this plan"
+        if len(np.unique(rows)) != len(rows):
+            return none, "a row twice"
+        at = positions[rows]
+        same = (at >= 0) & pc.equal(expected.take(pa.array(np.maximum(at, 0))), table.column("row_fingerprint")).fill_null(False).to_numpy(zero_copy_only=False)
+        if not same.all():
+            return none, f"rows that are not this plan's (row {int(rows[~same][0])}'s fingerprint differs)"
+        return rows, None
 
     @staticmethod
     def part_stats(path: Path) -> dict:
         meta = pq.read_schema(path).metadata or {}
         return json.loads(meta.get(b"komt_batch_part", b"{}"))
 
-    def read_results(self, done: dict[int, Path]) -> pa.Table:
-        """Every committed result (the verified parts' rows in `done`, and the settled rows), one line per row."""
-        by_part: dict[Path, list[int]] = {}
-        for row, path in done.items():
-            by_part.setdefault(path, []).append(row)
-        tables = []
-        for path in sorted(by_part):
+    def iter_results(self, done: Done) -> Iterator[pa.Table]:
+        """Every committed result, a table at a time: each verified part's rows that `done` takes
+        from it, then the settled rows in slices. One line per row over all of them."""
+        for k, path in enumerate(done.parts):
             try:
                 t = read_parquet_checked(path)
             except (OSError, pa.ArrowException) as e:
                 raise self.damaged(f"{path.name} became unreadable ({_first_line(e)}); run again to redo its rows") from None
-            tables.append(t.filter(pc.is_in(t.column("row"), pa.array(by_part[path], pa.int64()))))
+            yield t.filter(pa.array(done.part_of[t.column("row").to_numpy()] == k))
         try:
-            tables.append(read_parquet_checked(self.settled_path))
+            settled = pq.ParquetFile(self.settled_path, page_checksum_verification=True)
+            for batch in settled.iter_batches(batch_size=SETTLED_SLICE):
+                yield pa.Table.from_batches([batch])
         except (OSError, pa.ArrowException) as e:
             raise self.damaged(f"settled.parquet is unreadable ({_first_line(e)})") from None
-        return pa.concat_tables(tables)
+
+    def read_results(self, done: Done) -> pa.Table:
+        """Every committed result in one table (small jobs and tests; the final file streams iter_results)."""
+        return pa.concat_tables(self.iter_results(done))

@@ -1,4 +1,4 @@
-"""komt-batch run | validate | status | merge | bench.
+"""komt-batch run | validate | plan | status | merge | bench.
 
 Errors a user can cause end here as one line and exit code 2 (JobError). A failed write (a full
 disk) ends as one line and exit code 74, a signal that stopped a run after checkpointing with exit
@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--restart", action="store_true", help="forget the checkpoint and start over (also regenerates a finished output)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     job_command("validate", "check the job file and the input without loading the model")
+    pl = job_command("plan", "make and store the job's plan once, without the model's weights (before a SLURM array starts)")
+    pl.add_argument("--restart", action="store_true", help="forget the checkpoint and plan again")
     st = job_command("status", "progress of a run: rows and chunks done, tokens/s, ETA, whether the plan still matches")
     st.add_argument("--shards", help="show progress per shard for N shards")
     mg = job_command("merge", "write the final file once every chunk of every shard is done")
@@ -185,10 +187,10 @@ def dispatch(args, stop: StopFlag) -> int:
 
         print_summary(runner.run(job, shard, count, stop, restart=args.restart, progress=not args.no_progress))
         return 0
-    if args.command == "validate":
+    if args.command in ("validate", "plan"):
         from batch import runner
 
-        print_summary(runner.validate(job))
+        print_summary(runner.validate(job) if args.command == "validate" else runner.plan(job, restart=args.restart))
         return 0
     from batch import status
 

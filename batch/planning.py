@@ -3,18 +3,21 @@ pack the rest into batches and chunks (batch.plan), and store it once in the che
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from batch.checkpoint import Checkpoint, StoredPlan
 from batch.config import JobConfig
 from batch.errors import JobError
 from batch.fingerprints import plan_changes, row_fingerprint, row_settings_key
-from batch.plan import plan_batches, plan_chunks
-from batch.results import Completion, error_completion, results_table
+from batch.plan import group_chunks, pack_batches
+from batch.results import error_completion, results_table
 from batch.reuse import load_reusable
 from batch.rows import Rows
 
@@ -32,26 +35,36 @@ def open_plan(job: JobConfig, ckpt: Checkpoint, make_fresh: Callable[[], tuple],
                     f"{job.source}: the input or settings changed since this run's plan was made "
                     f"({ckpt.dir}): " + "; ".join(changes) + ". Run with --restart to start over."
                 )
+            print(f"komt-batch: using the plan stored in {ckpt.dir}", file=sys.stderr, flush=True)
             return stored
         manifest, plan_rows, settled = make_fresh()
-        return ckpt.store_plan({**manifest, "input": input_fp, "settings": settings_fp}, plan_rows, settled)
+        stored = ckpt.store_plan({**manifest, "input": input_fp, "settings": settings_fp}, plan_rows, settled)
+        print(
+            f"komt-batch: planned {manifest['planned_rows']} rows in {len(manifest['batch_sizes'])} batches, "
+            f"{len(manifest['chunks'])} chunks ({manifest['settled_rows']} rows settled without generating); stored in {ckpt.dir}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return stored
 
 
 def make_plan(job: JobConfig, rows: Rows, tokenizer, context: int, settings_fp: dict):
     """Render and tokenize every prompt; settle the rows that cannot run; pack the rest in batches.
 
     Each planned row gets the fingerprint of the prompt it runs with (its truncated prompt, if cut):
-    a committed part must carry exactly these."""
+    a committed part must carry exactly these. Python objects live for one slice of the input; what
+    the whole plan keeps is Arrow and numpy arrays (about 60 bytes a planned row)."""
     g, where = job.generation, job.source
     limit = context - g.max_new_tokens
     if limit < 1:
         raise JobError(f"{where}: generation.max_new_tokens: {g.max_new_tokens} leaves no room for a prompt in the model's context of {context} tokens")
     key = row_settings_key(settings_fp)
     reusable = load_reusable(job)
-    planned: list[tuple[int, int, str | None, str | None, str]] = []  # row, prompt tokens, truncated prompt, note, fingerprint
-    settled: list[tuple[int, Completion, str]] = []
+    planned_rows, planned_lengths, planned_fps = [], [], []  # per slice: arrays
+    cut: dict[int, tuple[str, str]] = {}  # row -> (truncated prompt, note)
+    settled_tables = []
     for start, prompts in rows.slices():
-        todo = []
+        todo, settled = [], []
         for offset, p in enumerate(prompts):
             r = start + offset
             if isinstance(p, ValueError):
@@ -62,50 +75,75 @@ def make_plan(job: JobConfig, rows: Rows, tokenizer, context: int, settings_fp: 
                 settled.append((r, reusable[fp], fp))
             else:
                 todo.append((r, p, fp))
-        lengths = [len(t) for t in tokenizer([p for _, p, _ in todo], add_special_tokens=True)["input_ids"]] if todo else []
+        lengths = prompt_lengths(tokenizer, [p for _, p, _ in todo])
+        here: list[tuple[int, int, str]] = []
         for (r, p, fp), n in zip(todo, lengths):
             if n <= limit:
-                planned.append((r, n, None, None, fp))
+                here.append((r, n, fp))
             elif job.input.too_long == "truncate":
-                cut = truncate_prompt(rows, r, tokenizer, limit)
-                if isinstance(cut, str):
-                    settled.append((r, error_completion(f"too_long: {cut}", n), fp))
+                fitted = truncate_prompt(rows, r, tokenizer, limit)
+                if isinstance(fitted, str):
+                    settled.append((r, error_completion(f"too_long: {fitted}", n), fp))
                 else:
-                    planned.append((r, cut[1], cut[0], f"truncated: {cut[2]}", row_fingerprint(key, rows.ids[r], cut[0])))
+                    cut[r] = (fitted[0], f"truncated: {fitted[2]}")
+                    here.append((r, fitted[1], row_fingerprint(key, rows.ids[r], fitted[0])))
             else:
                 settled.append((r, error_completion(f"too_long: the prompt has {n} tokens; at most {limit} fit (context {context} - max_new_tokens {g.max_new_tokens})", n), fp))
-    lengths = [p[1] for p in planned]
-    if lengths and max(lengths) + g.max_new_tokens > job.batching.max_batch_tokens:
+        planned_rows.append(np.array([h[0] for h in here], np.int64))
+        planned_lengths.append(np.array([h[1] for h in here], np.int64))
+        planned_fps.append(pa.array([h[2] for h in here], pa.string()))
+        if settled:
+            settled_tables.append(results_table([r for r, _, _ in settled], -1, [c for _, c, _ in settled], [fp for _, _, fp in settled]))
+    row_of = np.concatenate([np.zeros(0, np.int64), *planned_rows])
+    lengths = np.concatenate([np.zeros(0, np.int64), *planned_lengths])
+    if len(lengths) and lengths.max() + g.max_new_tokens > job.batching.max_batch_tokens:
         raise JobError(
             f"{where}: batching.max_batch_tokens: {job.batching.max_batch_tokens} is too small for one row: "
-            f"the longest prompt ({max(lengths)} tokens) + max_new_tokens ({g.max_new_tokens}) needs {max(lengths) + g.max_new_tokens}"
+            f"the longest prompt ({lengths.max()} tokens) + max_new_tokens ({g.max_new_tokens}) needs {lengths.max() + g.max_new_tokens}"
         )
-    batches = plan_batches(lengths, g.max_new_tokens, job.batching.max_batch_size, job.batching.max_batch_tokens)
-    chunks = plan_chunks(batches, lengths, g.max_new_tokens, job.checkpoint.every_rows)
-    order = [(b, i) for b, batch in enumerate(batches) for i in batch]
-    chunk_of = {b: c.index for c in chunks for b in c.batches}
+    order, starts = pack_batches(lengths, g.max_new_tokens, job.batching.max_batch_size, job.batching.max_batch_tokens)
+    sizes = np.diff(np.append(starts, len(order)))
+    chunks = group_chunks(sizes.tolist(), (sizes * (lengths[order[starts]] + g.max_new_tokens)).tolist() if len(order) else [], job.checkpoint.every_rows)
+    batch_of = np.repeat(np.arange(len(starts), dtype=np.int32), sizes)
+    chunk_of_batch = np.zeros(len(starts), np.int32)
+    for c in chunks:
+        chunk_of_batch[c.first_batch : c.last_batch + 1] = c.index
+    rows_in_order = row_of[order]
+    overrides = [cut.get(int(r), (None, None)) for r in rows_in_order] if cut else None
     plan_rows = pa.table(
         {
-            "row": pa.array([planned[i][0] for _, i in order], pa.int64()),
-            "batch": pa.array([b for b, _ in order], pa.int32()),
-            "chunk": pa.array([chunk_of[b] for b, _ in order], pa.int32()),
-            "prompt_tokens": pa.array([planned[i][1] for _, i in order], pa.int32()),
-            "prompt_override": pa.array([planned[i][2] for _, i in order], pa.string()),
-            "note": pa.array([planned[i][3] for _, i in order], pa.string()),
-            "row_fingerprint": pa.array([planned[i][4] for _, i in order], pa.string()),
+            "row": pa.array(rows_in_order, pa.int64()),
+            "batch": pa.array(batch_of, pa.int32()),
+            "chunk": pa.array(chunk_of_batch[batch_of], pa.int32()),
+            "prompt_tokens": pa.array(lengths[order].astype(np.int32), pa.int32()),
+            "prompt_override": pa.array([o[0] for o in overrides], pa.string()) if cut else pa.nulls(len(order), pa.string()),
+            "note": pa.array([o[1] for o in overrides], pa.string()) if cut else pa.nulls(len(order), pa.string()),
+            "row_fingerprint": pa.chunked_array(planned_fps, pa.string()).take(pa.array(order)),
         }
     )
-    settled_table = results_table([r for r, _, _ in settled], -1, [c for _, c, _ in settled], [fp for _, _, fp in settled])
+    settled_table = pa.concat_tables(settled_tables) if settled_tables else results_table([], -1, [], [])
     manifest = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "context": context,
-        "planned_rows": len(planned),
-        "settled_rows": len(settled),
-        "reused_rows": sum(1 for _, c, _ in settled if c.finish_reason != "error"),
-        "batch_sizes": [len(b) for b in batches],
+        "planned_rows": len(order),
+        "settled_rows": settled_table.num_rows,
+        "reused_rows": settled_table.num_rows - pc.sum(pc.equal(settled_table.column("finish_reason"), "error")).as_py() if settled_table.num_rows else 0,
+        "batch_sizes": sizes.tolist(),
         "chunks": [asdict(c) for c in chunks],
     }
     return manifest, plan_rows, settled_table
+
+
+def prompt_lengths(tokenizer, prompts: list[str]) -> list[int]:
+    """Each prompt's tokens, as tokenizer(prompts) counts them (special tokens added). A fast
+    tokenizer's own backend does it without building the id lists (1.7x faster on 300-character
+    prompts: at 10 million rows, tokenizing is most of planning)."""
+    if not prompts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch_fast"):
+        return [len(e) for e in backend.encode_batch_fast(prompts, add_special_tokens=True)]
+    return [len(t) for t in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
 
 
 def truncate_prompt(rows: Rows, r: int, tokenizer, limit: int) -> tuple[str, int, str] | str:

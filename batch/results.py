@@ -8,6 +8,7 @@ with the input's columns for the final file.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -60,12 +61,26 @@ def results_table(rows: list[int], batches: int | list[int], completions: list[C
     )
 
 
-def count_results(results: pa.Table) -> dict:
-    """Rows by finish reason, and error rows by cause (the part of `error` before the first colon)."""
-    reasons = Counter(results.column("finish_reason").to_pylist())
-    causes = Counter(
-        e.split(":", 1)[0]
-        for e, reason in zip(results.column("error").to_pylist(), results.column("finish_reason").to_pylist())
-        if e and reason == "error"
-    )
-    return {"finish_reasons": dict(sorted(reasons.items())), "errors_by_cause": dict(sorted(causes.items()))}
+class ResultCounts:
+    """Rows by finish reason, and error rows by cause (the part of `error` before the first colon),
+    counted table by table."""
+
+    def __init__(self):
+        self.reasons: Counter = Counter()
+        self.causes: Counter = Counter()
+
+    def add(self, table: pa.Table) -> pa.Table:
+        reasons = table.column("finish_reason").to_pylist()
+        self.reasons.update(reasons)
+        self.causes.update(e.split(":", 1)[0] for e, r in zip(table.column("error").to_pylist(), reasons) if e and r == "error")
+        return table
+
+    def as_dict(self) -> dict:
+        return {"finish_reasons": dict(sorted(self.reasons.items())), "errors_by_cause": dict(sorted(self.causes.items()))}
+
+
+def count_results(tables: pa.Table | Iterable[pa.Table]) -> dict:
+    counts = ResultCounts()
+    for table in [tables] if isinstance(tables, pa.Table) else tables:
+        counts.add(table)
+    return counts.as_dict()

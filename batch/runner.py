@@ -6,12 +6,15 @@ One row's way: rows (readers + template) -> planning (plan) -> engine -> checkpo
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from batch.checkpoint import Checkpoint, StoredPlan
@@ -22,20 +25,66 @@ from batch.loading import load_tokenizer
 from batch.paths import check_output_writable
 from batch.plan import assign_shards
 from batch.planning import make_plan, open_plan
-from batch.results import Completion, count_results, results_table
+from batch.results import Completion, ResultCounts, count_results, results_table
 from batch.rows import Rows, read_rows
 from batch.signals import StopFlag
 from batch.writer import (
     already_done,
-    assemble,
     output_state,
     refuse_to_replace,
     remove_stale_temporaries,
     summary_path,
+    write_output,
     write_summary,
 )
 
 NOTHING_DONE = "before any work; nothing was written"
+
+
+@dataclass
+class Opened:
+    """A job whose input and paths passed every check; nothing written yet."""
+
+    job: JobConfig
+    ckpt: Checkpoint
+    rows: Rows
+    tokenizer: object
+    context: int
+    input_fp: dict
+    settings_fp: dict
+    state: str  # what is at output.path (writer.output_state)
+    changes: list[str]
+
+    @classmethod
+    def check(cls, job: JobConfig) -> Opened:
+        check_output_writable(job)
+        ckpt = Checkpoint(job.parts_dir)
+        rows = read_rows(job)
+        ckpt.check_place(job, rows.files)
+        tokenizer, context = load_tokenizer(job.model, job.source)
+        input_fp, settings_fp = input_fingerprint(rows), settings_fingerprint(job)
+        return cls(job, ckpt, rows, tokenizer, context, input_fp, settings_fp, *output_state(job, input_fp, settings_fp))
+
+    def make_plan(self):
+        return make_plan(self.job, self.rows, self.tokenizer, self.context, self.settings_fp)
+
+    def open_plan(self, fresh=None) -> StoredPlan:
+        """The stored plan, or `fresh` (made before anything was written) stored, or one made now:
+        the shards of an array plan here, under the plan lock, one of them; the others wait."""
+
+        def make():
+            if fresh:
+                return fresh
+            print(f"komt-batch: planning {self.rows.table.num_rows} rows (no plan stored yet; other shards wait for it)", file=sys.stderr, flush=True)
+            return self.make_plan()
+
+        return open_plan(self.job, self.ckpt, make, self.input_fp, self.settings_fp)
+
+    def refuse_to_replace(self, resuming: bool, restart: bool) -> None:
+        """A file at output.path is replaced only by a run of this job that started with it there
+        (--restart, or a checkpoint made then), and never when komt-batch did not write it."""
+        if self.state == "foreign" or (self.state == "changed" and not resuming and not restart):
+            raise refuse_to_replace(self.job, self.state, self.changes)
 
 
 def run(job: JobConfig, shard: int, shards: int, stop: StopFlag, restart: bool = False, progress: bool = True) -> dict:
@@ -45,54 +94,50 @@ def run(job: JobConfig, shard: int, shards: int, stop: StopFlag, restart: bool =
     finished output that this job wrote from the same input and settings is left alone."""
     started = time.time()
     stop.check(NOTHING_DONE)
-    check_output_writable(job)
-    ckpt = Checkpoint(job.parts_dir)
-    rows = read_rows(job)
-    ckpt.check_place(job, rows.files)
-    tokenizer, context = load_tokenizer(job.model, job.source)
-    input_fp, settings_fp = input_fingerprint(rows), settings_fingerprint(job)
-    state, changes = output_state(job, input_fp, settings_fp)
-    if state == "done" and not restart:
+    opened = Opened.check(job)
+    ckpt, rows = opened.ckpt, opened.rows
+    if opened.state == "done" and not restart:
         stop.finished()
         return already_done(job, rows.table.num_rows)
     resuming = ckpt.manifest_path.exists() and not restart
-    fresh = None if resuming else make_plan(job, rows, tokenizer, context, settings_fp)
-    # A file at output.path is replaced only by a run of this job that started with it there
-    # (--restart, or a checkpoint made then), and never when komt-batch did not write it.
-    if state == "foreign" or (state == "changed" and not resuming and not restart):
-        raise refuse_to_replace(job, state, changes)
+    # Unsharded (or restarting), plan before anything is written, so that a plan that fails
+    # changes nothing. Shards of an array plan under the plan lock: one plans, the others wait for it.
+    fresh = opened.make_plan() if not resuming and (shards == 1 or restart) else None
+    opened.refuse_to_replace(resuming, restart)
     stop.check(NOTHING_DONE)
     with ckpt.job_lock(shard, shards, restart):
-        if not restart and output_state(job, input_fp, settings_fp)[0] == "done":  # finished by another process meanwhile
+        if not restart and output_state(job, opened.input_fp, opened.settings_fp)[0] == "done":  # finished by another process meanwhile
             if not job.checkpoint.keep:
                 ckpt.remove()  # (only the lock this process made is left to remove)
             stop.finished()
             return already_done(job, rows.table.num_rows)
         if shards == 1:
             remove_stale_temporaries(job)
-        plan = open_plan(job, ckpt, lambda: fresh or make_plan(job, rows, tokenizer, context, settings_fp), input_fp, settings_fp)
+        plan = opened.open_plan(fresh)
         done, _ = ckpt.done_rows(plan)
-        owner = assign_shards(plan.chunks, shards)
-        plan_rows, plan_batches, plan_chunks = (plan.rows.column(k).to_pylist() for k in ("row", "batch", "chunk"))
-        mine = [i for i, c in enumerate(plan_chunks) if owner[c] == shard]  # positions in the plan, in plan order
-        todo = [i for i in mine if plan_rows[i] not in done]
+        owner = np.array(assign_shards(plan.chunks, shards), np.int32)
+        plan_rows = plan.rows.column("row").to_numpy()
+        mine = np.flatnonzero(owner[plan.rows.column("chunk").to_numpy()] == shard)  # positions in the plan, in plan order
+        todo = mine[~done.mask(plan_rows[mine])]
         stats = Stats(resumed_rows=len(mine) - len(todo))
-        if todo and stop.received is None:
-            engine = Engine.load(job.model, job.generation, job.source, tokenizer)
+        if len(todo) and stop.received is None:
+            engine = Engine.load(job.model, job.generation, job.source, opened.tokenizer)
+            batches = len(np.unique(plan.rows.column("batch").to_numpy()[todo]))
             print(
-                f"komt-batch: generating {len(todo)} rows in {len({plan_batches[i] for i in todo})} batches"
+                f"komt-batch: generating {len(todo)} rows in {batches} batches"
                 f" (shard {shard}/{shards}; {stats.resumed_rows} rows already done)",
                 file=sys.stderr,
                 flush=True,
             )
-            done.update(generate_rows(job, rows, plan, ckpt, engine, todo, stop, stats, progress, shard, shards))
+            for path, committed in generate_rows(job, rows, plan, ckpt, engine, todo, stop, stats, progress, shard, shards):
+                done.add(path, committed)
         stop.check(f"after committing every finished row ({stats.generated_rows} generated this run)")
         summary = stats.summary(job, plan, started)
         if shards == 1:
-            results = ckpt.read_results(done)
-            out = assemble(job, rows.table, results, plan.manifest)
+            counts = ResultCounts()
+            out = write_output(job, rows.table, rows.release, map(counts.add, ckpt.iter_results(done)), plan.manifest)
             stop.finished()
-            summary.update(count_results(results), output=str(out), rows=rows.table.num_rows)
+            summary.update(counts.as_dict(), output=str(out), rows=rows.table.num_rows)
             write_summary(summary_path(job), summary)
             if not job.checkpoint.keep:
                 ckpt.remove()
@@ -131,47 +176,49 @@ class Stats:
         }
 
 
-def generate_rows(job, rows: Rows, plan: StoredPlan, ckpt: Checkpoint, engine: Engine, todo: list[int], stop: StopFlag, stats: Stats, progress: bool, shard: int, shards: int) -> dict[int, Path]:
+def generate_rows(job, rows: Rows, plan: StoredPlan, ckpt: Checkpoint, engine: Engine, todo: np.ndarray, stop: StopFlag, stats: Stats, progress: bool, shard: int, shards: int) -> Iterator[tuple[Path, list[int]]]:
     """The hot loop: stream the rows at plan positions `todo` through the engine in plan order
     (finished rows' places are refilled from the next ones) and commit finished rows as they
     finish: a part every checkpoint.every_rows rows or checkpoint.every_seconds, whichever comes
     first, so a kill loses at most one part's rows besides those still generating. On a signal no
     new batch starts; the rows already in the engine finish and are committed.
-    Returns row -> the part that holds it, for the rows committed here."""
-    plan_cols = {k: plan.rows.column(k).to_pylist() for k in ("row", "batch", "prompt_override", "note", "row_fingerprint")}
-    row_of, batch_of, override, notes, fps = plan_cols.values()
+    Yields each part committed here, with its rows."""
+    row_of, batch_of = (plan.rows.column(k).to_numpy() for k in ("row", "batch"))
+    override, notes, fps = (plan.rows.column(k) for k in ("prompt_override", "note", "row_fingerprint"))
     generator = SafeGenerator.for_job(engine, job.batching, job.generation.max_new_tokens)
     bar = tqdm(total=len(todo), unit="row", disable=not progress, mininterval=1.0, dynamic_ncols=True)
     pending: list[tuple[int, Completion]] = []
-    committed: dict[int, Path] = {}
     last_commit = time.perf_counter()
 
     def requests():
-        for _, group in itertools.groupby(todo, key=lambda i: batch_of[i]):
+        for _, group in itertools.groupby(todo.tolist(), key=lambda i: int(batch_of[i])):
             if stop.received is not None:
                 return
             group = list(group)
-            prompts = [o if o is not None else p for o, p in zip((override[i] for i in group), rows.prompts([row_of[i] for i in group]))]
+            prompts = [o if o is not None else p for o, p in zip((override[i].as_py() for i in group), rows.prompts([int(row_of[i]) for i in group]))]
             for i, ids in zip(group, engine.tokenize(prompts)):
-                yield Request(i, ids, row_seed(job.generation.seed, rows.ids[row_of[i]]))
+                yield Request(i, ids, row_seed(job.generation.seed, rows.ids[int(row_of[i])]))
 
     def commit():
         nonlocal last_commit
         now = time.perf_counter()
-        if pending:
-            at = [i for i, _ in pending]
-            completions = [c for _, c in pending]
-            table = results_table([row_of[i] for i in at], [batch_of[i] for i in at], completions, [fps[i] for i in at])
-            tokens = sum(c.completion_tokens for c in completions)
-            path = ckpt.write_part(plan, shard, shards, table, {"rows": len(at), "completion_tokens": tokens, "seconds": round(now - last_commit, 3)})
-            committed.update((row_of[i], path) for i in at)
-            pending.clear()
-        stats.generate_seconds += now - last_commit
+        seconds = now - last_commit
+        stats.generate_seconds += seconds
         last_commit = now
+        if not pending:
+            return None
+        at = [i for i, _ in pending]
+        completions = [c for _, c in pending]
+        table = results_table([int(row_of[i]) for i in at], [int(batch_of[i]) for i in at], completions, [fps[i].as_py() for i in at])
+        tokens = sum(c.completion_tokens for c in completions)
+        path = ckpt.write_part(plan, shard, shards, table, {"rows": len(at), "completion_tokens": tokens, "seconds": round(seconds, 3)})
+        pending.clear()
+        return path, row_of[at]
 
     for i, completion in generator.stream(requests()):
-        if notes[i] and completion.error is None:
-            completion.error = notes[i]  # the row ran, truncated: say so
+        note = notes[i].as_py()
+        if note and completion.error is None:
+            completion.error = note  # the row ran, truncated: say so
         pending.append((i, completion))
         stats.generated_rows += 1
         stats.completion_tokens += completion.completion_tokens
@@ -180,10 +227,36 @@ def generate_rows(job, rows: Rows, plan: StoredPlan, ckpt: Checkpoint, engine: E
         bar.update(1)
         bar.set_postfix_str(f"{stats.completion_tokens / max(stats.generate_seconds + time.perf_counter() - last_commit, 1e-9):.1f} tok/s", refresh=False)
         if len(pending) >= job.checkpoint.every_rows or time.perf_counter() - last_commit >= job.checkpoint.every_seconds:
-            commit()
-    commit()
+            if part := commit():
+                yield part
+    if part := commit():
+        yield part
     bar.close()
-    return committed
+
+
+def plan(job: JobConfig, restart: bool = False) -> dict:
+    """Make and store the job's plan, as the first shard of a run would, without the model's
+    weights (slurm/submit.sh runs it once before the array: a plan that fails, fails before any GPU
+    is allocated, and no shard plans). A stored plan that still matches is kept."""
+    opened = Opened.check(job)
+    if opened.state == "done" and not restart:
+        return already_done(job, opened.rows.table.num_rows)
+    resuming = opened.ckpt.manifest_path.exists() and not restart
+    fresh = None if resuming else opened.make_plan()
+    opened.refuse_to_replace(resuming, restart)
+    with opened.ckpt.job_lock(0, 1, restart) if restart else contextlib.nullcontext():
+        stored = opened.open_plan(fresh)
+    m = stored.manifest
+    return {
+        "job": job.source,
+        "state": "planned",
+        "plan_id": stored.plan_id,
+        "planned_rows": m["planned_rows"],
+        "settled_rows": m["settled_rows"],
+        "batches": len(m["batch_sizes"]),
+        "chunks": len(m["chunks"]),
+        "checkpoint": str(opened.ckpt.dir),
+    }
 
 
 def validate(job: JobConfig) -> dict:

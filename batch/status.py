@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-from collections import Counter
-from pathlib import Path
+import numpy as np
 
-from batch.checkpoint import Checkpoint, StoredPlan
+from batch.checkpoint import Checkpoint, Done, StoredPlan
 from batch.config import JobConfig
 from batch.errors import IncompleteError, JobError
 from batch.fingerprints import input_fingerprint, plan_changes, settings_fingerprint
 from batch.plan import assign_shards
-from batch.results import count_results
+from batch.results import ResultCounts, count_results
 from batch.rows import read_rows
 from batch.signals import StopFlag
 from batch.writer import (
     already_done,
-    assemble,
     output_state,
     refuse_to_replace,
     remove_stale_temporaries,
     summary_path,
+    write_output,
     write_summary,
 )
 
@@ -36,9 +35,10 @@ def shard_counts(ckpt: Checkpoint) -> list[int]:
     return sorted({int(p.stem.split("-of-")[1]) for p in ckpt.dir.glob("shard-*-of-*.lock")})
 
 
-def chunks_done(plan: StoredPlan, done: dict[int, Path]) -> set[int]:
+def chunks_done(plan: StoredPlan, done: Done) -> set[int]:
     """The chunks whose planned rows are all done."""
-    left = Counter(c for r, c in zip(plan.rows.column("row").to_pylist(), plan.rows.column("chunk").to_pylist()) if r not in done)
+    open_rows = ~done.mask(plan.rows.column("row").to_numpy())
+    left = np.bincount(plan.rows.column("chunk").to_numpy()[open_rows], minlength=len(plan.chunks))
     return {c.index for c in plan.chunks if not left[c.index]}
 
 
@@ -55,7 +55,7 @@ def status(job: JobConfig, shards: int | None = None) -> dict:
     total = plan.manifest["planned_rows"] + plan.manifest["settled_rows"]
     rows_done = len(done) + plan.manifest["settled_rows"]
     finished_chunks = chunks_done(plan, done)
-    parts = [ckpt.part_stats(p) for p in set(done.values())]
+    parts = [ckpt.part_stats(p) for p in done.used_parts()]
     seconds = sum(p.get("seconds", 0) for p in parts)
     rows_gen = sum(p.get("rows", 0) for p in parts)
     tokens = sum(p.get("completion_tokens", 0) for p in parts)
@@ -72,7 +72,7 @@ def status(job: JobConfig, shards: int | None = None) -> dict:
         "eta_seconds": round(remaining * seconds / rows_gen) if rows_gen else None,
         "plan_matches": not changes,
         "changes": changes,
-        "errors_by_cause": count_results(ckpt.read_results(done))["errors_by_cause"],
+        "errors_by_cause": count_results(ckpt.iter_results(done))["errors_by_cause"],
     }
     if bad:
         result["parts_set_aside_next_run"] = bad
@@ -86,7 +86,7 @@ def status(job: JobConfig, shards: int | None = None) -> dict:
     return result
 
 
-def missing_chunks(ckpt: Checkpoint, plan: StoredPlan, done: dict[int, Path], shards: int | None) -> str:
+def missing_chunks(ckpt: Checkpoint, plan: StoredPlan, done: Done, shards: int | None) -> str:
     finished = chunks_done(plan, done)
     missing = [c.index for c in plan.chunks if c.index not in finished]
     if not missing:
@@ -129,10 +129,10 @@ def merge(job: JobConfig, shards: int | None, stop: StopFlag) -> dict:
             raise JobError(f"{job.source}: the input or settings changed since the plan was made: " + "; ".join(changes))
         remove_stale_temporaries(job)
         stop.check("before writing the final file; nothing was lost")
-        results = ckpt.read_results(done)
-        out = assemble(job, rows.table, results, plan.manifest)
+        counts = ResultCounts()
+        out = write_output(job, rows.table, rows.release, map(counts.add, ckpt.iter_results(done)), plan.manifest)
         stop.finished()
-        summary = {"job": job.source, "output": str(out), "rows": rows.table.num_rows, **count_results(results)}
+        summary = {"job": job.source, "output": str(out), "rows": rows.table.num_rows, **counts.as_dict()}
         summary["generated_rows"] = plan.manifest["planned_rows"]
         summary["reused_rows"] = plan.manifest["reused_rows"]
         write_summary(summary_path(job), summary)

@@ -19,18 +19,22 @@ import glob
 import json
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batch import __version__
-from batch.checkpoint import remove_temporaries, write_atomic, write_parquet_atomic
+from batch.checkpoint import remove_temporaries, write_atomic
 from batch.config import JobConfig
-from batch.errors import IncompleteError, JobError
+from batch.errors import JobError
 from batch.fingerprints import plan_changes
-from batch.results import GENERATED_COLUMNS
+from batch.results import GENERATED_COLUMNS, RESULT_SCHEMA
+from batch.row_order import RowOrder
+
+GROUP_BYTES = 64 << 20  # about this much input and results per row group of the final file
+MIN_GROUP_ROWS, MAX_GROUP_ROWS = 64, 1 << 20
 
 
 def job_metadata(job: JobConfig, made_from: dict) -> dict[str, str]:
@@ -55,20 +59,35 @@ def job_metadata(job: JobConfig, made_from: dict) -> dict[str, str]:
     return {"komt_batch": json.dumps(info, ensure_ascii=False)}
 
 
-def assemble(job: JobConfig, inputs: pa.Table, results: pa.Table, made_from: dict) -> Path:
-    """Write the final file: every input row exactly once, in input order, with its results."""
-    n = inputs.num_rows
-    rows = results.column("row")
-    if results.num_rows != n or (n and pc.count_distinct(rows).as_py() != n):
-        have = set(rows.to_pylist())
-        missing = [i for i in range(n) if i not in have]
-        raise IncompleteError(f"{job.parts_dir}: {len(missing)} of {n} rows have no result yet (e.g. rows {missing[:5]})")
-    ordered = results.take(pc.sort_indices(rows))
-    table = inputs.append_column(job.output.response_column, ordered.column("response"))
-    for name in GENERATED_COLUMNS:
-        table = table.append_column(name, ordered.column(name))
+def write_output(job: JobConfig, inputs: pa.Table, release: Callable[[], None], results: Iterable[pa.Table], made_from: dict) -> Path:
+    """Write the final file: every input row exactly once, in input order, with its results.
+
+    Streamed in bounded memory: the results are put in row order by an external sort (row_order),
+    then each row group joins a slice of the (memory-mapped) input with the results of its rows.
+    Row groups hold about GROUP_BYTES. Nothing is written unless every row has one result."""
     out = Path(job.output.path)
-    write_parquet_atomic(out, table, job_metadata(job, made_from))
+    n = inputs.num_rows
+    schema = inputs.schema
+    for name, field in [(job.output.response_column, RESULT_SCHEMA.field("response")), *((c, RESULT_SCHEMA.field(c)) for c in GENERATED_COLUMNS)]:
+        schema = schema.append(pa.field(name, field.type))
+    schema = schema.with_metadata({**(inputs.schema.metadata or {}), **job_metadata(job, made_from)})
+    with RowOrder(n, out.parent, f".{out.name}.") as ordered:
+        for table in results:
+            ordered.add(table)
+        ordered.check_complete(str(job.parts_dir))
+        group = int(min(MAX_GROUP_ROWS, max(MIN_GROUP_ROWS, GROUP_BYTES // max(1.0, inputs.get_total_buffer_size() / max(n, 1) + ordered.bytes_per_row()))))
+
+        def write(fh):
+            with pq.ParquetWriter(fh, schema, compression="zstd", write_page_checksum=True) as w:
+                for a in range(0, n, group):
+                    b = min(n, a + group)
+                    res = ordered.take(a, b)
+                    columns = [*inputs.slice(a, b - a).columns, res.column("response"), *(res.column(c) for c in GENERATED_COLUMNS)]
+                    w.write_table(pa.table(columns, schema=schema), row_group_size=b - a)
+                    release()
+                    ordered.release()
+
+        write_atomic(out, write)
     return out
 
 

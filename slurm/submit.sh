@@ -22,6 +22,10 @@
 #   KOMT_RUN_ID        reuse an older run key for {job_id} (default: the array id)
 #   KOMT_MAX_REQUEUES  per-task requeue cap (default 20)
 #   KOMT_ARRAY_LIMIT   at most this many tasks at once (--array=0-(N-1)%LIMIT)
+#   KOMT_PLAN          1 (default): plan once here, before any task starts (the array is
+#                      submitted held, `komt-batch plan` runs here -- tokenizer and input, no
+#                      GPU -- then the array is released; a plan that fails cancels both jobs
+#                      before any GPU is allocated). 0: the first shard plans, the others wait.
 #
 # Relative paths (logs/, the job file, paths inside it) resolve against the
 # current directory: SLURM starts the jobs there (sbatch's default --chdir).
@@ -73,7 +77,12 @@ export KOMT_MAX_REQUEUES=${KOMT_MAX_REQUEUES:-20}
 # missing directory makes them fail with no log at all.
 mkdir -p logs
 
-array_id=$(sbatch --parsable --export=ALL --array="$array_range" "${gres[@]}" "$@" \
+plan_first=${KOMT_PLAN:-1}
+[[ $plan_first == [01] ]] || { echo "KOMT_PLAN must be 0 or 1, got '$plan_first'" >&2; exit 2; }
+hold=()
+((plan_first)) && hold=(--hold)
+
+array_id=$(sbatch --parsable --export=ALL --array="$array_range" "${hold[@]}" "${gres[@]}" "$@" \
     "$here/komt-array.sbatch")
 array_id=${array_id%%;*}   # --parsable prints "id" or "id;cluster"
 echo "array job: $array_id"
@@ -88,4 +97,16 @@ if ! merge_id=$(KOMT_RUN_ID=${KOMT_RUN_ID:-$array_id} KOMT_SHARDS=$((n * procs))
 fi
 merge_id=${merge_id%%;*}
 echo "merge job: $merge_id"
+
+if ((plan_first)); then
+    read -ra cli <<<"$KOMT_BATCH"
+    read -ra overrides <<<"$KOMT_ARGS"
+    if ! "${cli[@]}" plan --run-id "${KOMT_RUN_ID:-$array_id}" --date "$KOMT_DATE" --time "$KOMT_TIME" \
+        "$KOMT_JOB" "${overrides[@]}" >&2; then
+        scancel "$array_id" "$merge_id"
+        echo "planning failed (above); array job $array_id and merge job $merge_id are cancelled" >&2
+        exit 1
+    fi
+    scontrol release "$array_id"
+fi
 echo "$merge_id"

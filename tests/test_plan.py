@@ -36,3 +36,40 @@ def test_shards_balance_tokens():
     loads = [sum(c.tokens for c in chunks if owner[c.index] == s) for s in range(2)]
     assert sorted(loads) == [150, 170]  # the best split: {100, 10 x 5} and {90, 80}
     assert assign_shards(chunks, 1) == [0] * len(chunks)
+
+
+def greedy_reference(lengths, max_new_tokens, max_batch_size, max_batch_tokens):
+    """Row by row: longest first, a row joins the batch while both limits hold."""
+    batches, current, longest = [], [], 0
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        if current and (len(current) >= max_batch_size or batch_cost(longest, len(current) + 1, max_new_tokens) > max_batch_tokens):
+            batches.append(current)
+            current = []
+        if not current:
+            longest = lengths[i]
+        current.append(i)
+    return batches + ([current] if current else [])
+
+
+def test_packing_by_batch_equals_packing_row_by_row():
+    import random
+
+    rng = random.Random(5)
+    for _ in range(300):
+        lengths = [rng.choice([rng.randint(1, 40), rng.randint(1, 400)]) for _ in range(rng.randint(0, 120))]
+        args = (rng.randint(0, 64), rng.randint(1, 40), rng.randint(1, 5000))
+        if lengths and max(lengths) + args[0] > args[2]:
+            continue  # a row that does not fit alone is settled before packing
+        assert plan_batches(lengths, *args) == greedy_reference(lengths, *args)
+
+
+def test_prompt_lengths_count_as_the_tokenizer_does():
+    from transformers import AutoTokenizer
+
+    from batch.planning import prompt_lengths
+    from tests.conftest import TINY, seed_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(TINY / "base")
+    prompts = [r["instruction"] for r in seed_rows()] + ["", " ", "<s>", "a <|end|> ### b", "🙂" * 5, "é\u0301\n\r\n\t", "x" * 3000]
+    assert prompt_lengths(tokenizer, prompts) == [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    assert prompt_lengths(tokenizer, []) == []

@@ -1,8 +1,9 @@
 """Memory stays bounded at scale: `validate` (read, render, tokenize, plan) on 100,000 prompts of
 about 300 characters, JSONL and Parquet, in a real process; the growth from 10,000 to 100,000 rows,
-extrapolated to 1,000,000, must stay under 2 GB of resident memory. Reading the input the way
+extrapolated to 10,000,000, must stay under 2 GB of resident memory. Reading the input the way
 planning and the input fingerprint do (convert or map, every slice's prompts, every id), from JSONL,
-Parquet and a save_to_disk folder, extrapolated to 10,000,000 rows, must too."""
+Parquet and a save_to_disk folder, must too; and so must `merge` writing the final file from a
+checkpoint of 40,000 and 160,000 finished rows (with responses of about 300 characters)."""
 
 import json
 import random
@@ -118,11 +119,77 @@ def test_reading_memory_grows_slowly_enough_for_ten_million_rows(inputs, tmp_pat
     assert seconds < 60
 
 
-@pytest.mark.xfail(strict=True, reason="planning keeps Python objects per planned row (about 330 bytes: the planned list, "
-                   "fingerprints, the plan table); bounding them is issue 10 part 2/4 (batch/planning.py). "
-                   "Strict: when it passes, remove this mark")
 def test_validate_memory_projected_to_ten_million_rows(validate_jsonl):
     small, large, _ = validate_jsonl
     projected_10m = large + (large - small) * (10_000_000 - 100_000) / 90_000
     print(f"validate: 10M projected {projected_10m:.0f} MB")
     assert projected_10m < 2048
+
+
+# A finished checkpoint without a model: the stored plan's rows, each with a response of about 300
+# characters, committed in parts of 4,096 rows in plan order (as a run commits them).
+FINISH = """
+import sys
+import pyarrow as pa
+from batch.checkpoint import Checkpoint
+from batch.config import load_job
+from batch.results import RESULT_SCHEMA
+job = load_job(sys.argv[1])
+ckpt = Checkpoint(job.parts_dir)
+plan = ckpt.load_plan()
+for start in range(0, plan.rows.num_rows, 4096):
+    t = plan.rows.slice(start, 4096)
+    n = t.num_rows
+    part = pa.table({
+        "row": t.column("row"), "batch": t.column("batch"),
+        "response": pa.array([f"답변 {r} " + "생성된 응답 문장 " * 30 for r in t.column("row").to_pylist()]),
+        "finish_reason": pa.array(["stop"] * n), "prompt_tokens": t.column("prompt_tokens").cast(pa.int64()),
+        "completion_tokens": pa.array([120] * n, pa.int64()), "error": pa.nulls(n, pa.string()),
+        "row_fingerprint": t.column("row_fingerprint"),
+    }, schema=RESULT_SCHEMA)
+    ckpt.write_part(plan, 0, 1, part, {"rows": n})
+"""
+# merge with sort runs and row groups of 4 MB instead of 64 MB: growth between the sizes is then per
+# row, not the buffers filling up; the projection adds what the default buffers hold at most.
+SMALL_BUFFERS = 4 << 20
+MERGE = (
+    "import sys\n"
+    "from batch import row_order, writer\n"
+    f"row_order.RUN_BYTES = writer.GROUP_BYTES = {SMALL_BUFFERS}\n"
+    "from batch.cli import main\n"
+    "code = main(sys.argv[1:])\n"
+    + PEAK
+    + "sys.exit(code)\n"
+)
+
+
+def merge_rss_mb(tmp_path, input_path) -> tuple[float, float]:
+    job = make_job(tmp_path, input_path, f"merge-{input_path.name}.yaml", generation={"max_new_tokens": 128},
+                   output={"path": str(tmp_path / f"out-{input_path.name}.parquet")})
+    env = {**cli_env(), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    for script, args in ((None, ("plan",)), (FINISH, ())):
+        cmd = [sys.executable, "-m", "batch", *args, str(job)] if script is None else [sys.executable, "-c", script, str(job)]
+        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+    start = time.time()
+    p = subprocess.run([sys.executable, "-c", MERGE, "merge", str(job)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    out = pq.read_table(tmp_path / f"out-{input_path.name}.parquet", columns=["id", "finish_reason"])
+    rows = pq.read_metadata(input_path).num_rows if input_path.suffix == ".parquet" else sum(1 for _ in open(input_path, encoding="utf-8"))
+    assert out.num_rows == rows and out.column("id").to_pylist() == [f"row-{i:07d}" for i in range(rows)]
+    assert set(out.column("finish_reason").to_pylist()) == {"stop"}
+    rss = next(int(line.split()[1]) for line in p.stdout.splitlines() if line.startswith("MAXRSS_KB"))
+    return rss / 1024, time.time() - start
+
+
+def test_merge_memory_grows_slowly_enough_for_ten_million_rows(inputs, tmp_path):
+    from batch import row_order, writer
+
+    small, _ = merge_rss_mb(tmp_path, inputs / "40k.parquet")
+    large, seconds = merge_rss_mb(tmp_path, inputs / "160k.parquet")
+    # the default buffers (a sort run and a row group, each held up to three times while sorted or written)
+    buffers = 3 * (row_order.RUN_BYTES + writer.GROUP_BYTES - 2 * SMALL_BUFFERS) / 2**20
+    projected_10m = large + (large - small) * (10_000_000 - 160_000) / 120_000 + buffers
+    print(f"merge: 40k rows {small:.0f} MB, 160k rows {large:.0f} MB, 10M projected {projected_10m:.0f} MB (+{buffers:.0f} MB default buffers), 160k in {seconds:.1f}s")
+    assert projected_10m < 2048
+    assert seconds < 60

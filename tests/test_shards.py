@@ -1,6 +1,8 @@
 """Shards of one plan, merge, per-shard status, SLURM's environment, and reuse of earlier outputs."""
 
 import json
+import subprocess
+import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -8,7 +10,7 @@ import pytest
 from batch.cli import main
 from batch.shards import parse_shard, slurm_shard
 from batch.errors import JobError
-from tests.conftest import make_job, seed_rows, write_jsonl
+from tests.conftest import ROOT, cli_env, make_job, seed_rows, write_jsonl
 
 
 def rows(n, start=0):
@@ -97,3 +99,46 @@ def test_reuse_generates_only_new_rows_and_equals_a_full_run(tmp_path, capsys):
     assert main(["run", str(second), "--no-progress", "generation.max_new_tokens=6", "--restart"]) == 0
     summary = json.loads((tmp_path / "out" / "result.summary.json").read_text())
     assert (summary["reused_rows"], summary["generated_rows"]) == (0, 9)
+
+
+def test_shards_starting_at_once_plan_once(tmp_path, capsys):
+    """Three shards start together with no plan stored: one renders, tokenizes and stores the
+    plan, the others wait for it and use it."""
+    src = write_jsonl(tmp_path / "in.jsonl", rows(12))
+    job = make_job(tmp_path, src, **OPTS)
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "batch", "run", str(job), "--shard", f"{i}/3", "--no-progress"],
+                         cwd=ROOT, env=cli_env(), stderr=subprocess.PIPE, text=True)
+        for i in range(3)
+    ]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errs
+    assert sum("komt-batch: planning 12 rows" in e for e in errs) == 1, errs
+    assert sum("komt-batch: using the plan stored" in e for e in errs) == 2, errs
+    assert main(["merge", str(job)]) == 0
+    merged = pq.read_table(tmp_path / "out" / "result.parquet")
+    assert merged.column("id").to_pylist() == [r["id"] for r in rows(12)]
+    assert merged.column("finish_reason").null_count == 0
+
+
+def test_plan_command_plans_once_for_every_shard(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "in.jsonl", rows(6))
+    job = make_job(tmp_path, src, **OPTS)
+    assert main(["plan", str(job)]) == 0
+    first = capsys.readouterr()
+    assert "state         planned" in first.out and "komt-batch: planned 6 rows" in first.err
+    plan_id = next(line.split()[1] for line in first.out.splitlines() if line.startswith("plan_id"))
+    assert main(["plan", str(job)]) == 0  # a stored plan that matches is kept
+    again = capsys.readouterr()
+    assert f"plan_id       {plan_id}" in again.out and "komt-batch: planned" not in again.err
+    assert main(["run", str(job), "--shard", "1/2", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "komt-batch: plann" not in err and "using the plan stored" in err
+
+
+def test_a_plan_that_fails_writes_nothing(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "in.jsonl", rows(6))
+    job = make_job(tmp_path, src, batching={"max_batch_tokens": 20})
+    assert main(["plan", str(job)]) == 2
+    assert "batching.max_batch_tokens: 20 is too small" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
