@@ -53,23 +53,77 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def cli_env() -> dict[str, str]:
+def input_rows(n: int, prefix: str, extra: str, every: int, digits: int = 2) -> list[dict]:
+    """n rows over the 9 seed instructions: ids PREFIX00.., row i's instruction + EXTRA * (i % EVERY)
+    (so that the prompts differ in length)."""
+    seeds = seed_rows()
+    return [{"id": f"{prefix}{i:0{digits}d}", "instruction": seeds[i % 9]["instruction"] + extra * (i % every)} for i in range(n)]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment of a komt-batch process: offline, unbuffered, one OpenMP thread (on a shared
+    machine, busy cores make torch's spinning worker threads 20x slower), then EXTRA."""
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
     return env
 
 
-def komt(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def komt_argv(*args, script: Path | None = None) -> list[str]:
+    """`python -m batch ARGS`, or `python SCRIPT ARGS` (a script that patches komt-batch, then runs it)."""
+    return [sys.executable, *([str(script)] if script else ["-m", "batch"]), *map(str, args)]
+
+
+def komt(*args, cwd: Path | None = None, timeout: float = 300, env: dict[str, str] | None = None,
+         script: Path | None = None) -> subprocess.CompletedProcess:
     """Run `python -m batch ARGS` as a real process; returns the completed process (text output)."""
     return subprocess.run(
-        [sys.executable, "-m", "batch", *map(str, args)],
+        komt_argv(*args, script=script),
         cwd=cwd or ROOT,
-        env=cli_env(),
+        env=cli_env() if env is None else env,
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def spawn(*args, env: dict[str, str] | None = None, stdout=subprocess.PIPE, stderr=subprocess.PIPE) -> subprocess.Popen:
+    """Start `python -m batch ARGS` as a real process (text output) and return at once."""
+    return subprocess.Popen(komt_argv(*args), cwd=ROOT, env=cli_env() if env is None else env, stdout=stdout, stderr=stderr, text=True)
+
+
+def start(job, *args, **kwargs) -> subprocess.Popen:
+    """Start `komt-batch run JOB --no-progress ARGS` (spawn's keywords) and return at once."""
+    return spawn("run", job, "--no-progress", *args, **kwargs)
+
+
+def wait_generating(proc: subprocess.Popen) -> None:
+    """Read the process's stderr to the line that says it generates (it holds the job lock from
+    before that line to its end)."""
+    for line in proc.stderr:
+        if line.startswith("komt-batch: generating"):
+            return
+    raise AssertionError(f"the run ended early: {proc.wait()}")
+
+
+def one_line(capsys) -> str:
+    """The one line on stderr since the last read: komt-batch's error message, no traceback."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("komt-batch: error: ") and "Traceback" not in err[0], err
+    return err[0]
+
+
+def parts(out: Path) -> list[Path]:
+    """The checkpoint's part files of the output OUT (in OUT.parts), by name."""
+    d = out.with_name(out.name + ".parts")
+    return sorted(d.glob("part-*.parquet")) if d.exists() else []
+
+
+def part_rows(out: Path) -> int:
+    """The rows committed in those part files."""
+    return sum(pq.read_metadata(p).num_rows for p in parts(out))
 
 
 def read_output(path: Path) -> list[dict]:
@@ -83,3 +137,7 @@ def _offline(tmp_path_factory):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # torch on one thread in this process too (the processes started get OMP_NUM_THREADS=1 from cli_env)
+    import torch
+
+    torch.set_num_threads(1)

@@ -7,47 +7,31 @@ uninterrupted run."""
 import json
 import shutil
 import signal
-import subprocess
-import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from batch.cli import main
-from tests.conftest import ROOT, cli_env, make_job, seed_rows, write_jsonl
+from tests.conftest import (
+    input_rows,
+    make_job,
+    one_line,
+    parts,
+    start,
+    wait_generating,
+    write_jsonl,
+)
 
 OPTS = dict(generation={"max_new_tokens": 4}, batching={"max_batch_size": 2}, checkpoint={"every_rows": 2, "keep": True})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _own_cache_one_thread(tmp_path_factory):
-    """The caches in a folder of the module's own; torch on one thread, here and in the processes
-    started (on a shared machine, busy cores make torch's spinning worker threads 20x slower)."""
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
-        mp.setenv("OMP_NUM_THREADS", "1")
-        torch.set_num_threads(1)
-        yield
-    torch.set_num_threads(threads)
-
-
 def rows(n: int) -> list[dict]:
-    seeds = seed_rows()
-    return [{"id": f"t{i:02d}", "instruction": seeds[i % 9]["instruction"] + " 왜" * (i % 3)} for i in range(n)]
+    return input_rows(n, "t", " 왜", 3)
 
 
 def run(*args) -> int:
     return main(["run", *map(str, args), "--no-progress"])
-
-
-def one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert err[0].startswith("komt-batch: error: ") and "Traceback" not in err[0]
-    return err[0]
 
 
 def tree(path) -> dict:
@@ -77,9 +61,9 @@ def finished(tmp_path, shared, capsys):
     out = tmp_path / "out" / "r.parquet"
     job = make_job(tmp_path, src, output={"path": str(out)}, **OPTS)
     capsys.readouterr()
-    parts = sorted(out.with_name("r.parquet.parts").glob("part-*.parquet"))
-    assert len(parts) == 3 and all(pq.read_metadata(p).num_rows == 2 for p in parts)
-    return job, out, parts, pq.read_table(out)
+    files = parts(out)
+    assert len(files) == 3 and all(pq.read_metadata(p).num_rows == 2 for p in files)
+    return job, out, files, pq.read_table(out)
 
 
 # --- 1. delete only what the job wrote ------------------------------------------------------------
@@ -268,20 +252,6 @@ def test_without_a_manifest_leftover_parts_are_not_adopted(tmp_path, capsys, fin
     assert pq.read_table(out).equals(reference)
 
 
-def start(job, *args) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "batch", "run", str(job), "--no-progress", *args],
-        cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-
-
-def wait_generating(proc: subprocess.Popen) -> None:
-    for line in proc.stderr:  # the job lock is held from before this line to the end
-        if line.startswith("komt-batch: generating"):
-            return
-    raise AssertionError(f"the run ended early: {proc.wait()}")
-
-
 def test_unsharded_and_sharded_runs_of_one_output_exclude_each_other(tmp_path, capsys):
     """A real run holds the job lock; it is paused (SIGSTOP) while the others try, so that it is
     surely still running then."""
@@ -366,8 +336,7 @@ def test_status_and_merge_with_a_damaged_part(tmp_path, capsys):
     src = write_jsonl(tmp_path / "in.jsonl", rows(4))
     job = make_job(tmp_path, src, **OPTS)
     assert run(job, "--shard", "0/2") == 0 and run(job, "--shard", "1/2") == 0
-    ckpt = tmp_path / "out" / "result.parquet.parts"
-    part = min(ckpt.glob("part-*.parquet"))
+    part = parts(tmp_path / "out" / "result.parquet")[0]
     part.write_bytes(b"garbage")
     capsys.readouterr()
     assert main(["status", str(job)]) == 0  # status only reads: it names the part, moves nothing

@@ -6,41 +6,31 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from batch import checkpoint
 from batch.cli import main
-from tests.conftest import ROOT, cli_env, make_job, seed_rows, write_jsonl
+from tests.conftest import (
+    cli_env,
+    input_rows,
+    komt,
+    make_job,
+    part_rows,
+    seed_rows,
+    spawn,
+    start,
+    write_jsonl,
+)
 
 HANDLED = {signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _own_cache_one_thread(tmp_path_factory):
-    """The caches in a folder of the module's own; torch on one thread, here and in the processes
-    started (on a shared machine, busy cores make torch's spinning worker threads 20x slower)."""
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
-        mp.setenv("OMP_NUM_THREADS", "1")
-        torch.set_num_threads(1)
-        yield
-    torch.set_num_threads(threads)
-
-
 def rows(n: int) -> list[dict]:
-    seeds = seed_rows()
-    return [{"id": f"x{i:02d}", "instruction": seeds[i % 9]["instruction"] + " 또" * (i % 4)} for i in range(n)]
-
-
-def spawn(*args, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "batch", *map(str, args)], cwd=ROOT, env=cli_env(), text=True, **kwargs)
+    return input_rows(n, "x", " 또", 4)
 
 
 def caught(pid: int) -> set[int]:
@@ -64,7 +54,7 @@ def alive(pid: int) -> bool:
 def test_a_signal_at_start_up_exits_75_and_writes_nothing(tmp_path, sig):
     src = write_jsonl(tmp_path / "in.jsonl", rows(4))
     job = make_job(tmp_path, src)
-    proc = spawn("run", job, "--no-progress", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = start(job)
     deadline = time.time() + 30
     while not HANDLED <= caught(proc.pid):  # the first thing komt-batch's code does
         assert proc.poll() is None and time.time() < deadline
@@ -84,7 +74,7 @@ def test_a_signal_after_the_final_file_exits_0(tmp_path, capsys, command, sig):
         for shard in ("0/2", "1/2"):
             assert main(["run", str(job), "--shard", shard, "--no-progress"]) == 0
     out = tmp_path / "out" / "result.parquet"
-    proc = spawn(command, job, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = spawn(command, job, stdout=subprocess.DEVNULL)
     while not out.exists():
         assert proc.poll() is None, proc.stderr.read()
         time.sleep(0.001)
@@ -133,7 +123,7 @@ def test_a_full_disk_is_one_line_and_the_run_resumes(tmp_path, capsys, monkeypat
     assert "No space left on device" in line and "Rows committed before it are kept" in line
     assert f"To resume, run: komt-batch run --no-progress {job}" in line
     assert not list(out.parent.rglob(".*.tmp")) and not out.exists()
-    committed = sum(pq.read_metadata(p).num_rows for p in out.parent.glob("result.parquet.parts/part-*.parquet"))
+    committed = part_rows(out)
     assert committed == (4 if failing == "a part" else 8)
     monkeypatch.undo()
     assert main(["run", str(job), "--no-progress"]) == 0
@@ -183,14 +173,11 @@ def test_a_kill_at_the_worst_moment_redoes_one_commit_and_the_running_rows(tmp_p
     job = make_job(tmp_path, src, **opts)
     script = tmp_path / "killer.py"
     script.write_text(KILLER)
-    p = subprocess.run(
-        [sys.executable, str(script), "run", str(job), "--no-progress"],
-        cwd=ROOT, env={**cli_env(), "KILL_AFTER_ROWS": str(2 * every)}, capture_output=True, text=True, timeout=600,
-    )
+    p = komt("run", job, "--no-progress", script=script, env=cli_env(KILL_AFTER_ROWS=str(2 * every)), timeout=600)
     assert p.returncode == -signal.SIGKILL, p.stderr
     counts = dict(w.split("=") for w in p.stderr.split("KILLED ")[1].split())
     taken, finished, committed, pending = (int(counts[k]) for k in ("taken", "finished", "committed", "pending"))
-    on_disk = sum(pq.read_metadata(f).num_rows for f in (tmp_path / "out" / "result.parquet.parts").glob("part-*.parquet"))
+    on_disk = part_rows(tmp_path / "out" / "result.parquet")
     assert on_disk == committed == 2 * every
     in_batch = taken - committed - pending  # still generating, or finished in the same step, not yet handed over
     with capsys.disabled():  # the measured figures, for the README

@@ -9,35 +9,27 @@ import shlex
 import signal
 import stat
 import subprocess
-import sys
 import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from batch import runner
 from batch.cli import main
-from tests.conftest import ROOT, cli_env, make_job, seed_rows, write_jsonl
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _own_cache_one_thread(tmp_path_factory):
-    """The caches in a folder of the module's own; torch on one thread, here and in the processes
-    started (on a shared machine, busy cores make torch's spinning worker threads 20x slower)."""
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
-        mp.setenv("OMP_NUM_THREADS", "1")
-        torch.set_num_threads(1)
-        yield
-    torch.set_num_threads(threads)
+from tests.conftest import (
+    cli_env,
+    input_rows,
+    komt,
+    make_job,
+    one_line,
+    start,
+    write_jsonl,
+)
 
 
 def rows(n: int) -> list[dict]:
-    seeds = seed_rows()
-    return [{"id": f"u{i:02d}", "instruction": seeds[i % 9]["instruction"] + " 다시" * (i % 3)} for i in range(n)]
+    return input_rows(n, "u", " 다시", 3)
 
 
 OPTS = dict(generation={"max_new_tokens": 8}, batching={"max_batch_size": 2}, checkpoint={"every_rows": 2})
@@ -45,12 +37,6 @@ OPTS = dict(generation={"max_new_tokens": 8}, batching={"max_batch_size": 2}, ch
 
 def summary(text: str) -> dict:
     return dict(line.split(None, 1) for line in text.splitlines())
-
-
-def one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("komt-batch: error: ") and "Traceback" not in err[0], err
-    return err[0]
 
 
 def test_a_finished_job_is_left_alone_until_restart(tmp_path, capsys):
@@ -145,15 +131,6 @@ def test_date_time_shards_and_run_id_are_checked(tmp_path, capsys, bad, fragment
     assert not (tmp_path / "out").exists()
 
 
-def wait_generating(proc: subprocess.Popen) -> str:
-    seen = []
-    for line in proc.stderr:
-        seen.append(line)
-        if line.startswith("komt-batch: generating"):
-            return "".join(seen)
-    raise AssertionError("the run ended before generating:\n" + "".join(seen))
-
-
 RESUME_CASES = {
     # where the placeholders come from, the signal, the extra arguments, the environment
     "job file {date} {time}": ({"output": {"path": "{out}/{date}/{time}.parquet"}}, signal.SIGHUP, ["--date", "2026-11-27"], {}),
@@ -175,10 +152,7 @@ def test_the_resume_hint_is_a_command_that_resumes(tmp_path, name):
     sections = json.loads(json.dumps(sections).replace("{out}", str(out)))
     job = make_job(tmp_path, src, generation={"max_new_tokens": 16}, batching={"max_batch_size": 2}, checkpoint={"every_rows": 2}, **sections)
     args = [a.replace("{out}", str(out)) for a in args]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "batch", "run", str(job), "--no-progress", *args],
-        cwd=ROOT, env={**cli_env(), **env}, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-    )
+    proc = start(job, *args, env=cli_env(**env), stdout=subprocess.DEVNULL)
     while not list(out.rglob("part-*.parquet")):  # some rows committed: the resume has work to skip
         assert proc.poll() is None, proc.stderr.read()
         time.sleep(0.01)
@@ -190,7 +164,7 @@ def test_the_resume_hint_is_a_command_that_resumes(tmp_path, name):
     words = shlex.split(hint)
     assert words[:2] == ["komt-batch", "run"]
     plain = {k: v for k, v in cli_env().items() if not k.startswith("SLURM_")}  # later, outside SLURM, another {time}
-    p = subprocess.run([sys.executable, "-m", "batch", *words[1:]], cwd=ROOT, env=plain, capture_output=True, text=True, timeout=300)
+    p = komt(*words[1:], env=plain)
     assert p.returncode == 0, p.stderr
     assert int(summary(p.stdout)["resumed_rows"]) > 0
     if "shard" in name:

@@ -4,30 +4,24 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import ROOT, cli_env, komt, make_job, seed_rows, write_jsonl
+from tests.conftest import (
+    input_rows,
+    komt,
+    make_job,
+    parts,
+    start,
+    wait_generating,
+    write_jsonl,
+)
 
 
 def many_rows(n: int) -> list[dict]:
-    seeds = seed_rows()
-    return [{"id": f"r{i:03d}", "instruction": seeds[i % 9]["instruction"] + (" 추가" * (i % 5))} for i in range(n)]
-
-
-def start(job, *args) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "batch", "run", str(job), "--no-progress", *args],
-        cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-
-
-def parts(job_out):
-    d = job_out.parent / (job_out.name + ".parts")
-    return sorted(d.glob("part-*.parquet")) if d.exists() else []
+    return input_rows(n, "r", " 추가", 5, digits=3)
 
 
 def wait_for_parts(out, at_least: int, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -36,11 +30,6 @@ def wait_for_parts(out, at_least: int, proc: subprocess.Popen, timeout: float = 
         if len(parts(out)) >= at_least:
             return
         time.sleep(0.02)
-
-
-def output_rows(path):
-    t = pq.read_table(path)
-    return t.drop_columns([]).to_pylist()
 
 
 @pytest.mark.parametrize("sampling", [False, True], ids=["greedy", "sampled"])
@@ -78,9 +67,7 @@ def test_sigterm_commits_and_exits_75_then_resumes(tmp_path):
     job = make_job(tmp_path, src, batching={"max_batch_size": 2}, checkpoint={"every_rows": 100, "every_seconds": 3600})
     out = tmp_path / "out" / "result.parquet"
     proc = start(job)
-    for line in proc.stderr:  # wait until it is generating, then let it finish a batch or two
-        if line.startswith("komt-batch: generating"):
-            break
+    wait_generating(proc)  # then let it finish a batch or two
     time.sleep(1.5)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
@@ -140,9 +127,7 @@ def test_second_run_on_the_same_output_refuses(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", many_rows(16))
     job = make_job(tmp_path, src, batching={"max_batch_size": 2})
     first = start(job)
-    for line in first.stderr:  # it holds the job lock from before this line to its end
-        if line.startswith("komt-batch: generating"):
-            break
+    wait_generating(first)  # it holds the job lock from now to its end
     first.send_signal(signal.SIGSTOP)  # paused: surely still running while the second one starts
     p = komt("run", job, "--no-progress")
     first.send_signal(signal.SIGCONT)

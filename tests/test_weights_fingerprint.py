@@ -11,7 +11,6 @@ from pathlib import Path
 import huggingface_hub.constants
 import pyarrow.parquet as pq
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from batch.cli import main
@@ -20,19 +19,6 @@ from batch.fingerprints import files_fingerprint, hash_cache_path
 from tests.conftest import TINY, make_job, seed_rows, write_jsonl
 
 OLD = 1_600_000_000  # an mtime well in the past: the hash of such a file is cached
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _own_cache_one_thread(tmp_path_factory):
-    """The caches in a folder of the module's own; torch on one thread, here and in the processes
-    started (on a shared machine, busy cores make torch's spinning worker threads 20x slower)."""
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
-        mp.setenv("OMP_NUM_THREADS", "1")
-        torch.set_num_threads(1)
-        yield
-    torch.set_num_threads(threads)
 
 
 def copy_adapter(tmp_path):
