@@ -41,7 +41,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batch.config import JobConfig
@@ -58,6 +57,8 @@ OWNED = re.compile(rf"({_OWNED_NAMES})|\.({_OWNED_NAMES})\.\w+\.tmp")
 SETTLED_SLICE = 65536  # settled rows read at a time
 PLAN_FILES = ("manifest.json", "plan.parquet", "settled.parquet")
 MANIFEST_FIELDS = ("format", "plan_id", "nonce", "created", "context", "planned_rows", "settled_rows", "reused_rows", "batch_sizes", "chunks", "input", "settings")
+FINGERPRINT_CHARS = 32  # a row fingerprint: 32 hex characters (fingerprints.row_fingerprint)
+PROGRESS_COLUMNS = ("row", "chunk", "row_fingerprint")  # what status and merge read of the plan
 PLAN_COLUMNS = ("row", "batch", "chunk", "prompt_tokens", "prompt_override", "note", "row_fingerprint")
 
 
@@ -66,6 +67,7 @@ class StoredPlan:
     manifest: dict
     rows: pa.Table  # row, batch, chunk, prompt_tokens, prompt_override, note, row_fingerprint; in execution order
     chunks: list[Chunk] = field(default_factory=list)
+    _fingerprints: np.ndarray | None = None
 
     @property
     def plan_id(self) -> str:
@@ -76,10 +78,38 @@ class StoredPlan:
         return self.chunks[-1].last_batch + 1 if self.chunks else 0
 
     def positions(self) -> np.ndarray:
-        """Each input row's position in the plan (-1: the row is not planned); 8 bytes a row."""
-        pos = np.full(self.manifest["input"]["rows"], -1, np.int64)
+        """Each input row's position in the plan (-1: the row is not planned); 4 bytes a row."""
+        pos = np.full(self.manifest["input"]["rows"], -1, np.int32 if self.rows.num_rows < 2**31 else np.int64)
         pos[self.rows.column("row").to_numpy()] = np.arange(self.rows.num_rows)
         return pos
+
+
+    def fingerprints(self) -> np.ndarray:
+        """The planned rows' fingerprints in plan order, 32 bytes each (numpy: no Python strings)."""
+        if self._fingerprints is None:
+            self._fingerprints = fixed_width(self.rows.column("row_fingerprint"), FINGERPRINT_CHARS)
+            if self._fingerprints is None:
+                raise JobError("plan.parquet: a row_fingerprint that is null or not of 32 characters")
+        return self._fingerprints
+
+
+def fixed_width(column: pa.ChunkedArray, width: int) -> np.ndarray | None:
+    """A string column's values as a numpy array of `width` bytes each (one copy, read straight from
+    the Arrow buffers); None when a value is null or of another length."""
+    out = np.empty(len(column), f"S{width}")
+    at = 0
+    for chunk in column.chunks:
+        n = len(chunk)
+        if n == 0:
+            continue
+        if chunk.null_count or not pa.types.is_string(chunk.type):
+            return None
+        offsets = np.frombuffer(chunk.buffers()[1], np.int32)[chunk.offset : chunk.offset + n + 1]
+        if (np.diff(offsets) != width).any():
+            return None
+        out[at : at + n] = np.frombuffer(chunk.buffers()[2], np.uint8)[offsets[0] : offsets[-1]].view(f"S{width}")
+        at += n
+    return out
 
 
 class Done:
@@ -170,8 +200,16 @@ def write_parquet_atomic(path: Path, table: pa.Table, metadata: dict[str, str] |
 
 
 def read_parquet_checked(path: Path, columns: list[str] | None = None) -> pa.Table:
-    """Read a whole Parquet file, verifying page checksums; raises on any damage."""
-    return pq.read_table(path, columns=columns, page_checksum_verification=True)
+    """Read a whole Parquet file, verifying page checksums; raises on any damage. A row group is
+    decoded in slices, not whole (the plan of a large job is one file of millions of rows)."""
+    with pq.ParquetFile(path, page_checksum_verification=True, pre_buffer=False, buffer_size=1 << 20) as f:
+        full = f.schema_arrow
+        missing = [c for c in columns or () if c not in full.names]
+        if missing:
+            raise pa.ArrowInvalid(f"no column {missing[0]!r}")
+        schema = full if columns is None else pa.schema([full.field(c) for c in columns])
+        batches = list(f.iter_batches(batch_size=65536, columns=columns, use_threads=False))
+        return pa.Table.from_batches(batches, schema=schema.remove_metadata()).replace_schema_metadata(full.metadata)
 
 
 def remove_temporaries(directory: Path, pattern: str) -> None:
@@ -281,8 +319,10 @@ class Checkpoint:
     def damaged(self, what: str) -> JobError:
         return JobError(f"{self.dir}: the checkpoint is damaged: {what}. Run with --restart to start over (its committed rows are redone)")
 
-    def load_plan(self) -> StoredPlan | None:
-        """The stored plan, verified; None without a manifest. Anything damaged raises one clear JobError."""
+    def load_plan(self, columns: tuple[str, ...] | None = None) -> StoredPlan | None:
+        """The stored plan, verified; None without a manifest. Anything damaged raises one clear JobError.
+
+        `columns`: only these of the plan's rows (merge and status need row, chunk, row_fingerprint)."""
         try:
             data = self.manifest_path.read_bytes()
         except FileNotFoundError:
@@ -306,17 +346,21 @@ class Checkpoint:
             chunks = [Chunk(**c) for c in manifest["chunks"]]
         except (TypeError, ValueError):
             raise self.damaged("manifest.json has malformed chunks") from None
-        rows = self._read_plan_file(self.plan_path, manifest["plan_id"])
-        if rows.num_rows != manifest["planned_rows"] or any(c not in rows.column_names for c in PLAN_COLUMNS):
+        rows = self._read_plan_file(self.plan_path, manifest["plan_id"], columns)
+        if rows.num_rows != manifest["planned_rows"] or any(c not in rows.column_names for c in columns or PLAN_COLUMNS):
             raise self.damaged("plan.parquet does not hold the manifest's planned rows")
         settled = self._plan_file_id(self.settled_path)
         if settled != manifest["plan_id"]:
             raise self.damaged(f"settled.parquet {'is missing or unreadable' if settled is None else 'belongs to another plan'}")
-        return StoredPlan(manifest, rows, chunks)
+        plan = StoredPlan(manifest, rows, chunks)
+        if columns == PROGRESS_COLUMNS:  # status and merge: the fingerprints as numpy only, not also as strings
+            plan.fingerprints()
+            plan.rows = rows.drop_columns(["row_fingerprint"])
+        return plan
 
-    def _read_plan_file(self, path: Path, expected_id: str) -> pa.Table:
+    def _read_plan_file(self, path: Path, expected_id: str, columns: tuple[str, ...] | None) -> pa.Table:
         try:
-            table = read_parquet_checked(path)
+            table = read_parquet_checked(path, list(columns) if columns else None)
         except FileNotFoundError:
             raise self.damaged(f"{path.name} is missing") from None
         except (OSError, pa.ArrowException) as e:
@@ -375,8 +419,7 @@ class Checkpoint:
 
         A part that does not verify is set aside (renamed *.rejected, said on stderr) and its rows
         are redone; with set_aside False (status: it only reads) it is skipped."""
-        positions = plan.positions()
-        expected = plan.rows.column("row_fingerprint")
+        positions, expected = plan.positions(), plan.fingerprints()
         done = Done(len(positions))
         bad = []
         for path in sorted(self.dir.glob("part-*.parquet")):
@@ -392,7 +435,7 @@ class Checkpoint:
         return done, bad
 
     @staticmethod
-    def _verify_part(path: Path, expected_id: str, positions: np.ndarray, expected: pa.ChunkedArray) -> tuple[np.ndarray, str | None]:
+    def _verify_part(path: Path, expected_id: str, positions: np.ndarray, expected: np.ndarray) -> tuple[np.ndarray, str | None]:
         none = np.zeros(0, np.int64)
         try:
             table = read_parquet_checked(path)
@@ -419,7 +462,8 @@ class Checkpoint:
         if len(np.unique(rows)) != len(rows):
             return none, "a row twice"
         at = positions[rows]
-        same = (at >= 0) & pc.equal(expected.take(pa.array(np.maximum(at, 0))), table.column("row_fingerprint")).fill_null(False).to_numpy(zero_copy_only=False)
+        fps = fixed_width(table.column("row_fingerprint"), FINGERPRINT_CHARS)
+        same = (at >= 0) & (expected[np.maximum(at, 0)] == fps) if fps is not None else np.zeros(len(rows), bool)
         if not same.all():
             return none, f"rows that are not this plan's (row {int(rows[~same][0])}'s fingerprint differs)"
         return rows, None

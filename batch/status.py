@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from batch.checkpoint import Checkpoint, Done, StoredPlan
+from batch.checkpoint import PROGRESS_COLUMNS, Checkpoint, Done, StoredPlan
 from batch.config import JobConfig
 from batch.errors import IncompleteError, JobError
 from batch.fingerprints import input_fingerprint, plan_changes, settings_fingerprint
@@ -45,7 +45,7 @@ def chunks_done(plan: StoredPlan, done: Done) -> set[int]:
 def status(job: JobConfig, shards: int | None = None) -> dict:
     """Progress from the checkpoint (read only: it changes nothing, and works while a run goes on)."""
     ckpt = Checkpoint(job.parts_dir)
-    plan = ckpt.load_plan()
+    plan = ckpt.load_plan(PROGRESS_COLUMNS)
     rows = read_rows(job)
     input_fp, settings_fp = input_fingerprint(rows), settings_fingerprint(job)
     if plan is None:
@@ -117,7 +117,7 @@ def merge(job: JobConfig, shards: int | None, stop: StopFlag) -> dict:
     if not ckpt.manifest_path.exists():
         raise nothing
     with ckpt.job_lock(0, 1):
-        plan = ckpt.load_plan()
+        plan = ckpt.load_plan(PROGRESS_COLUMNS)
         if plan is None:
             raise nothing
         done, _ = ckpt.done_rows(plan)

@@ -85,7 +85,6 @@ def write_output(job: JobConfig, inputs: pa.Table, release: Callable[[], None], 
                     columns = [*inputs.slice(a, b - a).columns, res.column("response"), *(res.column(c) for c in GENERATED_COLUMNS)]
                     w.write_table(pa.table(columns, schema=schema), row_group_size=b - a)
                     release()
-                    ordered.release()
 
         write_atomic(out, write)
     return out

@@ -163,9 +163,14 @@ MERGE = (
 )
 
 
+# batches and commits as a large job has them (the defaults of checkpoint.every_rows and
+# max_batch_tokens; make_job's tiny batches would give 40,000 chunks to 160,000 rows)
+AT_SCALE = dict(batching={"max_batch_size": 32, "max_batch_tokens": 65536}, checkpoint={"every_rows": 256})
+
+
 def merge_rss_mb(tmp_path, input_path) -> tuple[float, float]:
     job = make_job(tmp_path, input_path, f"merge-{input_path.name}.yaml", generation={"max_new_tokens": 128},
-                   output={"path": str(tmp_path / f"out-{input_path.name}.parquet")})
+                   output={"path": str(tmp_path / f"out-{input_path.name}.parquet")}, **AT_SCALE)
     env = {**cli_env(), "XDG_CACHE_HOME": str(tmp_path / "cache")}
     for script, args in ((None, ("plan",)), (FINISH, ())):
         cmd = [sys.executable, "-m", "batch", *args, str(job)] if script is None else [sys.executable, "-c", script, str(job)]
