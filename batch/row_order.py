@@ -129,9 +129,13 @@ class RowOrder:
                 self.folder.mkdir(parents=True, exist_ok=True)
                 self.spill = Path(tempfile.mkdtemp(prefix=self.prefix, suffix=".sort.tmp", dir=self.folder))
             path = self.spill / f"run-{len(self.runs):05d}.arrow"
-            with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, run.schema) as writer:
-                writer.write_table(run, max_chunksize=RUN_BATCH_ROWS)
+            self._write_run(path, run)
             del run
             self.runs.append(_Run(path))
         except OSError as e:  # (pyarrow's IOError included): a full disk, above all
             raise WriteError(f"{self.spill or self.folder}: cannot write the final file's sort runs: {e.strerror or e}") from None
+
+    @staticmethod
+    def _write_run(path: Path, run: pa.Table) -> None:
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, run.schema) as writer:
+            writer.write_table(run, max_chunksize=RUN_BATCH_ROWS)

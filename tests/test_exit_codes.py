@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from batch import checkpoint
+from batch import checkpoint, row_order, writer
 from batch.cli import main
 from tests.conftest import (
     cli_env,
@@ -100,7 +100,7 @@ def job8(tmp_path, capsys):
     return make_job(tmp_path, src, **opts), pq.read_table(tmp_path / "ref.parquet")
 
 
-@pytest.mark.parametrize("failing", ["a part", "the final file"])
+@pytest.mark.parametrize("failing", ["a part", "the final file", "the final file's sort runs"])
 def test_a_full_disk_is_one_line_and_the_run_resumes(tmp_path, capsys, monkeypatch, job8, failing):
     job, reference = job8
     out = tmp_path / "out" / "result.parquet"
@@ -109,13 +109,30 @@ def test_a_full_disk_is_one_line_and_the_run_resumes(tmp_path, capsys, monkeypat
 
     def write_table(table, where, **kwargs):
         calls.append(1)
-        full = len(calls) == 5 if failing == "a part" else "instruction" in table.column_names  # (plan, settled, 2 parts, then)
-        if full:
+        if len(calls) == 5:  # (plan, settled, 2 parts, then)
             where.write(b"PAR1 half a file")
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(table, where, **kwargs)
 
-    monkeypatch.setattr(checkpoint.pq, "write_table", write_table)
+    class FullDisk(writer.pq.ParquetWriter):  # the final file: its first row group fills the disk
+        def __init__(self, where, *args, **kwargs):
+            super().__init__(where, *args, **kwargs)
+            self.sink = where
+
+        def write_table(self, table, *args, **kwargs):
+            self.sink.write(b"PAR1 half a file")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if failing == "a part":
+        monkeypatch.setattr(checkpoint.pq, "write_table", write_table)
+    elif failing == "the final file":
+        monkeypatch.setattr(writer.pq, "ParquetWriter", FullDisk)
+    else:  # every part's results make a sort run, and the disk is full when the first is written
+        monkeypatch.setattr(row_order, "RUN_BYTES", 1)
+        monkeypatch.setattr(row_order.RowOrder, "_write_run", no_space)
     assert main(["run", str(job), "--no-progress"]) == 74
     err = capsys.readouterr().err
     (line,) = [x for x in err.splitlines() if x.startswith("komt-batch: error: ")]
