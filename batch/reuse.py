@@ -20,7 +20,9 @@ def load_reusable(job: JobConfig) -> dict[str, Completion]:
         return {}
     out = Path(job.output.path).resolve()
     found: dict[str, Completion] = {}
-    for path in sorted(glob.glob(job.input.reuse)):
+    # a path that exists is taken as named, even when it looks like a glob (`old[v2].parquet`)
+    paths = [job.input.reuse] if Path(job.input.reuse).is_file() else sorted(glob.glob(job.input.reuse))
+    for path in paths:
         if Path(path).resolve() == out:
             continue
         cols = ["row_fingerprint", "finish_reason", "prompt_tokens", "completion_tokens"]

@@ -8,6 +8,7 @@ from batch.checkpoint import PROGRESS_COLUMNS, Checkpoint, Done, StoredPlan
 from batch.config import JobConfig
 from batch.errors import IncompleteError, JobError
 from batch.fingerprints import input_fingerprint, plan_changes, settings_fingerprint
+from batch.paths import check_output_writable
 from batch.plan import assign_shards
 from batch.results import ResultCounts, count_results
 from batch.rows import read_rows
@@ -103,6 +104,7 @@ def missing_chunks(ckpt: Checkpoint, plan: StoredPlan, done: Done, shards: int |
 def merge(job: JobConfig, shards: int | None, stop: StopFlag) -> dict:
     """Write the final file from the checkpoint when every chunk is done (a finished one is left alone)."""
     stop.check("before any work; nothing was written")
+    check_output_writable(job)
     ckpt = Checkpoint(job.parts_dir)
     rows = read_rows(job)
     ckpt.check_place(job, rows.files)

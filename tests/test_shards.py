@@ -142,3 +142,29 @@ def test_a_plan_that_fails_writes_nothing(tmp_path, capsys):
     assert main(["plan", str(job)]) == 2
     assert "batching.max_batch_tokens: 20 is too small" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_reuse_of_a_file_whose_name_looks_like_a_glob(tmp_path, capsys):
+    day1 = write_jsonl(tmp_path / "day1.jsonl", rows(4))
+    old = tmp_path / "old[v2].parquet"  # as a glob, it would match old2.parquet, not itself
+    first = make_job(tmp_path, day1, "day1.yaml", output={"path": str(old)}, **OPTS)
+    assert main(["run", str(first), "--no-progress"]) == 0
+    second = make_job(tmp_path, day1, "day2.yaml", input={"reuse": str(old)}, **OPTS)
+    capsys.readouterr()
+    assert main(["validate", str(second)]) == 0
+    out = capsys.readouterr().out
+    assert "reused_rows      4" in out and "planned_rows     0" in out
+
+
+def test_merge_checks_the_output_path_before_anything(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "in.jsonl", rows(4))
+    job = make_job(tmp_path, src, **OPTS)
+    assert main(["run", str(job), "--shard", "0/1", "--no-progress", "checkpoint.keep=true"]) == 0
+    (tmp_path / "out" / "result.parquet").unlink()
+    (tmp_path / "out" / "result.summary.json").unlink()
+    (tmp_path / "out" / "result.summary.json").mkdir()  # where merge would write the summary
+    capsys.readouterr()
+    assert main(["merge", str(job), "checkpoint.keep=true"]) == 2
+    err = capsys.readouterr().err
+    assert "output.path (its summary)" in err and "is an existing directory" in err
+    assert not (tmp_path / "out" / "result.parquet").exists()  # nothing written
