@@ -112,6 +112,18 @@ def fixed_width(column: pa.ChunkedArray, width: int) -> np.ndarray | None:
     return out
 
 
+def fixed_width_strings(values: np.ndarray, chunk_rows: int = 1 << 20) -> pa.ChunkedArray:
+    """fixed_width's inverse: numpy byte strings of one width as an Arrow string column, without a
+    Python string per value (chunks of a million rows keep each chunk's 32-bit offsets in range)."""
+    width = values.dtype.itemsize
+    chunks = []
+    for start in range(0, len(values), chunk_rows):
+        part = np.ascontiguousarray(values[start : start + chunk_rows])
+        offsets = np.arange(0, (len(part) + 1) * width, width, dtype=np.int32)
+        chunks.append(pa.StringArray.from_buffers(len(part), pa.py_buffer(offsets), pa.py_buffer(part)))
+    return pa.chunked_array(chunks, pa.string())
+
+
 class Done:
     """The rows committed in verified parts: for each input row, the part that holds its result
     (-1: none), 4 bytes a row, not a dict of every row."""
@@ -387,7 +399,7 @@ class Checkpoint:
         write_parquet_atomic(self.plan_path, rows, tag)
         write_parquet_atomic(self.settled_path, settled, tag)
         write_atomic(self.manifest_path, lambda fh: fh.write(json.dumps(manifest, indent=1, ensure_ascii=False).encode()))
-        return self.load_plan()
+        return StoredPlan(manifest, rows, [Chunk(**c) for c in manifest["chunks"]])  # what was just written, not read back
 
     def owned_files(self) -> list[Path]:
         return [p for p in self.dir.iterdir() if OWNED.fullmatch(p.name) and p.is_file()] if self.dir.is_dir() else []

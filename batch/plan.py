@@ -38,14 +38,13 @@ def pack_batches(lengths: Sequence[int] | np.ndarray, max_new_tokens: int, max_b
     """(order, starts): the row indices longest first (ties: input order), and where each batch
     begins in that order. A batch's first row is its longest, so its size follows from that row
     alone: as many rows as both limits allow (at least one). Arrays, not lists: 8 bytes a row."""
-    lengths = np.asarray(lengths, dtype=np.int64)
+    lengths = np.asarray(lengths)
     order = np.argsort(-lengths, kind="stable")
-    sorted_lengths = lengths[order]
     starts = []
     i, n = 0, len(order)
     while i < n:
         starts.append(i)
-        i += max(1, min(max_batch_size, max_batch_tokens // (int(sorted_lengths[i]) + max_new_tokens)))
+        i += max(1, min(max_batch_size, max_batch_tokens // (int(lengths[order[i]]) + max_new_tokens)))
     return order, np.array(starts, dtype=np.int64)
 
 

@@ -114,6 +114,7 @@ def run(job: JobConfig, shard: int, shards: int, stop: StopFlag, restart: bool =
         if shards == 1:
             remove_stale_temporaries(job)
         plan = opened.open_plan(fresh)
+        fresh = None  # (the plan holds what it needs)
         done, _ = ckpt.done_rows(plan)
         owner = np.array(assign_shards(plan.chunks, shards), np.int32)
         plan_rows = plan.rows.column("row").to_numpy()

@@ -10,6 +10,7 @@ import random
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -120,13 +121,6 @@ def test_reading_memory_grows_slowly_enough_for_ten_million_rows(inputs, tmp_pat
     assert seconds < 60
 
 
-def test_validate_memory_projected_to_ten_million_rows(validate_jsonl):
-    small, large, _ = validate_jsonl
-    projected_10m = large + (large - small) * (10_000_000 - 100_000) / 90_000
-    print(f"validate: 10M projected {projected_10m:.0f} MB")
-    assert projected_10m < 2048
-
-
 # A finished checkpoint without a model: the stored plan's rows, each with a response of about 100
 # characters, committed in parts of 4,096 rows in plan order (as a run commits them).
 FINISH = """
@@ -157,7 +151,7 @@ PLAN = (
     "from batch import planning\n"
     "planning.prompt_lengths = lambda tokenizer, prompts: [len(p) // 3 for p in prompts]\n"
     "from batch.cli import main\n"
-    "sys.exit(main(['plan', sys.argv[1]]))\n"
+    "code = main(['plan', sys.argv[1]])\n"
 )
 # merge with sort runs and row groups of 4 MB instead of 64 MB: growth between the sizes is then per
 # row, not the buffers filling up; the projection adds what the default buffers hold at most.
@@ -187,15 +181,39 @@ def fast_prompts(n: int, path) -> None:
             w.write_table(pa.table({"id": [f"row-{i:07d}" for i in range(start, start + m)], "instruction": texts}))
 
 
-def merge_rss_mb(tmp_path, rows: int) -> tuple[float, float]:
+def plan_rss_mb(tmp_path, rows: int) -> tuple[float, float, Path]:
+    """`komt-batch plan` (read, render, fingerprint, plan, store) of `rows` prompts, tokenizing aside."""
     src = tmp_path / f"{rows}.parquet"
     fast_prompts(rows, src)
     out = tmp_path / f"out-{rows}.parquet"
     job = make_job(tmp_path, src, f"merge-{rows}.yaml", generation={"max_new_tokens": 128}, output={"path": str(out)}, **AT_SCALE)
     env = {**cli_env(), "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    for script in (PLAN, FINISH):
-        p = subprocess.run([sys.executable, "-c", script, str(job)], cwd=ROOT, env=env, capture_output=True, text=True)
-        assert p.returncode == 0, p.stderr
+    start = time.time()
+    p = subprocess.run([sys.executable, "-c", PLAN + PEAK, str(job)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    rss = next(int(line.split()[1]) for line in p.stdout.splitlines() if line.startswith("MAXRSS_KB"))
+    return rss / 1024, time.time() - start, job
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    """Plans of 100,000 and 500,000 prompts: (peak MB, seconds, job) each."""
+    tmp_path = tmp_path_factory.mktemp("planned")
+    return [plan_rss_mb(tmp_path, n) for n in (100_000, 500_000)]
+
+
+def test_planning_memory_grows_slowly_enough_for_ten_million_rows(planned):
+    (small, _, _), (large, seconds, _) = planned
+    projected_10m = large + (large - small) * (10_000_000 - 500_000) / 400_000
+    print(f"plan: 100k rows {small:.0f} MB, 500k rows {large:.0f} MB, 10M projected {projected_10m:.0f} MB, 500k in {seconds:.1f}s (tokenizing aside)")
+    assert projected_10m < 2048
+
+
+def merge_rss_mb(job: Path, rows: int) -> tuple[float, float]:
+    env = {**cli_env(), "XDG_CACHE_HOME": str(job.parent / "cache")}
+    p = subprocess.run([sys.executable, "-c", FINISH, str(job)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    out = job.parent / f"out-{rows}.parquet"
     start = time.time()
     p = subprocess.run([sys.executable, "-c", MERGE, "merge", str(job)], cwd=ROOT, env=env, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
@@ -207,13 +225,13 @@ def merge_rss_mb(tmp_path, rows: int) -> tuple[float, float]:
     return rss / 1024, seconds
 
 
-def test_merge_memory_grows_slowly_enough_for_ten_million_rows(tmp_path):
+def test_merge_memory_grows_slowly_enough_for_ten_million_rows(planned):
     """The final file's writing included: 100,000 and 500,000 finished rows (sizes far enough apart
     that the allocator's noise of a few MB does not dominate the growth)."""
     from batch import row_order, writer
 
-    small, _ = merge_rss_mb(tmp_path, 100_000)
-    large, seconds = merge_rss_mb(tmp_path, 500_000)
+    small, _ = merge_rss_mb(planned[0][2], 100_000)
+    large, seconds = merge_rss_mb(planned[1][2], 500_000)
     # the default buffers (a sort run and a row group, each held up to three times while sorted or written)
     buffers = 3 * (row_order.RUN_BYTES + writer.GROUP_BYTES - 2 * SMALL_BUFFERS) / 2**20
     projected_10m = large + (large - small) * (10_000_000 - 500_000) / 400_000 + buffers
