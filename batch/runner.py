@@ -21,22 +21,15 @@ from batch.checkpoint import Checkpoint, StoredPlan
 from batch.config import JobConfig
 from batch.engine import Engine, Request, SafeGenerator, row_seed
 from batch.fingerprints import input_fingerprint, settings_fingerprint
+from batch.finished import already_done, output_state, refuse_to_replace
 from batch.loading import load_tokenizer
 from batch.paths import check_output_writable
 from batch.plan import assign_shards
 from batch.planning import make_plan, open_plan
-from batch.results import Completion, ResultCounts, count_results, results_table
+from batch.results import Completion, count_results, results_table
 from batch.rows import Rows, read_rows
 from batch.signals import StopFlag
-from batch.writer import (
-    already_done,
-    output_state,
-    refuse_to_replace,
-    remove_stale_temporaries,
-    summary_path,
-    write_output,
-    write_summary,
-)
+from batch.writer import finish_job, remove_stale_temporaries, write_summary
 
 NOTHING_DONE = "before any work; nothing was written"
 
@@ -52,7 +45,7 @@ class Opened:
     context: int
     input_fp: dict
     settings_fp: dict
-    state: str  # what is at output.path (writer.output_state)
+    state: str  # what is at output.path (finished.output_state)
     changes: list[str]
 
     @classmethod
@@ -135,13 +128,7 @@ def run(job: JobConfig, shard: int, shards: int, stop: StopFlag, restart: bool =
         stop.check(f"after committing every finished row ({stats.generated_rows} generated this run)")
         summary = stats.summary(job, plan, started)
         if shards == 1:
-            counts = ResultCounts()
-            out = write_output(job, rows.table, rows.release, map(counts.add, ckpt.iter_results(done)), plan.manifest)
-            stop.finished()
-            summary.update(counts.as_dict(), output=str(out), rows=rows.table.num_rows)
-            write_summary(summary_path(job), summary)
-            if not job.checkpoint.keep:
-                ckpt.remove()
+            summary = finish_job(job, rows, ckpt, done, plan, stop, summary)
         else:
             summary.update(shard=f"{shard}/{shards}")
             write_summary(ckpt.dir / f"summary-shard-{shard}-of-{shards}.json", summary)

@@ -8,20 +8,13 @@ from batch.checkpoint import PROGRESS_COLUMNS, Checkpoint, Done, StoredPlan
 from batch.config import JobConfig
 from batch.errors import IncompleteError, JobError
 from batch.fingerprints import input_fingerprint, plan_changes, settings_fingerprint
+from batch.finished import already_done, output_state, refuse_to_replace
 from batch.paths import check_output_writable
 from batch.plan import assign_shards
-from batch.results import ResultCounts, count_results
+from batch.results import count_results
 from batch.rows import read_rows
 from batch.signals import StopFlag
-from batch.writer import (
-    already_done,
-    output_state,
-    refuse_to_replace,
-    remove_stale_temporaries,
-    summary_path,
-    write_output,
-    write_summary,
-)
+from batch.writer import finish_job, remove_stale_temporaries
 
 NO_PLAN_STATES = {
     "absent": "not started",
@@ -131,13 +124,5 @@ def merge(job: JobConfig, shards: int | None, stop: StopFlag) -> dict:
             raise JobError(f"{job.source}: the input or settings changed since the plan was made: " + "; ".join(changes))
         remove_stale_temporaries(job)
         stop.check("before writing the final file; nothing was lost")
-        counts = ResultCounts()
-        out = write_output(job, rows.table, rows.release, map(counts.add, ckpt.iter_results(done)), plan.manifest)
-        stop.finished()
-        summary = {"job": job.source, "output": str(out), "rows": rows.table.num_rows, **counts.as_dict()}
-        summary["generated_rows"] = plan.manifest["planned_rows"]
-        summary["reused_rows"] = plan.manifest["reused_rows"]
-        write_summary(summary_path(job), summary)
-        if not job.checkpoint.keep:
-            ckpt.remove()
-        return summary
+        made = {"job": job.source, "generated_rows": plan.manifest["planned_rows"], "reused_rows": plan.manifest["reused_rows"]}
+        return finish_job(job, rows, ckpt, done, plan, stop, made)

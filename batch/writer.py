@@ -10,14 +10,13 @@ The final file is the input's columns, unchanged and in input order, plus the ge
 Its key-value metadata `komt_batch` (JSON) records the model, adapter, quantization, generation
 settings, the job file and the package version, and the fingerprints of the input and of the
 settings (with the model's files) it was made from: a rerun of a finished job compares them with
-its own and leaves a file that matches alone (`output_state`).
+its own and leaves a file that matches alone (finished.output_state).
 """
 
 from __future__ import annotations
 
 import glob
 import json
-import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -26,12 +25,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batch import __version__
-from batch.checkpoint import remove_temporaries, write_atomic
+from batch.checkpoint import (
+    Checkpoint,
+    Done,
+    StoredPlan,
+    remove_temporaries,
+    write_atomic,
+)
 from batch.config import JobConfig
-from batch.errors import JobError
-from batch.fingerprints import plan_changes
-from batch.results import GENERATED_COLUMNS, RESULT_SCHEMA
+from batch.results import GENERATED_COLUMNS, RESULT_SCHEMA, ResultCounts
 from batch.row_order import RowOrder
+from batch.rows import Rows
+from batch.signals import StopFlag
 
 GROUP_BYTES = 64 << 20  # about this much input and results per row group of the final file
 MIN_GROUP_ROWS, MAX_GROUP_ROWS = 64, 1 << 20
@@ -107,40 +112,15 @@ def remove_stale_temporaries(job: JobConfig) -> None:
         remove_temporaries(path.parent, glob.escape(path.name))
 
 
-def output_state(job: JobConfig, input_fp: dict, settings_fp: dict) -> tuple[str, list[str]]:
-    """What is at output.path: ("absent", []), ("done", []) when this job wrote it from the same input
-    and settings, ("changed", what differs) when a komt-batch run wrote it from others, or
-    ("foreign", []) when komt-batch did not write it."""
-    out = Path(job.output.path)
-    if not out.exists():
-        return "absent", []
-    try:
-        made_from = json.loads(pq.read_schema(out).metadata[b"komt_batch"])
-    except (OSError, KeyError, TypeError, ValueError, pa.ArrowException):
-        return "foreign", []
-    try:
-        changes = plan_changes(made_from, input_fp, settings_fp)
-    except (KeyError, TypeError, AttributeError):
-        return "changed", ["it records no fingerprints (an earlier komt-batch version)"]
-    return ("changed", changes) if changes else ("done", [])
-
-
-def already_done(job: JobConfig, rows: int) -> dict:
-    """What run and merge say about a finished output they leave alone."""
-    print(
-        f"komt-batch: {job.output.path} is done: this job wrote it from the same input and settings; "
-        "nothing to do (--restart regenerates it)",
-        file=sys.stderr,
-        flush=True,
-    )
-    return {"job": job.source, "state": "done", "output": job.output.path, "rows": rows}
-
-
-def refuse_to_replace(job: JobConfig, state: str, changes: list[str]) -> JobError:
-    out = job.output.path
-    if state == "foreign":
-        return JobError(f"{job.source}: output.path: {out} exists and komt-batch did not write it; move it away or choose another output.path")
-    return JobError(
-        f"{job.source}: output.path: {out} was written from another input or settings: " + "; ".join(changes)
-        + ". Run with --restart to regenerate it, or choose another output.path"
-    )
+def finish_job(job: JobConfig, rows: Rows, ckpt: Checkpoint, done: Done, plan: StoredPlan, stop: StopFlag, summary: dict) -> dict:
+    """The end of an unsharded run and of merge: the final file from every committed result, the
+    summary (with the rows by finish reason and errors by cause) beside it, the checkpoint removed
+    unless checkpoint.keep. A signal after the final file is written no longer stops anything."""
+    counts = ResultCounts()
+    out = write_output(job, rows.table, rows.release, map(counts.add, ckpt.iter_results(done)), plan.manifest)
+    stop.finished()
+    summary = {**summary, **counts.as_dict(), "output": str(out), "rows": rows.table.num_rows}
+    write_summary(summary_path(job), summary)
+    if not job.checkpoint.keep:
+        ckpt.remove()
+    return summary

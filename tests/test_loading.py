@@ -20,16 +20,6 @@ def config(weights: str, dtype: str = "float32") -> ModelConfig:
                        compute_dtype=dtype, device_map="cpu", weights=weights)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from a second thread, and on a busy 2-core machine two OpenMP
-    threads waiting on each other made these tests 60x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return load_model(config("nf4"))[1]

@@ -12,16 +12,6 @@ PROMPT = "### instruction: {instruction}\n\n### Response:"
 STOP = "<|end|>"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from a second thread, and on a busy 2-core machine two OpenMP
-    threads waiting on each other made generating many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tok():
     from transformers import AutoTokenizer
