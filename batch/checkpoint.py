@@ -485,22 +485,19 @@ class Checkpoint:
         meta = pq.read_schema(path).metadata or {}
         return json.loads(meta.get(b"komt_batch_part", b"{}"))
 
-    def iter_results(self, done: Done) -> Iterator[pa.Table]:
+    def iter_results(self, done: Done, columns: list[str] | None = None) -> Iterator[pa.Table]:
         """Every committed result, a table at a time: each verified part's rows that `done` takes
-        from it, then the settled rows in slices. One line per row over all of them."""
+        from it, then the settled rows in slices. One line per row over all of them. `columns`:
+        only these (with "row")."""
         for k, path in enumerate(done.parts):
             try:
-                t = read_parquet_checked(path)
+                t = read_parquet_checked(path, columns)
             except (OSError, pa.ArrowException) as e:
                 raise self.damaged(f"{path.name} became unreadable ({_first_line(e)}); run again to redo its rows") from None
             yield t.filter(pa.array(done.part_of[t.column("row").to_numpy()] == k))
         try:
             settled = pq.ParquetFile(self.settled_path, page_checksum_verification=True)
-            for batch in settled.iter_batches(batch_size=SETTLED_SLICE):
+            for batch in settled.iter_batches(batch_size=SETTLED_SLICE, columns=columns):
                 yield pa.Table.from_batches([batch])
         except (OSError, pa.ArrowException) as e:
             raise self.damaged(f"settled.parquet is unreadable ({_first_line(e)})") from None
-
-    def read_results(self, done: Done) -> pa.Table:
-        """Every committed result in one table (small jobs and tests; the final file streams iter_results)."""
-        return pa.concat_tables(self.iter_results(done))

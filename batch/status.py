@@ -66,7 +66,7 @@ def status(job: JobConfig, shards: int | None = None) -> dict:
         "eta_seconds": round(remaining * seconds / rows_gen) if rows_gen else None,
         "plan_matches": not changes,
         "changes": changes,
-        "errors_by_cause": count_results(ckpt.iter_results(done))["errors_by_cause"],
+        "errors_by_cause": count_results(ckpt.iter_results(done, ["row", "finish_reason", "error"]))["errors_by_cause"],
     }
     if bad:
         result["parts_set_aside_next_run"] = bad
