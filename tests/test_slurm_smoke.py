@@ -163,6 +163,8 @@ def test_requeue_from_usr1_trap(slurm: SlurmCluster, tmp_path: Path):
 #          75; a task with a checkpoint finishes at once; tasks listed in
 #          FAKE_FAIL_TASKS exit 1.
 #   merge: exit 0 when every shard is done, else 1 with the missing list.
+#   plan:  stores "the plan" (exit 0), or fails (exit 2) with FAKE_PLAN_FAILS; run refuses to
+#          start without it, so a task that ran before submit.sh planned fails.
 # Every call records its argv (one per line) in $FAKE_STATE/<cmd>-<task>-<restart>.args.
 FAKE_KOMT_BATCH = r"""#!/bin/bash
 set -u
@@ -172,7 +174,12 @@ task=${SLURM_ARRAY_TASK_ID:-x}
 restart=${SLURM_RESTART_COUNT:-0}
 printf '%s\n' "$@" > "$state/$sub-$task-$restart.args"
 case $sub in
+plan)
+    if [[ -n ${FAKE_PLAN_FAILS:-} ]]; then echo "fake plan: the plan fails" >&2; exit 2; fi
+    touch "$state/planned"; echo "fake plan: stored"; exit 0
+    ;;
 run)
+    if [[ ! -e $state/planned ]]; then echo "fake run: no plan stored yet"; exit 1; fi
     if [[ " ${FAKE_FAIL_TASKS:-} " == *" $task "* ]]; then
         echo "fake run: task $task fails"; exit 1
     fi
@@ -205,7 +212,7 @@ class Submission:
     """
 
     def __init__(self, cluster: SlurmCluster, workdir: Path, n: int, *,
-                 komt_batch: str | None = None, job_text: str | None = None, **env: str):
+                 komt_batch: str | None = None, job_text: str | None = None, check: bool = True, **env: str):
         self.cluster = cluster
         self.workdir = workdir
         self.state = workdir / "fake-state"
@@ -228,6 +235,9 @@ class Submission:
         proc = cluster.run(["bash", str(SUBMIT), "job.yaml", str(n),
                             "--time=10", "--cpus-per-task=1", "--mem=100M"],
                            cwd=workdir, env=self.env, check=False)
+        self.proc = proc
+        if not check:
+            return
         assert proc.returncode == 0, f"submit.sh failed:\n{proc.stdout}\n{proc.stderr}"
         self.submit_seconds = time.monotonic() - t0
         self.lines = proc.stdout.strip().splitlines()
@@ -288,6 +298,7 @@ def test_submit_requeue_on_usr1_then_merge(slurm: SlurmCluster, tmp_path: Path):
     assert sub.args("run-1-0") == ["run", *key, job_path]
     assert sub.args("run-1-1") == ["run", *key, job_path]
     assert sub.args("merge-x-0") == ["merge", *key, "--shards", "2", job_path]
+    assert sub.args("plan-x-0") == ["plan", *key, job_path]  # once, before any task ran
 
     log1 = sub.task_log(1)
     assert "got SIGUSR1, forwarding to komt-batch" in log1
@@ -319,6 +330,17 @@ def test_submit_failed_task_is_not_requeued_and_merge_never_runs(
     assert args0[3] == "--date" and args0[5] == "--time"
     assert args0[4] in {time.strftime("%F"), time.strftime("%F", time.localtime(time.time() - 60))}
     assert len(args0[6]) == 6 and args0[6].isdigit()
+
+
+def test_submit_plans_once_and_a_failing_plan_cancels_everything(slurm: SlurmCluster, tmp_path: Path):
+    sub = Submission(slurm, tmp_path, 2, check=False, FAKE_PLAN_FAILS="1")
+    assert sub.proc.returncode == 1, sub.proc.stdout + sub.proc.stderr
+    assert "fake plan: the plan fails" in sub.proc.stderr and "planning failed" in sub.proc.stderr
+    array_id = sub.proc.stdout.splitlines()[0].split(": ", 1)[1]
+    merge_id = sub.proc.stdout.splitlines()[1].split(": ", 1)[1]
+    assert slurm.wait(array_id, timeout=20) == "CANCELLED"
+    assert slurm.wait(merge_id, timeout=20) == "CANCELLED"
+    assert not list(sub.state.glob("run-*.args"))  # no task ever started
 
 
 def test_submit_requeue_cap(slurm: SlurmCluster, tmp_path: Path):
