@@ -73,16 +73,11 @@ class StoredPlan:
     def plan_id(self) -> str:
         return self.manifest["plan_id"]
 
-    @property
-    def num_batches(self) -> int:
-        return self.chunks[-1].last_batch + 1 if self.chunks else 0
-
     def positions(self) -> np.ndarray:
         """Each input row's position in the plan (-1: the row is not planned); 4 bytes a row."""
         pos = np.full(self.manifest["input"]["rows"], -1, np.int32 if self.rows.num_rows < 2**31 else np.int64)
         pos[self.rows.column("row").to_numpy()] = np.arange(self.rows.num_rows)
         return pos
-
 
     def fingerprints(self) -> np.ndarray:
         """The planned rows' fingerprints in plan order, 32 bytes each (numpy: no Python strings)."""
@@ -126,7 +121,7 @@ def fixed_width_strings(values: np.ndarray, chunk_rows: int = 1 << 20) -> pa.Chu
 
 class Done:
     """The rows committed in verified parts: for each input row, the part that holds its result
-    (-1: none), 4 bytes a row, not a dict of every row."""
+    (-1: none), 4 bytes a row, not a dict of every row. `parts` lists only parts that hold a row."""
 
     def __init__(self, rows: int):
         self.parts: list[Path] = []
@@ -147,9 +142,6 @@ class Done:
     def mask(self, rows: np.ndarray) -> np.ndarray:
         """Whether each of these rows is done."""
         return self.part_of[rows] >= 0
-
-    def used_parts(self) -> list[Path]:
-        return [self.parts[k] for k in np.unique(self.part_of[self.part_of >= 0])]
 
 
 def plan_id(manifest: dict) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,21 +29,32 @@ RUN_BATCH_ROWS = 512  # a run is read this many rows at a time: one batch per ru
 
 
 class _Run:
-    """A spilled run, read forward a batch at a time."""
+    """A run sorted by row, read forward a batch at a time: spilled (batches read from its file as
+    needed) or the last one, kept in memory."""
 
-    def __init__(self, path: Path):
-        self.reader = pa.ipc.open_file(pa.OSFile(str(path)))
+    def __init__(self, get_batch: Callable[[int], pa.RecordBatch], batches: int):
+        self.get_batch, self.batches = get_batch, batches
         self.index, self.batch, self.offset = -1, None, 0
+
+    @classmethod
+    def spilled(cls, path: Path) -> _Run:
+        reader = pa.ipc.open_file(pa.OSFile(str(path)))
+        return cls(reader.get_batch, reader.num_record_batches)
+
+    @classmethod
+    def in_memory(cls, table: pa.Table) -> _Run:
+        batches = table.to_batches(max_chunksize=RUN_BATCH_ROWS)
+        return cls(batches.__getitem__, len(batches))
 
     def take_below(self, b: int) -> list[pa.RecordBatch]:
         """Its next rows that are < b."""
         pieces = []
         while True:
             if self.batch is None or self.offset == self.batch.num_rows:
-                if self.index + 1 >= self.reader.num_record_batches:
+                if self.index + 1 >= self.batches:
                     return pieces
                 self.index += 1
-                self.batch, self.offset = self.reader.get_batch(self.index), 0
+                self.batch, self.offset = self.get_batch(self.index), 0
             rows = self.batch.column(0).to_numpy()
             end = int(np.searchsorted(rows, b, side="left"))
             if end > self.offset:
@@ -62,7 +74,6 @@ class RowOrder:
         self.total_bytes = 0
         self.spill: Path | None = None
         self.runs: list[_Run] = []
-        self.last: tuple[pa.Table, np.ndarray, list[int]] | None = None  # the run kept in memory
 
     def __enter__(self) -> RowOrder:
         return self
@@ -102,15 +113,9 @@ class RowOrder:
     def take(self, a: int, b: int) -> pa.Table:
         """The results of rows a..b-1, in row order (call with consecutive ranges)."""
         if self.gathered:  # the last run (all of them when they fit in one) stays in memory
-            last = self._sorted([t.combine_chunks() for t in self.gathered])
-            self.last = (last, last.column("row").to_numpy(), [0])
+            self.runs.append(_Run.in_memory(self._sorted(self.gathered)))
             self.gathered = []
         pieces = [pa.Table.from_batches([p]) for run in self.runs for p in run.take_below(b)]
-        if self.last is not None:
-            last, rows, cursor = self.last
-            end = int(np.searchsorted(rows, b, side="left"))
-            pieces.append(last.slice(cursor[0], end - cursor[0]))
-            cursor[0] = end
         out = self._sorted(pieces) if pieces else None
         if out is None or out.num_rows != b - a:
             raise IncompleteError(f"rows {a}..{b - 1}: {0 if out is None else out.num_rows} results for {b - a} rows")
@@ -131,7 +136,7 @@ class RowOrder:
             path = self.spill / f"run-{len(self.runs):05d}.arrow"
             self._write_run(path, run)
             del run
-            self.runs.append(_Run(path))
+            self.runs.append(_Run.spilled(path))
         except OSError as e:  # (pyarrow's IOError included): a full disk, above all
             raise WriteError(f"{self.spill or self.folder}: cannot write the final file's sort runs: {e.strerror or e}") from None
 

@@ -164,7 +164,7 @@ class Stats:
         }
 
 
-def generate_rows(job, rows: Rows, plan: StoredPlan, ckpt: Checkpoint, engine: Engine, todo: np.ndarray, stop: StopFlag, stats: Stats, progress: bool, shard: int, shards: int) -> Iterator[tuple[Path, list[int]]]:
+def generate_rows(job, rows: Rows, plan: StoredPlan, ckpt: Checkpoint, engine: Engine, todo: np.ndarray, stop: StopFlag, stats: Stats, progress: bool, shard: int, shards: int) -> Iterator[tuple[Path, np.ndarray]]:
     """The hot loop: stream the rows at plan positions `todo` through the engine in plan order
     (finished rows' places are refilled from the next ones) and commit finished rows as they
     finish: a part every checkpoint.every_rows rows or checkpoint.every_seconds, whichever comes
