@@ -37,11 +37,19 @@ class ModelConfig:
     # nf4 = stay 4-bit; dequantized = dequantize once to compute_dtype; auto = dequantize when they fit
     weights: str = "auto"
     cuda_graphs: bool = True  # replay the decode step as CUDA graphs on a GPU (ignored on the CPU)
+    # Merge the LoRA adapter into the (dequantized) weights: no adapter cost per step, other rounding
+    merge_adapter: bool = False
 
     def validate(self, where: str) -> None:
         _choice(where, "model.quantization", self.quantization, ("nf4", "int8", "none"))
         _choice(where, "model.compute_dtype", self.compute_dtype, ("bfloat16", "float16", "float32"))
         _choice(where, "model.weights", self.weights, ("auto", "nf4", "dequantized"))
+        if self.merge_adapter and not self.adapter:
+            raise JobError(f"{where}: model.merge_adapter: needs model.adapter (there is no adapter to merge)")
+        if self.merge_adapter and self.quantization == "int8":
+            raise JobError(f"{where}: model.merge_adapter: not with quantization int8 (it merges into dequantized NF4 or unquantized weights)")
+        if self.merge_adapter and self.quantization == "nf4" and self.weights == "nf4":
+            raise JobError(f"{where}: model.merge_adapter: the adapter merges into dequantized weights; set model.weights to dequantized or auto, not nf4")
 
 
 @dataclass

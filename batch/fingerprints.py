@@ -34,6 +34,8 @@ def settings_fingerprint(job: JobConfig) -> dict:
     """Every setting that changes the plan or the outputs, with the model's files; a change refuses a resume."""
     d = job.as_dict()
     model = {k: d["model"][k] for k in ("base", "adapter", "quantization", "compute_dtype")}
+    if job.model.merge_adapter:  # other rounding, other outputs (absent when off: older plans stay valid)
+        model["merge_adapter"] = True
     model.update(model_files_fingerprint(job.model, job.source))
     return {
         "model": model,

@@ -51,6 +51,9 @@ def test_overrides_are_yaml_scalars(tmp_path):
         ("", ["generation.do_sample=maybe"], "generation.do_sample: expected true/false"),
         ("", ["nonsense"], "expected dotted.key=value"),
         ("batching: 3\n", [], "batching: expected a mapping"),
+        ("", ["model.merge_adapter=true"], "model.merge_adapter: needs model.adapter"),
+        ("", ["model.merge_adapter=true", "model.adapter=a", "model.weights=nf4"], "model.merge_adapter: the adapter merges into dequantized weights; set model.weights to dequantized or auto"),
+        ("", ["model.merge_adapter=true", "model.adapter=a", "model.quantization=int8"], "model.merge_adapter: not with quantization int8"),
     ],
 )
 def test_errors_name_file_and_field(tmp_path, extra, overrides, fragment):

@@ -151,19 +151,15 @@ def test_a_capture_that_fails_leaves_the_step_eager(monkeypatch, capsys):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("variant", ["float32+lora", "nf4+lora", "dequantized+lora"])
+@pytest.mark.parametrize("variant", ["float32+lora", "nf4+lora", "dequantized+lora", "merged+lora"])
 def test_on_a_gpu_replayed_graphs_give_the_eager_fixed_shape_tokens(variant, monkeypatch, capsys):
     """The real capture: the tiny model on the GPU (float32 compute), greedy and sampled, decodes the
     same tokens with graphs as eagerly at the same shapes, and no capture falls back."""
-    from batch.config import GenerationSettings, ModelConfig
+    from batch.config import GenerationSettings
     from batch.loading import load_model
-    from tests.conftest import TINY
-    from tests.test_exactness import MAX_NEW, VARIANTS
+    from tests.test_exactness import MAX_NEW, model_config
 
-    quantization, adapter, weights = VARIANTS[variant]
-    cfg = ModelConfig(base=str(TINY / "base"), adapter=str(TINY / "adapter") if adapter else None, quantization=quantization,
-                      compute_dtype="float32", device_map="cuda:0", weights=weights)
-    model, tokenizer = load_model(cfg)
+    model, tokenizer = load_model(model_config(variant, device_map="cuda:0"))
     captures = []
     capture = decode_step._capture_graph
     monkeypatch.setattr(decode_step, "_capture_graph", lambda run, pool: (captures.append(1), capture(run, pool))[1])

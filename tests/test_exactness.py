@@ -67,25 +67,31 @@ def batched(engine: Engine, ids: list[list[int]], batch_size: int, seeds=None):
     return [results[r] for r in range(len(ids))]
 
 
-VARIANTS = {  # name: (quantization, adapter, model.weights)
-    "float32": ("none", False, "auto"),
-    "float32+lora": ("none", True, "auto"),
-    "nf4+lora": ("nf4", True, "nf4"),
-    "dequantized+lora": ("nf4", True, "dequantized"),
-    "nf4": ("nf4", False, "nf4"),  # (without the adapter: only to see that the adapter matters)
+VARIANTS = {  # name: (quantization, adapter, model.weights, model.merge_adapter)
+    "float32": ("none", False, "auto", False),
+    "float32+lora": ("none", True, "auto", False),
+    "nf4+lora": ("nf4", True, "nf4", False),
+    "dequantized+lora": ("nf4", True, "dequantized", False),
+    "merged+lora": ("nf4", True, "dequantized", True),  # the adapter merged into the dequantized weights
+    "nf4": ("nf4", False, "nf4", False),  # (without the adapter: only to see that the adapter matters)
 }
 
 
-def load(variant: str, fixed_shapes: bool = False, **generation) -> Engine:
-    quantization, adapter, weights = VARIANTS[variant]
-    cfg = ModelConfig(
+def model_config(variant: str, device_map: str = "cpu") -> ModelConfig:
+    quantization, adapter, weights, merge = VARIANTS[variant]
+    return ModelConfig(
         base=str(TINY / "base"),
         adapter=str(TINY / "adapter") if adapter else None,
         quantization=quantization,
         compute_dtype="float32",
-        device_map="cpu",
+        device_map=device_map,
         weights=weights,
+        merge_adapter=merge,
     )
+
+
+def load(variant: str, fixed_shapes: bool = False, **generation) -> Engine:
+    cfg = model_config(variant)
     settings = GenerationSettings(**{"max_new_tokens": MAX_NEW, "do_sample": False, **generation})
     return Engine(*load_model(cfg), settings, fixed_shapes=fixed_shapes)
 
@@ -108,7 +114,7 @@ def streamed(engine: Engine, ids: list[list[int]], max_rows: int, budget: int, s
     return [results[r] for r in range(len(ids))]
 
 
-@pytest.mark.parametrize("variant", ["float32", "float32+lora", "nf4+lora", "dequantized+lora"])
+@pytest.mark.parametrize("variant", ["float32", "float32+lora", "nf4+lora", "dequantized+lora", "merged+lora"])
 def test_batched_equals_single_prompt_generate(variant, monkeypatch):
     engine = load(variant)
     ids = engine.tokenize(prompts_40())
@@ -129,7 +135,7 @@ def test_batched_equals_single_prompt_generate(variant, monkeypatch):
         assert not mismatches, (fixed, mismatches[:3])
         # (to save time, the fixed-shape steps of 4-bit weights and the dequantized ones, which are a
         # plain Linear like float32's, take only the stream that moves the window and remakes the buffer)
-        few = (fixed and variant == "nf4+lora") or variant == "dequantized+lora"
+        few = (fixed and variant == "nf4+lora") or variant in ("dequantized+lora", "merged+lora")
         for max_rows, budget, shuffle in streams[-1:] if few else streams:
             got = streamed(engine, ids, max_rows, budget, shuffle)
             mismatches = [(i, e, g) for i, (e, g) in enumerate(zip(expected, got)) if e != g]
@@ -146,7 +152,7 @@ def test_batched_equals_single_prompt_generate(variant, monkeypatch):
         assert any(n and not in_place for n, in_place in moves)  # a new buffer was made with rows running
     reasons = {r for _, r, _ in expected}
     assert "stop" in reasons or "eos" in reasons  # rows really stop at different points
-    assert "length" in reasons or variant in ("nf4+lora", "dequantized+lora")
+    assert "length" in reasons or variant in ("nf4+lora", "dequantized+lora", "merged+lora")
 
 
 def test_eager_attention_takes_an_additive_mask():

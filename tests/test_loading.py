@@ -15,9 +15,9 @@ from batch.plan import plan_batches
 from tests.test_exactness import MAX_NEW, prompts_40
 
 
-def config(weights: str, dtype: str = "float32") -> ModelConfig:
+def config(weights: str, dtype: str = "float32", merge: bool = False) -> ModelConfig:
     return ModelConfig(base=str(TINY / "base"), adapter=str(TINY / "adapter"), quantization="nf4",
-                       compute_dtype=dtype, device_map="cpu", weights=weights)
+                       compute_dtype=dtype, device_map="cpu", weights=weights, merge_adapter=merge)
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +93,43 @@ def test_unquantized_models_are_left_alone(tokenizer, capsys):
                                       device_map="cpu", weights="dequantized"), tokenizer=tokenizer)
     assert capsys.readouterr().err == ""
     assert all(type(m) is torch.nn.Linear for n, m in model.named_modules() if n.endswith("q_proj"))
+
+
+def test_a_merged_adapter_is_folded_into_the_dequantized_weights(tokenizer, capsys):
+    """model.merge_adapter: W + scaling * B @ A in one plain linear layer per projection (the NF4
+    weights dequantized first, whatever model.weights says), no LoRA layer left; the logits are the
+    unmerged adapter's up to rounding."""
+    from safetensors.torch import load_file
+
+    merged, _ = load_model(config("auto", merge=True), tokenizer=tokenizer)
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("komt-batch: weights: dequantized to float32, ") and line.endswith("(model.merge_adapter), LoRA adapter merged into them")
+    assert not any("lora" in name for name, _ in merged.named_modules())
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
+
+    nf4, _ = load_model(config("nf4"), tokenizer=tokenizer)
+    base = nf4.get_base_model().model.layers[1].mlp.down_proj.base_layer
+    adapter = load_file(str(TINY / "adapter" / "adapter_model.safetensors"))
+    a, b = (adapter[f"base_model.model.model.layers.1.mlp.down_proj.lora_{x}.weight"] for x in "AB")
+    scaling = nf4.peft_config["default"].lora_alpha / nf4.peft_config["default"].r
+    expected = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state) + scaling * b @ a
+    assert torch.allclose(merged.model.layers[1].mlp.down_proj.weight, expected, atol=1e-6)
+
+    unmerged, _ = load_model(config("dequantized"), tokenizer=tokenizer)
+    tokenizer.pad_token = tokenizer.unk_token
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts_40()[:8], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        a, b = unmerged(**enc).logits, merged(**enc).logits
+    assert not torch.equal(a, b) and torch.allclose(a, b, atol=1e-4)  # other rounding, the same function
+
+
+def test_merged_and_unmerged_adapters_agree_on_the_greedy_answers(tokenizer):
+    """The agreement the README reports for the tiny model (40 prompts, greedy, float32)."""
+    settings = GenerationSettings(max_new_tokens=MAX_NEW, do_sample=False)
+    unmerged = Engine(*load_model(config("dequantized"), tokenizer=tokenizer), settings)
+    merged = Engine(*load_model(config("dequantized", merge=True), tokenizer=tokenizer), settings)
+    ids = unmerged.tokenize(prompts_40())
+    same = [a.response == b.response for a, b in zip(unmerged.generate(ids, [0] * len(ids)), merged.generate(ids, [0] * len(ids)))]
+    print(f"merged == unmerged on {sum(same)} of {len(same)} greedy answers")
+    assert sum(same) >= 38

@@ -115,3 +115,15 @@ def test_new_adapter_weights_at_the_same_path_are_not_reused_and_refuse_a_resume
     got = pq.read_table(tmp_path / "out" / "result.parquet")
     assert got.equals(pq.read_table(tmp_path / "new.parquet"))  # = a fresh run with the new weights
     assert got.column("response").to_pylist() != pq.read_table(tmp_path / "old.parquet").column("response").to_pylist()
+
+
+def test_merging_the_adapter_is_in_every_rows_fingerprint_and_leaves_unmerged_ones_as_they_were(tmp_path):
+    from batch.config import load_job
+    from batch.fingerprints import row_settings_key, settings_fingerprint
+
+    path = make_job(tmp_path, write_jsonl(tmp_path / "in.jsonl", seed_rows()[:2]))
+    unmerged = settings_fingerprint(load_job(path, []))
+    merged = settings_fingerprint(load_job(path, ["model.merge_adapter=true"]))
+    assert "merge_adapter" not in unmerged["model"]  # the plans and rows of earlier versions stay valid
+    assert merged["model"] == {**unmerged["model"], "merge_adapter": True}
+    assert row_settings_key(merged) != row_settings_key(unmerged)  # other rounding: never reused for the other
