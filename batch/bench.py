@@ -31,7 +31,9 @@ in `modes`, in this order (greedy unless said otherwise):
                       /opt/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec
 
 For NF4 variants modes 1-3 run on the 4-bit weights and modes 4-6 on the dequantized ones (the model
-is dequantized in place once, before the first of them): the `weights` column says which.
+is dequantized in place once, before the first of them): the `weights` column says which. A variant
+`...+lora+merged` loads with `model.merge_adapter` (NF4 dequantized, the adapter merged into the
+weights): every mode runs on those weights, its mode 4 included.
 
 Per mode: generated tokens/s and rows/s (wall time of the mode: tokenizing, generating, trimming;
 loading excluded), rows in flight (row-steps / steps: the running batch's mean size), milliseconds
@@ -119,7 +121,7 @@ ON_DEQUANTIZED = ("dequantized", "sampling", "generate_batch")  # for NF4 varian
 GREEDY = ("single", "fixed", "engine", "dequantized", "generate_batch", "vllm")
 # Peak memory bandwidth by GPU name (vendors' datasheets), for the share of the roof: the first match wins
 PEAK_BANDWIDTH = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100 80GB", 2.0e12), ("A100-SXM4-80GB", 2.0e12)]
-BUILD_VERSION = 2  # bump when the way the model is built changes (forces a rebuild of model.dir)
+BUILD_VERSION = 3  # bump when the way the model is built changes (forces a rebuild of model.dir)
 
 # --- settings ------------------------------------------------------------------------------------
 
@@ -213,19 +215,21 @@ class Variant:
     quantization: str  # none | nf4 | int8
     compute_dtype: str
     lora: bool
+    merged: bool = False  # the adapter merged into the weights (model.merge_adapter; NF4: dequantized first)
 
 
 def parse_variant(name: str, cfg: BenchConfig, where: str = "<bench>") -> Variant:
     """`float32`, `bfloat16`: unquantized in that dtype; `nf4`, `int8`: quantized, cfg.compute_dtype;
-    `+lora` adds the adapter (e.g. `nf4+lora`, `float32+lora`)."""
+    `+lora` adds the adapter (e.g. `nf4+lora`, `float32+lora`), `+lora+merged` merges it into the
+    weights (`nf4+lora+merged`: dequantized, then merged, for every mode)."""
     head, *rest = name.split("+")
-    if rest not in ([], ["lora"]):
-        raise JobError(f"{where}: variants: {name!r}: only '+lora' may follow the weights (e.g. nf4+lora)")
+    if rest not in ([], ["lora"], ["lora", "merged"]) or (rest == ["lora", "merged"] and head == "int8"):
+        raise JobError(f"{where}: variants: {name!r}: only '+lora' or '+lora+merged' may follow the weights (e.g. nf4+lora), not int8+lora+merged")
     if head in DTYPES:
-        return Variant(name, "none", head, bool(rest))
+        return Variant(name, "none", head, bool(rest), "merged" in rest)
     if head in ("nf4", "int8"):
-        return Variant(name, head, cfg.compute_dtype, bool(rest))
-    raise JobError(f"{where}: variants: {name!r}: expected float32, bfloat16, float16, nf4 or int8, optionally +lora")
+        return Variant(name, head, cfg.compute_dtype, bool(rest), "merged" in rest)
+    raise JobError(f"{where}: variants: {name!r}: expected float32, bfloat16, float16, nf4 or int8, optionally +lora or +lora+merged")
 
 
 def load_bench(path: str | Path | None, overrides: list[str] = ()) -> BenchConfig:
@@ -557,10 +561,12 @@ def build_model(cfg: BenchConfig, tokenizer, root: Path) -> dict:
         hidden_base, best_base = record_greedy_runs(peft_model.get_base_model(), tokenizer, tune, cfg.max_new_tokens, banned, device)
     hidden, best = torch.cat([hidden, hidden_base]), torch.cat([best, best_base])
     model = peft_model.unload()  # the base model again, without LoRA layers
-    tilt = tilt_output_rows(model, hidden, best, eos_id, stop_id, m.mean_length * cfg.max_new_tokens)
+    tilt = tilt_output_rows(model, hidden, best, eos_id, stop_id, m.mean_length * cfg.max_new_tokens, groups=2)
     tilt["tune_seconds"] = round(time.perf_counter() - t1, 2)
     print(f"bench: tilted </s>{' and ' + repr(tokenizer.convert_ids_to_tokens(stop_id)) if stop_id is not None else ''} "
-          f"by {tilt['alpha']:.4f}; predicted completion lengths on {len(tune)} prompts, with and without the adapter: {_dist_line(tilt['predicted'], cfg.max_new_tokens)}",
+          f"by {tilt['alpha']:.4f} (and {tilt['beta']:+.4f} along the adapter's shift); predicted completion lengths on {len(tune)} prompts, "
+          f"with and without the adapter: {_dist_line(tilt['predicted'], cfg.max_new_tokens)}; means {tilt['predicted']['mean_with_adapter']:.1f} "
+          f"with, {tilt['predicted']['mean_without']:.1f} without",
           file=sys.stderr, flush=True)
 
     base_dir = root / "base"
@@ -647,41 +653,74 @@ def record_greedy_runs(model, tokenizer, prompts: list[str], max_new: int, banne
 
 
 @torch.no_grad()
-def tilt_output_rows(model, hidden: torch.Tensor, best: torch.Tensor, eos_id: int, stop_id: int | None, mean_target: float) -> dict:
-    """Set lm_head[eos] (and lm_head[stop token]) := alpha * u + its random row, u = the unit mean
-    final hidden state, with alpha bisected so that the mean completion length hits the target (the
-    mean, not the median: the lengths come out bimodal -- loops that never stop, rows that stop at
-    once -- and a median sitting between the two modes jumps with a few prompts)."""
+def tilt_output_rows(model, hidden: torch.Tensor, best: torch.Tensor, eos_id: int, stop_id: int | None, mean_target: float,
+                     groups: int = 1) -> dict:
+    """Set lm_head[eos] (and lm_head[stop token]) := alpha * u + beta * d + its random row, u = the
+    unit mean final hidden state, with alpha bisected so that the mean completion length hits the
+    target (the mean, not the median: the lengths come out bimodal -- loops that never stop, rows
+    that stop at once -- and a median sitting between the two modes jumps with a few prompts).
+
+    With `groups=2` the rows are two halves, the runs with the adapter and those without: d is the
+    unit difference of their mean hidden states (orthogonal to u) and beta is bisected so that both
+    halves end at the same mean length. Otherwise the adapter moves the hidden states and the
+    variants with and without it answer with different lengths, so their tok/s would compare two
+    workloads (prefill spread over fewer or more generated tokens), not two ways of computing."""
     w = model.lm_head.weight
     u = hidden.reshape(-1, hidden.shape[-1]).mean(0)
     u = u / u.norm()
-    along = hidden @ u  # [rows, steps]
+    half = len(hidden) // 2
+    d = torch.zeros_like(u)
+    if groups == 2:
+        diff = hidden[:half].reshape(-1, hidden.shape[-1]).mean(0) - hidden[half:].reshape(-1, hidden.shape[-1]).mean(0)
+        d = diff - (diff @ u) * u
+        d = d / d.norm()
+    along, across = hidden @ u, hidden @ d  # [rows, steps]
     ids = [eos_id] + ([stop_id] if stop_id is not None else [])
     own = torch.stack([hidden @ w[i].float().cpu() for i in ids], -1)  # the rows' random parts
 
-    def lengths(alpha: float) -> tuple[np.ndarray, np.ndarray]:
-        logits = alpha * along[..., None] + own  # [rows, steps, len(ids)]
+    def lengths(alpha: float, beta: float) -> tuple[np.ndarray, np.ndarray]:
+        logits = (alpha * along + beta * across)[..., None] + own  # [rows, steps, len(ids)]
         wins = logits.max(-1).values > best
         first = torch.where(wins.any(1), wins.float().argmax(1) + 1, torch.full((len(hidden),), hidden.shape[1]))
         which = logits.argmax(-1).gather(1, (first - 1)[:, None]).squeeze(1)
         return first.numpy(), np.where(wins.any(1).numpy(), which.numpy(), -1)
 
-    low, high = 0.0, 1.0
-    while lengths(high)[0].mean() > mean_target and high < 1e4:
-        high *= 2
-    for _ in range(40):
-        mid = (low + high) / 2
-        low, high = (mid, high) if lengths(mid)[0].mean() > mean_target else (low, mid)
-    alpha = high
+    def alpha_for(beta: float) -> float:
+        low, high = 0.0, 1.0
+        while lengths(high, beta)[0].mean() > mean_target and high < 1e4:
+            high *= 2
+        for _ in range(40):
+            mid = (low + high) / 2
+            low, high = (mid, high) if lengths(mid, beta)[0].mean() > mean_target else (low, mid)
+        return high
+
+    def gap(beta: float) -> float:  # the adapter runs' mean length minus the others' (falls as beta grows)
+        n = lengths(alpha_for(beta), beta)[0]
+        return n[:half].mean() - n[half:].mean()
+
+    beta = 0.0
+    if groups == 2:
+        low, high = -1.0, 1.0
+        while gap(low) < 0 and low > -1e3:
+            low *= 2
+        while gap(high) > 0 and high < 1e3:
+            high *= 2
+        for _ in range(30):
+            beta = (low + high) / 2
+            low, high = (beta, high) if gap(beta) > 0 else (low, beta)
+        beta = min((low, high), key=lambda b: abs(gap(b)))
+    alpha = alpha_for(beta)
     for i in ids:
-        w[i] = (alpha * u.to(w.device) + w[i].float()).to(w.dtype)
-    n, which = lengths(alpha)
+        w[i] = (alpha * u.to(w.device) + beta * d.to(w.device) + w[i].float()).to(w.dtype)
+    n, which = lengths(alpha, beta)
     predicted = quantiles(n.tolist())
     predicted.update(
         at_max=float((n >= hidden.shape[1]).mean()), within_4=float((n <= 4).mean()),
         eos=int((which == 0).sum()), stop=int((which == 1).sum()), length=int((which == -1).sum()),
     )
-    return {"alpha": alpha, "cos_mean_hidden": float((along / hidden.norm(dim=-1)).mean()), "predicted": predicted}
+    if groups == 2:
+        predicted.update(mean_with_adapter=float(n[:half].mean()), mean_without=float(n[half:].mean()))
+    return {"alpha": alpha, "beta": beta, "cos_mean_hidden": float((along / hidden.norm(dim=-1)).mean()), "predicted": predicted}
 
 
 def _dist_line(d: dict, max_new: int) -> str:
@@ -1056,12 +1095,14 @@ def run_variant(cfg: BenchConfig, variant: Variant, meta: dict, prompts: list[st
     from batch.memory import ModelShape
 
     mcfg = ModelConfig(base=meta["base"], adapter=meta["adapter"] if variant.lora else None, quantization=variant.quantization,
-                       compute_dtype=variant.compute_dtype, device_map="cuda" if cfg.device == "cuda" else "cpu", weights="nf4")
+                       compute_dtype=variant.compute_dtype, device_map="cuda" if cfg.device == "cuda" else "cpu",
+                       weights="dequantized" if variant.merged else "nf4", merge_adapter=variant.merged)
     _free(cfg.device)
     t0 = time.perf_counter()
     model, tokenizer = load_model(mcfg, "<bench>")
     load_seconds = time.perf_counter() - t0
-    weights = variant.compute_dtype if variant.quantization == "none" else variant.quantization
+    weights = variant.compute_dtype if variant.quantization == "none" else "dequantized" if variant.merged else variant.quantization
+    weights += "+merged" if variant.merged else ""
     rule = Rule(tokenizer, cfg.stop)
     lengths = [len(i) for i in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
     k = min(cfg.single_limit or len(prompts), len(prompts))
@@ -1091,7 +1132,7 @@ def run_variant(cfg: BenchConfig, variant: Variant, meta: dict, prompts: list[st
             del model, runs
             _free(cfg.device)
         quiet()
-        if name == "dequantized" and weights != "dequantized":
+        if name == "dequantized" and not weights.startswith("dequantized"):
             result = _skipped(name, f"{variant.name}: only NF4 weights are dequantized")
         elif name == "vllm":
             result = run_mode(name, lambda: run_vllm(cfg, variant, meta, tokenizer, prompts, rule, log_dir / f"vllm-{variant.name.replace('+', '-')}.log"), cfg)

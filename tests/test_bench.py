@@ -22,18 +22,21 @@ MODE_FIELDS = [
 GREEDY_BATCHED = ("fixed", "engine", "dequantized", "generate_batch")
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("bench")
+def tiny_bench(tmp, *overrides) -> dict:
     out = tmp / "bench.json"
-    overrides = [
+    settings = [
         "prompts=24", "prompt_median=40", "prompt_max=200", "max_new_tokens=16", "fixed_batch_size=8",
         "max_batch_size=8", "max_batch_tokens=4096", "single_limit=null", "fixed_limit=16", "variants=[float32, nf4+lora]",
         "vllm_python=null", "quiet_wait=0", "mode_budget=600", "threads=1", f"output={out}", f"model.dir={tmp / 'model'}", "model.hidden_size=64",
-        "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=128", "model.tune_prompts=16",
+        "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=128", "model.tune_prompts=16", *overrides,
     ]
-    assert bench.main(str(bench.DEFAULT_JOB), overrides) == 0
+    assert bench.main(str(bench.DEFAULT_JOB), settings) == 0
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    return tiny_bench(tmp_path_factory.mktemp("bench"))
 
 
 def variant(report, name):
@@ -89,6 +92,14 @@ def test_batched_modes_give_the_greedy_responses_of_one_at_a_time(report):
     assert nf4["dequantized"]["generated_tokens"] == nf4["engine"]["generated_tokens"]
 
 
+def test_a_merged_variant_runs_every_mode_on_the_merged_weights(tmp_path):
+    v = tiny_bench(tmp_path, "variants=[nf4+lora+merged]", "modes=[single, engine, dequantized]")["variants"][0]
+    assert (v["quantization"], v["lora"]) == ("nf4", True)
+    assert [v["modes"][m]["weights"] for m in ("single", "engine", "dequantized")] == ["dequantized+merged"] * 3
+    for name in ("engine", "dequantized"):  # greedy: one at a time's answers, on every row
+        assert (v["modes"][name]["equal_rows"], v["modes"][name]["checked_rows"]) == (24, 24)
+
+
 def test_engine_wastes_less_than_fixed_batches(report):
     modes = variant(report, "float32")["modes"]
     assert modes["engine"]["decode_efficiency"] > modes["fixed"]["decode_efficiency"]
@@ -142,6 +153,8 @@ def test_the_bandwidth_roof():
 def test_bad_settings_are_one_line_errors():
     with pytest.raises(JobError, match="variants: 'fp8'"):
         bench.load_bench(None, ["variants=[fp8]"])
+    with pytest.raises(JobError, match="variants: 'int8\\+lora\\+merged': only '\\+lora' or '\\+lora\\+merged'"):
+        bench.load_bench(None, ["variants=[int8+lora+merged]"])
     with pytest.raises(JobError, match="unknown key promts; did you mean prompts"):
         bench.load_bench(None, ["promts=3"])
     with pytest.raises(JobError, match="modes: 'turbo' is not a mode; choose from single, fixed"):
@@ -150,3 +163,30 @@ def test_bad_settings_are_one_line_errors():
         bench.load_bench(None, ["fixed_limit=0"])
     with pytest.raises(JobError, match="mode_budget: must be > 0"):
         bench.load_bench(None, ["mode_budget=0"])
+
+
+def test_the_tilt_gives_the_runs_with_and_without_the_adapter_the_same_mean_length():
+    """Two groups of recorded runs whose hidden states differ by a shift (as the adapter's do): one
+    direction alone ends them at different mean lengths, the second (beta, along the shift) evens
+    them out, both at the target."""
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator().manual_seed(0)
+    rows, steps, width = 40, 64, 32
+    hidden = torch.randn(2 * rows, steps, width, generator=gen) + 2.0  # a common mean direction
+    hidden[:rows, :, 0] += 1.5  # the "adapter" half, shifted
+    best = torch.randn(2 * rows, steps, generator=gen) + 3.0
+    target = 0.35 * steps
+
+    def tilted(groups):  # the mean lengths of both halves, from the lm_head rows as tilted
+        model = torch.nn.Module()
+        model.lm_head = torch.nn.Linear(width, 4, bias=False)
+        torch.nn.init.normal_(model.lm_head.weight, 0, 0.02, generator=torch.Generator().manual_seed(1))
+        tilt = bench.tilt_output_rows(model, hidden, best, eos_id=0, stop_id=1, mean_target=target, groups=groups)
+        wins = (hidden @ model.lm_head.weight[:2].detach().T).max(-1).values > best
+        n = torch.where(wins.any(1), wins.float().argmax(1) + 1, torch.full((2 * rows,), steps)).float()
+        return tilt, n[:rows].mean().item(), n[rows:].mean().item()
+
+    (one, a1, b1), (two, a2, b2) = tilted(1), tilted(2)
+    assert one["beta"] == 0 and abs((a1 + b1) / 2 - target) < 2 and abs(a1 - b1) > 8  # one direction: two workloads
+    assert abs((a2 + b2) / 2 - target) < 2 and abs(a2 - b2) < 3, (a2, b2)  # two: the same mean length
+    assert (a2, b2) == pytest.approx((two["predicted"]["mean_with_adapter"], two["predicted"]["mean_without"]), abs=0.5)
