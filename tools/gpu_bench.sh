@@ -46,10 +46,11 @@ if [ "$status" -ne 0 ] && [ -f "$OUT/bench-gpu.json" ]; then
 fi
 
 # Greedy agreement, batched vs alone, on the tiny trained model in bf16 (random 7B weights are full of
-# near-ties): NF4 resident and dequantized. Only in what is left of the 8 minutes.
-for weights in nf4 dequantized; do
+# near-ties): NF4 resident, dequantized, and dequantized with the adapter merged (also against the
+# unmerged adapter's answers). Only in what is left of the 8 minutes.
+for weights in "--weights nf4" "--weights dequantized" "--weights dequantized --merge"; do
   if [ "$SECONDS" -lt 430 ]; then
-    timeout 25 python3 tools/agreement.py --device cuda --dtype bfloat16 --weights "$weights" | tee -a "$OUT/bench-gpu.txt" \
+    timeout 25 python3 tools/agreement.py --device cuda --dtype bfloat16 $weights | tee -a "$OUT/bench-gpu.txt" \
       || echo "gpu_bench: agreement ($weights) failed or ran out of time"
   fi
 done
