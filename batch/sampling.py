@@ -42,7 +42,11 @@ def mix64(x: torch.Tensor) -> torch.Tensor:
 def uniforms(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
     """[rows, vocab] float64 numbers in (0, 1): splitmix64's output number (step * 2**32 + id) of the
     stream seeded by each row's (mixed) seed."""
-    ids = torch.arange(vocab, dtype=torch.int64, device=seeds.device)
+    return uniforms_at(seeds, steps, torch.arange(vocab, dtype=torch.int64, device=seeds.device))
+
+
+def uniforms_at(seeds: torch.Tensor, steps: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The numbers of `uniforms` at the vocabulary ids `ids` only ([vocab] or [rows, k])."""
     counter = (steps[:, None] << 32) + ids + 1
     bits = mix64(mix64(seeds)[:, None] + counter * GOLDEN)
     return (_shr(bits, 11).double() + 0.5) * 2.0**-53  # the top 53 bits, centred: never 0 or 1
@@ -71,6 +75,34 @@ def choose(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, setti
     step is the number of tokens it has generated). `settings`: do_sample, temperature, top_k, top_p."""
     if not settings.do_sample:
         return logits.argmax(-1)
+    if 0 < settings.top_k and settings.top_k + TIES < logits.shape[-1]:
+        return _choose_among_top_k(logits, seeds, steps, settings)
     scores = warp(logits, settings.temperature, settings.top_k, settings.top_p)
     gumbel = -torch.log(-torch.log(uniforms(seeds, steps, logits.shape[-1])))
     return (scores.double() + gumbel).argmax(-1)
+
+
+TIES = 8  # candidates kept beyond top_k, for tokens tied with the k-th (top-k keeps them all)
+
+
+def _choose_among_top_k(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, settings) -> torch.Tensor:
+    """`choose` with top-k on: the same draw, computed on the top_k + TIES best tokens instead of the
+    whole vocabulary (every other token's warped score is -inf, so it can never be drawn): top-p sorts
+    and the Gumbel noise is hashed for ~100 tokens a row instead of 32,000. The candidates are put in
+    vocabulary order, so that ties go as in the whole vocabulary's stable sort and argmax. The same
+    tokens as the whole-vocabulary path unless more than TIES tokens tie with the k-th logit (then
+    the tied ones past them are not candidates) or the softmax's sum rounds differently by an ulp
+    right at the top-p boundary."""
+    scores = logits / settings.temperature if settings.temperature != 1.0 else logits
+    values, ids = torch.topk(scores, settings.top_k + TIES)  # best first
+    kth = values[..., settings.top_k - 1 : settings.top_k]
+    ids, by_id = ids.sort(-1)
+    values = values.gather(-1, by_id)
+    values = values.masked_fill(values < kth, -float("inf"))
+    if settings.top_p < 1.0:
+        ordered, order = torch.sort(values, descending=False, stable=True)
+        drop = ordered.softmax(-1).cumsum(-1) <= 1 - settings.top_p
+        drop[..., -1:].fill_(False)
+        values = values.masked_fill(drop.scatter(-1, order, drop), -float("inf"))
+    gumbel = -torch.log(-torch.log(uniforms_at(seeds, steps, ids)))
+    return ids.gather(-1, (values.double() + gumbel).argmax(-1, keepdim=True)).squeeze(-1)

@@ -117,3 +117,27 @@ def test_uniforms_look_uniform():
     for a, b in [(grid[0, :-1], grid[0, 1:]), (grid[0], grid[1])]:
         assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 0.02
     assert not math.isclose(uniforms(torch.tensor([1]), torch.tensor([0]), 1).item(), uniforms(torch.tensor([1]), torch.tensor([1]), 1).item())
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.9, 100, 0.7), (1.0, 5, 1.0), (0.7, 40, 0.95), (1.3, 20, 0.3)])
+def test_top_k_candidates_draw_what_the_whole_vocabulary_draws(temperature, top_k, top_p):
+    """The top-k path (sort and hash ~100 tokens, not the vocabulary) against the whole-vocabulary
+    draw it replaces: the same token on every row and step, logits with ties at the k-th included
+    (rounded to 0.1: many equal values)."""
+    from batch import sampling
+
+    gen = torch.Generator().manual_seed(3)
+    rows, vocab = 96, 700
+    logits = torch.cat([torch.randn(rows // 2, vocab, generator=gen) * 3, (torch.randn(rows // 2, vocab, generator=gen) * 2).round(decimals=1)])
+    settings = SimpleNamespace(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
+    seeds, kth = torch.arange(rows) * 7919 + 11, torch.topk(logits, top_k).values[:, -1:]
+    tied_past_k = (logits == kth).sum(-1) - (torch.topk(logits, top_k).values == kth).sum(-1)
+    assert tied_past_k.max() > 0  # the rounded rows have ties at the k-th value ...
+    exact = tied_past_k <= sampling.TIES  # ... within the candidates' margin
+    assert exact.sum() > rows * 0.9
+    for step in range(6):
+        steps = torch.full((rows,), step)
+        fast = choose(logits, seeds, steps, settings)
+        whole = (warp(logits, temperature, top_k, top_p).double() - torch.log(-torch.log(uniforms(seeds, steps, vocab)))).argmax(-1)
+        assert torch.equal(fast[exact], whole[exact])
+        assert torch.isfinite(warp(logits, temperature, top_k, top_p).gather(-1, fast[:, None])).all()  # never outside top-k/top-p
