@@ -1244,6 +1244,9 @@ def cross_targets(variants: list[dict]) -> dict:
             ratio = d["tokens_per_second"] / base["modes"]["engine"]["tokens_per_second"]
             name = f"{v['variant']} dequantized vs {base['variant']} engine (tok/s)"
             out[name] = {"value": ratio, "goal": ">= 0.9", "pass": ratio >= 0.9} if base is plain[0] else {"value": ratio, "goal": "report", "pass": None}
+            tokens = d.get("generated_tokens"), base["modes"]["engine"].get("generated_tokens")
+            if all(tokens):  # tok/s compare like with like only where both generated as many tokens
+                out[f"{v['variant']} vs {base['variant']}: generated tokens"] = {"value": tokens[0] / tokens[1], "goal": "report", "pass": None}
     return out
 
 
