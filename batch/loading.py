@@ -134,18 +134,17 @@ def merged_model(model, cfg: ModelConfig, where: str):
     half precision). A step then costs what the base model's does; the outputs are those of the same
     function with other rounding (the README gives the agreement measured with the unmerged adapter)."""
     dtype = DTYPES[cfg.compute_dtype]
-    line = choose_weights(model, "dequantized", dtype) if cfg.quantization == "nf4" else f"weights: {cfg.compute_dtype}"
+    line = choose_weights(model, "dequantized", dtype, "model.merge_adapter") if cfg.quantization == "nf4" else f"weights: {cfg.compute_dtype}"
     model = _apply_adapter(model, cfg.adapter, where).merge_and_unload()
-    print(f"komt-batch: {line.replace('(model.weights: dequantized)', '(model.merge_adapter)')}, LoRA adapter merged into them",
-          file=sys.stderr, flush=True)
+    print(f"komt-batch: {line}, LoRA adapter merged into them", file=sys.stderr, flush=True)
     return model.eval()
 
 
-def choose_weights(model, weights: str, dtype: torch.dtype) -> str:
+def choose_weights(model, weights: str, dtype: torch.dtype, why: str | None = None) -> str:
     """Apply model.weights to a model loaded in NF4 (with or without its adapter): `nf4` keeps the
     4-bit layers, `dequantized` dequantizes them once, `auto` dequantizes when that leaves the KV
     cache at least half the free memory it would have beside the 4-bit weights (memory.py). Returns
-    the log line: which was used and why, with the sizes."""
+    the log line: which was used and why (`why`, else the setting), with the sizes."""
     import bitsandbytes as bnb
 
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -156,7 +155,7 @@ def choose_weights(model, weights: str, dtype: torch.dtype) -> str:
         dequantize, why = dequantizing_fits(free, nf4, dense)
         why = f"model.weights: auto: {why} on {where}"
     else:
-        dequantize, why = weights == "dequantized", f"model.weights: {weights}"
+        dequantize, why = weights == "dequantized", why or f"model.weights: {weights}"
     if not dequantize:
         return f"weights: NF4 resident, {size(nf4)} ({why})"
     dequantize_model(model, dtype)
