@@ -900,7 +900,7 @@ def run_engine(mode: str, model, tokenizer, prompts: list[str], cfg: BenchConfig
     if timer:
         decode_seconds, prefill_seconds, decode_steps = timer.decode_seconds, timer.prefill_seconds, timer.decode_calls
     else:
-        decode_seconds, prefill_seconds, decode_steps = engine.decode_seconds, engine.prefill_seconds, engine.steps
+        decode_seconds, prefill_seconds, decode_steps = engine.decode_seconds, engine.prefill_seconds, engine.decode_steps
     errors = [c.error for c in completions if c.error]
     return _mode_result(mode, rows=len(prompts), wall=wall, kept=[c.completion_tokens for c in completions],
                         responses=[c.response for c in completions], reasons=[c.finish_reason for c in completions],
@@ -909,7 +909,7 @@ def run_engine(mode: str, model, tokenizer, prompts: list[str], cfg: BenchConfig
                         row_steps=engine.row_steps + len(prompts), steps=engine.steps, forward_seconds=engine.forward_seconds,
                         rows_in_flight=engine.row_steps / engine.steps if engine.steps else None,
                         decode_seconds=decode_seconds, prefill_seconds=prefill_seconds, decode_steps=decode_steps,
-                        peak=peak_memory(device), sampled=sample,
+                        peak=peak_memory(device), sampled=sample, graph_captures=engine.step.captures, capture_seconds=engine.capture_seconds,
                         running_rows=getattr(generator, "max_rows", None), running_tokens=getattr(generator, "budget", None),
                         batches=len(batches), batch_sizes=quantiles([len(b) for b in batches]),
                         oom_splits=generator.oom_splits, errors=errors[:5], error_rows=len(errors), cpu=cpu)

@@ -23,6 +23,7 @@ import torch
 
 from batch.kv_cache import COUNT, IDS, POS, SEED, SlotCache, StepInputs
 from batch.loading import first_line
+from batch.memory import is_out_of_memory
 from batch.sampling import choose
 
 CAPTURE_WARMUP = 2  # eager runs before a capture: lazy initialisation (cuBLAS workspaces, bitsandbytes' state)
@@ -48,6 +49,7 @@ class DecodeStep:
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # rows -> (graph, its output)
         self._buffer = None  # the cache buffer the graphs were captured on
         self._pool = None  # their memory
+        self.captures = 0  # steps that captured a graph (warm-ups, capture, replay): one-off time, not a step's
 
     def pick(self, logits: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """Choose each row's next token; make it the row's next input and count it; return [tokens;
@@ -98,6 +100,7 @@ class DecodeStep:
         steps: they write the keys and values the replay writes again, and the rows' state is put
         back after each, so that only the replay advances it."""
         saved = inputs.state.clone()
+        self.captures += 1
 
         def run():
             return self._run(inputs, batch)
@@ -110,6 +113,10 @@ class DecodeStep:
             if (logits - eager_logits).abs().max() > 0.01 * (eager_logits.abs().max() + 1):
                 raise RuntimeError("its replay does not give the eager step's logits")
         except Exception as e:  # noqa: BLE001 -- any failure to capture: decode eagerly, as on the CPU
+            if is_out_of_memory(e):  # ... but out of memory is the stream's to handle (split, lower the budget)
+                self.release()
+                inputs.state.copy_(saved)
+                raise
             print(f"komt-batch: CUDA graph capture failed ({type(e).__name__}: {first_line(e)}); decoding eagerly", file=sys.stderr)
             self.graphs = False
             self.release()

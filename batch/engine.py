@@ -42,9 +42,9 @@ from transformers import DynamicCache
 
 from batch.config import BatchingConfig, GenerationSettings, ModelConfig
 from batch.decode_step import DecodeStep, row_bucket
-from batch.kv_cache import SlotCache, compact_order
+from batch.kv_cache import SlotCache, compact_order, to_device
 from batch.loading import first_line, load_model
-from batch.memory import running_limits
+from batch.memory import is_out_of_memory, running_limits
 from batch.results import Completion
 from batch.results import error_completion as _error_row
 from batch.stops import StopChecker, trim_response
@@ -183,7 +183,8 @@ class Engine:
         self.fixed_shapes = cuda and cuda_graphs if fixed_shapes is None else fixed_shapes
         self.lookahead = 1 if self.fixed_shapes else 0  # decode steps launched before the host reads the previous one's tokens
         self.step = DecodeStep(self._logits, settings, sorted(set(eos)), self.device, mask_dtype, graphs=cuda and cuda_graphs and self.fixed_shapes)
-        self.seconds = {"prefill": 0.0, "decode": 0.0}  # time in the model's prefills and decode steps
+        # time in the model's prefills, decode steps, and decode steps that captured a CUDA graph
+        self.seconds = {"prefill": 0.0, "decode": 0.0, "capture": 0.0}
         self._timings: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []  # GPU timings not read yet
         self.row_steps = 0  # row x decode steps computed (for the decode-efficiency figure; padding not counted)
         self.steps = 0  # decode steps (row_steps / steps: the running batch's mean size)
@@ -195,13 +196,23 @@ class Engine:
 
     @property
     def decode_seconds(self) -> float:
-        """Seconds of decode steps: on a GPU, device time (a replayed step includes the token choice)."""
+        """Seconds of decode steps: on a GPU, device time (a replayed step includes the token choice).
+        Steps that captured a CUDA graph are apart, in capture_seconds (one-off, host-bound)."""
         return self.seconds["decode"]
 
     @property
+    def decode_steps(self) -> int:
+        """The decode steps whose time is in decode_seconds."""
+        return self.steps - self.step.captures
+
+    @property
+    def capture_seconds(self) -> float:
+        return self.seconds["capture"]
+
+    @property
     def forward_seconds(self) -> float:
-        """Time inside the model's forward calls (for the overhead figure)."""
-        return self.seconds["prefill"] + self.seconds["decode"]
+        """Time inside the model's forward calls, captures included (for the overhead figure)."""
+        return self.seconds["prefill"] + self.seconds["decode"] + self.seconds["capture"]
 
     @classmethod
     def load(cls, cfg: ModelConfig, settings: GenerationSettings, where: str = "<job>", tokenizer=None) -> Engine:
@@ -295,8 +306,11 @@ class Engine:
         n = len(running)
         self.steps += 1
         self.row_steps += n
-        with self._timed("decode"):
+        captures = self.step.captures
+        with self._timed("decode") as timing:
             values = self.step(batch, row_bucket(n, batch.slots) if self.fixed_shapes else n, whole=self.fixed_shapes)
+            if self.step.captures != captures:
+                timing[0] = "capture"
         batch.advance()
         return self._report(list(running), values)
 
@@ -334,7 +348,7 @@ class Engine:
         chosen = []
         for a, b in prefill_groups(lengths):
             ids, group_mask = left_pad([r.ids for r in joining[a:b]], self.pad_id)
-            ids, group_mask = ids.to(self.device), group_mask.to(self.device)
+            ids, group_mask = to_device(ids, self.device), to_device(group_mask, self.device)
             self.padded_prompt_tokens += ids.numel()
             group = DynamicCache(config=self.model.config)
             with self._timed("prefill"):
@@ -370,16 +384,17 @@ class Engine:
     def _timed(self, kind: str):
         """Time the model's work: wall time on the CPU; CUDA events on a GPU (read once they have
         happened, so that timing adds no host sync)."""
+        tag = [kind]  # the block may re-tag its time (a step that captured a graph)
         if self.device.type != "cuda":
             start = time.perf_counter()
-            yield
-            self.seconds[kind] += time.perf_counter() - start
+            yield tag
+            self.seconds[tag[0]] += time.perf_counter() - start
             return
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        yield
+        yield tag
         end.record()
-        self._timings.append((kind, start, end))
+        self._timings.append((tag[0], start, end))
 
     def _read_timings(self, wait: bool = False) -> None:
         while self._timings and (wait or self._timings[0][2].query()):
@@ -453,15 +468,6 @@ class SafeGenerator:
 
 def error_completion(prompt: list[int], message: str) -> Completion:
     return _error_row(message, len(prompt))
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    if isinstance(e, torch.cuda.OutOfMemoryError):
-        return True
-    text = str(e).lower()
-    return isinstance(e, (RuntimeError, MemoryError)) and (
-        isinstance(e, MemoryError) or "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
-    )
 
 
 def _free_memory() -> None:

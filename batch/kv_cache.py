@@ -21,6 +21,12 @@ _buffers = itertools.count(1)  # names every buffer made, so that graphs capture
 IDS, POS, SEED, COUNT = range(4)  # the rows of SlotCache.state: next input id, position, seed, tokens generated
 
 
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Host data onto the device; onto a GPU through pinned memory, without waiting: a copy from pageable
+    memory would wait for the decode step launched ahead of the host, and the GPU would idle meanwhile."""
+    return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t.to(device)
+
+
 def compact_order(keep: list[int]) -> list[int]:
     """The new slot of each row that stays when others leave: rows stay where they are, except those
     beyond the new batch size, which move into the holes -- so only they are copied in the cache."""
@@ -62,7 +68,7 @@ class SlotLayer(DynamicLayer):
         self.buf_k[a:b, :, start : start + keys.shape[-2]] = keys
         self.buf_v[a:b, :, start : start + values.shape[-2]] = values
 
-    def move(self, src: list[int], dst: list[int], lo: int, cur: int) -> None:
+    def move(self, src: torch.Tensor, dst: torch.Tensor, lo: int, cur: int) -> None:
         """Copy slots src to slots dst, columns [lo, cur) only (the rest is masked out)."""
         for buf in (self.buf_k, self.buf_v):
             buf[dst, :, lo:cur] = buf[src, :, lo:cur]
@@ -163,7 +169,7 @@ class SlotCache:
         self.mask[a:b] = False
         for slot, length in zip(range(a, b), lengths):
             self.mask[slot, self.cur - length : self.cur] = True
-        self.state[[POS, SEED], a:b] = torch.tensor([lengths, seeds], dtype=torch.long).to(self.device)
+        self.state[[POS, SEED], a:b] = to_device(torch.tensor([lengths, seeds], dtype=torch.long), self.device)
         self.state[COUNT, a:b] = 0
         self.start = self.start[:a] + [self.cur - length for length in lengths]
         self.n = b
@@ -172,7 +178,7 @@ class SlotCache:
         """Keep the rows now in slots `order` (compact_order's shape: only rows beyond the new size move)."""
         moves = [(src, dst) for dst, src in enumerate(order) if src != dst]
         if moves:
-            src, dst = [s for s, _ in moves], [d for _, d in moves]
+            src, dst = to_device(torch.tensor([[s for s, _ in moves], [d for _, d in moves]], dtype=torch.long), self.device)
             for layer in self.cache.layers:
                 layer.move(src, dst, self.lo, self.cur)
             self.mask[dst] = self.mask[src]

@@ -6,7 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from batch import decode_step
-from batch.engine import Engine, Request, Requests, row_seed
+from batch.engine import BatchFailed, Engine, Request, Requests, row_seed
 from tests.test_exactness import load, prompts_40, streamed
 
 # Operators that hand a tensor's values to the host (a sync, and illegal while a CUDA stream is being
@@ -131,6 +131,10 @@ def test_replayed_steps_give_the_eager_steps_tokens(monkeypatch):
     StandInGraph.captures = 0
     assert streamed(engine, ids, 6, 700, shuffle=True, seeds=seeds) == expected
     assert engine.step.graphs and 2 <= StandInGraph.captures < 20 and sum(replays) > 10 * StandInGraph.captures
+    # a step that captured is one-off time: booked apart from the decode steps' own
+    assert engine.step.captures == StandInGraph.captures and engine.decode_steps == engine.steps - engine.step.captures
+    assert engine.capture_seconds > 0 and engine.decode_seconds > 0
+    assert engine.forward_seconds == pytest.approx(engine.prefill_seconds + engine.decode_seconds + engine.capture_seconds)
 
 
 def test_a_capture_that_fails_leaves_the_step_eager(monkeypatch, capsys):
@@ -174,3 +178,18 @@ def test_on_a_gpu_replayed_graphs_give_the_eager_fixed_shape_tokens(variant, mon
             assert streamed(graphs, ids, max_rows, budget, shuffle=True, seeds=seeds) == expected
         assert graphs.step.graphs and graphs.decode_seconds > 0
     assert len(captures) >= 4 and "capture failed" not in capsys.readouterr().err
+
+
+def test_out_of_memory_in_a_capture_is_the_streams_to_handle_not_a_reason_to_stop_capturing(monkeypatch, capsys):
+    engine = load("float32", fixed_shapes=True)
+    ids = engine.tokenize(prompts_40()[:12])
+    engine.step.graphs = True
+
+    def capture(run, pool):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    stand_in_cuda(monkeypatch, capture)
+    with pytest.raises(BatchFailed) as failed:  # with its rows: SafeGenerator splits them and lowers the budget
+        streamed(engine, ids, 5, 10**9)
+    assert isinstance(failed.value.cause, torch.cuda.OutOfMemoryError) and failed.value.unfinished
+    assert engine.step.graphs and "capture failed" not in capsys.readouterr().err
