@@ -116,14 +116,12 @@ class DecodeStep:
                                    f"{allowed:.4g} allowed; the tokens of {(logits.argmax(-1) == eager_logits.argmax(-1)).float().mean().item():.0%} "
                                    "of the rows agree")
         except Exception as e:  # noqa: BLE001 -- any failure to capture: decode eagerly, as on the CPU
+            self.release()
+            inputs.state.copy_(saved)
             if is_out_of_memory(e):  # ... but out of memory is the stream's to handle (split, lower the budget)
-                self.release()
-                inputs.state.copy_(saved)
                 raise
             print(f"komt-batch: CUDA graph capture failed ({type(e).__name__}: {first_line(e)}); decoding eagerly", file=sys.stderr)
             self.graphs = False
-            self.release()
-            inputs.state.copy_(saved)
             return run()[0]
         self._pool = graph.pool()  # the next captures share it: graphs of one stream never run at once
         self._graphs[rows] = (graph, out)

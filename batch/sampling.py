@@ -62,12 +62,16 @@ def warp(scores: torch.Tensor, temperature: float, top_k: int, top_p: float) -> 
         kth = torch.topk(scores, min(top_k, scores.shape[-1])).values[..., -1:]
         scores = scores.masked_fill(scores < kth, -float("inf"))
     if top_p < 1.0:
-        # a stable sort, so that equal logits are ordered the same whatever rows share the step
-        ordered, order = torch.sort(scores, descending=False, stable=True)
-        drop = ordered.softmax(-1).cumsum(-1) <= 1 - top_p
-        drop[..., -1:].fill_(False)  # (fill_: an assignment would make a tensor of the scalar on the host)
-        scores = scores.masked_fill(drop.scatter(-1, order, drop), -float("inf"))
+        scores = _top_p(scores, top_p)
     return scores
+
+
+def _top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    # a stable sort, so that equal logits are ordered the same whatever rows share the step
+    ordered, order = torch.sort(scores, descending=False, stable=True)
+    drop = ordered.softmax(-1).cumsum(-1) <= 1 - top_p
+    drop[..., -1:].fill_(False)  # (fill_: an assignment would make a tensor of the scalar on the host)
+    return scores.masked_fill(drop.scatter(-1, order, drop), -float("inf"))
 
 
 def choose(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, settings) -> torch.Tensor:
@@ -100,9 +104,6 @@ def _choose_among_top_k(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.
     values = values.gather(-1, by_id)
     values = values.masked_fill(values < kth, -float("inf"))
     if settings.top_p < 1.0:
-        ordered, order = torch.sort(values, descending=False, stable=True)
-        drop = ordered.softmax(-1).cumsum(-1) <= 1 - settings.top_p
-        drop[..., -1:].fill_(False)
-        values = values.masked_fill(drop.scatter(-1, order, drop), -float("inf"))
+        values = _top_p(values, settings.top_p)
     gumbel = -torch.log(-torch.log(uniforms_at(seeds, steps, ids)))
     return ids.gather(-1, (values.double() + gumbel).argmax(-1, keepdim=True)).squeeze(-1)
