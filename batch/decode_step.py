@@ -10,8 +10,8 @@ Reading the whole buffer (SlotCache.step with `whole`), everything the step touc
 addresses fixed for the life of the cache's buffers, and nothing in it looks at a tensor's values on
 the host. On a GPU it is therefore captured once per (buffer, row bucket) as a torch.cuda.CUDAGraph
 and replayed at every later step of that shape: one launch instead of the forward's thousands of
-kernels and its Python. A capture that fails, or whose replay does not give the eager step's logits,
-leaves the step eager (one line on stderr). On the CPU the same function runs eagerly.
+kernels and its Python. A capture that fails, or whose replay does not give the eager step's logits
+(within the rounding of other kernels: replay_difference), leaves the step eager (one line on stderr). On the CPU the same function runs eagerly.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from batch.memory import is_out_of_memory
 from batch.sampling import choose
 
 CAPTURE_WARMUP = 2  # eager runs before a capture: lazy initialisation (cuBLAS workspaces, bitsandbytes' state)
+REPLAY_TOLERANCE = 0.25  # a replayed row's logits may be this far from the eager step's (relative L2): see replay_difference
 
 
 def row_bucket(n: int, slots: int) -> int:
@@ -50,6 +51,8 @@ class DecodeStep:
         self._buffer = None  # the cache buffer the graphs were captured on
         self._pool = None  # their memory
         self.captures = 0  # steps that captured a graph (warm-ups, capture, replay): one-off time, not a step's
+        self._stream = None  # the side stream of warm-ups and captures
+        self._told = False  # the first capture's check is logged
 
     def pick(self, logits: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """Choose each row's next token; make it the row's next input and count it; return [tokens;
@@ -83,13 +86,15 @@ class DecodeStep:
         self._buffer = self._pool = None
 
     def _run(self, inputs: StepInputs, batch: SlotCache) -> tuple[torch.Tensor, torch.Tensor]:
-        # Every computed row sees the step's own column: a running row's new token, and for a padding
-        # row one finite key, so that no row's attention is empty (NaN would reach the cache).
-        inputs.mask.index_fill_(1, inputs.column, True)
-        mask = inputs.mask[:, None, None, :]
+        state = inputs.state
+        # Each row writes the column of its position and attends to columns [0, position]. (Padding rows'
+        # positions grow unchecked and a row that finished may be computed one step ahead: within the
+        # columns read, their writes land in their own slots. Every row sees at least one finite key,
+        # so no attention is empty: NaN would reach the cache.)
+        torch.clamp(state[POS], max=inputs.columns - 1, out=inputs.at)
+        mask = (torch.arange(inputs.columns, device=inputs.at.device) <= inputs.at[:, None])[:, None, None, :]
         if self.mask_dtype is not None:
             mask = torch.zeros(mask.shape, dtype=self.mask_dtype, device=mask.device).masked_fill_(~mask, torch.finfo(self.mask_dtype).min)
-        state = inputs.state
         logits = self.forward(state[IDS][:, None], mask, state[POS][:, None], batch.cache)
         out = self.pick(logits, state)
         state[POS].add_(1)
@@ -101,20 +106,23 @@ class DecodeStep:
         back after each, so that only the replay advances it."""
         saved = inputs.state.clone()
         self.captures += 1
+        self._stream = self._stream or _side_stream()  # warm-ups and captures on one stream: the same kernels
 
         def run():
             return self._run(inputs, batch)
 
-        eager_logits = _warm_up(run, restore=lambda: inputs.state.copy_(saved))
+        eager_logits = _warm_up(run, lambda: inputs.state.copy_(saved), self._stream)
         try:
-            graph, (out, logits) = _capture_graph(run, self._pool)
+            graph, (out, logits) = _capture_graph(run, self._pool, self._stream)
             graph.replay()
-            # kernels may round differently (bf16); a broken capture gives other numbers altogether
-            diff, allowed = (logits - eager_logits).abs().max().item(), 0.01 * (eager_logits.abs().max().item() + 1)
-            if diff > allowed:
-                raise RuntimeError(f"its replay does not give the eager step's logits: they differ by up to {diff:.4g}, "
-                                   f"{allowed:.4g} allowed; the tokens of {(logits.argmax(-1) == eager_logits.argmax(-1)).float().mean().item():.0%} "
-                                   "of the rows agree")
+            distance, agree = replay_difference(logits[: batch.n], eager_logits[: batch.n])
+            compared = (f"its logits differ from the eager step's by up to {distance:.2%} of a row's (L2; {REPLAY_TOLERANCE:.0%} "
+                        f"allowed) and the greedy tokens of {agree:.0%} of its {batch.n} rows agree")
+            if not distance <= REPLAY_TOLERANCE:
+                raise RuntimeError(f"its replay does not give the eager step: {compared}")
+            if not self._told:  # once: what the check saw, for the log
+                print(f"komt-batch: CUDA graphs: the decode step of {rows} rows captured; {compared}", file=sys.stderr)
+                self._told = True
         except Exception as e:  # noqa: BLE001 -- any failure to capture: decode eagerly, as on the CPU
             self.release()
             inputs.state.copy_(saved)
@@ -128,23 +136,39 @@ class DecodeStep:
         return out
 
 
-def _warm_up(run: Callable, restore: Callable) -> torch.Tensor:
-    """Run the step CAPTURE_WARMUP times eagerly on a side stream (as capturing wants), restoring the
-    rows' state after each; return the last run's logits."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+def replay_difference(replayed: torch.Tensor, eager: torch.Tensor) -> tuple[float, float]:
+    """How far a replayed step's logits [rows, vocab] are from the eager step's: the largest relative
+    L2 distance of a row (inf if any is not finite), and the share of rows whose greedy token agrees.
+    Kernels that round otherwise move a row's logits by percents in bf16 (on the 7B-shaped random
+    Llama, one bf16 unit on 10% of every attention and MLP output moves them by 5%); a broken capture
+    gives other numbers altogether (zeros or another row's logits: 100% and more)."""
+    if not len(eager):
+        return 0.0, 1.0
+    distance = (replayed - eager).norm(dim=-1) / eager.norm(dim=-1).clamp(min=torch.finfo(eager.dtype).tiny)
+    distance = torch.nan_to_num(distance, nan=torch.inf).max().item()
+    return distance, (replayed.argmax(-1) == eager.argmax(-1)).float().mean().item()
+
+
+def _side_stream():
+    return torch.cuda.Stream()
+
+
+def _warm_up(run: Callable, restore: Callable, stream) -> torch.Tensor:
+    """Run the step CAPTURE_WARMUP times eagerly on `stream` (a side stream, as capturing wants),
+    restoring the rows' state after each; return the last run's logits."""
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
         for _ in range(CAPTURE_WARMUP):
             _, logits = run()
             restore()
-    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.current_stream().wait_stream(stream)
     return logits
 
 
-def _capture_graph(run: Callable, pool) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]:
-    """Capture `run` into a new CUDA graph (its memory from `pool`, a new one if None); capturing
-    executes nothing: the rows' state is left as it was."""
+def _capture_graph(run: Callable, pool, stream) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]:
+    """Capture `run` into a new CUDA graph on `stream` (its memory from `pool`, a new one if None);
+    capturing executes nothing: the rows' state is left as it was."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+    with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
         outputs = run()
     return graph, outputs

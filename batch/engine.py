@@ -77,6 +77,8 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
+REMAKE_GAIN = 4  # with rows running, the cache's buffers are remade for a quarter more places at least:
+# a remake copies the running rows' cache and, on a GPU, drops the decode step's captured graphs
 REFILL_FRACTION = 8  # new rows join when 1/8 of the batch's places are free: one prefill per finished
 # row would cost a forward pass each (on a GPU, as much as a decode step of the whole batch)
 
@@ -316,27 +318,32 @@ class Engine:
 
     def _joining(self, requests: Requests, batch: SlotCache, max_rows: int, budget: int) -> list[Request]:
         """The next rows to join the batch: when enough places are free to be worth a prefill, as many
-        as fit. The places: max_rows, or fewer where the token budget binds at the batch's width.
-        While rows are running, the cache's buffer is remade only for an eighth more places; rows that
-        would need wider buffers wait for the running rows to leave."""
+        as fit. A row needs its prompt + max_new_tokens columns; the places: max_rows, or fewer where
+        the token budget binds at the widest need (rows x columns <= budget). While rows are running,
+        the cache's buffer is remade only for a quarter more places, or for a row that needs more
+        columns than it has (if the budget holds the running rows at that width)."""
         room = self.settings.max_new_tokens
-        n, width = batch.n, batch.width
-        places = min(max_rows, budget // (width + room))
+        n, need = batch.n, max(batch.need, default=0)
+        if (r := requests.peek()) is None:
+            return []
+        wider = max(need, len(r.ids) + room)
+        places = min(max_rows, budget // wider)
+        remake = not n  # (with no rows running, reserve remakes the buffer if it is too small or too narrow)
         if n:
-            if places < batch.slots + max(1, batch.slots // REFILL_FRACTION):
+            remake = wider > batch.columns or places >= batch.slots + max(1, batch.slots // REMAKE_GAIN)
+            if not remake:
                 places = min(places, batch.slots)
             if places - n < max(1, places // REFILL_FRACTION):
                 return []
-        columns = batch.columns if n and places <= batch.slots else None  # None: a new buffer anyway
         out: list[Request] = []
         while n + len(out) < max(places, 1) and (r := requests.peek()) is not None:
-            wider = max(width, len(r.ids))
-            if (n or out) and (n + len(out) + 1) * (wider + room) > budget:
+            wider = max(need, len(r.ids) + room)
+            if (n or out) and (n + len(out) + 1) * wider > budget:
                 break
-            if columns is not None and wider + room > columns:
+            if not remake and wider > batch.columns:
                 break
             out.append(requests.take())
-            width = wider
+            need = wider
         return out
 
     def _join(self, batch: SlotCache, joining: list[Request], max_rows: int, budget: int) -> Report:
@@ -344,7 +351,7 @@ class Engine:
         padding is computed, into the batch's cache, and choose their first tokens."""
         joining.sort(key=lambda r: -len(r.ids))
         lengths = [len(r.ids) for r in joining]
-        n, width, room = batch.n, max(batch.width, lengths[0]), self.settings.max_new_tokens
+        n, room = batch.n, self.settings.max_new_tokens
         chosen = []
         for a, b in prefill_groups(lengths):
             ids, group_mask = left_pad([r.ids for r in joining[a:b]], self.pad_id)
@@ -354,8 +361,10 @@ class Engine:
             with self._timed("prefill"):
                 logits = self._logits(ids, group_mask, (group_mask.cumsum(-1) - 1).clamp(min=0), group)
             if a == 0:
-                batch.reserve(n + len(joining), width, room, [g.keys for g in group.layers], budget, max_rows)
-            batch.add(n + a, lengths[a:b], [(g.keys, g.values) for g in group.layers], [r.seed for r in joining[a:b]])
+                need = max(max(batch.need, default=0), lengths[0] + room)
+                batch.reserve(n + len(joining), need, [g.keys for g in group.layers], budget, max_rows)
+            batch.add(n + a, lengths[a:b], [length + room for length in lengths[a:b]],
+                      [(g.keys, g.values) for g in group.layers], [r.seed for r in joining[a:b]])
             chosen.append(self.step.pick(logits, batch.state[:, n + a : n + b]))
         return self._report([Running(r) for r in joining], torch.cat(chosen, dim=1))
 

@@ -28,7 +28,6 @@ def size(n: int) -> str:
     return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
 
 KEEP_FOR_KV = 0.5  # auto dequantizes when the KV cache keeps at least this share of the free memory
-KV_COPIES = 2  # the engine remakes the running batch's buffer while the old one is alive (SlotCache.reserve)
 PREFILL_TOKENS = 8192  # = engine.PREFILL_GROUP_TOKENS: the most positions one prefill forward computes
 LOGIT_COPIES = 3  # per row: float32 logits, warped scores and probabilities (sampling)
 MAX_ROWS = 512  # past a few hundred rows a 7B decode step is bound by arithmetic, not by reading the
@@ -85,6 +84,11 @@ class ModelShape:
         return (8 * self.hidden + 3 * self.intermediate) * self.dtype_bytes
 
 
+def kv_bytes_remade(shape: ModelShape) -> float:
+    """Bytes per token of KV-cache budget: every layer's, and one layer's more for a remake."""
+    return shape.kv_bytes_per_token * (shape.layers + 1) / shape.layers
+
+
 def size_running_batch(free: int, shape: ModelShape, max_new_tokens: int, headroom: float,
                        rows: int | None = None, tokens: int | None = None) -> tuple[int, int]:
     """Rows generating at once and their KV-cache budget in tokens (rows x (columns + max_new_tokens),
@@ -92,7 +96,8 @@ def size_running_batch(free: int, shape: ModelShape, max_new_tokens: int, headro
 
     Of free x (1 - headroom): the scratch of one prefill (its own KV cache, copied into the running
     batch's, and its activations), the per-row logits and activations of MAX_ROWS rows, and the rest
-    for the KV cache, counted KV_COPIES times. Rows: as many as the budget could ever hold (a row
+    for the KV cache, with one layer's more: the engine remakes the running batch's buffers layer by
+    layer, the old layer freed once copied (SlotCache.reserve). Rows: as many as the budget could ever hold (a row
     takes at least 1 + max_new_tokens tokens), at most MAX_ROWS; the engine fits the rows that join
     to the budget at their real widths. `rows` and `tokens` (batching.running_rows/running_tokens)
     replace what would be sized."""
@@ -101,7 +106,7 @@ def size_running_batch(free: int, shape: ModelShape, max_new_tokens: int, headro
     per_row = LOGIT_COPIES * 4 * shape.vocab + shape.activation_bytes_per_token
     if tokens is None:
         kv = usable - prefill - (rows or MAX_ROWS) * per_row
-        tokens = max(kv // (KV_COPIES * shape.kv_bytes_per_token), 1 + max_new_tokens)
+        tokens = max(int(kv // kv_bytes_remade(shape)), 1 + max_new_tokens)
     if rows is None:
         rows = max(1, min(MAX_ROWS, tokens // (1 + max_new_tokens)))
     return rows, tokens
@@ -126,11 +131,11 @@ def running_limits(batching, model, max_new_tokens: int) -> tuple[int, int, str]
     free, where = free_memory(device)
     rows, tokens = size_running_batch(free, shape, max_new_tokens, batching.memory_headroom,
                                       batching.running_rows, batching.running_tokens)
-    kv = KV_COPIES * tokens * shape.kv_bytes_per_token
+    kv = tokens * kv_bytes_remade(shape)
     how = ", ".join(f"batching.{k} set" for k in ("running_rows", "running_tokens") if getattr(batching, k) is not None) or "sized"
     return rows, tokens, (
         f"komt-batch: running batch: up to {rows} rows within {tokens} tokens of KV cache "
-        f"({kv / GiB:.1f} GiB with its copy while it grows; {free / GiB:.1f} GiB free on {where}, "
+        f"({kv / GiB:.1f} GiB with one layer's copy while it is remade; {free / GiB:.1f} GiB free on {where}, "
         f"headroom {batching.memory_headroom:.0%}; {how})"
     )
 

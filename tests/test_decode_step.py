@@ -1,11 +1,14 @@
 """The fixed-shape decode step (batch/decode_step.py) on the CPU: what a CUDA graph needs of it, and
 its capture / replay / fallback logic with a stand-in for torch.cuda's graphs."""
 
+import re
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from batch import decode_step
+from batch.decode_step import REPLAY_TOLERANCE, replay_difference
 from batch.engine import BatchFailed, Engine, Request, Requests, row_seed
 from tests.test_exactness import load, prompts_40, streamed
 
@@ -52,7 +55,7 @@ def test_a_fixed_shape_step_reads_nothing_on_the_host(variant, monkeypatch):
     list(engine.stream(Requests(Request(i, p, row_seed(0, str(i))) for i, p in enumerate(ids)), 5, 10**6))
     assert len(ops) > 5
     seen = set().union(*ops)
-    assert "aten::index_copy_" in seen and "aten::argmax" in seen  # the cache write and the choice are in it
+    assert "aten::scatter_" in seen and "aten::argmax" in seen  # the cache write and the choice are in it
     assert not seen & HOST_READS, seen & HOST_READS
 
 
@@ -95,12 +98,13 @@ class StandInGraph:
 
 def stand_in_cuda(monkeypatch, capture):
     """Let a CPU engine take the graph path: warm-ups without streams, captures by StandInGraph."""
-    def warm_up(run, restore):
+    def warm_up(run, restore, stream):
         for _ in range(decode_step.CAPTURE_WARMUP):
             _, logits = run()
             restore()
         return logits
 
+    monkeypatch.setattr(decode_step, "_side_stream", lambda: "stream")
     monkeypatch.setattr(decode_step, "_warm_up", warm_up)
     monkeypatch.setattr(decode_step, "_capture_graph", capture)
 
@@ -109,12 +113,12 @@ def test_replayed_steps_give_the_eager_steps_tokens(monkeypatch):
     card = load("float32+lora", **CARD)
     ids = card.tokenize(prompts_40())
     seeds = [row_seed(0, str(i)) for i in range(len(ids))]
-    expected = streamed(card, ids, 6, 700, shuffle=True, seeds=seeds)  # window moves, buffer remade
+    expected = streamed(card, ids, 6, 700, shuffle=True, seeds=seeds)  # buffer remade with rows running
     engine = Engine(card.model, card.tokenizer, card.settings, fixed_shapes=True)
     engine.step.graphs = True  # (on a GPU: Engine(cuda_graphs=True))
     states = {}
 
-    def capture(run, pool):
+    def capture(run, pool, stream):
         graph = StandInGraph(run, states["state"])
         return graph, graph.outputs
 
@@ -143,7 +147,7 @@ def test_a_capture_that_fails_leaves_the_step_eager(monkeypatch, capsys):
     expected = streamed(engine, ids, 5, 10**9)
     engine.step.graphs = True
 
-    def capture(run, pool):
+    def capture(run, pool, stream):
         run()  # as if the capture got half-way, then failed
         raise RuntimeError("operation not permitted when stream is capturing\nmore")
 
@@ -152,6 +156,62 @@ def test_a_capture_that_fails_leaves_the_step_eager(monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["komt-batch: CUDA graph capture failed (RuntimeError: operation not permitted when stream is capturing); decoding eagerly"]
     assert not engine.step.graphs
+
+
+def test_replay_difference_tells_rounding_from_a_broken_capture():
+    eager = torch.randn(6, 1000, generator=torch.Generator().manual_seed(0))
+    rounded = eager.bfloat16().float()  # every logit rounded to bf16: about 0.2% of a row
+    distance, agree = replay_difference(rounded, eager)
+    assert 0 < distance < 0.01 and agree == 1.0
+    for broken in (torch.randn(6, 1000), torch.zeros(6, 1000), eager.roll(1, dims=0)):  # garbage, nothing, another row's
+        assert replay_difference(broken, eager)[0] > 0.9 > REPLAY_TOLERANCE
+    nan = rounded.clone()
+    nan[2, 5] = float("nan")
+    assert replay_difference(nan, eager)[0] == float("inf")
+    assert replay_difference(eager[:0], eager[:0]) == (0.0, 1.0)  # no running rows: nothing to compare
+
+
+@pytest.mark.parametrize("noise, padding_garbage, kept", [(0.05, False, True), (0.0, True, True), (0.3, False, False)])
+def test_a_capture_is_kept_when_its_replay_differs_by_rounding_only(noise, padding_garbage, kept, monkeypatch, capsys):
+    """The running rows' logits are compared (padding rows' are never used); a difference of rounding
+    keeps the graph and is logged once, a larger one refuses it."""
+    engine = load("float32", fixed_shapes=True)
+    places, prompts = (8, 5) if padding_garbage else (6, 16)  # (5 rows in 8 places: 3 padding rows at the first capture)
+    ids = engine.tokenize(prompts_40()[:prompts])
+    expected = streamed(engine, ids, places, 10**9, shuffle=True)
+    engine.step.graphs = True
+    seen, captured = {}, []
+    call = decode_step.DecodeStep.__call__
+    monkeypatch.setattr(decode_step.DecodeStep, "__call__", lambda self, batch, rows, whole: (seen.update(state=batch.state[:, :rows], n=batch.n), call(self, batch, rows, whole))[1])
+
+    class Rounding(StandInGraph):
+        def replay(self):
+            super().replay()
+            logits, n = self.outputs[1], seen["n"]
+            logits[:n] *= 1 + noise * torch.tensor([1.0, -1.0]).repeat(logits.shape[1] // 2)  # every row moved by `noise` (L2)
+            if padding_garbage:
+                logits[n:] = 1e9
+
+    def capture(run, pool, stream):
+        captured.append((seen["state"].shape[1], seen["n"]))
+        graph = Rounding(run, seen["state"])
+        return graph, graph.outputs
+
+    stand_in_cuda(monkeypatch, capture)
+    assert streamed(engine, ids, places, 10**9, shuffle=True) == expected
+    err = capsys.readouterr().err.strip().splitlines()
+    assert engine.step.graphs is kept
+    if kept:
+        rows, n = captured[0]
+        assert len(err) == 1 and re.fullmatch(
+            rf"komt-batch: CUDA graphs: the decode step of {rows} rows captured; its logits differ from the eager step's by up to "
+            rf"{noise:.2%} of a row's \(L2; 25% allowed\) and the greedy tokens of \d+% of its {n} rows agree", err[0]), err
+        assert len(captured) > 1 and (not padding_garbage or rows > n)
+    else:
+        assert len(captured) == 1 and len(err) == 1 and re.fullmatch(
+            r"komt-batch: CUDA graph capture failed \(RuntimeError: its replay does not give the eager step: its logits differ from the "
+            rf"eager step's by up to 30.00% of a row's \(L2; 25% allowed\) and the greedy tokens of \d+% of its {captured[0][1]} rows "
+            r"agree\); decoding eagerly", err[0]), err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -166,7 +226,7 @@ def test_on_a_gpu_replayed_graphs_give_the_eager_fixed_shape_tokens(variant, mon
     model, tokenizer = load_model(model_config(variant, device_map="cuda:0"))
     captures = []
     capture = decode_step._capture_graph
-    monkeypatch.setattr(decode_step, "_capture_graph", lambda run, pool: (captures.append(1), capture(run, pool))[1])
+    monkeypatch.setattr(decode_step, "_capture_graph", lambda run, pool, stream: (captures.append(1), capture(run, pool, stream))[1])
     for settings in (GenerationSettings(max_new_tokens=MAX_NEW, do_sample=False), GenerationSettings(max_new_tokens=MAX_NEW, **CARD)):
         eager = Engine(model, tokenizer, settings, cuda_graphs=False, fixed_shapes=True)
         graphs = Engine(model, tokenizer, settings)
@@ -185,7 +245,7 @@ def test_out_of_memory_in_a_capture_is_the_streams_to_handle_not_a_reason_to_sto
     ids = engine.tokenize(prompts_40()[:12])
     engine.step.graphs = True
 
-    def capture(run, pool):
+    def capture(run, pool, stream):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     stand_in_cuda(monkeypatch, capture)

@@ -2,9 +2,9 @@
 
 Float32, float32 + LoRA, and NF4 + LoRA with float32 compute (4-bit weights resident, and
 dequantized once), on the CPU, with both kinds of decode step: exact shapes (the running rows over
-their window) and fixed shapes (a power-of-two bucket of rows, padding included, over the whole
+the columns they fill) and fixed shapes (a power-of-two bucket of rows, padding included, over the whole
 buffer, one step ahead of the host: the GPU's step, without the graph). Padding, masking, position
-ids, per-row stopping, rows leaving the batch and new rows joining it (the cache window moved, the
+ids, per-row stopping, rows leaving the batch and new rows joining it (rows moved between slots, the
 cache reallocated) must not change a single token, nor where a row stops. Sampled rows draw the same
 tokens alone, in a batch and in a shuffled stream.
 """
@@ -103,7 +103,7 @@ def with_steps(engine: Engine, fixed_shapes: bool) -> Engine:
 
 def streamed(engine: Engine, ids: list[list[int]], max_rows: int, budget: int, shuffle: bool = False, seeds=None):
     """The way `run` generates: one stream, longest first; finished rows' places are refilled.
-    Shuffled, longer prompts join later, so the window must move right and the buffer grow."""
+    Shuffled, longer prompts join later, so the buffer must be remade wider with rows running."""
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     if shuffle:
         random.Random(5).shuffle(order)
@@ -120,12 +120,13 @@ def test_batched_equals_single_prompt_generate(variant, monkeypatch):
     ids = engine.tokenize(prompts_40())
     expected = [reference(engine, p) for p in ids]
 
-    moves = []  # (rows in the batch, in place?) for every move of the cache window
-    original = kv_cache.SlotCache._move_window
-    monkeypatch.setattr(kv_cache.SlotCache, "_move_window", lambda self, to, layers=None, mask=None: (moves.append((self.n, layers is None)), original(self, to, layers, mask))[1])
+    copies = []  # (rows, columns) copied into a new buffer with rows running, and (rows, None) moved between slots
+    copy_into, move = kv_cache.SlotLayer.copy_into, kv_cache.SlotLayer.move
+    monkeypatch.setattr(kv_cache.SlotLayer, "copy_into", lambda self, into, n, columns: (copies.append((n, columns)), copy_into(self, into, n, columns))[1])
+    monkeypatch.setattr(kv_cache.SlotLayer, "move", lambda self, src, dst, columns: (copies.append((len(src), None)), move(self, src, dst, columns))[1])
     shapes = []  # (rows computed, rows running, slots, columns read, columns) of every decode step
     step = decode_step.DecodeStep._run
-    monkeypatch.setattr(decode_step.DecodeStep, "_run", lambda self, inputs, batch: (shapes.append((*inputs.mask.shape[:1], batch.n, batch.slots, *inputs.mask.shape[1:], batch.columns)), step(self, inputs, batch))[1])
+    monkeypatch.setattr(decode_step.DecodeStep, "_run", lambda self, inputs, batch: (shapes.append((inputs.state.shape[1], batch.n, batch.slots, inputs.columns, batch.columns)), step(self, inputs, batch))[1])
     longest = max(map(len, ids))
     streams = [(8, 10**9, False), (5, 4 * (longest + MAX_NEW), False), (6, 10**9, True), (6, 700, True)]
     for fixed in (False, True):
@@ -134,7 +135,7 @@ def test_batched_equals_single_prompt_generate(variant, monkeypatch):
         mismatches = [(i, e, g) for i, (e, g) in enumerate(zip(expected, got)) if e != g]
         assert not mismatches, (fixed, mismatches[:3])
         # (to save time, the fixed-shape steps of 4-bit weights and the dequantized ones, which are a
-        # plain Linear like float32's, take only the stream that moves the window and remakes the buffer)
+        # plain Linear like float32's, take only the stream that remakes the buffer with rows running)
         few = (fixed and variant == "nf4+lora") or variant in ("dequantized+lora", "merged+lora")
         for max_rows, budget, shuffle in streams[-1:] if few else streams:
             got = streamed(engine, ids, max_rows, budget, shuffle)
@@ -143,13 +144,13 @@ def test_batched_equals_single_prompt_generate(variant, monkeypatch):
         if fixed:  # rows padded to a power of two (e.g. a bucket of 8 with 5 running), the whole buffer read
             assert all(rows >= n and (rows & (rows - 1) == 0 or rows == slots) and read == columns for rows, n, slots, read, columns in shapes)
             assert (8, 5) in {(rows, n) for rows, n, *_ in shapes}
-        else:  # the running rows over their window
+        else:  # the running rows over their columns
             assert all(rows == n and read <= columns for rows, n, slots, read, columns in shapes)
             assert any(read < columns for *_, read, columns in shapes)
         shapes.clear()
-    assert any(n and in_place for n, in_place in moves)  # the window moved with rows running
+    assert any(columns is None for _, columns in copies)  # rows moved into the places of finished ones
     if variant == "float32":  # budget 700, shuffled: with this model's answer lengths,
-        assert any(n and not in_place for n, in_place in moves)  # a new buffer was made with rows running
+        assert any(n and columns for n, columns in copies)  # a new buffer was made with rows running
     reasons = {r for _, r, _ in expected}
     assert "stop" in reasons or "eos" in reasons  # rows really stop at different points
     assert "length" in reasons or variant in ("nf4+lora", "dequantized+lora", "merged+lora")

@@ -9,7 +9,7 @@ from transformers import LlamaConfig
 
 from batch import engine, memory
 from batch.config import BatchingConfig
-from batch.memory import KV_COPIES, MAX_ROWS, GiB, ModelShape, dequantizing_fits, running_limits, size_running_batch
+from batch.memory import MAX_ROWS, GiB, ModelShape, dequantizing_fits, kv_bytes_remade, running_limits, size_running_batch
 
 LLAMA_7B = ModelShape.of(LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                                      num_attention_heads=32, vocab_size=32000), torch.bfloat16)
@@ -36,7 +36,7 @@ def test_auto_dequantizes_when_half_the_free_memory_stays_for_the_kv_cache(free_
 @pytest.mark.parametrize("free_gib", [11, 20, 75, 125])
 def test_the_running_batch_fits_in_free_memory_less_headroom(free_gib):
     rows, tokens = size_running_batch(free_gib * GiB, LLAMA_7B, 128, headroom=0.1)
-    kv = KV_COPIES * tokens * LLAMA_7B.kv_bytes_per_token
+    kv = tokens * LLAMA_7B.kv_bytes_per_token * 33 / 32  # every layer, and one layer's copy while the buffers are remade
     prefill = memory.PREFILL_TOKENS * (LLAMA_7B.kv_bytes_per_token + LLAMA_7B.activation_bytes_per_token)
     logits = MAX_ROWS * memory.LOGIT_COPIES * 4 * 32000
     assert kv + prefill + logits <= 0.9 * free_gib * GiB  # everything within the memory left after the headroom ...
@@ -46,13 +46,13 @@ def test_the_running_batch_fits_in_free_memory_less_headroom(free_gib):
 
 def test_an_h100_and_an_h200_hold_hundreds_of_rows():
     # 7B dequantized to bf16: about 66 of 80 GiB free on an H100, 125 of 141 on an H200
-    assert size_running_batch(66 * GiB, LLAMA_7B, 128, 0.1) == (429, 55449)  # 248-token rows: 223 at once
-    assert size_running_batch(125 * GiB, LLAMA_7B, 128, 0.1) == (512, 109824)  # 442 rows of 248 tokens
-    assert size_running_batch(20 * GiB, LLAMA_7B, 512, 0.1) == (25, 13056)  # a 24 GB card, long answers
+    assert size_running_batch(66 * GiB, LLAMA_7B, 128, 0.1) == (512, 107539)  # 248-token rows: 433 at once
+    assert size_running_batch(125 * GiB, LLAMA_7B, 128, 0.1) == (512, 212992)  # 858 rows of 248 tokens
+    assert size_running_batch(20 * GiB, LLAMA_7B, 512, 0.1) == (49, 25321)  # a 24 GB card, long answers
 
 
 def test_explicit_rows_and_tokens_win():
-    assert size_running_batch(125 * GiB, LLAMA_7B, 128, 0.1, rows=64) == (64, 110044)  # fewer rows' logits reserved
+    assert size_running_batch(125 * GiB, LLAMA_7B, 128, 0.1, rows=64) == (64, 213419)  # fewer rows' logits reserved
     assert size_running_batch(125 * GiB, LLAMA_7B, 128, 0.1, tokens=20000) == (155, 20000)
     assert size_running_batch(125 * GiB, LLAMA_7B, 128, 0.1, rows=7, tokens=100) == (7, 100)
     # too little memory: one row of max_new_tokens still gets its place (out-of-memory handling does the rest)
@@ -79,8 +79,8 @@ def test_on_a_gpu_the_running_batch_is_sized_from_its_free_memory(monkeypatch):
     )
     monkeypatch.setattr(memory, "free_memory", lambda device: (125 * GiB, "cuda:0 (NVIDIA H200)"))
     rows, tokens, line = running_limits(BatchingConfig(), model, 128)
-    assert (rows, tokens) == (512, 109824)
-    assert line == ("komt-batch: running batch: up to 512 rows within 109824 tokens of KV cache (107.2 GiB with its copy "
-                    "while it grows; 125.0 GiB free on cuda:0 (NVIDIA H200), headroom 10%; sized)")
+    assert (rows, tokens) == (512, 212992)
+    assert line == ("komt-batch: running batch: up to 512 rows within 212992 tokens of KV cache (107.2 GiB with one layer's copy "
+                    "while it is remade; 125.0 GiB free on cuda:0 (NVIDIA H200), headroom 10%; sized)")
     rows, tokens, line = running_limits(BatchingConfig(running_rows=64, memory_headroom=0.2), model, 128)
-    assert rows == 64 and tokens < 109824 and line.endswith("headroom 20%; batching.running_rows set)")
+    assert rows == 64 and tokens < 212992 and line.endswith("headroom 20%; batching.running_rows set)")
