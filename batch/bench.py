@@ -910,6 +910,7 @@ def run_engine(mode: str, model, tokenizer, prompts: list[str], cfg: BenchConfig
                         rows_in_flight=engine.row_steps / engine.steps if engine.steps else None,
                         decode_seconds=decode_seconds, prefill_seconds=prefill_seconds, decode_steps=decode_steps,
                         peak=peak_memory(device), sampled=sample, graph_captures=engine.step.captures, capture_seconds=engine.capture_seconds,
+                        prefill_forwards=engine.prefills,
                         running_rows=getattr(generator, "max_rows", None), running_tokens=getattr(generator, "budget", None),
                         batches=len(batches), batch_sizes=quantiles([len(b) for b in batches]),
                         oom_splits=generator.oom_splits, errors=errors[:5], error_rows=len(errors), cpu=cpu)

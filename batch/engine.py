@@ -10,15 +10,15 @@
   and a finished row leaves the batch at once (its rows of the KV cache are dropped), so one long
   answer does not keep the others computing;
 - the places of finished rows are refilled from the stream (continuous batching): new rows are
-  prefilled and join the running batch, their prompts right-aligned to the current cache column
-  (SlotCache), so the batch stays full until the stream runs dry;
+  prefilled and join the running batch, each in a free slot of the KV cache, left-aligned (SlotCache:
+  a row writes the column of its own position), so the batch stays full until the stream runs dry;
 - a decode step (batch.decode_step) runs the forward, chooses every row's next token (greedy or
   sampled: batch.sampling) and flags EOS / length on the device, and the host reads its tokens once.
   On a GPU with model.cuda_graphs (the default) the step runs at fixed shapes -- a power-of-two
   bucket of rows over the whole cache buffer -- is replayed as a CUDA graph, and runs one step ahead
   of the host: step n+1 is launched before the host reads step n's tokens (a row that finished at
   step n computed one token for nothing). On the CPU (and a GPU without graphs) the step computes
-  exactly the running rows over their window, and its tokens are read before the next step;
+  exactly the running rows over the columns they fill, and its tokens are read before the next step;
 - sampling is counter-based (sampling.choose): a row's k-th token depends only on its logits, its
   seed (generation.seed and the row's id) and k, so a row samples the same tokens whichever rows
   share its step, in a resumed run, and after an out-of-memory split.
@@ -156,7 +156,7 @@ def row_seed(seed: int, row_id: str) -> int:
 class Engine:
     """`fixed_shapes` makes decode steps compute a power-of-two bucket of rows over the whole KV-cache
     buffer and run one step ahead of the host; on a GPU with `cuda_graphs` (the default there) they
-    are replayed as CUDA graphs. Otherwise a step computes exactly the running rows over their window,
+    are replayed as CUDA graphs. Otherwise a step computes exactly the running rows over their columns,
     and the host reads its tokens before the next step (the CPU's way, and a GPU's without graphs)."""
 
     def __init__(self, model, tokenizer, settings: GenerationSettings, cuda_graphs: bool = True, fixed_shapes: bool | None = None):
@@ -191,6 +191,7 @@ class Engine:
         self.row_steps = 0  # row x decode steps computed (for the decode-efficiency figure; padding not counted)
         self.steps = 0  # decode steps (row_steps / steps: the running batch's mean size)
         self.padded_prompt_tokens = 0  # prompt positions computed, padding included (prefill efficiency)
+        self.prefills = 0  # prefill forwards (padded_prompt_tokens / prefills: the positions of one)
 
     @property
     def prefill_seconds(self) -> float:
@@ -246,7 +247,7 @@ class Engine:
     @torch.inference_mode()
     def stream(self, requests: Requests, max_rows: int, budget: int) -> Iterator[tuple[object, Completion]]:
         """Generate for a stream of rows (best sorted longest first), at most `max_rows` at a time and
-        within `budget` cache tokens (rows x (columns + max_new_tokens)); yield (key, Completion) as
+        within `budget` cache tokens (rows x (longest prompt + max_new_tokens)); yield (key, Completion) as
         each row finishes. A finished row leaves the batch at once, and new rows join when an eighth
         of the places are free, so the batch stays full. Raises BatchFailed with the unfinished rows."""
         batch = SlotCache(self.model.config, self.device)
@@ -357,6 +358,7 @@ class Engine:
             ids, group_mask = left_pad([r.ids for r in joining[a:b]], self.pad_id)
             ids, group_mask = to_device(ids, self.device), to_device(group_mask, self.device)
             self.padded_prompt_tokens += ids.numel()
+            self.prefills += 1
             group = DynamicCache(config=self.model.config)
             with self._timed("prefill"):
                 logits = self._logits(ids, group_mask, (group_mask.cumsum(-1) - 1).clamp(min=0), group)

@@ -91,7 +91,7 @@ def kv_bytes_remade(shape: ModelShape) -> float:
 
 def size_running_batch(free: int, shape: ModelShape, max_new_tokens: int, headroom: float,
                        rows: int | None = None, tokens: int | None = None) -> tuple[int, int]:
-    """Rows generating at once and their KV-cache budget in tokens (rows x (columns + max_new_tokens),
+    """Rows generating at once and their KV-cache budget in tokens (rows x (longest prompt + max_new_tokens),
     as Engine.stream counts it), from `free` bytes of device memory with the weights loaded.
 
     Of free x (1 - headroom): the scratch of one prefill (its own KV cache, copied into the running

@@ -60,6 +60,8 @@ def test_report_has_every_mode_and_field(report):
             assert 0 <= m["overhead"] < 1 and m["ms_per_decode_step"] > 0
             assert m.get("bandwidth_share") is None  # no GPU, no roof
         assert modes["single"]["rows_in_flight"] == 1
+        for name in ("engine", "sampling"):  # the engine's prefills: forwards of many rows each
+            assert 1 <= modes[name]["prefill_forwards"] < modes[name]["rows"]
         assert modes["fixed"]["rows"] == 16 and modes["fixed"]["subsampled"]  # fixed_limit
         assert modes["generate_batch"]["setup_seconds"] >= 0 and modes["generate_batch"]["prefill_share"] is None
         assert "skipped" in modes["vllm"]  # no vllm_python: skipped with a note

@@ -6,13 +6,14 @@
 # Llama built on the GPU (jobs/bench-gpu.yaml: 1,024 prompts, modes 1-6, each stopped after
 # mode_budget seconds). Writes $OUT/bench-gpu.log (everything), $OUT/bench-gpu.txt (the table),
 # $OUT/bench-gpu.json (all figures; rewritten after every mode, so a stopped run keeps its modes),
-# then the greedy agreement of tools/agreement.py in bf16 on the tiny model if time is left.
+# then, if time is left, $OUT/profile.txt (tools/gpu_profile.py) and the greedy agreement of
+# tools/agreement.py in bf16 on the tiny model.
 #
 #   fetch the wheels here (see the device README):  pip download --no-deps --only-binary=:all: ... -d .whl NAME==VERSION
 #   run there:  bash tools/gpu_bench.sh [KEY=VALUE overrides of jobs/bench-gpu.yaml]      (carry: .whl)
 set -euo pipefail
 OUT=${OUT:-out}
-BENCH_SECONDS=${BENCH_SECONDS:-420}  # the bench's share of the 8 minutes: build, load, six modes of <= 45 s
+BENCH_SECONDS=${BENCH_SECONDS:-420}  # the bench's share of the 8 minutes: build, load, six modes of <= 60 s (most far less)
 mkdir -p "$OUT"
 exec > >(tee "$OUT/bench-gpu.log") 2>&1
 tee_pid=$!
@@ -46,6 +47,13 @@ timeout --signal=TERM --kill-after=30 "$BENCH_SECONDS" \
 if [ "$status" -ne 0 ] && [ -f "$OUT/bench-gpu.json" ]; then
   echo "gpu_bench: the bench stopped early (exit $status); the modes it finished:"
   python3 -m batch.bench "$OUT/bench-gpu.json" | tee "$OUT/bench-gpu.txt"
+fi
+
+# Where the time goes: a short eager stream of the bench model under torch.profiler (kernels, and the
+# engine's prefill / decode regions), if time is left.
+if [ "$SECONDS" -lt 400 ] && [ -d /tmp/komt-bench-7b/base ]; then
+  timeout 70 python3 tools/gpu_profile.py --prompts 128 --max-new 16 > "$OUT/profile.txt" 2>&1 \
+    && head -n 5 "$OUT/profile.txt" || echo "gpu_bench: profile failed or ran out of time (see profile.txt)"
 fi
 
 # Greedy agreement, batched vs alone, on the tiny trained model in bf16 (random 7B weights are full of

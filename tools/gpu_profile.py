@@ -1,0 +1,76 @@
+"""Where a GPU's time goes in the engine: a short stream under torch.profiler, tables of kernels.
+
+    python tools/gpu_profile.py [--model /tmp/komt-bench-7b] [--prompts 128] [--max-new 16] [--graphs]
+
+Loads the bench model that `komt-batch bench jobs/bench-gpu.yaml` built (NF4 + LoRA, bf16 compute),
+dequantizes it (model.weights: dequantized), streams `--prompts` random prompts (lognormal lengths,
+median 120) through Engine.stream, and prints: the prefill / decode / capture regions' CPU and CUDA
+time (record_function around the engine's own timed regions), and the kernels with the most CUDA
+time. Without `--graphs` the decode steps run eagerly at fixed shapes (every kernel visible).
+"""
+
+import argparse
+import contextlib
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from batch.config import GenerationSettings, ModelConfig  # noqa: E402
+from batch.engine import Engine, Request, SafeGenerator  # noqa: E402
+from batch.loading import dequantize_model, load_model  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="/tmp/komt-bench-7b")
+    p.add_argument("--prompts", type=int, default=128)
+    p.add_argument("--max-new", type=int, default=16)
+    p.add_argument("--graphs", action="store_true")
+    p.add_argument("--rows", type=int, default=512)
+    p.add_argument("--tokens", type=int, default=200_000)
+    p.add_argument("--device", default="cuda")  # (cpu: a check of this script, e.g. --model models/tiny-komt)
+    args = p.parse_args()
+    cfg = ModelConfig(base=f"{args.model}/base", adapter=f"{args.model}/adapter", quantization="nf4", compute_dtype="bfloat16",
+                      device_map=args.device, weights="nf4")
+    model, tokenizer = load_model(cfg, "<profile>")
+    dequantize_model(model, torch.bfloat16)
+    settings = GenerationSettings(max_new_tokens=args.max_new, do_sample=False, stop=[])
+    engine = Engine(model, tokenizer, settings, cuda_graphs=args.graphs, fixed_shapes=True)
+    rng = np.random.default_rng(0)
+    lengths = np.clip(np.round(rng.lognormal(math.log(120), 0.9, args.prompts)), 8, 1000).astype(int)
+    requests = [Request(i, [1] + rng.integers(3, len(tokenizer), n - 1).tolist(), i) for i, n in enumerate(sorted(lengths, reverse=True))]
+
+    timed = None
+
+    @contextlib.contextmanager
+    def labelled(kind):
+        with torch.profiler.record_function(f"engine:{kind}"), timed(kind) as tag:
+            yield tag
+
+    list(SafeGenerator(engine, args.rows, args.tokens, args.max_new).stream(requests[:8]))  # lazy initialisation, outside the profile
+    engine = Engine(model, tokenizer, settings, cuda_graphs=args.graphs, fixed_shapes=True)  # (counters from 0)
+    timed = engine._timed
+    engine._timed = labelled
+    cuda = args.device.startswith("cuda")
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        list(SafeGenerator(engine, args.rows, args.tokens, args.max_new).stream(requests))
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    print(f"profile: {args.prompts} prompts ({int(lengths.sum())} tokens), {args.max_new} new tokens, graphs {args.graphs}; "
+          f"engine: {engine.steps} decode steps, {engine.row_steps / max(engine.steps, 1):.1f} rows in flight, "
+          f"{engine.prefills} prefills, prefill {engine.prefill_seconds:.2f}s, decode {engine.decode_seconds:.2f}s")
+    regions = [e for e in events if e.key.startswith("engine:")]
+    for e in regions:
+        print(f"  {e.key:<16} calls {e.count:>5}  CPU total {e.cpu_time_total / 1e3:9.1f} ms  CUDA total {e.device_time_total / 1e3:9.1f} ms")
+    print(events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=30, max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main()
