@@ -45,12 +45,17 @@ def compact_order(keep: list[int]) -> list[int]:
     return order
 
 
-def left_aligned(keys: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-    """A left-padded group's keys or values [rows, heads, width, dim] with each row's real columns
-    moved to the front (row i's last lengths[i] columns become its first; its padding goes behind)."""
+def front_first(lengths: list[int], width: int, device) -> torch.Tensor:
+    """For a group left-padded to `width`: the column each output column of a row takes its value
+    from, so that row i's last lengths[i] columns come first (then its padding) -- [rows, width]."""
+    shift = torch.tensor([width - n for n in lengths], dtype=torch.long)[:, None]
+    return to_device((torch.arange(width) + shift) % width, device)
+
+
+def left_aligned(keys: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """A left-padded group's keys or values [rows, heads, width, dim], each row's real columns moved
+    to the front (`source`: front_first's index)."""
     rows, heads, width, dim = keys.shape
-    shift = torch.tensor([width - n for n in lengths], device=keys.device)
-    source = (torch.arange(width, device=keys.device) + shift[:, None]) % width  # [rows, width]
     return keys.gather(2, source[:, None, :, None].expand(rows, heads, width, dim))
 
 
@@ -156,8 +161,9 @@ class SlotCache:
         and seeds; no token generated yet. (Their first token is chosen from the prefill's logits:
         `ids` is set then.)"""
         b = a + len(lengths)
+        source = front_first(lengths, layer_keys[0][0].shape[-2], self.device)  # (once for all layers: one copy to the device, no wait)
         for layer, (k, v) in zip(self.cache.layers, layer_keys):
-            layer.write(a, b, left_aligned(k, lengths), left_aligned(v, lengths))
+            layer.write(a, b, left_aligned(k, source), left_aligned(v, source))
         self.state[[POS, SEED], a:b] = to_device(torch.tensor([lengths, seeds], dtype=torch.long), self.device)
         self.state[COUNT, a:b] = 0
         self.pos = self.pos[:a] + list(lengths)

@@ -4,7 +4,7 @@ import torch
 
 from batch.decode_step import row_bucket
 from batch.engine import left_pad, prefill_groups
-from batch.kv_cache import POS, SlotCache, SlotLayer, compact_order, left_aligned
+from batch.kv_cache import POS, SlotCache, SlotLayer, compact_order, front_first, left_aligned
 
 
 def test_prefill_groups_bound_the_padding():
@@ -55,7 +55,7 @@ def test_slot_layer_writes_each_rows_column_in_place():
 
 def test_left_aligned_moves_each_rows_prompt_to_the_front():
     keys = torch.tensor([[1.0, 2, 3, 4], [0, 0, 5, 6], [0, 0, 0, 7]])[:, None, :, None]  # left-padded to 4
-    assert left_aligned(keys, [4, 2, 1])[:, 0, :, 0].tolist() == [[1, 2, 3, 4], [5, 6, 0, 0], [7, 0, 0, 0]]
+    assert left_aligned(keys, front_first([4, 2, 1], 4, "cpu"))[:, 0, :, 0].tolist() == [[1, 2, 3, 4], [5, 6, 0, 0], [7, 0, 0, 0]]
 
 
 def kv(rows: int, length: int, value: float):

@@ -9,7 +9,7 @@ from transformers import LlamaConfig
 
 from batch import engine, memory
 from batch.config import BatchingConfig
-from batch.memory import MAX_ROWS, GiB, ModelShape, dequantizing_fits, kv_bytes_remade, running_limits, size_running_batch
+from batch.memory import MAX_ROWS, GiB, ModelShape, dequantizing_fits, running_limits, size_running_batch
 
 LLAMA_7B = ModelShape.of(LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                                      num_attention_heads=32, vocab_size=32000), torch.bfloat16)
