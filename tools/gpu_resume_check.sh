@@ -23,8 +23,8 @@ run() { python3 -m batch run "${job[@]}" --no-progress "$@"; }
 
 run "output.path=$W/whole.parquet" 2> "$W/whole.log"
 
-run "output.path=$W/resumed.parquet" 2> "$W/killed.log" &
-pid=$!
+python3 -m batch run "${job[@]}" --no-progress "output.path=$W/resumed.parquet" 2> "$W/killed.log" &
+pid=$!  # (python itself, not a subshell: SIGKILL must reach the process that holds the job)
 until compgen -G "$W/resumed.parquet.parts/part-*.parquet" >/dev/null || ! kill -0 "$pid" 2>/dev/null; do sleep 0.2; done
 kill -9 "$pid" 2>/dev/null || true
 wait "$pid" 2>/dev/null || true
