@@ -1,10 +1,12 @@
 """The engine's parts: prefill grouping, cache compaction order, the running batch's KV cache, row buckets."""
 
+import pytest
 import torch
 
+from batch.config import GenerationSettings
 from batch.decode_step import row_bucket
-from batch.engine import left_pad, prefill_groups
-from batch.kv_cache import POS, SlotCache, SlotLayer, compact_order, front_first, left_aligned
+from batch.engine import Engine, Request, Requests, left_pad, prefill_groups
+from batch.kv_cache import COUNT, POS, SEED, SlotCache, SlotLayer, compact_order, front_first, left_aligned
 
 
 def test_prefill_groups_bound_the_padding():
@@ -90,3 +92,41 @@ def test_slot_cache_rows_join_at_any_step_and_leave():
     assert (c.slots, c.columns) == (5, 6) and c.buffer != buffer
     assert c.state[:, :3].tolist() == [[0, 0, 0], [3, 3, 1], [12, 13, 14], [0, 0, 0]]
     assert c.cache.layers[0].buf_k[:3, 0, :3, 0].tolist() == [[1.0, 1.0, 2.0], [5.0] * 3, [5.0] * 3]  # (row 2: its one column, then its group's padding)
+
+
+class EndsAt:
+    """A decode step that computes nothing: row k (its seed) ends after answers[k] tokens."""
+
+    captures = 0
+
+    def __init__(self, answers: list[int]):
+        self.answers = answers
+
+    def pick(self, logits, state):
+        state[COUNT].add_(1)
+        ends = torch.tensor([self.answers[s] if s < len(self.answers) else 1 for s in state[SEED].tolist()])
+        return torch.stack([torch.zeros_like(ends), (state[COUNT] >= ends).long()])
+
+    def __call__(self, batch, rows, whole):
+        return self.pick(None, batch.step(rows, whole).state)
+
+    def release(self):
+        pass
+
+
+@pytest.mark.parametrize("fixed_shapes", [False, True])
+def test_rows_join_while_a_long_answer_runs(fixed_shapes):
+    """A row takes a free slot whatever the ages of the rows around it: one long answer does not
+    keep the other places empty (the right-aligned cache before 2026-11-28 took no new row until
+    the first rows' longest answer ended, since every row had to fit before the shared column)."""
+    from tests.test_exactness import load, prompts_40
+
+    tiny = load("float32")
+    engine = Engine(tiny.model, tiny.tokenizer, GenerationSettings(max_new_tokens=24, do_sample=False, stop=[]), fixed_shapes=fixed_shapes)
+    ids = sorted(engine.tokenize(prompts_40()[:20]), key=len, reverse=True)
+    engine.step = EndsAt([24] + [2] * 19)  # the longest prompt's row answers 24 tokens, the others 2
+    budget = 4 * (len(ids[0]) + 24)  # four rows of the longest prompt: no column to spare
+    done = list(engine.stream(Requests(Request(i, p, i) for i, p in enumerate(ids)), 4, budget))
+    assert sorted(k for k, _ in done) == list(range(20))
+    assert [c.completion_tokens for _, c in sorted(done)] == [24] + [2] * 19
+    assert engine.steps <= 24  # row 0's 23 decode steps (one more ahead): the other 19 rows came and went meanwhile
