@@ -6,7 +6,16 @@ import torch
 from batch.config import GenerationSettings
 from batch.decode_step import row_bucket
 from batch.engine import Engine, Request, Requests, left_pad, prefill_groups
-from batch.kv_cache import COUNT, POS, SEED, SlotCache, SlotLayer, compact_order, front_first, left_aligned
+from batch.kv_cache import (
+    COUNT,
+    POS,
+    SEED,
+    SlotCache,
+    SlotLayer,
+    compact_order,
+    front_first,
+    left_aligned,
+)
 
 
 def test_prefill_groups_bound_the_padding():
