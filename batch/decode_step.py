@@ -87,15 +87,15 @@ class DecodeStep:
 
     def _run(self, inputs: StepInputs, batch: SlotCache) -> tuple[torch.Tensor, torch.Tensor]:
         state = inputs.state
-        # Each row writes the column of its position and attends to columns [0, position]. (Padding rows'
-        # positions grow unchecked and a row that finished may be computed one step ahead: within the
-        # columns read, their writes land in their own slots. Every row sees at least one finite key,
-        # so no attention is empty: NaN would reach the cache.)
+        # Each row writes the column of its position and attends to columns [0, position]: a running
+        # row's position is always inside the columns read. (Padding rows' positions grow unchecked:
+        # clamped, they write in their own slots, and every row sees at least one finite key, so no
+        # attention is empty: NaN would reach the cache.)
         torch.clamp(state[POS], max=inputs.columns - 1, out=inputs.at)
         mask = (torch.arange(inputs.columns, device=inputs.at.device) <= inputs.at[:, None])[:, None, None, :]
         if self.mask_dtype is not None:
             mask = torch.zeros(mask.shape, dtype=self.mask_dtype, device=mask.device).masked_fill_(~mask, torch.finfo(self.mask_dtype).min)
-        logits = self.forward(state[IDS][:, None], mask, state[POS][:, None], batch.cache)
+        logits = self.forward(state[IDS][:, None], mask, inputs.at[:, None], batch.cache)
         out = self.pick(logits, state)
         state[POS].add_(1)
         return out, logits
@@ -144,7 +144,8 @@ def replay_difference(replayed: torch.Tensor, eager: torch.Tensor) -> tuple[floa
     gives other numbers altogether (zeros or another row's logits: 100% and more)."""
     if not len(eager):
         return 0.0, 1.0
-    distance = (replayed - eager).norm(dim=-1) / eager.norm(dim=-1).clamp(min=torch.finfo(eager.dtype).tiny)
+    difference = torch.where(replayed == eager, 0.0, replayed - eager)  # (equal infinities are no difference)
+    distance = difference.norm(dim=-1) / eager.norm(dim=-1).clamp(min=torch.finfo(eager.dtype).tiny)
     distance = torch.nan_to_num(distance, nan=torch.inf).max().item()
     return distance, (replayed.argmax(-1) == eager.argmax(-1)).float().mean().item()
 

@@ -143,7 +143,8 @@ class SlotCache:
         if self.n:
             state[:, : self.n] = self.state[:, : self.n]
         # Layer by layer, each old layer freed once copied: at most one layer is held twice.
-        # (Running rows have filled at most their need; one computed a step ahead may be past it.)
+        # (Running rows have filled at most their need; a row's host position reaches its need once it
+        # has been computed a step ahead of finishing: that column is not copied.)
         columns = min(self.used, self.columns, need)
         layers = []
         for i, k in enumerate(like):

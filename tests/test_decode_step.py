@@ -168,6 +168,9 @@ def test_replay_difference_tells_rounding_from_a_broken_capture():
     nan = rounded.clone()
     nan[2, 5] = float("nan")
     assert replay_difference(nan, eager)[0] == float("inf")
+    masked = eager.clone()
+    masked[1, 3] = float("-inf")  # a logit masked out in both: no difference
+    assert replay_difference(masked.clone(), masked) == (0.0, 1.0)
     assert replay_difference(eager[:0], eager[:0]) == (0.0, 1.0)  # no running rows: nothing to compare
 
 

@@ -14,9 +14,10 @@ import random
 import pytest
 import torch
 
-from batch.config import GenerationSettings, ModelConfig
 from batch import decode_step, kv_cache
+from batch.config import GenerationSettings, ModelConfig
 from batch.engine import Engine, Request, Requests, row_seed
+from batch.kv_cache import POS
 from batch.loading import load_model
 from batch.plan import plan_batches
 from tests.conftest import TINY, seed_rows
@@ -125,8 +126,9 @@ def test_batched_equals_single_prompt_generate(variant, monkeypatch):
     monkeypatch.setattr(kv_cache.SlotLayer, "copy_into", lambda self, into, n, columns: (copies.append((n, columns)), copy_into(self, into, n, columns))[1])
     monkeypatch.setattr(kv_cache.SlotLayer, "move", lambda self, src, dst, columns: (copies.append((len(src), None)), move(self, src, dst, columns))[1])
     shapes = []  # (rows computed, rows running, slots, columns read, columns) of every decode step
+    inside = []  # every running row's position inside the columns read (the step's clamp is for padding rows only)
     step = decode_step.DecodeStep._run
-    monkeypatch.setattr(decode_step.DecodeStep, "_run", lambda self, inputs, batch: (shapes.append((inputs.state.shape[1], batch.n, batch.slots, inputs.columns, batch.columns)), step(self, inputs, batch))[1])
+    monkeypatch.setattr(decode_step.DecodeStep, "_run", lambda self, inputs, batch: (shapes.append((inputs.state.shape[1], batch.n, batch.slots, inputs.columns, batch.columns)), inside.append(bool((inputs.state[POS, : batch.n] < inputs.columns).all())), step(self, inputs, batch))[-1])
     longest = max(map(len, ids))
     streams = [(8, 10**9, False), (5, 4 * (longest + MAX_NEW), False), (6, 10**9, True), (6, 700, True)]
     for fixed in (False, True):
@@ -148,6 +150,7 @@ def test_batched_equals_single_prompt_generate(variant, monkeypatch):
             assert all(rows == n and read <= columns for rows, n, slots, read, columns in shapes)
             assert any(read < columns for *_, read, columns in shapes)
         shapes.clear()
+    assert all(inside)
     assert any(columns is None for _, columns in copies)  # rows moved into the places of finished ones
     if variant == "float32":  # budget 700, shuffled: with this model's answer lengths,
         assert any(n and columns for n, columns in copies)  # a new buffer was made with rows running

@@ -32,8 +32,9 @@ echo "resume: killed after $(ls "$W"/resumed.parquet.parts/part-*.parquet 2>/dev
 run "output.path=$W/resumed.parquet" 2> "$W/resumed.log"
 
 run "output.path=$W/sharded.parquet" --shard 0/2 2> "$W/shard0.log" &
+shard0=$!
 run "output.path=$W/sharded.parquet" --shard 1/2 2> "$W/shard1.log"
-wait
+wait "$shard0"  # (its exit status: a failed shard stops the check here)
 python3 -m batch merge "${job[@]}" "output.path=$W/sharded.parquet" 2> "$W/merge.log"
 
 python3 - "$W" "$DEVICE" <<'PY'
