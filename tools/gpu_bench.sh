@@ -61,7 +61,7 @@ fi
 # unmerged adapter's answers). Only in what is left of the 8 minutes (a cold process each: imports,
 # CUDA start-up, loading; --merge loads twice).
 for weights in "--weights dequantized" "--weights dequantized --merge" "--weights nf4"; do
-  if [ "$SECONDS" -lt 470 ]; then
+  if [ "${AGREEMENT:-1}" = 1 ] && [ "$SECONDS" -lt 470 ]; then  # (AGREEMENT=0: skipped, e.g. by tools/gpu_session.sh)
     timeout $([[ $weights == *merge* ]] && echo 60 || echo 40) python3 tools/agreement.py --device cuda --dtype bfloat16 $weights \
       | tee -a "$OUT/bench-gpu.txt" || echo "gpu_bench: agreement ($weights) failed or ran out of time"
   fi
