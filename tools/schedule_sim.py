@@ -3,7 +3,7 @@
     python tools/schedule_sim.py [--prompts 1024] [--rows 512] [--tokens 212992]
 
 Runs the real Engine.stream and SlotCache (joining, prefill groups, buffers remade, rows leaving) on
-the CPU with the tiny model's prefill, but a stand-in decode step whose rows end at answer lengths
+the CPU with the tiny model's prefill, but a stand-in decode step (tests/test_engine_parts.EndsAt) whose rows end at answer lengths
 drawn like those of the H200 bench run (jobs/bench-gpu.yaml's tilted 7B model: median 19, mean ~30,
 a few at 128), and prompts drawn like the bench's (lognormal, median 120, max 1,000). It prints the
 decode steps, the rows in flight on average, the prefill forwards and the buffers made: the figures
@@ -16,38 +16,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from batch import kv_cache  # noqa: E402
 from batch.config import GenerationSettings  # noqa: E402
 from batch.engine import Engine, Request, SafeGenerator  # noqa: E402
-from batch.kv_cache import COUNT, SEED  # noqa: E402
 from batch.loading import load_model  # noqa: E402
 from batch.plan import plan_batches  # noqa: E402
+from tests.test_engine_parts import EndsAt  # noqa: E402
 from tests.test_exactness import model_config  # noqa: E402
-
-
-class EndsAt:
-    """A decode step (DecodeStep's interface) that computes nothing: a row ends when it has generated
-    its drawn answer length (looked up by its seed)."""
-
-    captures = 0
-
-    def __init__(self, lengths: dict[int, int]):
-        self.lengths = lengths
-
-    def pick(self, logits, state):
-        state[COUNT].add_(1)
-        ends = torch.tensor([self.lengths.get(int(s), 1) for s in state[SEED]])  # (padding rows: any)
-        return torch.stack([torch.zeros_like(ends), (state[COUNT] >= ends).long()])
-
-    def __call__(self, batch, rows, whole):
-        return self.pick(None, batch.step(rows, whole).state)
-
-    def release(self):
-        pass
 
 
 def main() -> None:
@@ -62,7 +40,7 @@ def main() -> None:
     answers = np.clip(np.round(rng.lognormal(math.log(19), 1.1, args.prompts)), 1, args.max_new).astype(int)
     model, tokenizer = load_model(model_config("float32"))
     engine = Engine(model, tokenizer, GenerationSettings(max_new_tokens=args.max_new, do_sample=False, stop=[]), fixed_shapes=True)
-    engine.step = EndsAt({i + 1: int(n) for i, n in enumerate(answers)})
+    engine.step = EndsAt(answers.tolist())  # row i (seed i) ends after answers[i] tokens
     buffers = []
     reserve = kv_cache.SlotCache.reserve
 
@@ -74,7 +52,7 @@ def main() -> None:
 
     kv_cache.SlotCache.reserve = counted
     order = [i for batch in plan_batches(prompt_lengths.tolist(), args.max_new, 32, 65536) for i in batch]
-    requests = (Request(i, [1] + [7] * (int(prompt_lengths[i]) - 1), i + 1) for i in order)
+    requests = (Request(i, [1] + [7] * (int(prompt_lengths[i]) - 1), i) for i in order)
     done = list(SafeGenerator(engine, args.rows, args.tokens, args.max_new).stream(requests))
     assert len(done) == args.prompts and not any(c.error for _, c in done)
     print(f"{args.prompts} prompts ({prompt_lengths.sum()} tokens), answers: median {np.median(answers):.0f}, mean {answers.mean():.1f}, "
