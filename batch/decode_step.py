@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 
+from batch.decode_attention import RowKeys
 from batch.kv_cache import COUNT, IDS, POS, SEED, SlotCache, StepInputs
 from batch.loading import first_line
 from batch.memory import is_out_of_memory
@@ -37,12 +38,15 @@ def row_bucket(n: int, slots: int) -> int:
 
 
 class DecodeStep:
-    """`forward(ids [rows, 1], mask [rows, 1, 1, columns], positions [rows, 1], cache)` gives the last
-    position's logits [rows, vocab] in float32. `mask_dtype`: None for a boolean mask (sdpa
+    """`forward(ids [rows, 1], mask [rows, 1, 1, columns], positions [rows, 1], cache, row_keys)` gives
+    the last position's logits [rows, vocab] in float32 (row_keys: None, or each row's keys to read
+    with `rows_kernel`: batch.decode_attention). `mask_dtype`: None for a boolean mask (sdpa
     attention), else the dtype of an additive one (eager attention). `graphs`: capture on CUDA."""
 
-    def __init__(self, forward: Callable, settings, eos_ids: list[int], device, mask_dtype: torch.dtype | None, graphs: bool):
+    def __init__(self, forward: Callable, settings, eos_ids: list[int], device, mask_dtype: torch.dtype | None, graphs: bool,
+                 rows_kernel: Callable | None = None):
         self.forward = forward
+        self.rows_kernel = rows_kernel  # attention reads each row's own keys with it (batch.decode_attention); None: the mask's columns
         self.settings = settings
         self.eos = torch.tensor(sorted(eos_ids) or [-1], dtype=torch.long, device=device)
         self.mask_dtype = mask_dtype
@@ -95,7 +99,8 @@ class DecodeStep:
         mask = (torch.arange(inputs.columns, device=inputs.at.device) <= inputs.at[:, None])[:, None, None, :]
         if self.mask_dtype is not None:
             mask = torch.zeros(mask.shape, dtype=self.mask_dtype, device=mask.device).masked_fill_(~mask, torch.finfo(self.mask_dtype).min)
-        logits = self.forward(state[IDS][:, None], mask, inputs.at[:, None], batch.cache)
+        keys = None if self.rows_kernel is None else RowKeys((inputs.at + 1).int(), self.rows_kernel)
+        logits = self.forward(state[IDS][:, None], mask, inputs.at[:, None], batch.cache, keys)
         out = self.pick(logits, state)
         state[POS].add_(1)
         return out, logits

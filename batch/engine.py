@@ -18,7 +18,9 @@
   bucket of rows over the whole cache buffer -- is replayed as a CUDA graph, and runs one step ahead
   of the host: step n+1 is launched before the host reads step n's tokens (a row that finished at
   step n computed one token for nothing). On the CPU (and a GPU without graphs) the step computes
-  exactly the running rows over the columns they fill, and its tokens are read before the next step;
+  exactly the running rows over the columns they fill, and its tokens are read before the next step.
+  On a GPU a step's attention reads each row's own keys only (batch.decode_attention), where the
+  kernel for it checks out;
 - sampling is counter-based (sampling.choose): a row's k-th token depends only on its logits, its
   seed (generation.seed and the row's id) and k, so a row samples the same tokens whichever rows
   share its step, in a resumed run, and after an out-of-memory split.
@@ -34,13 +36,14 @@ import sys
 import time
 import traceback
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
 
 from batch.config import BatchingConfig, GenerationSettings, ModelConfig
+from batch.decode_attention import RowKeys, check, efficient_attention_kernel, reading_rows
 from batch.decode_step import DecodeStep, row_bucket
 from batch.kv_cache import SlotCache, compact_order, to_device
 from batch.loading import first_line, load_model
@@ -159,7 +162,8 @@ class Engine:
     are replayed as CUDA graphs. Otherwise a step computes exactly the running rows over their columns,
     and the host reads its tokens before the next step (the CPU's way, and a GPU's without graphs)."""
 
-    def __init__(self, model, tokenizer, settings: GenerationSettings, cuda_graphs: bool = True, fixed_shapes: bool | None = None):
+    def __init__(self, model, tokenizer, settings: GenerationSettings, cuda_graphs: bool = True, fixed_shapes: bool | None = None,
+                 rows_kernel: Callable | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.settings = settings
@@ -184,7 +188,10 @@ class Engine:
         cuda = self.device.type == "cuda"
         self.fixed_shapes = cuda and cuda_graphs if fixed_shapes is None else fixed_shapes
         self.lookahead = 1 if self.fixed_shapes else 0  # decode steps launched before the host reads the previous one's tokens
-        self.step = DecodeStep(self._logits, settings, sorted(set(eos)), self.device, mask_dtype, graphs=cuda and cuda_graphs and self.fixed_shapes)
+        if rows_kernel is None and cuda and attention == "sdpa":  # (the CPU's decode steps read only the columns their rows fill)
+            rows_kernel = _checked_rows_kernel(self.device, model.get_input_embeddings().weight.dtype)
+        self.step = DecodeStep(self._logits, settings, sorted(set(eos)), self.device, mask_dtype, graphs=cuda and cuda_graphs and self.fixed_shapes,
+                               rows_kernel=rows_kernel)
         # time in the model's prefills, decode steps, and decode steps that captured a CUDA graph
         self.seconds = {"prefill": 0.0, "decode": 0.0, "capture": 0.0}
         self._timings: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []  # GPU timings not read yet
@@ -370,15 +377,11 @@ class Engine:
             chosen.append(self.step.pick(logits, batch.state[:, n + a : n + b]))
         return self._report([Running(r) for r in joining], torch.cat(chosen, dim=1))
 
-    def _logits(self, ids, mask, positions, cache) -> torch.Tensor:
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-            **{self.cache_kwarg: cache},
-        )
+    def _logits(self, ids, mask, positions, cache, row_keys: RowKeys | None = None) -> torch.Tensor:
+        """The last position's logits; with `row_keys` (a decode step's), attention reads each row's own keys."""
+        extra = {self.cache_kwarg: cache} | ({"row_keys": row_keys} if row_keys is not None else {})
+        with reading_rows(self.model.config) if row_keys is not None else contextlib.nullcontext():
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **extra)
         return out.logits[:, -1, :].float()
 
     def _report(self, rows: list[Running], values: torch.Tensor) -> Report:
@@ -475,6 +478,17 @@ class SafeGenerator:
         if len(prompts) == 1:
             return [error_completion(prompts[0], f"generation: {type(e).__name__}: {first_line(e)}")]
         return [c for p, s in zip(prompts, seeds) for c in self._generate([p], [s])]
+
+
+def _checked_rows_kernel(device, dtype) -> Callable | None:
+    """The kernel for decode attention over each row's own keys, if it runs here and gives sdpa's
+    output (batch.decode_attention.check); the choice is logged."""
+    ok, why = check(device, dtype)
+    if ok:
+        print(f"komt-batch: decode attention: each row reads its own keys only ({why})", file=sys.stderr, flush=True)
+        return efficient_attention_kernel
+    print(f"komt-batch: decode attention: sdpa over the columns read ({why})", file=sys.stderr, flush=True)
+    return None
 
 
 def error_completion(prompt: list[int], message: str) -> Completion:

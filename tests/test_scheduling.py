@@ -31,7 +31,7 @@ def stand_in(engine: Engine) -> None:
         logits[torch.arange(len(keys)), token] = 1.0
         return logits
 
-    def forward(ids, mask, positions, cache):
+    def forward(ids, mask, positions, cache, row_keys=None):
         keys = ids.to(torch.float64)[:, None, :, None]
         if mask.dim() == 2:  # a prefill group: left-padded ids, their mask and positions
             for i in range(layers):

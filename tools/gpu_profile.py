@@ -7,6 +7,11 @@ dequantizes it (model.weights: dequantized), streams `--prompts` random prompts 
 median 120) through Engine.stream, and prints: the prefill / decode / capture regions' CPU and CUDA
 time (record_function around the engine's own timed regions), and the kernels with the most CUDA
 time. Without `--graphs` the decode steps run eagerly at fixed shapes (every kernel visible).
+
+With `--attention-ab N`, it then streams the first N prompts (`--ab-max-new` new tokens) twice more,
+decode steps replayed as CUDA graphs, without the profiler: attention over each row's own keys
+(batch.decode_attention, where its check passes) and sdpa with the mask over the whole buffer, and
+prints each one's milliseconds per replayed decode step.
 """
 
 import argparse
@@ -34,6 +39,8 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=512)
     p.add_argument("--tokens", type=int, default=200_000)
     p.add_argument("--device", default="cuda")  # (cpu: a check of this script, e.g. --model models/tiny-komt)
+    p.add_argument("--attention-ab", type=int, default=0)
+    p.add_argument("--ab-max-new", type=int, default=64)
     args = p.parse_args()
     cfg = ModelConfig(base=f"{args.model}/base", adapter=f"{args.model}/adapter", quantization="nf4", compute_dtype="bfloat16",
                       device_map=args.device, weights="nf4")
@@ -69,7 +76,26 @@ def main() -> None:
     regions = [e for e in events if e.key.startswith("engine:")]
     for e in regions:
         print(f"  {e.key:<16} calls {e.count:>5}  CPU total {e.cpu_time_total / 1e3:9.1f} ms  CUDA total {e.device_time_total / 1e3:9.1f} ms")
-    print(events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=30, max_name_column_width=70))
+    print(events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=30, max_name_column_width=70), flush=True)
+    if args.attention_ab:
+        attention_ab(model, tokenizer, requests[: args.attention_ab], args)
+
+
+def attention_ab(model, tokenizer, requests, args) -> None:
+    """The same stream, steps replayed as graphs: each row's own keys, then sdpa over the whole buffer."""
+    settings = GenerationSettings(max_new_tokens=args.ab_max_new, do_sample=False, stop=[])
+    for label in ("own keys", "sdpa mask"):
+        engine = Engine(model, tokenizer, settings, fixed_shapes=True)
+        if label == "sdpa mask":
+            engine.step.rows_kernel = None
+        elif engine.step.rows_kernel is None:
+            print("attention A/B: the kernel over each row's own keys is not used here (see its line above)")
+            return
+        out = list(SafeGenerator(engine, args.rows, args.tokens, args.ab_max_new).stream(requests))
+        steps = max(engine.decode_steps, 1)
+        print(f"attention A/B: {label:<9}: {len(out)} rows, {engine.steps} decode steps ({engine.decode_steps} replayed, "
+              f"{1000 * engine.decode_seconds / steps:.2f} ms each), {engine.row_steps / max(engine.steps, 1):.1f} rows in flight, "
+              f"{engine.step.captures} captures ({engine.capture_seconds:.1f}s), prefill {engine.prefill_seconds:.2f}s", flush=True)
 
 
 if __name__ == "__main__":

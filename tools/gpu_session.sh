@@ -16,6 +16,6 @@ if [ "$SECONDS" -lt $((LIMIT - 90)) ]; then
   echo "gpu_session: resume check exit $? at ${SECONDS}s"; grep "resume check" "$OUT/resume-check.txt"
 fi
 if [ "$SECONDS" -lt $((LIMIT - 20)) ]; then
-  timeout $((LIMIT - SECONDS)) python3 -m pytest -q -p no:cacheprovider tests/test_decode_step.py -k gpu > "$OUT/pytest-gpu.txt" 2>&1
+  timeout $((LIMIT - SECONDS)) python3 -m pytest -q -p no:cacheprovider tests/test_decode_attention.py tests/test_decode_step.py -k gpu > "$OUT/pytest-gpu.txt" 2>&1
   echo "gpu_session: GPU tests exit $? at ${SECONDS}s"; tail -n 2 "$OUT/pytest-gpu.txt"
 fi

@@ -6,8 +6,9 @@ Runs the real Engine.stream and SlotCache (joining, prefill groups, buffers rema
 the CPU with the tiny model's prefill, but a stand-in decode step (tests/test_engine_parts.EndsAt) whose rows end at answer lengths
 drawn like those of the H200 bench run (jobs/bench-gpu.yaml's tilted 7B model: median 19, mean ~30,
 a few at 128), and prompts drawn like the bench's (lognormal, median 120, max 1,000). It prints the
-decode steps, the rows in flight on average, the prefill forwards and the buffers made: the figures
-the scheduling decides, not the speed of any device.
+decode steps, the rows in flight on average, the prefill forwards, the keys a decode step's attention
+reads (sdpa with the mask over the whole buffer, or each row's own: batch.decode_attention) and the
+buffers made: the figures the scheduling decides, not the speed of any device.
 """
 
 import argparse
@@ -51,6 +52,16 @@ def main() -> None:
             buffers.append((engine.steps, cache.slots, cache.columns))
 
     kv_cache.SlotCache.reserve = counted
+    keys_read = {"whole buffer": 0, "own keys": 0}  # keys the decode steps' attention reads, all rows together
+    step = kv_cache.SlotCache.step
+
+    def reading(cache, rows, whole):
+        inputs = step(cache, rows, whole)
+        keys_read["whole buffer"] += rows * inputs.columns  # sdpa with the mask: every column read, for every row computed
+        keys_read["own keys"] += sum(p + 1 for p in cache.pos[: cache.n]) + (rows - cache.n)  # batch.decode_attention
+        return inputs
+
+    kv_cache.SlotCache.step = reading
     order = [i for batch in plan_batches(prompt_lengths.tolist(), args.max_new, 32, 65536) for i in batch]
     requests = (Request(i, [1] + [7] * (int(prompt_lengths[i]) - 1), i) for i in order)
     done = list(SafeGenerator(engine, args.rows, args.tokens, args.max_new).stream(requests))
@@ -59,6 +70,10 @@ def main() -> None:
           f"{(answers == args.max_new).mean():.1%} at {args.max_new}; running batch: {args.rows} rows within {args.tokens} tokens")
     print(f"decode steps {engine.steps}, rows in flight {engine.row_steps / engine.steps:.1f}, prefill forwards {engine.prefills} "
           f"({engine.padded_prompt_tokens / engine.prefills:.0f} positions each)")
+    per_step = {k: v / engine.steps for k, v in keys_read.items()}
+    print("keys read by a decode step's attention, on average: " + ", ".join(f"{k} {v:,.0f}" for k, v in per_step.items())
+          + f" ({per_step['whole buffer'] / per_step['own keys']:.1f}x); for the 7B model in bf16 (0.5 MiB a key and value, 32 layers): "
+          + ", ".join(f"{k} {v * 2**19 / 2**30:.1f} GiB" for k, v in per_step.items()))
     print("buffers made (at step: slots x columns): " + ", ".join(f"{s}: {r} x {c}" for s, r, c in buffers))
 
 

@@ -1,0 +1,162 @@
+"""A decode step's attention over each row's own keys only (on a GPU, where the kernel checks out).
+
+A decode step's rows sit left-aligned in the slots of the KV-cache buffer (batch.kv_cache), and a row
+attends to columns [0, position]. sdpa with that mask reads every column of every row it is given: a
+step replayed as a CUDA graph reads the whole buffer. With rows of mixed lengths that is about 5x the
+keys the rows attend to (tools/schedule_sim.py on the bench's stream, for the 7B model in bf16: 61.2
+GiB a step against 11.8 GiB; its weights are 12.6 GiB), and on a GPU a decode step is bound by the
+bytes it reads.
+
+PyTorch's memory-efficient attention kernel (the one sdpa runs with a mask on a GPU) also takes
+sequences of their own lengths: sequence b's queries start at seqstart_q[b], its keys at
+seqstart_k[b], and it reads seqlen_k[b] of them. In the cache's buffer [slots, kv heads, columns,
+head_dim], each (row, kv head) has its columns contiguous, a fixed stride apart: that is such a
+sequence, with seqlen_k = the row's position + 1; its queries are the row's query heads that share the
+kv head (no mask among them: a decode step has one position per row). So every row reads its own
+keys only, from device tensors: a step keeps its shapes and addresses, and is still captured as a graph.
+
+The kernel is a private op of PyTorch (`aten::_efficient_attention_forward`), GPU only. It is used
+where `check` finds it and its output matches sdpa's on random data in the model's dtype; else decode
+steps keep sdpa with the mask (one line on stderr says which). The bookkeeping (the sequences'
+starts and lengths, query heads grouped by kv head) is tested on the CPU against sdpa through
+`reference_kernel`, the kernel's contract written in plain torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+NAME = "komt_rows"  # the attention implementation decode steps switch the model to (prefill keeps sdpa)
+CHECK_TOLERANCE = 0.02  # the kernel's output may be this far from sdpa's (relative L2): rounding, not a bug
+
+
+def efficient_attention_kernel(query, key, value, seqstart_q, seqstart_k, max_q: int, max_k: int, seqlen_k, scale: float) -> torch.Tensor:
+    """PyTorch's memory-efficient attention over variable-length sequences (CUDA): query [1, Q, 1, D]
+    packed, key and value [1, K, 1, D]; sequence b is queries seqstart_q[b]:seqstart_q[b+1] over keys
+    seqstart_k[b] : seqstart_k[b] + seqlen_k[b] (int32 device tensors). Returns [1, Q, 1, D]."""
+    return torch.ops.aten._efficient_attention_forward(
+        query, key, value, None, seqstart_q, seqstart_k, max_q, max_k, 0.0, 0, False, scale=scale, seqlen_k=seqlen_k
+    )[0]
+
+
+def reference_kernel(query, key, value, seqstart_q, seqstart_k, max_q: int, max_k: int, seqlen_k, scale: float) -> torch.Tensor:
+    """efficient_attention_kernel's contract in plain torch (any device; for the tests): the keys of
+    sequence b are gathered from seqstart_k[b] on, those from seqlen_k[b] on masked out."""
+    starts_q, starts_k, lengths = seqstart_q.long(), seqstart_k.long(), seqlen_k.long()
+    columns = torch.arange(max_k, device=query.device)
+    at = (starts_k[:-1, None] + columns).clamp(max=key.shape[1] - 1)  # [seqs, max_k]
+    keys, values = key[0, at, 0].float(), value[0, at, 0].float()  # [seqs, max_k, D]
+    counts = starts_q[1:] - starts_q[:-1]
+    rows = (starts_q[:-1, None] + torch.arange(max_q, device=query.device)).clamp(max=query.shape[1] - 1)
+    queries = query[0, rows, 0].float()  # [seqs, max_q, D]
+    scores = queries @ keys.transpose(1, 2) * scale
+    scores = scores.masked_fill(~(columns < lengths[:, None])[:, None, :], float("-inf"))
+    out = torch.softmax(scores, -1) @ values  # [seqs, max_q, D]
+    packed = torch.zeros_like(query[0, :, 0], dtype=torch.float32)
+    valid = torch.arange(max_q, device=query.device) < counts[:, None]
+    packed[rows[valid]] = out[valid]
+    return packed.to(query.dtype)[None, :, None, :]
+
+
+@dataclass
+class RowKeys:
+    """What a decode step hands the attention of every layer: each row's keys to read (its position
+    + 1, at most the columns read) and the kernel that reads them."""
+
+    lengths: torch.Tensor  # [rows] int32, on the device
+    kernel: Callable = efficient_attention_kernel
+    _sequences: dict = field(default_factory=dict, repr=False)
+
+    def sequences(self, kv_heads: int, group: int, stride: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """seqstart_q, seqstart_k and seqlen_k of the step's (row, kv head) sequences: made by the first
+        layer, the same for the others."""
+        key = (kv_heads, group, stride)
+        if key not in self._sequences:
+            seqs, device = len(self.lengths) * kv_heads, self.lengths.device
+            self._sequences[key] = (
+                torch.arange(0, (seqs + 1) * group, group, dtype=torch.int32, device=device),
+                torch.arange(0, (seqs + 1) * stride, stride, dtype=torch.int32, device=device),
+                self.lengths.repeat_interleave(kv_heads),
+            )
+        return self._sequences[key]
+
+
+def rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keys: RowKeys, scale: float) -> torch.Tensor:
+    """Attention of one position per row over its first keys.lengths[i] columns. query [B, Hq, 1, D];
+    key and value [B, Hk, C, D]: views of a buffer whose (row, kv head) pairs are evenly spaced (the
+    slot cache's). Returns [B, 1, Hq, D], as transformers' attention functions do."""
+    rows, heads, q, dim = query.shape
+    kv_heads, columns = key.shape[1], key.shape[2]
+    if q != 1 or not all(_evenly_spaced(t) for t in (key, value)) or key.stride() != value.stride():
+        raise ValueError("rows_attention: one query position per row over slot-cache views")
+    group, stride = heads // kv_heads, key.stride(1) // dim  # query heads per kv head; a sequence's columns in the buffer
+    seqs = rows * kv_heads
+    seqstart_q, seqstart_k, seqlen_k = keys.sequences(kv_heads, group, stride)
+    packed_q = query.reshape(1, seqs * group, 1, dim)
+    packed_k, packed_v = (torch.as_strided(t, (1, seqs * stride, 1, dim), (seqs * stride * dim, dim, dim, 1)) for t in (key, value))
+    out = keys.kernel(packed_q, packed_k, packed_v, seqstart_q, seqstart_k, group, columns, seqlen_k, scale)
+    return out.reshape(rows, heads, 1, dim).transpose(1, 2)
+
+
+def _evenly_spaced(t: torch.Tensor) -> bool:
+    """[B, H, C, D] with D contiguous, columns D apart, heads a whole number of columns apart, and rows
+    H heads apart: the (row, head) pairs are sequences of one buffer, each `stride(1) / D` columns long."""
+    _, heads, _, dim = t.shape
+    return t.stride(3) == 1 and t.stride(2) == dim and t.stride(1) % dim == 0 and t.stride(0) == heads * t.stride(1)
+
+
+def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, row_keys: RowKeys | None = None, **kwargs):
+    """The attention implementation NAME: rows_attention in a decode step (which passes row_keys),
+    sdpa otherwise."""
+    if row_keys is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return rows_attention(query, key, value, row_keys, scaling if scaling is not None else query.shape[-1] ** -0.5), None
+
+
+AttentionInterface.register(NAME, attention)
+AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+@contextlib.contextmanager
+def reading_rows(config):
+    """Within the block, the model's attention is NAME (config: the model's; restored after)."""
+    previous = config._attn_implementation
+    config._attn_implementation = NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+@torch.no_grad()
+def check(device: torch.device, dtype: torch.dtype, kernel: Callable = efficient_attention_kernel) -> tuple[bool, str]:
+    """Does `kernel` run here and give sdpa's output (with the mask) on random rows of mixed lengths,
+    in `dtype`? Returns (use it, why) -- the why for the log."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    rows, heads, kv_heads, columns, width, dim = 6, 4, 2, 40, 48, 128
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    query, buffer_k, buffer_v = rand(rows, heads, 1, dim), rand(rows + 2, kv_heads, width, dim), rand(rows + 2, kv_heads, width, dim)
+    key, value = buffer_k[:rows, :, :columns], buffer_v[:rows, :, :columns]
+    lengths = torch.tensor([1, 7, 40, 13, 33, 2], dtype=torch.int32)
+    mask = (torch.arange(columns) < lengths[:, None].long())[:, None, None, :].to(device)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(heads // kv_heads, 1), value.repeat_interleave(heads // kv_heads, 1), attn_mask=mask
+    ).transpose(1, 2)
+    try:
+        got = rows_attention(query, key, value, RowKeys(lengths.to(device), kernel), dim**-0.5)
+    except Exception as e:  # noqa: BLE001 -- a private op: absent, or other arguments in this torch
+        return False, f"its kernel does not run here ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]})"
+    distance = ((got.float() - expected.float()).norm() / expected.float().norm()).item()
+    if not distance <= CHECK_TOLERANCE:
+        return False, f"its kernel's output is {distance:.2%} from sdpa's (at most {CHECK_TOLERANCE:.0%} allowed)"
+    return True, f"its kernel's output is {distance:.2%} from sdpa's"

@@ -1,0 +1,108 @@
+"""Decode attention over each row's own keys (batch.decode_attention): the sequences handed to the
+kernel are the rows' (row, kv head) slices of the cache, of the rows' own lengths, so the output is
+sdpa's with the mask; a kernel that is absent or wrong leaves sdpa in place; and the engine decodes
+every row as alone with it. On the CPU the kernel is its contract in plain torch (reference_kernel);
+the GPU test runs PyTorch's own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from batch import decode_attention
+from batch.decode_attention import RowKeys, check, reference_kernel, rows_attention
+from batch.engine import Engine
+from tests.test_exactness import MAX_NEW, load, prompts_40, reference, streamed
+
+
+def masked_sdpa(query, key, value, lengths):
+    group = query.shape[1] // key.shape[1]
+    mask = (torch.arange(key.shape[2]) < lengths[:, None])[:, None, None, :]
+    out = torch.nn.functional.scaled_dot_product_attention(query, key.repeat_interleave(group, 1), value.repeat_interleave(group, 1), attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (8, 2)])
+def test_each_rows_own_keys_give_sdpas_output_with_the_mask(heads, kv_heads):
+    torch.manual_seed(0)
+    rows, slots, width, columns, dim = 5, 7, 24, 19, 16  # the step reads slots [0, 5), columns [0, 19) of a wider buffer
+    buffer_k, buffer_v = torch.randn(slots, kv_heads, width, dim), torch.randn(slots, kv_heads, width, dim)
+    key, value = buffer_k[:rows, :, :columns], buffer_v[:rows, :, :columns]
+    query = torch.randn(rows, heads, 1, dim)
+    lengths = torch.tensor([1, 19, 6, 12, 2])
+    seen = []
+
+    def kernel(*args):
+        seen.append(args[-2].tolist())  # seqlen_k: one per (row, kv head)
+        return reference_kernel(*args)
+
+    got = rows_attention(query, key, value, RowKeys(lengths.int(), kernel), dim**-0.5)
+    torch.testing.assert_close(got, masked_sdpa(query, key, value, lengths), rtol=1e-5, atol=1e-5)
+    assert seen == [lengths.repeat_interleave(kv_heads).tolist()]
+    # the keys past a row's length are never read: garbage there changes nothing
+    buffer_k[:, :, 12:] = float("nan")
+    short = torch.tensor([1, 12, 6, 12, 2])
+    torch.testing.assert_close(rows_attention(query, key, value, RowKeys(short.int(), reference_kernel), dim**-0.5),
+                               masked_sdpa(query, key[:, :, :12], value[:, :, :12], short), rtol=1e-5, atol=1e-5)
+
+
+def test_only_views_of_one_buffer_are_taken():
+    query, key = torch.randn(2, 2, 1, 8), torch.randn(2, 2, 6, 8)
+    with pytest.raises(ValueError):
+        rows_attention(query, key.transpose(2, 3).contiguous().transpose(2, 3), key, RowKeys(torch.tensor([1, 2]).int(), reference_kernel), 1.0)
+    with pytest.raises(ValueError):  # two positions per row: the kernel would not mask the later one from the earlier
+        rows_attention(torch.randn(2, 2, 2, 8), key, key, RowKeys(torch.tensor([1, 2]).int(), reference_kernel), 1.0)
+
+
+def test_the_kernel_is_used_only_where_it_runs_and_matches_sdpa():
+    ok, why = check(torch.device("cpu"), torch.float32)  # PyTorch's kernel is GPU-only
+    assert not ok and why.startswith("its kernel does not run here (NotImplementedError"), why
+    ok, why = check(torch.device("cpu"), torch.float32, lambda q, *args: torch.zeros_like(q))
+    assert (ok, why) == (False, "its kernel's output is 100.00% from sdpa's (at most 2% allowed)")
+    assert check(torch.device("cpu"), torch.float32, reference_kernel) == (True, "its kernel's output is 0.00% from sdpa's")
+    assert check(torch.device("cpu"), torch.bfloat16, reference_kernel)[0]  # bf16 rounding is within the bound
+
+
+@pytest.mark.parametrize("variant", ["float32", "nf4+lora"])
+def test_every_row_decodes_as_alone_reading_its_own_keys(variant):
+    """Both kinds of decode step, in streams that refill places and remake the buffer with rows running."""
+    sdpa = load(variant)
+    ids = sdpa.tokenize(prompts_40()[:24])
+    expected = [reference(sdpa, p) for p in ids]
+    read = []  # (keys a row reads, columns the step reads) of every (row, kv head)
+
+    def kernel(query, key, value, seqstart_q, seqstart_k, max_q, max_k, seqlen_k, scale):
+        read.extend((n, max_k) for n in seqlen_k.tolist())
+        return reference_kernel(query, key, value, seqstart_q, seqstart_k, max_q, max_k, seqlen_k, scale)
+
+    for fixed_shapes in (False, True):
+        engine = Engine(sdpa.model, sdpa.tokenizer, sdpa.settings, fixed_shapes=fixed_shapes, rows_kernel=kernel)
+        for max_rows, budget, shuffle in [(8, 10**9, False), (6, 600, True)]:
+            got = streamed(engine, ids, max_rows, budget, shuffle)
+            mismatches = [(i, e, g) for i, (e, g) in enumerate(zip(expected, got)) if e != g]
+            assert not mismatches, (fixed_shapes, max_rows, budget, mismatches[:3])
+    assert read and any(n < columns for n, columns in read) and all(1 <= n <= columns for n, columns in read)
+    assert sdpa.model.config._attn_implementation == "sdpa"  # put back after every step
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_a_gpu_pytorchs_kernel_reads_each_rows_own_keys(capsys):
+    """PyTorch's kernel passes the check in bf16 and float32, and the tiny model on the GPU (float32)
+    decodes with it, eagerly and replayed as graphs, the tokens of the sdpa steps."""
+    from batch.config import GenerationSettings
+    from batch.loading import load_model
+    from tests.test_exactness import model_config
+
+    device = torch.device("cuda:0")
+    assert check(device, torch.bfloat16)[0] and check(device, torch.float32)[0]
+    model, tokenizer = load_model(model_config("float32+lora", device_map="cuda:0"))
+    settings = GenerationSettings(max_new_tokens=MAX_NEW, do_sample=False)
+    plain = Engine(model, tokenizer, settings, cuda_graphs=False, fixed_shapes=False)
+    plain.step.rows_kernel = None  # sdpa with the mask
+    ids = plain.tokenize(prompts_40())
+    expected = streamed(plain, ids, 8, 10**9, shuffle=True)
+    for graphs in (False, True):
+        engine = Engine(model, tokenizer, settings, cuda_graphs=graphs)
+        assert engine.step.rows_kernel is decode_attention.efficient_attention_kernel
+        assert streamed(engine, ids, 8, 10**9, shuffle=True) == expected
+    assert "decode attention: each row reads its own keys only" in capsys.readouterr().err
