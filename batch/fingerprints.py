@@ -3,7 +3,8 @@ still match, a finished output is left alone only if they do, and a row of an ea
 reused only if its fingerprint does.
 
 The settings include the contents of the model's and the adapter's files, not only their paths:
-new weights at the same path change every row's fingerprint. Hashing stays cheap:
+new weights at the same path change every row's fingerprint; the input's fingerprint includes its
+files' contents (every column). Hashing stays cheap:
 - a local directory: the sha256 of the files that loading reads (the weights -- safetensors, else
   .bin -- plus config, tokenizer and code files), each cached by (path, size, mtime_ns) in
   $XDG_CACHE_HOME/komt-batch/file-hashes.json (default ~/.cache), never in the model's directory; a
@@ -62,7 +63,9 @@ def input_fingerprint(rows: Rows) -> dict:
         for row_id, p in zip(rows.ids[start : start + len(prompts)], prompts):
             h.update(f"{row_id}\x00{p}\x01".encode())
     files = [[str(f.resolve()), f.stat().st_size] for f in rows.files]
-    return {"files": files, "rows": rows.table.num_rows, "content": h.hexdigest()}
+    # every byte of every file too, not only the ids and prompts: the output carries all the input's
+    # columns, so an edited label must not leave a finished output "done" (hashes cached by path, size, mtime)
+    return {"files": files, "rows": rows.table.num_rows, "content": h.hexdigest(), "file_hashes": file_hashes(rows.files)}
 
 
 # --- the model's files ---------------------------------------------------------------------------
@@ -177,6 +180,9 @@ def plan_changes(stored: dict, input_fp: dict, settings_fp: dict) -> list[str]:
         changes.append(f"input rows: {old_in['rows']} -> {input_fp['rows']}")
     elif old_in["content"] != input_fp["content"]:
         changes.append("input content: the ids or prompts changed")
+    elif "file_hashes" in old_in and old_in["file_hashes"] != input_fp["file_hashes"]:  # (plans before 2026-11-28 have none)
+        edited = [Path(f).name for (f, _), a, b in zip(input_fp["files"], old_in["file_hashes"], input_fp["file_hashes"]) if a != b]
+        changes.append(f"input content: {', '.join(edited) or 'the files'} changed (other columns than the ids and prompts)")
     old, new = _flatten(stored["settings"]), _flatten(settings_fp)
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):

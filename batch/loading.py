@@ -7,12 +7,18 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import warnings
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+)
 from transformers.utils import logging as hf_logging
 
 from batch.config import ModelConfig
@@ -93,6 +99,19 @@ def _check_paths(cfg: ModelConfig, where: str) -> None:
     for key, name in (("model.base", cfg.base), ("model.adapter", cfg.adapter)):
         if name and _looks_local(name) and not Path(name).expanduser().exists():
             raise JobError(f"{where}: {key}: {name}: no such directory")
+    _check_device(cfg.device_map, where)
+
+
+def _check_device(device_map: str, where: str) -> None:
+    """A GPU that device_map names must be there (else torch fails deep in loading, after the plan is stored)."""
+    m = re.fullmatch(r"(?:cuda(?::(\d+))?|(\d+))", str(device_map).strip())
+    if not m:
+        return
+    index = int(m.group(1) or m.group(2) or 0)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if index >= count:
+        sees = f"torch sees {count} CUDA device{'s' if count != 1 else ''}" if count else "torch sees no CUDA device here"
+        raise JobError(f"{where}: model.device_map: {device_map}: {sees} (device_map: auto uses what there is)")
 
 
 def _looks_local(name: str) -> bool:
@@ -218,7 +237,7 @@ def _apply_adapter(model, adapter: str, where: str):
 
     try:
         return PeftModel.from_pretrained(model, adapter)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, TypeError) as e:  # (TypeError: a malformed adapter_config.json, e.g. "r": "x")
         raise JobError(f"{where}: model.adapter: cannot load {adapter}: {first_line(e)}") from None
     except RuntimeError as e:
         if "size mismatch" not in str(e):

@@ -80,7 +80,7 @@ def group_chunks(sizes: Sequence[int], costs: Sequence[int], every_rows: int) ->
 def assign_shards(chunks: Sequence[Chunk], shards: int) -> list[int]:
     """The shard of each chunk: largest chunks first, each to the shard with the fewest tokens so far."""
     owner = [0] * len(chunks)
-    load = [(0, s) for s in range(shards)]
+    load = [(0, s) for s in range(min(shards, len(chunks)))]  # (shards past the chunk count get none: the same assignment)
     heapq.heapify(load)
     for c in sorted(chunks, key=lambda c: (-c.tokens, c.index)):
         tokens, s = heapq.heappop(load)

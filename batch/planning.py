@@ -164,11 +164,13 @@ def truncate_prompt(rows: Rows, r: int, tokenizer, limit: int) -> tuple[str, int
     field_ids = tokenizer(values[name], add_special_tokens=False)["input_ids"]
     original = len(field_ids)
     keep = len(field_ids)
-    while keep > 0:
-        prompt_ids = tokenizer(rows.template.text.format(**{**values, name: tokenizer.decode(field_ids[:keep])}))["input_ids"]
+    uses = max(1, rows.template.uses(name))  # a token cut from the field shortens the prompt this many times
+    while True:
+        text = rows.template.text.format(**{**values, name: tokenizer.decode(field_ids[:keep])})
+        prompt_ids = tokenizer(text)["input_ids"]
         over = len(prompt_ids) - limit
         if over <= 0:
-            text = rows.template.text.format(**{**values, name: tokenizer.decode(field_ids[:keep])})
             return text, len(prompt_ids), f"field {name!r} cut from {original} to {keep} tokens to fit {limit}"
-        keep -= over
-    return f"even with field {name!r} ({original} tokens) cut to nothing, the prompt does not fit in {limit} tokens"
+        if keep == 0:
+            return f"even with field {name!r} ({original} tokens) cut to nothing, the prompt does not fit in {limit} tokens"
+        keep = max(0, keep - -(-over // uses))

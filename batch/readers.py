@@ -47,7 +47,7 @@ from urllib.parse import unquote
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batch.errors import JobError
+from batch.errors import JobError, WriteError
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 KINDS = ".jsonl, .jsonl.gz or .parquet"
@@ -150,14 +150,28 @@ def read_files(files: list[Path], root: Path | None = None) -> MappedInput:
     stamps = [_stamp(f) for f in files]
     key = json.dumps([_CACHE_FORMAT, str(root.resolve()) if root else None, stamps])
     entry = cache / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.arrow"
-    if time.time_ns() - max((max(s[3], s[4]) for s in stamps), default=0) < FRESH_NS:
-        return _read_once(files, root, cache)
-    with _locked(entry.with_suffix(".lock")):  # shards starting together: one converts, the others wait
-        if not entry.exists():
-            _convert_atomic(files, root, entry)
-            _evict(cache, keep=entry)
-    os.utime(entry)  # its mtime says when it was last used (eviction)
+    with _writing_cache(cache):
+        if time.time_ns() - max((max(s[3], s[4]) for s in stamps), default=0) < FRESH_NS:
+            return _read_once(files, root, cache)
+        with _locked(entry.with_suffix(".lock")):  # shards starting together: one converts, the others wait
+            if not entry.exists():
+                _convert_atomic(files, root, entry)
+                _evict(cache, keep=entry)
+        os.utime(entry)  # its mtime says when it was last used (eviction)
     return open_arrow(files, [entry])
+
+
+@contextlib.contextmanager
+def _writing_cache(cache: Path):
+    """A failed write into the input cache (a full disk, a quota) is one line and exit 74, not a
+    traceback; the conversion's temporary files are gone already. (Reading the inputs raises JobError.)"""
+    try:
+        yield
+    except OSError as e:
+        raise WriteError(
+            f"cannot write the input cache {cache} ({e.strerror or _first_line(e)}): it needs about the input's size "
+            "uncompressed, in Arrow; free space there or set XDG_CACHE_HOME to a folder with room"
+        ) from None
 
 
 def _read_once(files: list[Path], root: Path | None, cache: Path) -> MappedInput:
@@ -318,24 +332,46 @@ def _first_line(e: Exception) -> str:
 
 def _merged_field(old: pa.Field, new: pa.Field, file: Path, origin: Path) -> pa.Field:
     """The type both fields' values fit unchanged: pyarrow's permissive promotion (which refuses
-    bool + number and string + number), except decimals + floats, which it would round."""
+    bool + number and string + number), except where it would change values: decimals + floats
+    (rounded) and text + bytes (text would become bytes)."""
     problem = f"{file}: column {new.name!r} is {new.type} here but {old.type} in {origin}"
-    if _rounds_decimals(old.type, new.type):
-        raise JobError(f"{problem}; decimals would be rounded to floats")
+    if why := _value_change(old.type, new.type):
+        raise JobError(f"{problem}; {why}")
     try:
         return pa.unify_schemas([pa.schema([old]), pa.schema([new])], promote_options="permissive").field(0)
     except (pa.ArrowInvalid, pa.ArrowTypeError):
-        raise JobError(f"{problem}; a column holds one type of value") from None
+        plain = [f.type.value_type if pa.types.is_dictionary(f.type) else f.type for f in (old, new)]
+        encoded = plain != [old.type, new.type] and _unifies(*plain)  # the same values, dictionary-encoded in one file only
+        raise JobError(f"{problem}; " + ("a column is dictionary-encoded in every file or in none" if encoded else "a column holds one type of value")) from None
 
 
-def _rounds_decimals(a: pa.DataType, b: pa.DataType) -> bool:
+def _unifies(a: pa.DataType, b: pa.DataType) -> bool:
+    try:
+        pa.unify_schemas([pa.schema([("x", a)]), pa.schema([("x", b)])], promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return False
+    return True
+
+
+def _value_change(a: pa.DataType, b: pa.DataType) -> str | None:
+    """Why joining types a and b would change values (None: it would not), looking into structs and lists."""
     if pa.types.is_decimal(a) or pa.types.is_decimal(b):
-        return pa.types.is_floating(a) or pa.types.is_floating(b)
+        return "decimals would be rounded to floats" if pa.types.is_floating(a) or pa.types.is_floating(b) else None
+    if (_is_text(a) and _is_bytes(b)) or (_is_bytes(a) and _is_text(b)):
+        return "text would become bytes"
     if pa.types.is_struct(a) and pa.types.is_struct(b):
-        return any(_rounds_decimals(a.field(f.name).type, f.type) for f in b if a.get_field_index(f.name) >= 0)
-    if hasattr(a, "value_type") and hasattr(b, "value_type"):  # lists of any kind
-        return _rounds_decimals(a.value_type, b.value_type)
-    return False
+        return next((w for f in b if a.get_field_index(f.name) >= 0 and (w := _value_change(a.field(f.name).type, f.type))), None)
+    if hasattr(a, "value_type") and hasattr(b, "value_type"):  # lists of any kind (and dictionaries)
+        return _value_change(a.value_type, b.value_type)
+    return None
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or t == pa.string_view()
+
+
+def _is_bytes(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t) or t == pa.binary_view()
 
 
 def _parquet_parts(path: Path) -> list[tuple[pa.Schema, Callable[[], Iterator[pa.Table]]]]:

@@ -31,7 +31,8 @@ def load_reusable(job: JobConfig) -> dict[str, Completion]:
             response = json.loads(schema.metadata[b"komt_batch"])["response_column"] if b"komt_batch" in (schema.metadata or {}) else "response"
             t = pq.read_table(path, columns=[*cols, response])
         except (OSError, KeyError, ValueError, pa.ArrowException) as e:
-            raise JobError(f"{job.source}: input.reuse: {path} is not a readable komt-batch output ({e})") from None
+            why = f"no column {e}" if isinstance(e, KeyError) else (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise JobError(f"{job.source}: input.reuse: {path} is not a readable komt-batch output ({why})") from None
         for fp, reason, pt, ct, resp in zip(*(t.column(c).to_pylist() for c in [*cols, response])):
             if reason != "error" and fp:
                 found.setdefault(fp, Completion(resp, reason, pt, ct))

@@ -23,16 +23,24 @@ def slurm_shard(env: dict[str, str] | None = None) -> tuple[int, int]:
     Array task k of K with T tasks per job (one per GPU, from srun) runs shard k*T + rank of K*T.
     """
     env = os.environ if env is None else env
-    tasks = int(env.get("SLURM_NTASKS", "1") or 1)
-    rank = int(env.get("SLURM_PROCID", "0") or 0)
+
+    def number(name: str, default: int) -> int:
+        value = env.get(name, "") or str(default)
+        if not value.strip().isdigit():
+            raise JobError(f"{name}={value!r}: expected a number (the SLURM environment); or give --shard I/N")
+        return int(value)
+
+    tasks, rank = number("SLURM_NTASKS", 1), number("SLURM_PROCID", 0)
     if "SLURM_ARRAY_TASK_ID" in env:
-        task = int(env["SLURM_ARRAY_TASK_ID"])
-        low = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        task = number("SLURM_ARRAY_TASK_ID", 0)
+        low = number("SLURM_ARRAY_TASK_MIN", 0)
         if "SLURM_ARRAY_TASK_COUNT" in env:
-            count = int(env["SLURM_ARRAY_TASK_COUNT"])
+            count = number("SLURM_ARRAY_TASK_COUNT", 1)
         else:
-            count = int(env.get("SLURM_ARRAY_TASK_MAX", task)) - low + 1
+            count = number("SLURM_ARRAY_TASK_MAX", task) - low + 1
         task -= low
     else:
         task, count = 0, 1
+    if not (tasks >= 1 and count >= 1 and 0 <= task < count and 0 <= rank < tasks):
+        raise JobError(f"the SLURM environment gives shard {task * tasks + rank} of {count * tasks}, which does not exist; or give --shard I/N")
     return task * tasks + rank, count * tasks

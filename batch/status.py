@@ -73,10 +73,13 @@ def status(job: JobConfig, shards: int | None = None) -> dict:
     for n in [shards] if shards else shard_counts(ckpt):
         if n and n > 1:
             owner = assign_shards(plan.chunks, n)
-            result[f"shards_of_{n}"] = {
+            per_shard = {
                 f"{s}/{n}": f"{sum(1 for c in finished_chunks if owner[c] == s)}/{owner.count(s)} chunks"
-                for s in range(n)
+                for s in sorted(set(owner))  # (shards past the chunk count own none: not listed one by one)
             }
+            if n > len(per_shard):
+                per_shard["others"] = f"{n - len(per_shard)} shards own no chunk"
+            result[f"shards_of_{n}"] = per_shard
     return result
 
 
@@ -124,5 +127,6 @@ def merge(job: JobConfig, shards: int | None, stop: StopFlag) -> dict:
             raise JobError(f"{job.source}: the input or settings changed since the plan was made: " + "; ".join(changes))
         remove_stale_temporaries(job)
         stop.check("before writing the final file; nothing was lost")
+        stop.start_work("finishing the final file first (every row is done)")
         made = {"job": job.source, "generated_rows": plan.manifest["planned_rows"], "reused_rows": plan.manifest["reused_rows"]}
         return finish_job(job, rows, ckpt, done, plan, stop, made)

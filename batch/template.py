@@ -13,6 +13,10 @@ class Template:
     text: str
     fields: tuple[str, ...]  # the input columns the template uses, in order of first use
 
+    def uses(self, name: str) -> int:
+        """How many times the template places column `name`."""
+        return sum(field == name for _, field, _, _ in string.Formatter().parse(self.text))
+
     @classmethod
     def parse(cls, text: str, where: str = "<job>") -> Template:
         fields: list[str] = []

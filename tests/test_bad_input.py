@@ -90,6 +90,8 @@ CASES = {
     "response column clash": (("args", ["output.response_column=instruction"]), "output", "already has a column 'instruction'"),
     "bad quantization": (("args", ["model.quantization=fp8"]), "model.quantization", "must be one of nf4, int8, none"),
     "bad override": (("args", ["generation"]), "override", "expected dotted.key=value"),
+    "temperature not a number": (("args", ["generation.temperature=.nan"]), "generation.temperature", "must be a number > 0"),
+    "a GPU that is not there": (("args", ["model.device_map=cuda:7"]), "model.device_map: cuda:7", "torch sees"),
 }
 
 
@@ -166,6 +168,18 @@ def test_too_long_truncate_keeps_the_template(tmp_path, capsys):
     assert row["finish_reason"] == "length" and row["completion_tokens"] == 8
     assert row["prompt_tokens"] <= 2048 - 8 and row["prompt_tokens"] > 1900
     assert row["error"].startswith("truncated: field 'instruction' cut from")
+
+
+def test_too_long_truncate_cuts_a_field_the_template_uses_twice(tmp_path, capsys):
+    """Each token cut from the field shortens the prompt twice: the cut still stops near the limit."""
+    rows = [{"id": "long", "instruction": "질문 " * 3000 + "끝"}]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    job = make_job(tmp_path, src, input={"too_long": "truncate"}, generation={"max_new_tokens": 8},
+                   prompt={"template": "### instruction: {instruction}\n\n(again: {instruction})\n\n### Response:"})
+    assert main(["run", str(job), "--no-progress"]) == 0
+    (row,) = read_output(tmp_path / "out" / "result.parquet")
+    assert row["error"].startswith("truncated: field 'instruction' cut from") and row["completion_tokens"] == 8
+    assert 1900 < row["prompt_tokens"] <= 2048 - 8
 
 
 def inject(monkeypatch, fail):

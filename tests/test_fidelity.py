@@ -200,6 +200,16 @@ REFUSED = {
         {"d/a.parquet": pa.table({"q": ["a"], "n": pa.array([Decimal("0.1")], pa.decimal128(10, 2))}),
          "d/b.jsonl": lines('{"q": "b", "n": 0.5}')}, "d",
         "d/b.jsonl: column 'n' is double here but decimal128(10, 2) in"),
+    "text in one file, bytes in another": (
+        {"d/a.parquet": pa.table({"q": ["a"], "t": ["hello"]}), "d/b.parquet": pa.table({"q": ["b"], "t": pa.array([b"x"], pa.binary())})}, "d",
+        "d/b.parquet: column 't' is binary here but string in"),
+    "text in one file, bytes in another, inside a struct": (
+        {"d/a.parquet": pa.table({"q": ["a"], "m": [{"t": "hi"}]}),
+         "d/b.parquet": pa.table({"q": ["b"], "m": pa.array([{"t": b"x"}], pa.struct([("t", pa.large_binary())]))})}, "d",
+        "d/b.parquet: column 'm' is struct<t: large_binary> here but struct<t: string> in"),
+    "dictionary-encoded in one file, plain in another": (
+        {"d/a.parquet": pa.table({"q": ["a"], "c": pa.array(["x"]).dictionary_encode()}), "d/b.parquet": pa.table({"q": ["b"], "c": ["y"]})}, "d",
+        "d/b.parquet: column 'c' is string here but dictionary<values=string, indices=int32, ordered=0> in"),
     "a partition key that is also a column": (
         {"d/lang=ko/a.jsonl": lines('{"q": "a", "lang": "en"}')}, "d",
         "d/lang=ko/a.jsonl: column 'lang' is in the file and in its folder name lang=ko"),
@@ -230,6 +240,18 @@ def test_a_value_that_would_change_is_refused_at_its_line(tmp_path, capsys, no_m
     job = make_job(tmp_path, tmp_path / path, input={"id_column": None}, prompt={"template": TEMPLATE})
     message = refusal(tmp_path, capsys, job)
     assert f"{tmp_path}/{fragment}" in message, message
+
+
+@pytest.mark.parametrize(("name", "why"), [
+    ("text in one file, bytes in another", "text would become bytes"),
+    ("text in one file, bytes in another, inside a struct", "text would become bytes"),
+    ("dictionary-encoded in one file, plain in another", "a column is dictionary-encoded in every file or in none"),
+])
+def test_a_refused_join_says_why(tmp_path, capsys, no_model, name, why):
+    files, path, _ = REFUSED[name]
+    lay_out(tmp_path, files)
+    job = make_job(tmp_path, tmp_path / path, input={"id_column": None}, prompt={"template": TEMPLATE})
+    assert refusal(tmp_path, capsys, job).endswith(f"; {why}")
 
 
 def test_the_line_is_right_across_arrow_batches(tmp_path, capsys, no_model, monkeypatch):

@@ -36,6 +36,8 @@ def test_shards_balance_tokens():
     loads = [sum(c.tokens for c in chunks if owner[c.index] == s) for s in range(2)]
     assert sorted(loads) == [150, 170]  # the best split: {100, 10 x 5} and {90, 80}
     assert assign_shards(chunks, 1) == [0] * len(chunks)
+    # more shards than chunks: one chunk each, the rest none -- in time and memory of the chunks, not the shards
+    assert assign_shards(chunks, 10**20) == assign_shards(chunks, len(chunks) + 3) == list(range(len(chunks)))
 
 
 def greedy_reference(lengths, max_new_tokens, max_batch_size, max_batch_tokens):

@@ -74,3 +74,33 @@ def test_truncated_parquet(tmp_path):
     (tmp_path / "t.parquet").write_bytes(data[: len(data) // 2])
     with pytest.raises(JobError, match="t.parquet: not a readable Parquet file"):
         read_files([tmp_path / "t.parquet"])
+
+
+@pytest.mark.parametrize("fresh", [False, True])  # into the cache, or (a file changed just now) converted once
+def test_a_full_disk_in_the_input_cache_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, fresh):
+    import errno
+    import os
+    import time
+
+    from batch import readers
+    from batch.errors import WriteError
+
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"q": "a"}\n')
+    if not fresh:
+        old = time.time() - 60
+        os.utime(src, (old, old))
+    cache = tmp_path / "xdg"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    convert = readers._convert
+
+    def full(files, root, target):
+        convert(files, root, target)  # written whole, then the disk is full (e.g. at its last block)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(readers, "_convert", full)
+    with pytest.raises(WriteError) as e:
+        read_files([src])
+    assert str(e.value).startswith(f"cannot write the input cache {cache / 'komt-batch' / 'inputs'} (No space left on device)")
+    assert e.value.exit_code == 74
+    assert [p.name for p in (cache / "komt-batch" / "inputs").iterdir() if not p.name.endswith(".lock")] == []

@@ -72,6 +72,20 @@ def test_shard_from_slurm_environment(env, expected):
     assert slurm_shard(env) == expected
 
 
+@pytest.mark.parametrize(
+    "env, fragment",
+    [
+        ({"SLURM_ARRAY_TASK_ID": "x", "SLURM_ARRAY_TASK_COUNT": "4"}, "SLURM_ARRAY_TASK_ID='x': expected a number"),
+        ({"SLURM_PROCID": "1", "SLURM_NTASKS": "-2"}, "SLURM_NTASKS='-2': expected a number"),
+        ({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "4"}, "gives shard 5 of 4, which does not exist"),
+    ],
+)
+def test_a_malformed_slurm_environment_is_one_clear_error(env, fragment):
+    with pytest.raises(JobError) as e:
+        slurm_shard(env)
+    assert fragment in str(e.value) and "--shard I/N" in str(e.value)
+
+
 def test_parse_shard():
     assert parse_shard("1/4") == (1, 4)
     for bad in ("4/4", "x", "1/0", "-1/2"):
