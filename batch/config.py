@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -96,8 +98,8 @@ class GenerationSettings:
         _at_least(where, "generation.top_k", self.top_k, 0)
         if not 0 < self.top_p <= 1:
             raise JobError(f"{where}: generation.top_p: must be in (0, 1], got {self.top_p}")
-        if self.temperature <= 0:
-            raise JobError(f"{where}: generation.temperature: must be > 0, got {self.temperature}")
+        if not 0 < self.temperature < math.inf:  # (NaN too)
+            raise JobError(f"{where}: generation.temperature: must be a number > 0, got {self.temperature}")
         if any(not s for s in self.stop):
             raise JobError(f"{where}: generation.stop: stop words must be non-empty strings")
 
@@ -152,7 +154,7 @@ class CheckpointConfig:
 
     def validate(self, where: str) -> None:
         _at_least(where, "checkpoint.every_rows", self.every_rows, 1)
-        if self.every_seconds <= 0:
+        if not self.every_seconds > 0:  # (NaN too; .inf: by rows only)
             raise JobError(f"{where}: checkpoint.every_seconds: must be > 0, got {self.every_seconds}")
 
 
@@ -220,18 +222,28 @@ def load_job(path: str | Path, overrides: list[str] = (), fill: dict[str, str] |
         raise JobError(f"{where}: the job file must be a mapping of sections (model, input, ...)")
     for item in overrides:
         _apply_override(raw, item, where)
-    job = _build(JobConfig, raw, where, prefix="")
-    job.source, job.text = where, text
-    for key in PATHS:
-        section_name, name = key.split(".")
-        section = getattr(job, section_name)
-        value = getattr(section, name)
-        if value and fill and key in PLACEHOLDER_PATHS:
-            value = fill_placeholders(value, fill, where, key)
-        if value:
-            setattr(section, name, expand_home(value, where, key))
-    job.validate()
+    try:
+        job = _build(JobConfig, raw, where, prefix="")
+        job.source, job.text = where, text
+        for key in PATHS:
+            section_name, name = key.split(".")
+            section = getattr(job, section_name)
+            value = getattr(section, name)
+            if value and fill and key in PLACEHOLDER_PATHS:
+                value = fill_placeholders(value, fill, where, key)
+            if value:
+                setattr(section, name, expand_home(value, where, key))
+        job.validate()
+    except JobError as e:
+        raise JobError(_blame_overrides(str(e), overrides)) from None
     return job
+
+
+def _blame_overrides(message: str, overrides: list[str]) -> str:
+    """A job-file error about a key that a command-line override set says so (the file is not at fault)."""
+    keys = [item.partition("=")[0] for item in overrides]
+    named = [item for item, key in zip(overrides, keys) if re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", message)]
+    return message + (f" (set on the command line: {named[-1]})" if named else "")
 
 
 def expand_home(value: str, where: str, key: str) -> str:
@@ -262,6 +274,9 @@ def _apply_override(raw: dict, item: str, where: str) -> None:
         parsed = value
     if isinstance(parsed, dict):  # "Q: {question}" is text, not a mapping: values are scalars (or lists)
         parsed = value
+    if type(parsed) in (int, float):  # remember how it was written, for a text setting (010 stays '010', not 8)
+        parsed = _WRITTEN[type(parsed)](parsed)
+        parsed.text = value
     node = raw
     parts = key.split(".")
     for p in parts[:-1]:
@@ -269,6 +284,17 @@ def _apply_override(raw: dict, item: str, where: str) -> None:
         if not isinstance(node, dict):
             raise JobError(f"override {item!r}: {p} is not a section")
     node[parts[-1]] = parsed
+
+
+class _WrittenInt(int):
+    text: str
+
+
+class _WrittenFloat(float):
+    text: str
+
+
+_WRITTEN = {int: _WrittenInt, float: _WrittenFloat}
 
 
 def _build(cls: type, raw: Any, where: str, prefix: str) -> Any:
@@ -300,7 +326,7 @@ def _coerce(tp: Any, value: Any, where: str, key: str) -> Any:
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
+            return int(value)
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -308,7 +334,7 @@ def _coerce(tp: Any, value: Any, where: str, key: str) -> Any:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool) and not key.endswith("template"):
-            return str(value)
+            return getattr(value, "text", str(value))
     elif typing.get_origin(tp) is list:
         if isinstance(value, str):
             value = [value]

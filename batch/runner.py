@@ -98,6 +98,7 @@ def run(job: JobConfig, shard: int, shards: int, stop: StopFlag, restart: bool =
     fresh = opened.make_plan() if not resuming and (shards == 1 or restart) else None
     opened.refuse_to_replace(resuming, restart)
     stop.check(NOTHING_DONE)
+    stop.start_work()
     with ckpt.job_lock(shard, shards, restart):
         if not restart and output_state(job, opened.input_fp, opened.settings_fp)[0] == "done":  # finished by another process meanwhile
             if not job.checkpoint.keep:
@@ -248,13 +249,13 @@ def plan(job: JobConfig, restart: bool = False) -> dict:
 
 
 def validate(job: JobConfig) -> dict:
-    """Check the job file, the input and the paths, and plan it in memory, without loading the model's weights."""
-    check_output_writable(job)
-    rows = read_rows(job)
-    Checkpoint(job.parts_dir).check_place(job, rows.files)
+    """Check the job file, the input and the paths as `run` does (a file at output.path included),
+    and plan it in memory, without loading the model's weights."""
+    opened = Opened.check(job)
+    opened.refuse_to_replace(resuming=opened.ckpt.manifest_path.exists(), restart=False)
+    rows = opened.rows
     result = {"job": job.source, "input_files": len(rows.files), "rows": rows.table.num_rows}
-    tokenizer, context = load_tokenizer(job.model, job.source)
-    manifest, _, settled = make_plan(job, rows, tokenizer, context, settings_fingerprint(job))
+    manifest, _, settled = opened.make_plan()
     result.update(
         planned_rows=manifest["planned_rows"],
         reused_rows=manifest["reused_rows"],
@@ -262,8 +263,8 @@ def validate(job: JobConfig) -> dict:
         errors_by_cause=count_results(settled)["errors_by_cause"],
         batches=len(manifest["batch_sizes"]),
         chunks=len(manifest["chunks"]),
-        context=context,
+        context=opened.context,
         output=job.output.path,
-        state="valid",
+        state="done" if opened.state == "done" else "valid",  # (done: a run leaves the finished output alone)
     )
     return result

@@ -29,6 +29,7 @@ class StopFlag:
     def __init__(self):
         self.received: int | None = None
         self.complete = False  # the work is written: a signal no longer matters
+        self.working: str | None = None  # past start-up's checks: what a signal now leads to (said when one comes)
         self._previous: dict[int, object] = {}
 
     @classmethod
@@ -47,6 +48,10 @@ class StopFlag:
         restore the default action, which ends the process with 128 + the signal's number)."""
         for s in self.SIGNALS:
             signal.signal(s, signal.SIG_IGN)
+
+    def start_work(self, on_signal: str = "no new batch starts; finishing the rows in flight, then checkpointing") -> None:
+        """Start-up's checks are passed: from now on a signal lets the work in hand finish (`on_signal` says how)."""
+        self.working = on_signal
 
     def finished(self) -> None:
         """The work is written: from now on a signal changes nothing."""
@@ -69,9 +74,7 @@ class StopFlag:
         if signum == signal.SIGINT and self.received == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signum
-        print(
-            f"\nkomt-batch: got {self.name}: no new batch starts; finishing the rows in flight, then checkpointing "
-            "(press Ctrl-C again to stop at once)",
-            file=sys.stderr,
-            flush=True,
-        )
+        if not self.working:
+            print(f"\nkomt-batch: got {self.name} during start-up: stopping before any work", file=sys.stderr, flush=True)
+            return
+        print(f"\nkomt-batch: got {self.name}: {self.working} (press Ctrl-C again to stop at once)", file=sys.stderr, flush=True)

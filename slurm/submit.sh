@@ -72,6 +72,7 @@ export KOMT_TIME=${KOMT_TIME:-$now_time}
 export KOMT_BATCH=${KOMT_BATCH:-komt-batch}
 export KOMT_ARGS=${KOMT_ARGS:-}
 export KOMT_MAX_REQUEUES=${KOMT_MAX_REQUEUES:-20}
+unset KOMT_SHARDS  # (for reruns of single shards by hand: the array's tasks take their shards from the array)
 
 # The jobs open logs/... before running a single line of the script; a
 # missing directory makes them fail with no log at all.

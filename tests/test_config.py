@@ -47,6 +47,10 @@ def test_overrides_are_yaml_scalars(tmp_path):
         ("generation:\n  max_new_tokens: lots\n", [], "generation.max_new_tokens: expected an integer, got str 'lots'"),
         ("", ["generation.max_new_tokens=-1"], "generation.max_new_tokens: must be >= 1"),
         ("", ["generation.top_p=1.5"], "generation.top_p: must be in (0, 1]"),
+        ("", ["generation.temperature=.nan"], "generation.temperature: must be a number > 0, got nan"),
+        ("", ["generation.temperature=.inf"], "generation.temperature: must be a number > 0, got inf"),
+        ("", ["generation.temperature=0"], "generation.temperature: must be a number > 0, got 0"),
+        ("", ["checkpoint.every_seconds=.nan"], "checkpoint.every_seconds: must be > 0, got nan"),
         ("", ["model.quantization=fp4"], "model.quantization: must be one of nf4, int8, none"),
         ("", ["generation.do_sample=maybe"], "generation.do_sample: expected true/false"),
         ("", ["nonsense"], "expected dotted.key=value"),
@@ -63,6 +67,33 @@ def test_errors_name_file_and_field(tmp_path, extra, overrides, fragment):
     assert fragment in str(e.value)
     if not overrides:
         assert str(p) in str(e.value)
+
+
+def test_a_text_setting_given_on_the_command_line_is_taken_as_written(tmp_path):
+    p = write(tmp_path, BASE)
+    for text in ("010", "0x1F", "1:30", "1e3", "12"):  # YAML would read 8, 31, 90, 1000.0, 12
+        job = load_job(p, [f"output.response_column={text}", "generation.max_new_tokens=0x10", "generation.top_p=.5"])
+        assert job.output.response_column == text
+        assert (job.generation.max_new_tokens, job.generation.top_p) == (16, 0.5)  # numbers stay YAML's numbers
+        assert type(job.generation.max_new_tokens) is int and type(job.generation.top_p) is float
+
+
+def test_an_error_in_a_value_set_on_the_command_line_says_so(tmp_path):
+    p = write(tmp_path, BASE + "generation:\n  max_new_tokens: 8\n")
+    cases = {
+        "generation.max_new_token=64": "unknown key generation.max_new_token; did you mean generation.max_new_tokens? "
+                                       "(set on the command line: generation.max_new_token=64)",
+        "generation.max_new_tokens=abc": "generation.max_new_tokens: expected an integer, got str 'abc' "
+                                         "(set on the command line: generation.max_new_tokens=abc)",
+        "generation.top_k=-1": "generation.top_k: must be >= 0, got -1 (set on the command line: generation.top_k=-1)",
+    }
+    for item, message in cases.items():
+        with pytest.raises(JobError) as e:
+            load_job(p, ["generation.top_p=0.5", item])
+        assert str(e.value) == f"{p}: {message}"
+    with pytest.raises(JobError) as e:  # the file's own error: no override named
+        load_job(write(tmp_path, BASE + "generation:\n  max_new_tokens: lots\n"), ["generation.top_p=0.5"])
+    assert "command line" not in str(e.value)
 
 
 def test_yaml_syntax_error_has_line(tmp_path):

@@ -63,6 +63,7 @@ def test_a_signal_at_start_up_exits_75_and_writes_nothing(tmp_path, sig):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err
     assert f"stopped by {sig.name} before any work; nothing was written" in err and "Traceback" not in err
+    assert f"got {sig.name} during start-up: stopping before any work" in err and "finishing the rows in flight" not in err
     assert not (tmp_path / "out").exists()
 
 

@@ -54,6 +54,7 @@ def test_a_finished_job_is_left_alone_until_restart(tmp_path, capsys):
     assert (out.read_bytes(), out.stat().st_mtime_ns) == before
     assert sorted(p.name for p in out.parent.iterdir()) == ["result.parquet", "result.summary.json"]  # no checkpoint made
     assert main(["status", str(job)]) == 0 and summary(capsys.readouterr().out)["state"] == "done"
+    assert main(["validate", str(job)]) == 0 and summary(capsys.readouterr().out)["state"] == "done"  # (a run would do nothing)
     assert main(["run", str(job), "--no-progress", "--restart"]) == 0  # regenerates on purpose
     assert summary(capsys.readouterr().out)["generated_rows"] == "4"
     assert out.stat().st_mtime_ns != before[1] and pq.read_table(out).equals(pq.read_table(pa.BufferReader(before[0])))
@@ -66,12 +67,14 @@ def test_a_finished_job_with_other_input_or_settings_is_refused_until_restart(tm
     assert main(["run", str(job), "--no-progress"]) == 0
     written = out.read_bytes()
     capsys.readouterr()
-    assert main(["run", str(job), "--no-progress", "generation.max_new_tokens=6"]) == 2
-    line = one_line(capsys)
-    assert "output.path" in line and "generation.max_new_tokens: 8 -> 6" in line and "--restart" in line
+    for command in ("run", "validate"):  # validate finds what run would refuse
+        assert main([command, str(job), "generation.max_new_tokens=6"]) == 2
+        line = one_line(capsys)
+        assert "output.path" in line and "generation.max_new_tokens: 8 -> 6" in line and "--restart" in line
     write_jsonl(src, rows(4))
-    assert main(["run", str(job), "--no-progress"]) == 2
-    assert "input rows: 3 -> 4" in one_line(capsys)
+    for command in ("run", "validate"):
+        assert main([command, str(job)]) == 2
+        assert "input rows: 3 -> 4" in one_line(capsys)
     assert main(["status", str(job)]) == 0
     assert "input rows: 3 -> 4" in capsys.readouterr().out
     assert out.read_bytes() == written and not out.with_name("result.parquet.parts").exists()
@@ -80,10 +83,30 @@ def test_a_finished_job_with_other_input_or_settings_is_refused_until_restart(tm
     capsys.readouterr()
     # a file komt-batch did not write is never replaced, not even with --restart
     out.write_bytes(b"someone else's file")
-    for args in ([], ["--restart"]):
-        assert main(["run", str(job), "--no-progress", *args]) == 2
+    for args in (["run"], ["run", "--restart"], ["validate"]):
+        assert main([*args, str(job)]) == 2
         assert "exists and komt-batch did not write it" in one_line(capsys)
     assert out.read_bytes() == b"someone else's file"
+
+
+def test_an_edit_to_a_column_the_prompts_do_not_use_is_an_input_change(tmp_path, capsys):
+    """The output carries every input column: a label edited in place (same ids, prompts and file size)
+    must not leave the finished output "done" with the old label."""
+    data = [{**r, "label": "cat"} for r in rows(3)]
+    src = write_jsonl(tmp_path / "in.jsonl", data)
+    job = make_job(tmp_path, src, **OPTS)
+    out = tmp_path / "out" / "result.parquet"
+    assert main(["run", str(job), "--no-progress"]) == 0
+    size = src.stat().st_size
+    write_jsonl(src, [{**r, "label": "cow"} if r["id"] == data[1]["id"] else r for r in data])
+    assert src.stat().st_size == size
+    capsys.readouterr()
+    for command in ("run", "validate"):
+        assert main([command, str(job)]) == 2
+        assert "input content: in.jsonl changed (other columns than the ids and prompts)" in one_line(capsys)
+    assert pq.read_table(out).column("label").to_pylist() == ["cat"] * 3  # left as it was until --restart
+    assert main(["run", str(job), "--no-progress", "--restart"]) == 0
+    assert pq.read_table(out).column("label").to_pylist() == ["cat", "cow", "cat"]
 
 
 @pytest.mark.parametrize("keep", [False, True])

@@ -73,6 +73,7 @@ def test_sigterm_commits_and_exits_75_then_resumes(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 75, err
     assert "To resume, run: komt-batch run" in err
+    assert "got SIGTERM: no new batch starts; finishing the rows in flight, then checkpointing" in err
     committed = parts(out)
     assert committed, "rows finished before SIGTERM must be committed"  # every_rows is larger than the job
     done_rows = sum(pq.read_metadata(p).num_rows for p in committed)

@@ -128,7 +128,25 @@ def test_a_failed_shard_blocks_the_merge_and_merge_names_it(slurm, tmp_path):
     )
     assert p.returncode == 1
     assert "missing shards (of 3): 1/3" in p.stderr
-    assert not (tmp_path / "out" / f"2026-11-27-{sub.array_id}" / "result.parquet").exists()
+    out = tmp_path / "out" / f"2026-11-27-{sub.array_id}" / "result.parquet"
+    assert not out.exists()
+    # the README's recipe: the shard rerun alone (KOMT_SHARDS: task 1 is shard 1/3, not 0/1), then merge
+    rerun = slurm.sbatch(
+        ["--export=ALL", "--array=1", "--time=10", "--cpus-per-task=1", "--mem=100M", str(ROOT / "slurm" / "komt-array.sbatch")],
+        cwd=tmp_path,
+        env={**sub.env, "KOMT_BATCH": real_cli(), "KOMT_JOB": str(tmp_path / "job.yaml"), "KOMT_DATE": "2026-11-27",
+             "KOMT_TIME": "020000", "KOMT_RUN_ID": sub.array_id, "KOMT_SHARDS": "3"},
+    )
+    assert slurm.wait(f"{rerun}_1", timeout=300) == "COMPLETED", slurm.debug_report(rerun)
+    log = (tmp_path / "logs" / f"komt-batch-{rerun}_1.out").read_text()
+    assert "shard=1/3" in log and "(shard 1/3;" in log, log
+    assert not out.exists()  # a shard writes its chunks only: the merge writes the file
+    p = subprocess.run(
+        [sys.executable, "-m", "batch", "merge", "job.yaml", "--shards", "3", "--date", "2026-11-27", "--run-id", sub.array_id],
+        cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
+    )
+    assert p.returncode == 0, p.stderr
+    assert pq.read_table(out).column("id").to_pylist() == [r["id"] for r in prompts(36)]
 
 
 def test_two_processes_per_array_task_are_two_shards(slurm, tmp_path):

@@ -6,4 +6,11 @@ from pathlib import Path
 
 from batch.bench.report import format_report
 
-print(format_report(json.loads(Path(sys.argv[1]).read_text())))
+if len(sys.argv) != 2:
+    sys.exit("usage: python -m batch.bench REPORT.json (the JSON komt-batch bench writes: its output setting)")
+try:
+    report = json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))
+    table = format_report(report)
+except (OSError, ValueError, KeyError, TypeError) as e:
+    sys.exit(f"python -m batch.bench: {sys.argv[1]}: not a bench report ({type(e).__name__}: {e})")
+print(table)

@@ -112,6 +112,8 @@ def build_model(cfg: BenchConfig, tokenizer, root: Path) -> dict:
     tune = make_prompts(cfg, tokenizer, m.tune_prompts, cfg.seed + 7)
     eos_id, stop_id = tokenizer.eos_token_id, stop_token(tokenizer, cfg.stop)
     banned = [eos_id] + ([stop_id] if stop_id is not None else [])
+    print(f"bench: tuning where answers end: greedy runs of {len(tune)} prompts x {cfg.max_new_tokens} tokens, with and without the adapter",
+          file=sys.stderr, flush=True)
     t1 = time.perf_counter()
     # with and without the adapter: it moves the hidden states, and both kinds of variant should spread
     hidden, best = record_greedy_runs(peft_model.get_base_model(), tokenizer, tune, cfg.max_new_tokens, banned, device)
