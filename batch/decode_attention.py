@@ -9,11 +9,12 @@ bytes it reads.
 
 PyTorch's memory-efficient attention kernel (the one sdpa runs with a mask on a GPU) also takes
 sequences of their own lengths: sequence b's queries start at seqstart_q[b], its keys at
-seqstart_k[b], and it reads seqlen_k[b] of them. In the cache's buffer [slots, kv heads, columns,
-head_dim], each (row, kv head) has its columns contiguous, a fixed stride apart: that is such a
-sequence, with seqlen_k = the row's position + 1; its queries are the row's query heads that share the
-kv head (no mask among them: a decode step has one position per row). So every row reads its own
-keys only, from device tensors: a step keeps its shapes and addresses, and is still captured as a graph.
+seqstart_k[b], and it reads seqlen_k[b] of them, in every head. In the cache's buffer [slots, kv
+heads, columns, head_dim] a row's columns are contiguous in each kv head, the heads a fixed stride
+apart, the rows too: each row is such a sequence, with seqlen_k = its position + 1, and its queries
+are its query heads grouped by the kv head they share (no mask among them: a decode step has one
+position per row). So every row reads its own keys only, from device tensors: a step keeps its
+shapes and addresses, and is still captured as a graph. (The grid is rows x kv heads, as sdpa's.)
 
 The kernel is a private op of PyTorch (`aten::_efficient_attention_forward`), GPU only. It is used
 where `check` finds it and its output matches sdpa's on random data in the model's dtype; else decode
@@ -25,6 +26,7 @@ starts and lengths, query heads grouped by kv head) is tested on the CPU against
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -38,31 +40,34 @@ CHECK_TOLERANCE = 0.02  # the kernel's output may be this far from sdpa's (relat
 
 
 def efficient_attention_kernel(query, key, value, seqstart_q, seqstart_k, max_q: int, max_k: int, seqlen_k, scale: float) -> torch.Tensor:
-    """PyTorch's memory-efficient attention over variable-length sequences (CUDA): query [1, Q, 1, D]
-    packed, key and value [1, K, 1, D]; sequence b is queries seqstart_q[b]:seqstart_q[b+1] over keys
-    seqstart_k[b] : seqstart_k[b] + seqlen_k[b] (int32 device tensors). Returns [1, Q, 1, D]."""
+    """PyTorch's memory-efficient attention over variable-length sequences (CUDA): query [1, Q, H, D]
+    packed, key and value [1, K, H, D]; sequence b is queries seqstart_q[b]:seqstart_q[b+1] over keys
+    seqstart_k[b] : seqstart_k[b] + seqlen_k[b] (int32 device tensors), in each of the H heads.
+    Returns [1, Q, H, D]."""
     return torch.ops.aten._efficient_attention_forward(
         query, key, value, None, seqstart_q, seqstart_k, max_q, max_k, 0.0, 0, False, scale=scale, seqlen_k=seqlen_k
     )[0]
 
 
 def reference_kernel(query, key, value, seqstart_q, seqstart_k, max_q: int, max_k: int, seqlen_k, scale: float) -> torch.Tensor:
-    """efficient_attention_kernel's contract in plain torch (any device; for the tests): the keys of
-    sequence b are gathered from seqstart_k[b] on, those from seqlen_k[b] on masked out."""
+    """efficient_attention_kernel's contract in plain torch (any device; for the tests). It refuses
+    what the kernel would read out of bounds: a sequence's keys past the tensor, or more than max_k."""
     starts_q, starts_k, lengths = seqstart_q.long(), seqstart_k.long(), seqlen_k.long()
+    assert bool((starts_k[:-1] + lengths <= key.shape[1]).all() and (lengths <= max_k).all() and (lengths >= 0).all()), "keys out of bounds"
+    assert bool((starts_q[1:] - starts_q[:-1] <= max_q).all() and starts_q[-1] <= query.shape[1]), "queries out of bounds"
     columns = torch.arange(max_k, device=query.device)
     at = (starts_k[:-1, None] + columns).clamp(max=key.shape[1] - 1)  # [seqs, max_k]
-    keys, values = key[0, at, 0].float(), value[0, at, 0].float()  # [seqs, max_k, D]
+    keys, values = key[0, at].float(), value[0, at].float()  # [seqs, max_k, H, D]
     counts = starts_q[1:] - starts_q[:-1]
     rows = (starts_q[:-1, None] + torch.arange(max_q, device=query.device)).clamp(max=query.shape[1] - 1)
-    queries = query[0, rows, 0].float()  # [seqs, max_q, D]
-    scores = queries @ keys.transpose(1, 2) * scale
-    scores = scores.masked_fill(~(columns < lengths[:, None])[:, None, :], float("-inf"))
-    out = torch.softmax(scores, -1) @ values  # [seqs, max_q, D]
-    packed = torch.zeros_like(query[0, :, 0], dtype=torch.float32)
+    queries = query[0, rows].float()  # [seqs, max_q, H, D]
+    scores = torch.einsum("sqhd,skhd->shqk", queries, keys) * scale
+    scores = scores.masked_fill(~(columns < lengths[:, None])[:, None, None, :], float("-inf"))
+    out = torch.einsum("shqk,skhd->sqhd", torch.softmax(scores, -1), values)
+    packed = torch.zeros(query.shape[1:], dtype=torch.float32, device=query.device)
     valid = torch.arange(max_q, device=query.device) < counts[:, None]
     packed[rows[valid]] = out[valid]
-    return packed.to(query.dtype)[None, :, None, :]
+    return packed.to(query.dtype)[None]
 
 
 @dataclass
@@ -74,50 +79,61 @@ class RowKeys:
     kernel: Callable = efficient_attention_kernel
     _sequences: dict = field(default_factory=dict, repr=False)
 
-    def sequences(self, kv_heads: int, group: int, stride: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """seqstart_q, seqstart_k and seqlen_k of the step's (row, kv head) sequences: made by the first
-        layer, the same for the others."""
-        key = (kv_heads, group, stride)
-        if key not in self._sequences:
-            seqs, device = len(self.lengths) * kv_heads, self.lengths.device
-            self._sequences[key] = (
-                torch.arange(0, (seqs + 1) * group, group, dtype=torch.int32, device=device),
-                torch.arange(0, (seqs + 1) * stride, stride, dtype=torch.int32, device=device),
-                self.lengths.repeat_interleave(kv_heads),
+    def sequences(self, group: int, row_stride: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """seqstart_q, seqstart_k and seqlen_k of the step's rows (`row_stride`: a row's keys are this
+        many key positions after the previous row's): made by the first layer, the same for the others."""
+        if (group, row_stride) not in self._sequences:
+            rows, device = len(self.lengths), self.lengths.device
+            self._sequences[group, row_stride] = (
+                torch.arange(0, (rows + 1) * group, group, dtype=torch.int32, device=device),
+                torch.arange(0, (rows + 1) * row_stride, row_stride, dtype=torch.int32, device=device),
+                self.lengths,
             )
-        return self._sequences[key]
+        return self._sequences[group, row_stride]
+
+
+def fits(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """One query position per row, over views of one slot-cache buffer [slots, Hk, W, D]: D
+    contiguous, columns D apart, heads W columns apart, rows Hk heads apart (keys and values alike)."""
+    _, heads, width, dim = key.shape
+    evenly = key.stride(3) == 1 and key.stride(2) == dim and key.stride(1) % dim == 0 and key.stride(0) == heads * key.stride(1)
+    return query.shape[2] == 1 and query.shape[1] % heads == 0 and evenly and key.stride() == value.stride() and key.shape == value.shape
 
 
 def rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keys: RowKeys, scale: float) -> torch.Tensor:
     """Attention of one position per row over its first keys.lengths[i] columns. query [B, Hq, 1, D];
-    key and value [B, Hk, C, D]: views of a buffer whose (row, kv head) pairs are evenly spaced (the
-    slot cache's). Returns [B, 1, Hq, D], as transformers' attention functions do."""
-    rows, heads, q, dim = query.shape
-    kv_heads, columns = key.shape[1], key.shape[2]
-    if q != 1 or not all(_evenly_spaced(t) for t in (key, value)) or key.stride() != value.stride():
+    key and value [B, Hk, C, D]: views of the slot cache's buffer (`fits`). Returns [B, 1, Hq, D], as
+    transformers' attention functions do.
+
+    Row b is sequence b of the kernel, in each of the Hk heads: its keys start at b * Hk * W key
+    positions of a view whose heads are W positions apart (W: the buffer's columns), its queries are
+    the group = Hq / Hk query heads of each kv head (query head h * group + g uses kv head h, as
+    transformers' repeat_kv has it). The grid is rows x heads, as sdpa's."""
+    if not fits(query, key, value):
         raise ValueError("rows_attention: one query position per row over slot-cache views")
-    group, stride = heads // kv_heads, key.stride(1) // dim  # query heads per kv head; a sequence's columns in the buffer
-    seqs = rows * kv_heads
-    seqstart_q, seqstart_k, seqlen_k = keys.sequences(kv_heads, group, stride)
-    packed_q = query.reshape(1, seqs * group, 1, dim)
-    packed_k, packed_v = (torch.as_strided(t, (1, seqs * stride, 1, dim), (seqs * stride * dim, dim, dim, 1)) for t in (key, value))
+    rows, heads, _, dim = query.shape
+    kv_heads, columns = key.shape[1], key.shape[2]
+    group, width = heads // kv_heads, key.stride(1) // dim
+    seqstart_q, seqstart_k, seqlen_k = keys.sequences(group, kv_heads * width)
+    packed_q = query.reshape(rows, kv_heads, group, dim).transpose(1, 2).reshape(1, rows * group, kv_heads, dim)
+    size, strides = (1, (rows - 1) * kv_heads * width + width, kv_heads, dim), (rows * kv_heads * width * dim, dim, width * dim, 1)
+    packed_k, packed_v = (torch.as_strided(t, size, strides) for t in (key, value))
     out = keys.kernel(packed_q, packed_k, packed_v, seqstart_q, seqstart_k, group, columns, seqlen_k, scale)
-    return out.reshape(rows, heads, 1, dim).transpose(1, 2)
+    return out.reshape(rows, group, kv_heads, dim).transpose(1, 2).reshape(rows, 1, heads, dim)
 
 
-def _evenly_spaced(t: torch.Tensor) -> bool:
-    """[B, H, C, D] with D contiguous, columns D apart, heads a whole number of columns apart, and rows
-    H heads apart: the (row, head) pairs are sequences of one buffer, each `stride(1) / D` columns long."""
-    _, heads, _, dim = t.shape
-    return t.stride(3) == 1 and t.stride(2) == dim and t.stride(1) % dim == 0 and t.stride(0) == heads * t.stride(1)
+_warned = []
 
 
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, row_keys: RowKeys | None = None, **kwargs):
     """The attention implementation NAME: rows_attention in a decode step (which passes row_keys),
-    sdpa otherwise."""
-    if row_keys is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    return rows_attention(query, key, value, row_keys, scaling if scaling is not None else query.shape[-1] ** -0.5), None
+    sdpa with the mask otherwise -- also for a step whose tensors are not slot-cache views (said once)."""
+    if row_keys is not None and fits(query, key, value):
+        return rows_attention(query, key, value, row_keys, scaling if scaling is not None else query.shape[-1] ** -0.5), None
+    if row_keys is not None and not _warned:
+        _warned.append(1)
+        print("komt-batch: decode attention: a step's keys are not slot-cache views; sdpa with the mask instead", file=sys.stderr, flush=True)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 AttentionInterface.register(NAME, attention)
@@ -136,11 +152,12 @@ def reading_rows(config):
 
 
 @torch.no_grad()
-def check(device: torch.device, dtype: torch.dtype, kernel: Callable = efficient_attention_kernel) -> tuple[bool, str]:
+def check(device: torch.device, dtype: torch.dtype, heads: int = 4, kv_heads: int = 2, dim: int = 128,
+          kernel: Callable = efficient_attention_kernel) -> tuple[bool, str]:
     """Does `kernel` run here and give sdpa's output (with the mask) on random rows of mixed lengths,
-    in `dtype`? Returns (use it, why) -- the why for the log."""
+    in `dtype`, with the model's heads, kv heads and head size? Returns (use it, why) -- the why for the log."""
     gen = torch.Generator(device="cpu").manual_seed(0)
-    rows, heads, kv_heads, columns, width, dim = 6, 4, 2, 40, 48, 128
+    rows, columns, width = 6, 40, 48
 
     def rand(*shape):
         return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)

@@ -189,7 +189,7 @@ class Engine:
         self.fixed_shapes = cuda and cuda_graphs if fixed_shapes is None else fixed_shapes
         self.lookahead = 1 if self.fixed_shapes else 0  # decode steps launched before the host reads the previous one's tokens
         if rows_kernel is None and cuda and attention == "sdpa":  # (the CPU's decode steps read only the columns their rows fill)
-            rows_kernel = _checked_rows_kernel(self.device, model.get_input_embeddings().weight.dtype)
+            rows_kernel = _checked_rows_kernel(self.device, model.get_input_embeddings().weight.dtype, model.config)
         self.step = DecodeStep(self._logits, settings, sorted(set(eos)), self.device, mask_dtype, graphs=cuda and cuda_graphs and self.fixed_shapes,
                                rows_kernel=rows_kernel)
         # time in the model's prefills, decode steps, and decode steps that captured a CUDA graph
@@ -480,10 +480,13 @@ class SafeGenerator:
         return [c for p, s in zip(prompts, seeds) for c in self._generate([p], [s])]
 
 
-def _checked_rows_kernel(device, dtype) -> Callable | None:
+def _checked_rows_kernel(device, dtype, config) -> Callable | None:
     """The kernel for decode attention over each row's own keys, if it runs here and gives sdpa's
-    output (batch.decode_attention.check); the choice is logged."""
-    ok, why = check(device, dtype)
+    output with the model's head shapes (batch.decode_attention.check); the choice is logged."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    ok, why = check(device, dtype, heads, kv_heads, dim)
     if ok:
         print(f"komt-batch: decode attention: each row reads its own keys only ({why})", file=sys.stderr, flush=True)
         return efficient_attention_kernel

@@ -33,12 +33,12 @@ def test_each_rows_own_keys_give_sdpas_output_with_the_mask(heads, kv_heads):
     seen = []
 
     def kernel(*args):
-        seen.append(args[-2].tolist())  # seqlen_k: one per (row, kv head)
+        seen.append(args[-2].tolist())  # seqlen_k
         return reference_kernel(*args)
 
     got = rows_attention(query, key, value, RowKeys(lengths.int(), kernel), dim**-0.5)
     torch.testing.assert_close(got, masked_sdpa(query, key, value, lengths), rtol=1e-5, atol=1e-5)
-    assert seen == [lengths.repeat_interleave(kv_heads).tolist()]
+    assert seen == [lengths.tolist()]  # one sequence per row, in each kv head
     # the keys past a row's length are never read: garbage there changes nothing
     buffer_k[:, :, 12:] = float("nan")
     short = torch.tensor([1, 12, 6, 12, 2])
@@ -54,13 +54,31 @@ def test_only_views_of_one_buffer_are_taken():
         rows_attention(torch.randn(2, 2, 2, 8), key, key, RowKeys(torch.tensor([1, 2]).int(), reference_kernel), 1.0)
 
 
+def test_a_step_whose_keys_are_not_slot_cache_views_gets_sdpa(capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(decode_attention, "_warned", [])
+    torch.manual_seed(1)
+    query, key, value = torch.randn(3, 4, 1, 8), torch.randn(3, 2, 5, 8), torch.randn(3, 2, 5, 8)
+    key = key.transpose(2, 3).contiguous().transpose(2, 3)  # columns not D apart: not the slot cache's layout
+    lengths = torch.tensor([1, 5, 3])
+    mask = (torch.arange(5) < lengths[:, None])[:, None, None, :]
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=False)
+    for _ in range(2):
+        out, _ = decode_attention.attention(module, query, key, value, mask, scaling=8**-0.5, row_keys=RowKeys(lengths.int(), reference_kernel))
+        torch.testing.assert_close(out, masked_sdpa(query, key, value, lengths), rtol=1e-5, atol=1e-5)
+    assert capsys.readouterr().err.count("not slot-cache views; sdpa with the mask instead") == 1
+
+
 def test_the_kernel_is_used_only_where_it_runs_and_matches_sdpa():
     ok, why = check(torch.device("cpu"), torch.float32)  # PyTorch's kernel is GPU-only
     assert not ok and why.startswith("its kernel does not run here (NotImplementedError"), why
-    ok, why = check(torch.device("cpu"), torch.float32, lambda q, *args: torch.zeros_like(q))
+    ok, why = check(torch.device("cpu"), torch.float32, kernel=lambda q, *args: torch.zeros_like(q))
     assert (ok, why) == (False, "its kernel's output is 100.00% from sdpa's (at most 2% allowed)")
-    assert check(torch.device("cpu"), torch.float32, reference_kernel) == (True, "its kernel's output is 0.00% from sdpa's")
-    assert check(torch.device("cpu"), torch.bfloat16, reference_kernel)[0]  # bf16 rounding is within the bound
+    assert check(torch.device("cpu"), torch.float32, kernel=reference_kernel) == (True, "its kernel's output is 0.00% from sdpa's")
+    assert check(torch.device("cpu"), torch.bfloat16, kernel=reference_kernel)[0]  # bf16 rounding is within the bound
+    for heads, kv_heads, dim in [(32, 32, 128), (8, 1, 64), (6, 3, 16)]:  # a model's own shapes (Llama-2-7B: 32, 32, 128)
+        assert check(torch.device("cpu"), torch.float32, heads, kv_heads, dim, kernel=reference_kernel)[0]
 
 
 @pytest.mark.parametrize("variant", ["float32", "nf4+lora"])
@@ -69,7 +87,7 @@ def test_every_row_decodes_as_alone_reading_its_own_keys(variant):
     sdpa = load(variant)
     ids = sdpa.tokenize(prompts_40()[:24])
     expected = [reference(sdpa, p) for p in ids]
-    read = []  # (keys a row reads, columns the step reads) of every (row, kv head)
+    read = []  # (keys a row reads, columns the step reads) of every row
 
     def kernel(query, key, value, seqstart_q, seqstart_k, max_q, max_k, seqlen_k, scale):
         read.extend((n, max_k) for n in seqlen_k.tolist())
