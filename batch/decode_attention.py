@@ -95,8 +95,8 @@ class RowKeys:
 def fits(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     """One query position per row, over views of one slot-cache buffer [slots, Hk, W, D]: D
     contiguous, columns D apart, heads W columns apart, rows Hk heads apart (keys and values alike)."""
-    _, heads, width, dim = key.shape
-    evenly = key.stride(3) == 1 and key.stride(2) == dim and key.stride(1) % dim == 0 and key.stride(0) == heads * key.stride(1)
+    _, heads, columns, dim = key.shape
+    evenly = key.stride(3) == 1 and key.stride(2) == dim and key.stride(1) % dim == 0 and key.stride(1) >= columns * dim and key.stride(0) == heads * key.stride(1)
     return query.shape[2] == 1 and query.shape[1] % heads == 0 and evenly and key.stride() == value.stride() and key.shape == value.shape
 
 
