@@ -337,20 +337,19 @@ def _merged_field(old: pa.Field, new: pa.Field, file: Path, origin: Path) -> pa.
     problem = f"{file}: column {new.name!r} is {new.type} here but {old.type} in {origin}"
     if why := _value_change(old.type, new.type):
         raise JobError(f"{problem}; {why}")
-    try:
-        return pa.unify_schemas([pa.schema([old]), pa.schema([new])], promote_options="permissive").field(0)
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        plain = [f.type.value_type if pa.types.is_dictionary(f.type) else f.type for f in (old, new)]
-        encoded = plain != [old.type, new.type] and _unifies(*plain)  # the same values, dictionary-encoded in one file only
-        raise JobError(f"{problem}; " + ("a column is dictionary-encoded in every file or in none" if encoded else "a column holds one type of value")) from None
+    if (merged := _unified(old, new)) is not None:
+        return merged
+    plain = [f.with_type(f.type.value_type) if pa.types.is_dictionary(f.type) else f for f in (old, new)]
+    encoded = plain != [old, new] and _unified(*plain) is not None  # the same values, dictionary-encoded in one file only
+    raise JobError(f"{problem}; " + ("a column is dictionary-encoded in every file or in none" if encoded else "a column holds one type of value"))
 
 
-def _unifies(a: pa.DataType, b: pa.DataType) -> bool:
+def _unified(a: pa.Field, b: pa.Field) -> pa.Field | None:
+    """pyarrow's permissive promotion of two fields; None where it has none."""
     try:
-        pa.unify_schemas([pa.schema([("x", a)]), pa.schema([("x", b)])], promote_options="permissive")
+        return pa.unify_schemas([pa.schema([a]), pa.schema([b])], promote_options="permissive").field(0)
     except (pa.ArrowInvalid, pa.ArrowTypeError):
-        return False
-    return True
+        return None
 
 
 def _value_change(a: pa.DataType, b: pa.DataType) -> str | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 
 from batch.checkpoint import PROGRESS_COLUMNS, Checkpoint, Done, StoredPlan
@@ -73,10 +75,8 @@ def status(job: JobConfig, shards: int | None = None) -> dict:
     for n in [shards] if shards else shard_counts(ckpt):
         if n and n > 1:
             owner = assign_shards(plan.chunks, n)
-            per_shard = {
-                f"{s}/{n}": f"{sum(1 for c in finished_chunks if owner[c] == s)}/{owner.count(s)} chunks"
-                for s in sorted(set(owner))  # (shards past the chunk count own none: not listed one by one)
-            }
+            owned, finished = Counter(owner), Counter(owner[c] for c in finished_chunks)  # (one pass each, whatever n is)
+            per_shard = {f"{s}/{n}": f"{finished[s]}/{owned[s]} chunks" for s in sorted(owned)}  # (shards past the chunk count own none: not listed one by one)
             if n > len(per_shard):
                 per_shard["others"] = f"{n - len(per_shard)} shards own no chunk"
             result[f"shards_of_{n}"] = per_shard
