@@ -13,9 +13,9 @@ import pytest
 from batch.bench import main as bench_main
 from batch.bench.measuring import peak_bandwidth, roof_share
 from batch.bench.model import tilt_output_rows
-from batch.bench.modes import run_mode
+from batch.bench.modes import run_mode, run_vllm
 from batch.bench.run import cross_targets
-from batch.bench.settings import DEFAULT_JOB, MODE_LABELS, MODES, load_bench
+from batch.bench.settings import DEFAULT_JOB, MODE_LABELS, MODES, VLLM_PYTHON_ENV, load_bench
 from batch.errors import JobError
 
 MODE_FIELDS = [
@@ -173,6 +173,26 @@ def test_bad_settings_are_one_line_errors():
         load_bench(None, ["fixed_limit=0"])
     with pytest.raises(JobError, match="mode_budget: must be > 0"):
         load_bench(None, ["mode_budget=0"])
+
+
+@pytest.mark.parametrize("in_file, in_env, used", [
+    (None, None, None),  # neither: mode 7 is skipped (no machine's path as a default)
+    (None, "env-python", "env-python"),
+    ("file-python", "env-python", "file-python"),
+    ("file-python", None, "file-python"),
+])
+def test_vllm_python_is_the_bench_files_key_else_the_environment(monkeypatch, tmp_path, in_file, in_env, used):
+    if in_env:
+        monkeypatch.setenv(VLLM_PYTHON_ENV, str(tmp_path / in_env))
+    else:
+        monkeypatch.delenv(VLLM_PYTHON_ENV, raising=False)
+    cfg = load_bench(DEFAULT_JOB, [f"vllm_python={tmp_path / in_file}"] if in_file else [])
+    assert cfg.vllm_python == (str(tmp_path / used) if used else None)
+    note = run_vllm(cfg, None, None, None, [], None, tmp_path / "vllm.log")["skipped"]
+    if used:
+        assert note == f"vllm_python {str(tmp_path / used)!r} not found (docs/performance.md, the vLLM peer: how to install it)"
+    else:
+        assert note == "no vLLM python: set vllm_python in the bench file or KOMT_VLLM_PYTHON (docs/performance.md, the vLLM peer)"
 
 
 def test_the_tilt_gives_the_runs_with_and_without_the_adapter_the_same_mean_length():

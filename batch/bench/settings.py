@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from batch.errors import JobError
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_JOB = ROOT / "jobs" / "bench.yaml"
 VLLM_TOOL = ROOT / "tools" / "vllm_bench.py"
+VLLM_PYTHON_ENV = "KOMT_VLLM_PYTHON"  # vLLM's python when the bench file's vllm_python is null
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MODES = ("single", "fixed", "engine", "dequantized", "sampling", "generate_batch", "vllm")
 MODE_LABELS = {
@@ -78,7 +80,7 @@ class BenchConfig:
     compute_dtype: str = "float32"  # for quantized variants (and the model built on a GPU)
     device: str = "cpu"  # cpu | cuda
     seed: int = 0
-    vllm_python: str | None = "/opt/vllm-venv/bin/python"  # None / absent: mode 7 is skipped
+    vllm_python: str | None = None  # vLLM's python for mode 7; None: $KOMT_VLLM_PYTHON; neither: mode 7 is skipped
     vllm_kv_cache_gib: float = 2.0
     vllm_timeout: float = 3600.0
     threads: int | None = None  # torch threads (None: torch's default, one per core)
@@ -161,5 +163,7 @@ def load_bench(path: str | Path | None, overrides: list[str] = ()) -> BenchConfi
     for item in overrides:
         _apply_override(raw, item, where)
     cfg = _build(BenchConfig, raw, where, prefix="")
+    if cfg.vllm_python is None:
+        cfg.vllm_python = os.environ.get(VLLM_PYTHON_ENV) or None
     cfg.validate(where)
     return cfg
