@@ -133,3 +133,32 @@ def test_merged_and_unmerged_adapters_agree_on_the_greedy_answers(tokenizer):
     same = [a.response == b.response for a, b in zip(unmerged.generate(ids, [0] * len(ids)), merged.generate(ids, [0] * len(ids)))]
     print(f"merged == unmerged on {sum(same)} of {len(same)} greedy answers")
     assert sum(same) >= 38
+
+
+class _MatmulDtypes(torch.utils._python_dispatch.TorchDispatchMode):
+    """The dtypes of every matrix product a forward runs (aten.mm / addmm / bmm / linear)."""
+
+    OPS = {"mm", "addmm", "bmm", "linear", "matmul"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[torch.dtype] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.OPS:
+            self.seen.add(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("weights", ["dequantized", "nf4"])
+def test_the_unmerged_adapter_computes_in_the_compute_dtype(tokenizer, weights):
+    """With bf16 compute, peft's default (float32 adapter weights, float32 LoRA GEMMs beside the base's
+    bf16 ones: seen on the H200's profile) is not what runs: the adapter's weights and every matrix
+    product of a forward are bf16. A merged adapter is still folded in float32 (peft's merge)."""
+    model, _ = load_model(config(weights, "bfloat16"), tokenizer=tokenizer)
+    lora = {name: w.dtype for name, w in model.named_parameters() if ".lora_" in name}
+    assert len(lora) == 2 * 7 * 2 and set(lora.values()) == {torch.bfloat16}
+    enc = tokenizer(prompts_40()[:2], return_tensors="pt", padding=True)
+    with torch.no_grad(), _MatmulDtypes() as products:
+        model(**enc)
+    assert products.seen and torch.float32 not in products.seen, products.seen
