@@ -39,6 +39,16 @@ NAME = "komt_rows"  # the attention implementation decode steps switch the model
 CHECK_TOLERANCE = 0.02  # the kernel's output may be this far from sdpa's (relative L2): rounding, not a bug
 
 
+def planless_sdpa() -> str:
+    """sdpa on a GPU without cuDNN's attention: cuDNN builds a plan on the host for every new shape,
+    and every prefill group has its own (the H200 profile of 2026-12-04: `_cudnn_attention_forward`
+    took 794 ms of CPU for 36 ms of GPU over 736 prefill calls). The memory-efficient kernel (flash
+    where there is no mask) needs no plan. Process-wide, as sdpa's backend switches are. Returns the
+    log line."""
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    return "prefill attention: sdpa without cuDNN (no per-shape plan on the host)"
+
+
 def efficient_attention_kernel(query, key, value, seqstart_q, seqstart_k, max_q: int, max_k: int, seqlen_k, scale: float) -> torch.Tensor:
     """PyTorch's memory-efficient attention over variable-length sequences (CUDA): query [1, Q, H, D]
     packed, key and value [1, K, H, D]; sequence b is queries seqstart_q[b]:seqstart_q[b+1] over keys

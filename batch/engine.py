@@ -43,7 +43,7 @@ import torch
 from transformers import DynamicCache
 
 from batch.config import BatchingConfig, GenerationSettings, ModelConfig
-from batch.decode_attention import RowKeys, check, efficient_attention_kernel, reading_rows
+from batch.decode_attention import RowKeys, check, efficient_attention_kernel, planless_sdpa, reading_rows
 from batch.decode_step import DecodeStep, row_bucket
 from batch.kv_cache import SlotCache, compact_order, to_device
 from batch.loading import first_line, load_model
@@ -188,6 +188,8 @@ class Engine:
         cuda = self.device.type == "cuda"
         self.fixed_shapes = cuda and cuda_graphs if fixed_shapes is None else fixed_shapes
         self.lookahead = 1 if self.fixed_shapes else 0  # decode steps launched before the host reads the previous one's tokens
+        if cuda and attention == "sdpa":
+            print(f"komt-batch: {planless_sdpa()}", file=sys.stderr, flush=True)
         if rows_kernel is None and cuda and attention == "sdpa":  # (the CPU's decode steps read only the columns their rows fill)
             rows_kernel = _checked_rows_kernel(self.device, model.get_input_embeddings().weight.dtype, model.config)
         self.step = DecodeStep(self._logits, settings, sorted(set(eos)), self.device, mask_dtype, graphs=cuda and cuda_graphs and self.fixed_shapes,

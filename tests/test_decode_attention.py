@@ -124,3 +124,23 @@ def test_on_a_gpu_pytorchs_kernel_reads_each_rows_own_keys(capsys):
         assert engine.step.rows_kernel is decode_attention.efficient_attention_kernel
         assert streamed(engine, ids, 8, 10**9, shuffle=True) == expected
     assert "decode attention: each row reads its own keys only" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_a_gpu_prefill_attention_builds_no_cudnn_plans(capsys):
+    """An engine on a GPU turns sdpa's cuDNN backend off (a host-side plan for every prefill group's
+    shape): a prefill of groups of new shapes runs no cuDNN attention kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from batch.config import GenerationSettings
+    from batch.loading import load_model
+    from tests.test_exactness import model_config
+
+    model, tokenizer = load_model(model_config("float32+lora", device_map="cuda:0"))
+    engine = Engine(model, tokenizer, GenerationSettings(max_new_tokens=4, do_sample=False))
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+    assert "prefill attention: sdpa without cuDNN" in capsys.readouterr().err
+    ids = engine.tokenize(prompts_40())
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        streamed(engine, ids, 8, 10**9, shuffle=True)
+    assert not [e.key for e in prof.key_averages() if "cudnn_attention" in e.key]
