@@ -13,7 +13,7 @@ import pytest
 from batch.bench import main as bench_main
 from batch.bench.measuring import peak_bandwidth, roof_share
 from batch.bench.model import tilt_output_rows
-from batch.bench.modes import run_mode, run_vllm
+from batch.bench.modes import OverBudget, run_generate_batch, run_mode, run_vllm
 from batch.bench.run import cross_targets
 from batch.bench.settings import DEFAULT_JOB, MODE_LABELS, MODES, VLLM_PYTHON_ENV, load_bench
 from batch.errors import JobError
@@ -130,6 +130,43 @@ def test_a_failing_or_overrunning_mode_is_recorded_as_skipped(capsys):
     assert run_mode("fixed", lambda: time.sleep(10), cfg)["skipped"] == "stopped after its budget of 0.5s (mode_budget)"
     assert time.perf_counter() - start < 5
     assert run_mode("single", lambda: {"rows": 1}, cfg) == {"rows": 1}
+
+
+def test_generate_batch_past_its_own_budget_says_what_it_finished(monkeypatch):
+    """Mode 6 has its own budget (generate_batch_budget); stopped by it, it reports the rows it had
+    finished and their rate, not the error transformers logs as its manager is torn down. The budget's
+    alarm is raised here when the third row finishes (an event, not a time)."""
+    import contextlib
+
+    from batch.loading import load_model
+    from tests.test_exactness import model_config, prompts_40
+
+    model, tokenizer = load_model(model_config("float32"))
+    real = model.continuous_batching_context_manager
+
+    @contextlib.contextmanager
+    def alarm_at_the_third_row(*args, **kwargs):
+        with real(*args, **kwargs) as manager:
+            get, finished = manager.get_result, []
+
+            def get_result(timeout=None):
+                r = get(timeout=timeout)
+                finished.extend([r] if r is not None and r.is_finished() else [])
+                if len(finished) == 3:
+                    raise OverBudget
+                return r
+
+            manager.get_result = get_result
+            yield manager
+
+    monkeypatch.setattr(model, "continuous_batching_context_manager", alarm_at_the_third_row)
+    cfg = load_bench(None, ["max_batch_size=4", "max_batch_tokens=4096", "max_new_tokens=8", "mode_budget=1", "generate_batch_budget=600"])
+    result = run_mode("generate_batch", lambda: run_generate_batch(model, tokenizer, prompts_40()[:12], cfg, None), cfg)
+    why = result["skipped"]
+    assert why.startswith("stopped after its budget of 600s (generate_batch_budget): 2 of 12 rows finished after a "), why
+    assert why.endswith(" tok/s over the finished rows (a lower bound)"), why
+    with pytest.raises(JobError, match="generate_batch_budget: must be > 0"):
+        load_bench(None, ["generate_batch_budget=0"])
 
 
 def test_dequantized_is_compared_with_the_float32_job_and_like_for_like():

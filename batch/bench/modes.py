@@ -242,18 +242,23 @@ def run_generate_batch(model, tokenizer, prompts: list[str], cfg: BenchConfig, r
     if cfg.device == "cpu":
         limits = ContinuousBatchingConfig(max_requests_per_batch=cfg.max_batch_size, num_blocks=math.ceil(cfg.max_batch_tokens / limits.page_size))
     t0 = time.perf_counter()
-    with model.continuous_batching_context_manager(generation_config=config, continuous_batching_config=limits, block=True, timeout=5,
-                                                   workload_hints=hints) as manager:
-        setup = time.perf_counter() - t0
-        results: dict = {}
-        with Measured(model, cfg.device) as clock:
-            keys = manager.add_requests(inputs=ids, max_new_tokens=cfg.max_new_tokens)
-            while len(results) < len(keys):
-                r = manager.get_result(timeout=1)
-                if r is not None and r.is_finished():
-                    results[r.request_id] = r
-                elif r is None and not manager.is_running():
-                    raise RuntimeError(f"generate_batch's generation thread stopped with {len(keys) - len(results)} rows unfinished")
+    setup, results = None, {}
+    try:
+        with model.continuous_batching_context_manager(generation_config=config, continuous_batching_config=limits, block=True, timeout=5,
+                                                       workload_hints=hints) as manager:
+            setup = time.perf_counter() - t0
+            with Measured(model, cfg.device) as clock:
+                keys = manager.add_requests(inputs=ids, max_new_tokens=cfg.max_new_tokens)
+                while len(results) < len(keys):
+                    r = manager.get_result(timeout=1)
+                    if r is not None and r.is_finished():
+                        results[r.request_id] = r
+                    elif r is None and not manager.is_running():
+                        raise RuntimeError(f"generate_batch's generation thread stopped with {len(keys) - len(results)} rows unfinished")
+    except OverBudget:
+        # (on the way out transformers logs "Tried to perform a generation step before the batch processor was
+        # initialized": its thread's next step after the manager is torn down, not the cause)
+        raise OverBudget(_partial_rate(results, len(ids), t0, setup)) from None
     failed = [results[k].error for k in keys if results[k].error]
     if failed:
         raise RuntimeError(f"generate_batch: {len(failed)} rows failed: {failed[0]}")
@@ -330,29 +335,45 @@ def skipped(mode: str, why: str) -> dict:
 
 
 class OverBudget(BaseException):
-    """A mode ran past mode_budget. A BaseException: the engine and transformers catch Exception (to
-    redo rows, or to log and go on), and this must stop the mode, not be retried."""
+    """A mode ran past its budget. A BaseException: the engine and transformers catch Exception (to
+    redo rows, or to log and go on), and this must stop the mode, not be retried. Its argument, if
+    any, says what the mode had done by then."""
+
+
+def _partial_rate(results: dict, rows: int, t0: float, setup: float | None) -> str:
+    """What generate_batch had done when its budget ran out: the rows finished and their tokens per
+    second since its setup (a lower bound: the rows still running had generated tokens too)."""
+    if setup is None:
+        return f"still in its setup (paged cache, warm-up) after {time.perf_counter() - t0:.1f}s"
+    elapsed = time.perf_counter() - t0 - setup
+    tokens = sum(len(r.generated_tokens) for r in results.values())
+    return (f"{len(results)} of {rows} rows finished after a {setup:.1f}s setup, {tokens} tokens in {elapsed:.1f}s: "
+            f"{tokens / elapsed:.1f} tok/s over the finished rows (a lower bound)")
 
 
 def run_mode(mode: str, run, cfg: BenchConfig) -> dict:
-    """run() within cfg.mode_budget seconds; a failure or an overrun becomes a skipped mode, with why,
-    and the bench goes on to the next mode (its memory freed)."""
+    """run() within its budget (cfg.mode_budget seconds; generate_batch_budget for mode 6, when set);
+    a failure or an overrun becomes a skipped mode, with why (and what it had done, where the mode
+    says), and the bench goes on to the next mode (its memory freed)."""
 
     def stop(signum, frame):
         raise OverBudget
 
-    previous = signal.signal(signal.SIGALRM, stop) if cfg.mode_budget else None
-    if cfg.mode_budget:
-        signal.setitimer(signal.ITIMER_REAL, cfg.mode_budget)
+    own = mode == "generate_batch" and cfg.generate_batch_budget is not None
+    budget = cfg.generate_batch_budget if own else cfg.mode_budget
+    previous = signal.signal(signal.SIGALRM, stop) if budget else None
+    if budget:
+        signal.setitimer(signal.ITIMER_REAL, budget)
     try:
         return run()
-    except OverBudget:
-        return skipped(mode, f"stopped after its budget of {cfg.mode_budget:g}s (mode_budget)")
+    except OverBudget as over:
+        key = "generate_batch_budget" if own else "mode_budget"
+        return skipped(mode, f"stopped after its budget of {budget:g}s ({key})" + (f": {over.args[0]}" if over.args else ""))
     except Exception as e:  # noqa: BLE001 -- one mode's failure must not cost the others' figures
         traceback.print_exc()
         return skipped(mode, f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
     finally:
-        if cfg.mode_budget:
+        if budget:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
         release_memory(cfg.device)

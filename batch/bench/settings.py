@@ -76,6 +76,7 @@ class BenchConfig:
     fixed_limit: int | None = None  # mode 2 on the first K prompts only (None: all)
     modes: list[str] = field(default_factory=lambda: list(MODES))
     mode_budget: float | None = None  # seconds a mode may run before it is stopped and recorded as skipped
+    generate_batch_budget: float | None = None  # mode 6's own budget in place of mode_budget (None: mode_budget)
     variants: list[str] = field(default_factory=lambda: ["float32", "nf4+lora"])
     compute_dtype: str = "float32"  # for quantized variants (and the model built on a GPU)
     device: str = "cpu"  # cpu | cuda
@@ -104,6 +105,8 @@ class BenchConfig:
             raise JobError(f"{where}: modes: {unknown[0]!r} is not a mode; choose from {', '.join(MODES)}" if unknown else f"{where}: modes: at least one of {', '.join(MODES)}")
         if self.mode_budget is not None and self.mode_budget <= 0:
             raise JobError(f"{where}: mode_budget: must be > 0 seconds (or null for none), got {self.mode_budget}")
+        if self.generate_batch_budget is not None and not self.generate_batch_budget > 0:
+            raise JobError(f"{where}: generate_batch_budget: must be > 0 seconds (or null for mode_budget), got {self.generate_batch_budget}")
         if self.device not in ("cpu", "cuda"):
             raise JobError(f"{where}: device: must be cpu or cuda, got {self.device!r}")
         if self.compute_dtype not in DTYPES:
