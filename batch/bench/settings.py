@@ -159,7 +159,7 @@ def load_bench(path: str | Path | None, overrides: list[str] = ()) -> BenchConfi
         if not isinstance(raw, dict):
             raise JobError(f"{where}: the bench file must be a mapping of settings")
     for item in overrides:
-        _apply_override(raw, item, where)
+        _apply_override(raw, item, where, BenchConfig)
     cfg = _build(BenchConfig, raw, where, prefix="")
     cfg.validate(where)
     return cfg
