@@ -323,9 +323,11 @@ def _parse_override(tp: Any, value: str, what: str, blame: str) -> Any:
         return None if optional and value in ("", "null") else value
     if typing.get_origin(tp) is list:
         return _text_list(value, what, blame)
+    if not value.strip():
+        return None  # unset: an optional setting's default; refused for the others
     try:  # a number, true/false or a section: one YAML value, and nothing after it (a comment would be lost)
         node = yaml.compose(value, Loader=yaml.SafeLoader)
-        if node is None or not value[node.end_mark.index :].strip():
+        if node is not None and not value[node.end_mark.index :].strip():
             return yaml.safe_load(value)
     except yaml.YAMLError:
         pass
@@ -412,7 +414,7 @@ def _coerce(tp: Any, value: Any, where: str, key: str) -> Any:
             return None
         (tp,) = [a for a in args if a is not type(None)]
     if isinstance(value, _Plain):  # a text setting takes the text as written; others YAML's value
-        value = value.text if tp is str else value.value
+        value = value.text if tp is str or typing.get_origin(tp) is list else value.value
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -433,7 +435,7 @@ def _coerce(tp: Any, value: Any, where: str, key: str) -> Any:
             if all(isinstance(v, str) for v in value):
                 return value
         raise JobError(f"{where}: {key}: expected a list of strings, got {_kind(value)}")
-    raise JobError(f"{where}: {key}: expected {_type_name(tp)}, got {_kind(value)} {value!r}")
+    raise JobError(f"{where}: {key}: expected {_type_name(tp)}, got {_kind(value)}{'' if value is None else f' {value!r}'}")
 
 
 def _type_name(tp: Any) -> str:
