@@ -218,7 +218,7 @@ def load_job(path: str | Path, overrides: list[str] = (), fill: dict[str, str] |
         line = f" at line {mark.line + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e)
         raise JobError(f"{where}: YAML syntax error{line}: {problem}") from None
-    if raw is None:
+    if raw is None or isinstance(raw, _Plain) and raw.value is None:
         raw = {}
     if not isinstance(raw, dict):
         raise JobError(f"{where}: the job file must be a mapping of sections (model, input, ...)")
@@ -365,8 +365,8 @@ def _text_list(value: str, what: str, blame: str) -> list[str]:
 
 
 class _JobLoader(yaml.SafeLoader):
-    """YAML's safe loader that keeps the text of plain scalars it reads as numbers, true/false or
-    dates: a text setting takes them as written (`response_column: 010` is '010', not 8)."""
+    """YAML's safe loader that keeps the text of plain scalars it reads as numbers, true/false, dates
+    or null: a text setting takes them as written (`response_column: 010` is '010', not 8)."""
 
 
 @dataclass(frozen=True)
@@ -383,7 +383,7 @@ def _keeping_text(construct):
     return construct_plain
 
 
-for _tag in ("bool", "int", "float", "timestamp"):
+for _tag in ("bool", "int", "float", "timestamp", "null"):
     _tag = f"tag:yaml.org,2002:{_tag}"
     _JobLoader.add_constructor(_tag, _keeping_text(yaml.SafeLoader.yaml_constructors[_tag]))
 
@@ -406,6 +406,10 @@ def _build(cls: type, raw: Any, where: str, prefix: str) -> Any:
 
 
 def _coerce(tp: Any, value: Any, where: str, key: str) -> Any:
+    if isinstance(value, _Plain) and value.value is None:  # null, nothing, or ~
+        if value.text == "~" and str in (tp, *typing.get_args(tp)):  # a text setting: a path?
+            raise JobError(f"{where}: {key}: ~ is YAML's null (nothing), not the home folder; write '~' in quotes for the text ~, or null for nothing")
+        value = None
     if dataclasses.is_dataclass(tp):
         return _build(tp, value if value is not None else {}, where, key + ".")
     args = typing.get_args(tp)

@@ -150,7 +150,11 @@ JOB_FILE = {
     "output:\n  path: out/x.parquet\n  response_column: 2026-11-27\n": ("output.response_column", "2026-11-27"),
     "output:\n  path: out/x.parquet\n  response_column: '010'\n": ("output.response_column", "010"),
     "input:\n  path: in.jsonl\n  id_column: 007\n": ("input.id_column", "007"),
-    "input:\n  path: in.jsonl\n  id_column: ~\n": ("input.id_column", None),  # an optional setting: YAML's null unsets it
+    "input:\n  path: in.jsonl\n  id_column: null\n": ("input.id_column", None),  # an optional setting: YAML's null unsets it
+    "input:\n  path: in.jsonl\n  id_column:\n": ("input.id_column", None),
+    "checkpoint:\n  dir: '~'\n": ("checkpoint.dir", "/home/me"),
+    "batching:\n  running_rows: ~\n": ("batching.running_rows", None),  # not a text setting: YAML's null
+    "generation:\n  stop: [~, null, yes]\n": ("generation.stop", ["~", "null", "yes"]),  # as on the command line
     "model:\n  adapter: null\n": ("model.adapter", None),
     "generation:\n  stop: [010, yes, 1.0]\n": ("generation.stop", ["010", "yes", "1.0"]),
     "generation:\n  stop: 0x1F\n": ("generation.stop", ["0x1F"]),
@@ -161,14 +165,21 @@ JOB_FILE = {
 
 
 @pytest.mark.parametrize("text", list(JOB_FILE))
-def test_a_text_setting_in_the_job_file_keeps_the_text_as_written(tmp_path, text):
+def test_a_text_setting_in_the_job_file_keeps_the_text_as_written(tmp_path, monkeypatch, text):
+    monkeypatch.setenv("HOME", "/home/me")
     key, expected = JOB_FILE[text]
     value = setting(load_job(write(tmp_path, BASE + text)), key)
     assert value == expected and type(value) is type(expected)
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    ("output:\n  path: out/x.parquet\n  response_column: ~\n", "output.response_column: expected a string, got nothing"),
+    ("output:\n  path: out/x.parquet\n  response_column: null\n", "output.response_column: expected a string, got nothing"),
+    ("output:\n  path: out/x.parquet\n  response_column:\n", "output.response_column: expected a string, got nothing"),
+    # ~ alone: YAML's null, or the home folder the command line's ~ is? refused, not guessed
+    ("output:\n  path: out/x.parquet\n  response_column: ~\n", "output.response_column: ~ is YAML's null (nothing), not the home folder; "
+                                                                "write '~' in quotes for the text ~, or null for nothing"),
+    ("checkpoint:\n  dir: ~\n", "checkpoint.dir: ~ is YAML's null (nothing), not the home folder"),
+    ("input:\n  path: in.jsonl\n  id_column: ~\n", "input.id_column: ~ is YAML's null (nothing)"),
     ("generation:\n  max_new_tokens: yes\n", "generation.max_new_tokens: expected an integer, got bool True"),
     ("generation:\n  stop: [a, {b: 1}]\n", "generation.stop: expected a list of strings, got a list"),
     ("1: x\n", "unknown key 1; valid keys:"),

@@ -11,6 +11,7 @@ import yaml
 
 from batch.config import (
     DEFAULT_STOP,
+    _JobLoader,
     _apply_override,
     _build,
 )
@@ -151,7 +152,7 @@ def load_bench(path: str | Path | None, overrides: list[str] = ()) -> BenchConfi
     raw: Any = {}
     if path:
         try:
-            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+            raw = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_JobLoader) or {}
         except FileNotFoundError:
             raise JobError(f"{where}: bench file not found") from None
         except yaml.YAMLError as e:
