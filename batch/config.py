@@ -369,10 +369,13 @@ class _JobLoader(yaml.SafeLoader):
     or null: a text setting takes them as written (`response_column: 010` is '010', not 8)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class _Plain:
     value: Any  # what YAML reads: 8 for 010, True for yes
     text: str  # as written
+
+    def __repr__(self) -> str:  # in a message: what the user wrote
+        return self.text
 
 
 def _keeping_text(construct):
@@ -407,7 +410,7 @@ def _build(cls: type, raw: Any, where: str, prefix: str) -> Any:
 
 def _coerce(tp: Any, value: Any, where: str, key: str) -> Any:
     if isinstance(value, _Plain) and value.value is None:  # null, nothing, or ~
-        if value.text == "~" and str in (tp, *typing.get_args(tp)):  # a text setting: a path?
+        if value.text == "~" and str in (tp, *typing.get_args(tp)):  # a text setting: on the command line ~ is text
             raise JobError(f"{where}: {key}: ~ is YAML's null (nothing), not the home folder; write '~' in quotes for the text ~, or null for nothing")
         value = None
     if dataclasses.is_dataclass(tp):
@@ -432,7 +435,7 @@ def _coerce(tp: Any, value: Any, where: str, key: str) -> Any:
         if isinstance(value, str):
             return value
     elif typing.get_origin(tp) is list:
-        if isinstance(value, (str, _Plain)):
+        if isinstance(value, str):
             value = [value]
         if isinstance(value, list):
             value = [v.text if isinstance(v, _Plain) else v for v in value]

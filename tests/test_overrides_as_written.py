@@ -183,6 +183,7 @@ def test_a_text_setting_in_the_job_file_keeps_the_text_as_written(tmp_path, monk
     ("generation:\n  max_new_tokens: yes\n", "generation.max_new_tokens: expected an integer, got bool True"),
     ("generation:\n  stop: [a, {b: 1}]\n", "generation.stop: expected a list of strings, got a list"),
     ("1: x\n", "unknown key 1; valid keys:"),
+    ("output:\n  path: out/x.parquet\n  response_column: {a: 010, b: yes}\n", "output.response_column: expected a string, got a mapping {'a': 010, 'b': yes}"),
 ])
 def test_what_the_job_file_cannot_mean_is_refused(tmp_path, text, message):
     p = write(tmp_path, BASE + text)
