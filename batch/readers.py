@@ -516,7 +516,7 @@ def _jsonl_parts(path: Path, spool: Path) -> list[tuple[pa.Schema, Callable[[], 
                 except _BadValue as e:
                     raise JobError(f"{path}:{lineno}: {e}") from None
                 except RecursionError:
-                    raise JobError(f"{path}:{lineno}: lists or objects nested too deeply") from None
+                    raise JobError(f"{path}:{lineno}: lists or objects nested too deeply for the output ({_DEPTH_LIMITS})") from None
                 rows.append(row)
                 if len(rows) >= _JSONL_BATCH:
                     out.write(_rows_table(rows, shapes))

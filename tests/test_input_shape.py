@@ -112,6 +112,16 @@ def test_nesting_deeper_than_the_output_holds_is_refused_at_its_line(tmp_path, c
     )
 
 
+@pytest.mark.parametrize("line", ['{"q": "b", "t": ' + "[" * 5000 + "]" * 5000 + "}", '{"q": "b", "t": ' + '{"k": ' * 500 + "1" + "}" * 501])
+def test_nesting_deeper_than_python_reads_is_refused_alike(tmp_path, capsys, no_model, line):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"q": "a"}\n' + line + "\n")
+    job = make_job(tmp_path, src, input={"id_column": None}, prompt={"template": TEMPLATE})
+    assert refusal(tmp_path, capsys, job) == (
+        f"{src}:2: lists or objects nested too deeply for the output (at most 62 levels, and 49 if all are lists: Parquet counts a list twice, up to 98)"
+    )
+
+
 def test_a_parquet_input_nested_deeper_than_datasets_reads_is_refused(tmp_path, capsys, no_model):
     """pyarrow writes and reads 63 nested structs; `datasets` cannot read them back: refused."""
     src = tmp_path / "in.parquet"
