@@ -68,8 +68,9 @@ def input_files(path: str) -> list[Path]:
     A path that exists is taken as named, even when it looks like a glob (`prompts[v2].jsonl`)."""
     files = _named_files(path)
     for f in files:
-        if not is_utf8(str(f)):  # the plan and the output record the input's file names
-            raise JobError(f"input.path: {shown_name(str(f))}: the file's name is not UTF-8 text (the checkpoint records it); rename the file")
+        real = str(f.resolve())  # (what the plan records: a link's target, a relative path's folder)
+        if not is_utf8(real):
+            raise JobError(f"input.path: {shown_name(real)}: the file's name is not UTF-8 text (the checkpoint records it); rename the file")
     return files
 
 

@@ -223,7 +223,13 @@ def test_an_input_files_name_that_is_not_utf8_is_refused(tmp_path, capsys, no_mo
         assert refusal(tmp_path, capsys, job) == (
             f"{job}: input.path: {tmp_path}/in/a\\xff.jsonl: the file's name is not UTF-8 text (the checkpoint records it); rename the file"
         )
-    named = f"input.path={tmp_path}/in/a{BAD}.jsonl"  # named on the command line (a job file is UTF-8 text)
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "a.jsonl").symlink_to(tmp_path / "in" / f"a{BAD}.jsonl")  # what the plan records: the target
+    job = make_job(tmp_path, tmp_path / "linked", input={"id_column": None}, prompt={"template": TEMPLATE})
+    assert refusal(tmp_path, capsys, job) == (
+        f"{job}: input.path: {tmp_path}/in/a\\xff.jsonl: the file's name is not UTF-8 text (the checkpoint records it); rename the file"
+    )
+    named = f"input.path={tmp_path}/in/a{BAD}.jsonl"  # named on the command line
     assert refusal(tmp_path, capsys, job, named) == (
         f"{job}: input.path: {tmp_path}/in/a\\xff.jsonl is not UTF-8 text (the output records it); choose a UTF-8 name "
         f"(set on the command line: input.path={tmp_path}/in/a\\xff.jsonl)"
