@@ -328,7 +328,7 @@ def _parse_override(tp: Any, value: str, what: str, blame: str) -> Any:
     try:  # a number, true/false or a section: one YAML value, and nothing after it (a comment would be lost)
         node = yaml.compose(value, Loader=yaml.SafeLoader)
         if node is not None and not value[node.end_mark.index :].strip():
-            return yaml.safe_load(value)
+            return yaml.load(value, Loader=_JobLoader)  # (a section: its text settings as in the job file)
     except yaml.YAMLError:
         pass
     raise JobError(f"{what}: expected {_type_name(tp)}, got {value!r}{blame}")

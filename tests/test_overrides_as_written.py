@@ -88,6 +88,9 @@ TAKEN = {
     "batching.running_rows=": ("batching.running_rows", None),
     "batching.running_rows=~": ("batching.running_rows", None),
     "checkpoint.every_seconds=.inf": ("checkpoint.every_seconds", float("inf")),
+    # a section: one YAML mapping, read as the job file is
+    "output={path: o.parquet, response_column: 010}": ("output.response_column", "010"),
+    "generation={max_new_tokens: 0x10, stop: [a, 1.0]}": ("generation.stop", ["a", "1.0"]),
 }
 
 
