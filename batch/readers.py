@@ -21,6 +21,12 @@ for JSONL, the line):
   refused at its line;
 - files whose types differ are joined only where no value changes (int32 + int64, int64 + float64
   up to 2**53, a column of nulls + anything); otherwise refused naming the file and the column;
+- objects that have no keys yet are an empty struct until keys come, on a later line or in a later
+  file: the joined type is the same however the input is split into files and batches. What the
+  output Parquet file could not hold, or not be read back from, is refused (check_storable): a
+  column whose objects never get a key, and lists and objects nested deeper than pyarrow, pandas
+  and `datasets` read back;
+- an input file whose name is not UTF-8 is refused (the plan records the names);
 - a directory's `key=value` folders (Hive partitions) add the column `key` with the string `value`.
 """
 
