@@ -203,6 +203,8 @@ PATHS = (*PLACEHOLDER_PATHS, "model.base", "model.adapter")
 def load_job(path: str | Path, overrides: list[str] = (), fill: dict[str, str] | None = None) -> JobConfig:
     """Read a job file, apply `dotted.key=value` overrides, fill {date}/{time}/{job_id} in paths."""
     where = str(path)
+    if not is_utf8(where):
+        raise JobError(f"{shown_name(where)}: the job file's name is not UTF-8 text (the output records it); rename the file")
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -210,13 +212,13 @@ def load_job(path: str | Path, overrides: list[str] = (), fill: dict[str, str] |
     except (OSError, UnicodeDecodeError) as e:
         raise JobError(f"{where}: cannot read the job file: {e}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_JobLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e)
         raise JobError(f"{where}: YAML syntax error{line}: {problem}") from None
-    if raw is None:
+    if raw is None or isinstance(raw, _Plain) and raw.value is None:
         raw = {}
     if not isinstance(raw, dict):
         raise JobError(f"{where}: the job file must be a mapping of sections (model, input, ...)")
@@ -229,6 +231,8 @@ def load_job(path: str | Path, overrides: list[str] = (), fill: dict[str, str] |
             section_name, name = key.split(".")
             section = getattr(job, section_name)
             value = getattr(section, name)
+            if value and not is_utf8(value):
+                raise JobError(f"{where}: {key}: {shown_name(value)} is not UTF-8 text (the output records it); choose a UTF-8 name")
             if value and fill and key in PLACEHOLDER_PATHS:
                 value = fill_placeholders(value, fill, where, key)
             if value:
@@ -239,11 +243,25 @@ def load_job(path: str | Path, overrides: list[str] = (), fill: dict[str, str] |
     return job
 
 
+def is_utf8(name: str) -> bool:
+    """False for a name with bytes that are not UTF-8 (Python keeps them as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def shown_name(name: str) -> str:
+    """A file name for a message: bytes that are not UTF-8 shown as \\xNN."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def _blame_overrides(message: str, overrides: list[str]) -> str:
     """A job-file error about a key that a command-line override set says so (the file is not at fault)."""
     keys = [item.partition("=")[0] for item in overrides]
     named = [item for item, key in zip(overrides, keys) if re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", message)]
-    return message + (f" (set on the command line: {named[-1]})" if named else "")
+    return message + (f" (set on the command line: {shown_name(named[-1])})" if named else "")
 
 
 def expand_home(value: str, where: str, key: str) -> str:
@@ -264,19 +282,18 @@ def fill_placeholders(value: str, fill: dict[str, str], where: str, key: str) ->
         ) from None
 
 
-def _apply_override(raw: dict, item: str, where: str) -> None:
+def _apply_override(raw: dict, item: str, where: str, root: type | None = None) -> None:
+    """Set `dotted.key=value` in the raw job (root: its dataclass, JobConfig by default).
+
+    What the value means depends on the setting it sets, never on what YAML would make of it: a text
+    setting takes the text exactly as written (spaces, `#`, `~`, `010`, `yes` included; an optional
+    one is unset by an empty value or `null`); a list of text is `[a, b, c]` (items as written, or
+    quoted) or one item as written; any other setting takes one YAML value, or is refused."""
     key, sep, value = item.partition("=")
     if not sep or not key:
         raise JobError(f"override {item!r}: expected dotted.key=value, e.g. generation.max_new_tokens=64")
-    try:
-        parsed = yaml.safe_load(value) if value != "" else ""
-    except yaml.YAMLError:
-        parsed = value
-    if isinstance(parsed, dict):  # "Q: {question}" is text, not a mapping: values are scalars (or lists)
-        parsed = value
-    if type(parsed) in (int, float):  # remember how it was written, for a text setting (010 stays '010', not 8)
-        parsed = _WRITTEN[type(parsed)](parsed)
-        parsed.text = value
+    tp = _field_type(root or JobConfig, key)
+    parsed = value if tp is None else _parse_override(tp, value, f"{where}: {key}", f" (set on the command line: {item})")
     node = raw
     parts = key.split(".")
     for p in parts[:-1]:
@@ -286,15 +303,92 @@ def _apply_override(raw: dict, item: str, where: str) -> None:
     node[parts[-1]] = parsed
 
 
-class _WrittenInt(int):
-    text: str
+def _field_type(root: type, key: str) -> Any:
+    """The declared type of the dotted key in the dataclass root; None for a key it does not have
+    (the job's own check names it, with the closest key)."""
+    tp = root
+    for name in key.split("."):
+        if not dataclasses.is_dataclass(tp) or name not in {f.name for f in dataclasses.fields(tp) if not f.metadata.get("internal")}:
+            return None
+        tp = typing.get_type_hints(tp)[name]
+    return tp
 
 
-class _WrittenFloat(float):
-    text: str
+def _parse_override(tp: Any, value: str, what: str, blame: str) -> Any:
+    args = typing.get_args(tp)
+    optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args
+    if optional:
+        (tp,) = [a for a in args if a is not type(None)]
+    if tp is str:
+        return None if optional and value in ("", "null") else value
+    if typing.get_origin(tp) is list:
+        return _text_list(value, what, blame)
+    if not value.strip():
+        return None  # unset: an optional setting's default; refused for the others
+    try:  # a number, true/false or a section: one YAML value, and nothing after it (a comment would be lost)
+        node = yaml.compose(value, Loader=yaml.SafeLoader)
+        if node is not None and not value[node.end_mark.index :].strip():
+            return yaml.load(value, Loader=_JobLoader)  # (a section: its text settings as in the job file)
+    except yaml.YAMLError:
+        pass
+    raise JobError(f"{what}: expected {_type_name(tp)}, got {value!r}{blame}")
 
 
-_WRITTEN = {int: _WrittenInt, float: _WrittenFloat}
+# One item of a list written [a, b, c]: a quoted YAML string, or text without , [ ] { } that does not
+# start with a quote (spaces around it are not part of it).
+_LIST_ITEM = re.compile(r"""\s*("(?:[^"\\]|\\.)*"|'(?:[^']|'')*'|[^\s,"'\[\]{}](?:[^,\[\]{}]*[^\s,\[\]{}])?)\s*(?:,|\Z)""")
+
+
+def _text_list(value: str, what: str, blame: str) -> list[str]:
+    """A list of text on the command line: `[a, b, c]`, each item as written or quoted ("a, b",
+    " leading space", "\\n"), or, without brackets, one item exactly as written."""
+    body = value.strip()
+    if not body.startswith("["):
+        return [value]
+    refused = JobError(
+        f"{what}: expected a list written [a, b, c] (quote an item that holds , [ ] {{ }} or starts with a quote or a space), got {value!r}{blame}"
+    )
+    if not body.endswith("]"):
+        raise refused
+    inner, items, pos = body[1:-1], [], 0
+    while inner[pos:].strip():
+        m = _LIST_ITEM.match(inner, pos)
+        if not m:
+            raise refused
+        token = m.group(1)
+        try:
+            items.append(yaml.safe_load(token) if token[0] in "\"'" else token)
+        except yaml.YAMLError:  # a quoted item with a bad escape
+            raise refused from None
+        pos = m.end()
+    return items
+
+
+class _JobLoader(yaml.SafeLoader):
+    """YAML's safe loader that keeps the text of plain scalars it reads as numbers, true/false, dates
+    or null: a text setting takes them as written (`response_column: 010` is '010', not 8)."""
+
+
+@dataclass(frozen=True, repr=False)
+class _Plain:
+    value: Any  # what YAML reads: 8 for 010, True for yes
+    text: str  # as written
+
+    def __repr__(self) -> str:  # in a message: what the user wrote
+        return self.text
+
+
+def _keeping_text(construct):
+    def construct_plain(loader, node):
+        value = construct(loader, node)
+        return _Plain(value, node.value) if node.style is None else value
+
+    return construct_plain
+
+
+for _tag in ("bool", "int", "float", "timestamp", "null"):
+    _tag = f"tag:yaml.org,2002:{_tag}"
+    _JobLoader.add_constructor(_tag, _keeping_text(yaml.SafeLoader.yaml_constructors[_tag]))
 
 
 def _build(cls: type, raw: Any, where: str, prefix: str) -> Any:
@@ -305,6 +399,7 @@ def _build(cls: type, raw: Any, where: str, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in raw.items():
+        key = key.text if isinstance(key, _Plain) else key
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
             hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(fields)}"
@@ -314,6 +409,10 @@ def _build(cls: type, raw: Any, where: str, prefix: str) -> Any:
 
 
 def _coerce(tp: Any, value: Any, where: str, key: str) -> Any:
+    if isinstance(value, _Plain) and value.value is None:  # null, nothing, or ~
+        if value.text == "~" and str in (tp, *typing.get_args(tp)):  # a text setting: on the command line ~ is text
+            raise JobError(f"{where}: {key}: ~ is YAML's null (nothing), not the home folder; write '~' in quotes for the text ~, or null for nothing")
+        value = None
     if dataclasses.is_dataclass(tp):
         return _build(tp, value if value is not None else {}, where, key + ".")
     args = typing.get_args(tp)
@@ -321,6 +420,8 @@ def _coerce(tp: Any, value: Any, where: str, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         (tp,) = [a for a in args if a is not type(None)]
+    if isinstance(value, _Plain):  # a text setting takes the text as written; others YAML's value
+        value = value.text if tp is str or typing.get_origin(tp) is list else value.value
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -333,18 +434,20 @@ def _coerce(tp: Any, value: Any, where: str, key: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and not key.endswith("template"):
-            return getattr(value, "text", str(value))
     elif typing.get_origin(tp) is list:
         if isinstance(value, str):
             value = [value]
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return list(value)
+        if isinstance(value, list):
+            value = [v.text if isinstance(v, _Plain) else v for v in value]
+            if all(isinstance(v, str) for v in value):
+                return value
         raise JobError(f"{where}: {key}: expected a list of strings, got {_kind(value)}")
-    raise JobError(f"{where}: {key}: expected {_type_name(tp)}, got {_kind(value)} {value!r}")
+    raise JobError(f"{where}: {key}: expected {_type_name(tp)}, got {_kind(value)}{'' if value is None else f' {value!r}'}")
 
 
 def _type_name(tp: Any) -> str:
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 

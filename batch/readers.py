@@ -21,6 +21,12 @@ for JSONL, the line):
   refused at its line;
 - files whose types differ are joined only where no value changes (int32 + int64, int64 + float64
   up to 2**53, a column of nulls + anything); otherwise refused naming the file and the column;
+- objects that have no keys yet are an empty struct until keys come, on a later line or in a later
+  file: the joined type is the same however the input is split into files and batches. What the
+  output Parquet file could not hold, or not be read back from, is refused (check_storable): a
+  column whose objects never get a key, and lists and objects nested deeper than pyarrow, pandas
+  and `datasets` read back;
+- an input file whose name is not UTF-8 is refused (the plan records the names);
 - a directory's `key=value` folders (Hive partitions) add the column `key` with the string `value`.
 """
 
@@ -47,6 +53,7 @@ from urllib.parse import unquote
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batch.config import is_utf8, shown_name
 from batch.errors import JobError, WriteError
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
@@ -65,6 +72,15 @@ def input_files(path: str) -> list[Path]:
     """The files named by input.path, sorted, so that row positions are stable.
 
     A path that exists is taken as named, even when it looks like a glob (`prompts[v2].jsonl`)."""
+    files = _named_files(path)
+    for f in files:
+        real = str(f.resolve())  # (what the plan records: a link's target, a relative path's folder)
+        if not is_utf8(real):
+            raise JobError(f"input.path: {shown_name(real)}: the file's name is not UTF-8 text (the checkpoint records it); rename the file")
+    return files
+
+
+def _named_files(path: str) -> list[Path]:
     p = Path(path)
     if not p.exists() and glob.has_magic(path):
         files = sorted(Path(f) for f in glob.glob(path, recursive=True) if f.endswith(SUFFIXES))
@@ -135,7 +151,10 @@ def open_arrow(files: list[Path], arrow_files: list[Path]) -> MappedInput:
                 raise JobError(f"{path}: not a readable Arrow file (it is empty)")
             tables.append(pa.ipc.open_stream(pa.BufferReader(pa.py_buffer(m))).read_all())
         except (OSError, pa.ArrowException) as e:
+            if "recursion depth" in str(e):  # Arrow reads at most 64 levels of nested types
+                raise JobError(f"{path}: lists or objects nested too deeply for the output ({_DEPTH_LIMITS})") from None
             raise JobError(f"{path}: not a readable Arrow file ({_first_line(e)})") from None
+        check_storable(tables[-1].schema, lambda column: path)
         maps.append(m)
     try:
         table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
@@ -250,7 +269,8 @@ def _convert(files: list[Path], root: Path | None, target: Path) -> None:
                         raise JobError(f"{f}: column {key!r} is in the file and in its folder name {folder}")
                     schema = schema.append(pa.field(key, pa.string()))
                 parts.append((f, schema, _with_partitions(tables, partitions)))
-        schema = _joined_schema([(f, s) for f, s, _ in parts])
+        schema, origin = _joined_schema([(f, s) for f, s, _ in parts])
+        check_storable(schema, origin.get)
         with pa.OSFile(str(target), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
             for f, _, tables in parts:
                 for t in tables():
@@ -283,9 +303,9 @@ def _with_partitions(tables: Callable[[], Iterator[pa.Table]], partitions: dict[
     return with_columns
 
 
-def _joined_schema(parts: list[tuple[Path, pa.Schema]]) -> pa.Schema:
+def _joined_schema(parts: list[tuple[Path, pa.Schema]]) -> tuple[pa.Schema, dict[str, Path]]:
     """The union of the parts' columns (nulls where a part lacks one), each with the type that holds
-    every part's values unchanged."""
+    every part's values unchanged; and the file each column was first seen in."""
     schema, origin = parts[0][1], {name: parts[0][0] for name in parts[0][1].names}
     for f, s in parts[1:]:
         for i, field in enumerate(schema):
@@ -297,7 +317,53 @@ def _joined_schema(parts: list[tuple[Path, pa.Schema]]) -> pa.Schema:
                 schema, origin[field.name] = schema.append(field.with_nullable(True)), f
             elif schema.field(i).type != field.type:
                 schema = schema.set(i, _merged_field(schema.field(i), field, f, origin[field.name]))
-    return schema
+    return schema, origin
+
+
+# What an output file can hold and pyarrow, pandas and `datasets` read back (found by writing and
+# reading one, pyarrow 26, datasets 4): Parquet's schema tree is read to 100 levels (the root, the
+# value, 2 a list, 1 an object), and Arrow's C interface (which `datasets` uses) to 64 levels of
+# nested types (the table's own, then the column's).
+_PARQUET_LEVELS = 98  # 2 per list + 1 per object
+_ARROW_LEVELS = 62  # lists + objects
+_DEPTH_LIMITS = f"at most {_ARROW_LEVELS} levels, and {_PARQUET_LEVELS // 2} if all are lists: Parquet counts a list twice, up to {_PARQUET_LEVELS}"
+
+
+def check_storable(schema: pa.Schema, file_of: Callable[[str], Path]) -> None:
+    """Refuse, naming the column, what the output Parquet file could not hold or would hold unreadably:
+    objects without keys (an empty struct) and lists and objects nested too deeply."""
+    for field in schema:
+        if problem := _unstorable(field.name, field.type):
+            raise JobError(f"{file_of(field.name)}: {problem}")
+
+
+def _unstorable(name: str, t: pa.DataType, empty_too: bool = True) -> str | None:
+    deepest = (0, 0)  # lists, objects
+    for column, inner, lists, objects in _nested(name, t, 0, 0):
+        if empty_too and pa.types.is_struct(inner) and inner.num_fields == 0:
+            return f"column {column!r} holds only empty objects {{}}, which Parquet cannot store"
+        if lists + objects > _ARROW_LEVELS or 2 * lists + objects > _PARQUET_LEVELS:
+            deepest = max(deepest, (lists, objects), key=lambda d: (sum(d), 2 * d[0] + d[1]))
+    if deepest == (0, 0):
+        return None
+    return f"column {name!r}: lists and objects nested too deeply for the output (here {deepest[0]} lists and {deepest[1]} objects; {_DEPTH_LIMITS})"
+
+
+def _nested(column: str, t: pa.DataType, lists: int, objects: int) -> Iterator[tuple[str, pa.DataType, int, int]]:
+    """Every type inside t, with its place (column.key, column[]) and the lists and objects around it
+    and itself."""
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if pa.types.is_struct(t):
+        yield column, t, lists, objects + 1
+        for f in t:
+            yield from _nested(f"{column}.{f.name}", f.type, lists, objects + 1)
+    elif pa.types.is_map(t):
+        yield column, t, lists + 1, objects + 1
+        yield from _nested(f"{column}[]", t.item_type, lists + 1, objects + 1)
+    elif hasattr(t, "value_type"):  # lists of every kind
+        yield column, t, lists + 1, objects
+        yield from _nested(f"{column}[]", t.value_type, lists + 1, objects)
 
 
 def _conform(f: Path, t: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -447,22 +513,23 @@ def _jsonl_parts(path: Path, spool: Path) -> list[tuple[pa.Schema, Callable[[], 
                         _check_encodable(row)
                     for key, value in row.items():
                         shape = _shape(value, key)
-                        if key not in shapes:
-                            shapes[key] = shape
-                        elif shape != shapes[key]:
-                            shapes[key] = _merge(shapes[key], shape, key)
+                        if key in shapes and shape == shapes[key]:
+                            continue  # (most values: nothing new)
+                        shapes[key] = _merge(shapes[key], shape, key) if key in shapes else shape
+                        if too_deep := _unstorable(key, _arrow_type(shapes[key]), empty_too=False):
+                            raise _BadValue(too_deep)
                 except json.JSONDecodeError as e:
                     raise JobError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
                 except _BadValue as e:
                     raise JobError(f"{path}:{lineno}: {e}") from None
                 except RecursionError:
-                    raise JobError(f"{path}:{lineno}: lists or objects nested too deeply") from None
+                    raise JobError(f"{path}:{lineno}: lists or objects nested too deeply for the output ({_DEPTH_LIMITS})") from None
                 rows.append(row)
                 if len(rows) >= _JSONL_BATCH:
-                    out.write(_rows_table(rows, shapes, path))
+                    out.write(_rows_table(rows, shapes))
                     rows = []
         if rows or not out.parts:
-            out.write(_rows_table(rows, shapes, path))
+            out.write(_rows_table(rows, shapes))
     except (OSError, EOFError, zlib.error) as e:  # EOFError, zlib.error: a truncated or damaged .gz
         raise JobError(f"{path}: cannot read ({getattr(e, 'strerror', None) or _first_line(e)})") from None
     finally:
@@ -555,18 +622,18 @@ def _words(shape: object) -> str:
     return _WORDS[shape[0] if isinstance(shape, tuple) else shape]
 
 
-def _arrow_type(shape: object, column: str, path: Path) -> pa.DataType:
+def _arrow_type(shape: object) -> pa.DataType:
+    """The shape's Arrow type; objects without keys yet are an empty struct (the joined schema
+    refuses one that never gets keys: check_storable)."""
     if not isinstance(shape, tuple):
         return _ARROW[shape]
     kind, inner = shape
     if kind == "list":
-        return pa.list_(_arrow_type(inner, column + "[]", path))
-    if not inner:
-        raise JobError(f"{path}: column {column!r} holds only empty objects {{}}, which Parquet cannot store")
-    return pa.struct([(k, _arrow_type(s, f"{column}.{k}", path)) for k, s in inner.items()])
+        return pa.list_(_arrow_type(inner))
+    return pa.struct([(k, _arrow_type(s)) for k, s in inner.items()])
 
 
-def _rows_table(rows: list[dict], shapes: dict[str, object], path: Path) -> pa.Table:
+def _rows_table(rows: list[dict], shapes: dict[str, object]) -> pa.Table:
     if not shapes:  # rows that are all {} (or none): keep their number
         return _no_columns(len(rows))
-    return pa.table({k: pa.array([r.get(k) for r in rows], _arrow_type(s, k, path)) for k, s in shapes.items()})
+    return pa.table({k: pa.array([r.get(k) for r in rows], _arrow_type(s)) for k, s in shapes.items()})

@@ -12,6 +12,7 @@ import yaml
 
 from batch.config import (
     DEFAULT_STOP,
+    _JobLoader,
     _apply_override,
     _build,
 )
@@ -156,7 +157,7 @@ def load_bench(path: str | Path | None, overrides: list[str] = ()) -> BenchConfi
     raw: Any = {}
     if path:
         try:
-            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+            raw = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_JobLoader) or {}
         except FileNotFoundError:
             raise JobError(f"{where}: bench file not found") from None
         except yaml.YAMLError as e:
@@ -164,7 +165,7 @@ def load_bench(path: str | Path | None, overrides: list[str] = ()) -> BenchConfi
         if not isinstance(raw, dict):
             raise JobError(f"{where}: the bench file must be a mapping of settings")
     for item in overrides:
-        _apply_override(raw, item, where)
+        _apply_override(raw, item, where, BenchConfig)
     cfg = _build(BenchConfig, raw, where, prefix="")
     if cfg.vllm_python is None:
         cfg.vllm_python = os.environ.get(VLLM_PYTHON_ENV) or None
