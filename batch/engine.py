@@ -45,9 +45,10 @@ from transformers import DynamicCache
 from batch.config import BatchingConfig, GenerationSettings, ModelConfig
 from batch.decode_attention import RowKeys, check, efficient_attention_kernel, reading_rows
 from batch.decode_step import DecodeStep, row_bucket
-from batch.kv_cache import SlotCache, compact_order, to_device
+from batch.kv_cache import SlotCache, compact_order, left_aligned, to_device
 from batch.loading import first_line, load_model
 from batch.memory import is_out_of_memory, running_limits
+from batch.prefix import Prefixes, Sharing, Use, aligned_columns, past_inputs
 from batch.results import Completion
 from batch.results import error_completion as _error_row
 from batch.stops import StopChecker, trim_response
@@ -163,8 +164,10 @@ class Engine:
     and the host reads its tokens before the next step (the CPU's way, and a GPU's without graphs)."""
 
     def __init__(self, model, tokenizer, settings: GenerationSettings, cuda_graphs: bool = True, fixed_shapes: bool | None = None,
-                 rows_kernel: Callable | None = None):
+                 rows_kernel: Callable | None = None, share_prefix: bool = True):
         self.model = model
+        self.share_prefix = share_prefix  # joining rows' shared token prefixes prefilled once (batch.prefix)
+        self.prefixes = Prefixes()
         self.tokenizer = tokenizer
         self.settings = settings
         self.device = model.device
@@ -199,6 +202,8 @@ class Engine:
         self.steps = 0  # decode steps (row_steps / steps: the running batch's mean size)
         self.padded_prompt_tokens = 0  # prompt positions computed, padding included (prefill efficiency)
         self.prefills = 0  # prefill forwards (padded_prompt_tokens / prefills: the positions of one)
+        self.shared_prompt_tokens = 0  # rows' prompt tokens whose keys and values were copied from a shared prefix
+        self.prefilled_prompt_tokens = 0  # prompt tokens computed: rows' own suffixes and shared prefixes, once each
 
     @property
     def prefill_seconds(self) -> float:
@@ -225,8 +230,8 @@ class Engine:
         return self.seconds["prefill"] + self.seconds["decode"] + self.seconds["capture"]
 
     @classmethod
-    def load(cls, cfg: ModelConfig, settings: GenerationSettings, where: str = "<job>", tokenizer=None) -> Engine:
-        return cls(*load_model(cfg, where, tokenizer), settings, cuda_graphs=cfg.cuda_graphs)
+    def load(cls, cfg: ModelConfig, settings: GenerationSettings, where: str = "<job>", tokenizer=None, share_prefix: bool = True) -> Engine:
+        return cls(*load_model(cfg, where, tokenizer), settings, cuda_graphs=cfg.cuda_graphs, share_prefix=share_prefix)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
@@ -265,9 +270,10 @@ class Engine:
             while True:
                 while len(pending) > self.lookahead:  # read all but the newest `lookahead` steps
                     yield from self._settle(pending.popleft(), batch, running)
-                joining = self._joining(requests, batch, max_rows, budget)
+                rows_budget = self._rows_budget(requests, batch, budget)
+                joining = self._joining(requests, batch, max_rows, rows_budget)
                 if joining:
-                    report = self._join(batch, joining, max_rows, budget)
+                    report = self._join(batch, joining, max_rows, rows_budget)
                     running += report.rows
                     pending.append(report)
                     joining = []
@@ -284,11 +290,13 @@ class Engine:
             # Free this batch's KV cache, graphs and activations before the rows are redone (after an
             # out-of-memory error above all): the exception's traceback would keep them alive.
             batch = pending = None
+            self.prefixes.clear()
             self._timings.clear()
             traceback.clear_frames(e.__traceback__)
             raise BatchFailed(e, unfinished) from e
         finally:
             self.step.release()  # (graphs hold a memory pool)
+            self.prefixes.clear()
 
     def _settle(self, report: Report, batch: SlotCache, running: list[Running]) -> Iterator[tuple[object, Completion]]:
         """Read a step's tokens; the rows they finish leave the batch (and are yielded)."""
@@ -354,28 +362,70 @@ class Engine:
             need = wider
         return out
 
+    def _rows_budget(self, requests: Requests, batch: SlotCache, budget: int) -> int:
+        """The token budget left for the rows' slots beside the shared prefixes held. With no row
+        running, prefixes that leave too little for the next row are dropped (it may start from none)."""
+        held = self.prefixes.tokens
+        r = requests.peek()
+        if held and not batch.n and r is not None and budget - held < len(r.ids) + self.settings.max_new_tokens:
+            self.prefixes.clear()
+            held = 0
+        return max(1, budget - held)
+
     def _join(self, batch: SlotCache, joining: list[Request], max_rows: int, budget: int) -> Report:
-        """Prefill the joining rows (longest first) in groups of near-equal length, so that little
-        padding is computed, into the batch's cache, and choose their first tokens."""
-        joining.sort(key=lambda r: -len(r.ids))
+        """Prefill the joining rows into the batch's cache and choose their first tokens. Prefixes they
+        share are computed once first (batch.prefix), then each row prefills only its own suffix
+        (longest first, in groups of near-equal length, so that little padding is computed) after
+        its prefix's columns, and its slot gets both, left-aligned."""
+        sharing = self.prefixes.plan([r.ids for r in joining]) if self.share_prefix else Sharing(rows=[None] * len(joining))
+        for level in sharing.levels:
+            self._make_prefixes(level)
+        uses = sorted(zip(joining, sharing.rows), key=lambda ru: -(len(ru[0].ids) - (ru[1].k if ru[1] else 0)))
+        joining[:] = [r for r, _ in uses]
+        uses = [u for _, u in uses]
         lengths = [len(r.ids) for r in joining]
         n, room = batch.n, self.settings.max_new_tokens
         chosen = []
-        for a, b in prefill_groups(lengths):
-            ids, group_mask = left_pad([r.ids for r in joining[a:b]], self.pad_id)
-            ids, group_mask = to_device(ids, self.device), to_device(group_mask, self.device)
-            self.padded_prompt_tokens += ids.numel()
-            self.prefills += 1
-            group = DynamicCache(config=self.model.config)
-            with self._timed("prefill"):
-                logits = self._logits(ids, group_mask, (group_mask.cumsum(-1) - 1).clamp(min=0), group)
+        for a, b in prefill_groups([length - (u.k if u else 0) for length, u in zip(lengths, uses)]):
+            logits, layers, source = self._prefill([r.ids for r in joining[a:b]], uses[a:b], rows=True)
             if a == 0:
-                need = max(max(batch.need, default=0), lengths[0] + room)
-                batch.reserve(n + len(joining), need, [g.keys for g in group.layers], budget, max_rows)
-            batch.add(n + a, lengths[a:b], [length + room for length in lengths[a:b]],
-                      [(g.keys, g.values) for g in group.layers], [r.seed for r in joining[a:b]])
+                need = max(max(batch.need, default=0), max(lengths) + room)
+                batch.reserve(n + len(joining), need, [k for k, _ in layers], budget, max_rows)
+            batch.add(n + a, lengths[a:b], [length + room for length in lengths[a:b]], layers, [r.seed for r in joining[a:b]], source)
             chosen.append(self.step.pick(logits, batch.state[:, n + a : n + b]))
+        self.prefixes.keep(sharing.used())
         return self._report([Running(r) for r in joining], torch.cat(chosen, dim=1))
+
+    def _make_prefixes(self, level: list[tuple[tuple[int, ...], Use | None]]) -> None:
+        """Compute a level of shared prefixes (each after the prefix it extends) and keep their keys and values."""
+        level = sorted(level, key=lambda node: -(len(node[0]) - (node[1].k if node[1] else 0)))
+        for a, b in prefill_groups([len(key) - (u.k if u else 0) for key, u in level]):
+            _, layers, source = self._prefill([list(key) for key, _ in level[a:b]], [u for _, u in level[a:b]], rows=False)
+            aligned = [(left_aligned(k, source), left_aligned(v, source)) for k, v in layers]
+            for i, (key, _) in enumerate(level[a:b]):
+                self.prefixes.add(key, [(k[i : i + 1, :, : len(key)].clone(), v[i : i + 1, :, : len(key)].clone()) for k, v in aligned])
+
+    def _prefill(self, prompts: list[list[int]], uses: list[Use | None], rows: bool):
+        """One prefill forward: each prompt's tokens after its shared prefix (a Use, or None), that
+        prefix's keys and values as the past. Returns the last position's logits, each layer's
+        (keys, values) of past + group, and where each row's columns are in them (aligned_columns)."""
+        shared = [u.k if u else 0 for u in uses]
+        suffixes = [p[k:] for p, k in zip(prompts, shared)]
+        past, past_mask = self.prefixes.past(uses)
+        ids, mask, positions = past_inputs(suffixes, past_mask, self.pad_id)
+        ids, mask, positions = (to_device(t, self.device) for t in (ids, mask, positions))
+        group = DynamicCache(config=self.model.config)
+        for i, (k, v) in enumerate(past):
+            group.update(k, v, i)
+        self.padded_prompt_tokens += ids.numel()
+        self.prefills += 1
+        self.prefilled_prompt_tokens += sum(map(len, suffixes))
+        if rows:
+            self.shared_prompt_tokens += sum(shared)
+        with self._timed("prefill"):
+            logits = self._logits(ids, mask, positions, group)
+        source = to_device(aligned_columns(shared, [len(s) for s in suffixes], past_mask.shape[1], ids.shape[1]), self.device)
+        return logits, [(g.keys, g.values) for g in group.layers], source
 
     def _logits(self, ids, mask, positions, cache, row_keys: RowKeys | None = None) -> torch.Tensor:
         """The last position's logits; with `row_keys` (a decode step's), attention reads each row's own keys."""
