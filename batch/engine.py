@@ -273,7 +273,7 @@ class Engine:
                 rows_budget = self._rows_budget(requests, batch, budget)
                 joining = self._joining(requests, batch, max_rows, rows_budget)
                 if joining:
-                    report = self._join(batch, joining, max_rows, rows_budget)
+                    report = self._join(batch, joining, requests, max_rows, rows_budget)
                     running += report.rows
                     pending.append(report)
                     joining = []
@@ -372,12 +372,16 @@ class Engine:
             held = 0
         return max(1, budget - held)
 
-    def _join(self, batch: SlotCache, joining: list[Request], max_rows: int, budget: int) -> Report:
+    def _join(self, batch: SlotCache, joining: list[Request], requests: Requests, max_rows: int, budget: int) -> Report:
         """Prefill the joining rows into the batch's cache and choose their first tokens. Prefixes they
         share are computed once first (batch.prefix), then each row prefills only its own suffix
         (longest first, in groups of near-equal length, so that little padding is computed) after
         its prefix's columns, and its slot gets both, left-aligned."""
-        sharing = self.prefixes.plan([r.ids for r in joining]) if self.share_prefix else Sharing(rows=[None] * len(joining))
+        sharing = Sharing(rows=[None] * len(joining))
+        if self.share_prefix:  # (the next row to come too: a prefix it shares with these is kept for it)
+            coming = requests.peek()
+            sharing = self.prefixes.plan([r.ids for r in joining] + ([coming.ids] if coming else []))
+            sharing.rows = sharing.rows[: len(joining)]
         for level in sharing.levels:
             self._make_prefixes(level)
         uses = sorted(zip(joining, sharing.rows), key=lambda ru: -(len(ru[0].ids) - (ru[1].k if ru[1] else 0)))

@@ -87,12 +87,13 @@ def plan_sharing(rows: Sequence[Sequence[int]], held: Sequence[Key], min_shared:
     lengths: list[int] = []  # the new nodes' lengths, longest first
 
     def source(seq: Key, limit: int) -> Use | None:
-        """The longest prefix of seq[:limit] held or made: a held node wins a tie (nothing to compute)."""
+        """The node sharing the longest prefix with seq, at most `limit` of its columns: a held node wins
+        a tie (nothing to compute)."""
         best = from_held(seq, limit)
         for n in lengths:
-            if n <= limit and seq[:n] in nodes:
-                if best is None or n > best.k:
-                    best = Use(seq[:n], n)
+            if n <= len(seq) and seq[:n] in nodes:
+                if best is None or min(n, limit) > best.k:
+                    best = Use(seq[:n], min(n, limit))
                 break
         return best if best is not None and best.k >= min_shared else None
 
@@ -149,16 +150,23 @@ class Prefixes:
         for i, u in enumerate(uses):
             if u:
                 mask[i, width - u.k :] = 1
-        layers = []
+        same: dict[Use, list[int]] = {}  # rows of one prefix take it in one copy per layer
+        for i, u in enumerate(uses):
+            if u:
+                same.setdefault(u, []).append(i)
         first = next(iter(self.nodes.values()))
+        layers = []
         for layer in range(len(first)):
             out = []
             for part in (0, 1):
                 like = first[layer][part]
                 t = like.new_zeros((len(uses), like.shape[1], width, like.shape[3]))
-                for i, u in enumerate(uses):
-                    if u:
-                        t[i, :, width - u.k :] = self.nodes[u.key][layer][part][0, :, : u.k]
+                for u, rows in same.items():
+                    node = self.nodes[u.key][layer][part][:, :, : u.k]
+                    if len(rows) == rows[-1] - rows[0] + 1:  # (consecutive rows: a slice, no index)
+                        t[rows[0] : rows[-1] + 1, :, width - u.k :] = node
+                    else:
+                        t[rows, :, width - u.k :] = node
                 out.append(t)
             layers.append((out[0], out[1]))
         return layers, mask

@@ -33,10 +33,11 @@ def stand_in(engine: Engine) -> None:
 
     def forward(ids, mask, positions, cache, row_keys=None):
         keys = ids.to(torch.float64)[:, None, :, None]
-        if mask.dim() == 2:  # a prefill group: left-padded ids, their mask and positions
+        if mask.dim() == 2:  # a prefill group: left-padded ids after their past (a shared prefix's), the mask of both, positions
+            new = mask[:, -ids.shape[1] :]
             for i in range(layers):
-                cache.update(keys * mask[:, None, :, None], keys.clone(), i)
-            return next_token(ids.double(), mask.bool(), positions.double() + 1)
+                seen, _ = cache.update(keys * new[:, None, :, None], keys.clone(), i)
+            return next_token(seen[:, 0, :, 0], mask.bool(), mask.cumsum(-1).double())  # a real column's weight: its position + 1
         mask = mask[:, 0, 0, :]
         mask = mask if mask.dtype == torch.bool else mask == 0
         for i, layer in enumerate(cache.layers):
@@ -89,3 +90,31 @@ def test_random_streams_answer_as_each_row_alone(seed, monkeypatch):
             assert not wrong, wrong[:3]
             assert [together[i] for i in range(len(prompts))] == alone, (max_new, max_rows, budget, [len(p) for p in prompts])
             assert len({c.completion_tokens for c in alone}) > 1 or len(prompts) < 4 or max_new < 3  # rows end apart
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_streams_with_shared_prefixes_answer_as_each_row_alone(seed, monkeypatch):
+    """Rows that share heads and documents (batch.prefix): a row must see the shared prefix's keys at
+    their positions, then its own."""
+    tiny = load("float32")
+    rng = random.Random(100 + seed)
+    heads = [[1] + [rng.randint(5, 300) for _ in range(rng.randint(16, 50))] for _ in range(2)]
+    docs = [[rng.randint(5, 300) for _ in range(rng.randint(16, 40))] for _ in range(3)]
+    for _ in range(3):
+        max_new = rng.choice([1, 5, 16])
+        prompts = [rng.choice(heads) + (rng.choice(docs) if rng.random() < 0.5 else []) + [rng.randint(5, 300) for _ in range(rng.randint(0, 20))]
+                   for _ in range(rng.randint(2, 30))]
+        longest = max(map(len, prompts)) + max_new
+        budget = rng.choice([longest, 2 * longest, rng.randint(longest, 6 * longest), 10**9])
+        max_rows = rng.randint(1, 12)
+        for fixed in (False, True):
+            engine = Engine(tiny.model, tiny.tokenizer, GenerationSettings(max_new_tokens=max_new, do_sample=False, stop=[]), fixed_shapes=fixed)
+            stand_in(engine)
+            alone = [engine.generate([p], [0])[0] for p in prompts]
+            wrong = checked_steps(monkeypatch, budget)
+            order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+            together = dict(engine.stream(Requests(Request(i, prompts[i], 0) for i in order), max_rows, budget))
+            monkeypatch.undo()
+            assert not wrong, wrong[:3]
+            assert [together[i] for i in range(len(prompts))] == alone, (max_new, max_rows, budget, [len(p) for p in prompts])
+            assert engine.shared_prompt_tokens > 0 or len(prompts) < 2 or max_rows == 1
