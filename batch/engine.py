@@ -273,7 +273,7 @@ class Engine:
                 rows_budget = self._rows_budget(requests, batch, budget)
                 joining = self._joining(requests, batch, max_rows, rows_budget)
                 if joining:
-                    report = self._join(batch, joining, requests, max_rows, rows_budget)
+                    report = self._join(batch, joining, requests, max_rows, budget)
                     running += report.rows
                     pending.append(report)
                     joining = []
@@ -376,12 +376,14 @@ class Engine:
         """Prefill the joining rows into the batch's cache and choose their first tokens. Prefixes they
         share are computed once first (batch.prefix), then each row prefills only its own suffix
         (longest first, in groups of near-equal length, so that little padding is computed) after
-        its prefix's columns, and its slot gets both, left-aligned."""
+        its prefix's columns, and its slot gets both, left-aligned. The prefixes are kept for the
+        next rows if the slots leave room for them in `budget`."""
         sharing = Sharing(rows=[None] * len(joining))
         if self.share_prefix:  # (the next row to come too: a prefix it shares with these is kept for it)
             coming = requests.peek()
             sharing = self.prefixes.plan([r.ids for r in joining] + ([coming.ids] if coming else []))
             sharing.rows = sharing.rows[: len(joining)]
+        kept = sorted(sharing.used(), key=len)  # the prefixes held after this join, if the budget has room for them
         for level in sharing.levels:
             self._make_prefixes(level)
         uses = sorted(zip(joining, sharing.rows), key=lambda ru: -(len(ru[0].ids) - (ru[1].k if ru[1] else 0)))
@@ -394,10 +396,11 @@ class Engine:
             logits, layers, source = self._prefill([r.ids for r in joining[a:b]], uses[a:b], rows=True)
             if a == 0:
                 need = max(max(batch.need, default=0), max(lengths) + room)
-                batch.reserve(n + len(joining), need, [k for k, _ in layers], budget, max_rows)
+                batch.reserve(n + len(joining), need, [k for k, _ in layers], budget - sum(map(len, kept)), max_rows)
             batch.add(n + a, lengths[a:b], [length + room for length in lengths[a:b]], layers, [r.seed for r in joining[a:b]], source)
             chosen.append(self.step.pick(logits, batch.state[:, n + a : n + b]))
-        self.prefixes.keep(sharing.used())
+        room = budget - batch.slots * batch.columns
+        self.prefixes.keep({key for key, total in zip(kept, itertools.accumulate(map(len, kept))) if total <= room})  # (shortest first)
         return self._report([Running(r) for r in joining], torch.cat(chosen, dim=1))
 
     def _make_prefixes(self, level: list[tuple[tuple[int, ...], Use | None]]) -> None:

@@ -112,9 +112,13 @@ def test_random_streams_with_shared_prefixes_answer_as_each_row_alone(seed, monk
             stand_in(engine)
             alone = [engine.generate([p], [0])[0] for p in prompts]
             wrong = checked_steps(monkeypatch, budget)
+            held, join = [], Engine._join
+            monkeypatch.setattr(Engine, "_join", lambda self, batch, *a: (r := join(self, batch, *a), held.append((batch.slots * batch.columns, self.prefixes.tokens)))[0])
             order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
             together = dict(engine.stream(Requests(Request(i, prompts[i], 0) for i in order), max_rows, budget))
             monkeypatch.undo()
             assert not wrong, wrong[:3]
             assert [together[i] for i in range(len(prompts))] == alone, (max_new, max_rows, budget, [len(p) for p in prompts])
             assert engine.shared_prompt_tokens > 0 or len(prompts) < 2 or max_rows == 1
+            assert all(cache + prefixes <= budget for cache, prefixes in held if prefixes), (budget, held)  # the prefixes kept count
+            assert any(prefixes for _, prefixes in held) or len(prompts) < 3 or budget < 10**9, (budget, max_rows, held)  # kept where there is room
