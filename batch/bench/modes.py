@@ -73,12 +73,13 @@ def _mode_result(mode: str, *, rows: int, wall: float, kept: list[int], response
                  forward_seconds: float | None, decode_seconds: float | None = None, prefill_seconds: float | None = None,
                  decode_steps: int | None = None, rows_in_flight: float | None = None, peak: tuple[int, str], **extra) -> dict:
     generated = int(sum(kept))
+    computed = extra.get("prefilled_prompt_tokens", prompt_tokens)  # (fewer where shared prefixes were copied, not computed)
     reason_counts = {r: reasons.count(r) for r in ("eos", "stop", "length", "error")}
     return {
         "mode": MODES.index(mode) + 1, "label": MODE_LABELS[mode], "rows": rows, "wall_seconds": round(wall, 3),
         "generated_tokens": generated, "tokens_per_second": generated / wall, "rows_per_second": rows / wall,
         "prompt_tokens": prompt_tokens, "padded_prompt_tokens": padded_prompt_tokens,
-        "prefill_efficiency": prompt_tokens / padded_prompt_tokens if padded_prompt_tokens else None,
+        "prefill_efficiency": computed / padded_prompt_tokens if padded_prompt_tokens else None,
         "kept_tokens": generated, "row_steps": row_steps, "decode_efficiency": generated / row_steps if row_steps else None,
         "steps": steps, "rows_in_flight": rows_in_flight or (row_steps / steps if steps else None),
         "forward_seconds": None if forward_seconds is None else round(forward_seconds, 3),
