@@ -58,14 +58,17 @@ PREFILL_WASTE = 0.05  # a prefill group computes at most 5% padding ...
 PREFILL_GROUP_TOKENS = 8192  # ... and at most this many positions (bounds the attention's scratch memory)
 
 
-def prefill_groups(lengths: list[int]) -> list[tuple[int, int]]:
-    """Split prompt lengths sorted longest first into consecutive [a, b) groups with little padding."""
-    groups, start, real = [], 0, 0
+def prefill_groups(lengths: list[int], past: list[int] | None = None) -> list[tuple[int, int]]:
+    """Split prompt lengths sorted longest first into consecutive [a, b) groups with little padding.
+    `past`: the columns of shared prefix each row attends to (batch.prefix): a group's cache holds
+    rows x (longest past + longest prompt) positions, within PREFILL_GROUP_TOKENS too."""
+    groups, start, real, widest = [], 0, 0, 0
     for i, n in enumerate(lengths):
         padded = (i - start + 1) * lengths[start]
-        if i > start and (padded * (1 - PREFILL_WASTE) > real + n or padded > PREFILL_GROUP_TOKENS):
+        widest = max(widest, past[i] if past else 0)
+        if i > start and (padded * (1 - PREFILL_WASTE) > real + n or (i - start + 1) * (lengths[start] + widest) > PREFILL_GROUP_TOKENS):
             groups.append((start, i))
-            start, real = i, 0
+            start, real, widest = i, 0, past[i] if past else 0
         real += n
     groups.append((start, len(lengths)))
     return groups
@@ -112,8 +115,12 @@ class Requests:
 
     def take(self) -> Request:
         request = self.peek()
-        self._next = []
+        self._next = self._next[1:]
         return request
+
+    def put_back(self, requests: list[Request]) -> None:
+        """Rows taken that are to come next after all, in this order."""
+        self._next = list(requests) + self._next
 
 
 @dataclass(eq=False)
@@ -378,21 +385,26 @@ class Engine:
         (longest first, in groups of near-equal length, so that little padding is computed) after
         its prefix's columns, and its slot gets both, left-aligned. The prefixes are kept for the
         next rows if the slots leave room for them in `budget`."""
-        sharing = Sharing(rows=[None] * len(joining))
-        if self.share_prefix:  # (the next row to come too: a prefix it shares with these is kept for it)
-            coming = requests.peek()
-            sharing = self.prefixes.plan([r.ids for r in joining] + ([coming.ids] if coming else []))
-            sharing.rows = sharing.rows[: len(joining)]
+        sharing = self._sharing(joining, requests)
         kept = sorted(sharing.used(), key=len)  # the prefixes held after this join, if the budget has room for them
+        n, room = batch.n, self.settings.max_new_tokens
+        need = max(max(batch.need, default=0), max(len(r.ids) for r in joining) + room)
+        fit = max(n + 1, (budget - sum(map(len, kept))) // need)
+        if kept and not (batch.slots >= n + len(joining) and batch.columns >= need) and n + len(joining) > fit:
+            # a new buffer: fewer rows join now, so that it leaves room to keep the prefixes for the next ones
+            requests.put_back(joining[fit - n :])
+            del joining[fit - n :]
+            sharing = self._sharing(joining, requests)
+            kept = sorted(sharing.used(), key=len)
         for level in sharing.levels:
             self._make_prefixes(level)
         uses = sorted(zip(joining, sharing.rows), key=lambda ru: -(len(ru[0].ids) - (ru[1].k if ru[1] else 0)))
         joining[:] = [r for r, _ in uses]
         uses = [u for _, u in uses]
         lengths = [len(r.ids) for r in joining]
-        n, room = batch.n, self.settings.max_new_tokens
         chosen = []
-        for a, b in prefill_groups([length - (u.k if u else 0) for length, u in zip(lengths, uses)]):
+        shared = [u.k if u else 0 for u in uses]
+        for a, b in prefill_groups([length - k for length, k in zip(lengths, shared)], shared):
             logits, layers, source = self._prefill([r.ids for r in joining[a:b]], uses[a:b], rows=True)
             if a == 0:
                 need = max(max(batch.need, default=0), max(lengths) + room)
@@ -403,10 +415,21 @@ class Engine:
         self.prefixes.keep({key for key, total in zip(kept, itertools.accumulate(map(len, kept))) if total <= room})  # (shortest first)
         return self._report([Running(r) for r in joining], torch.cat(chosen, dim=1))
 
+    def _sharing(self, joining: list[Request], requests: Requests) -> Sharing:
+        """The prefixes the joining rows share (batch.prefix), and what they extend of those held. The
+        next row to come counts too: a prefix it shares with these is made now and kept for it."""
+        if not self.share_prefix:
+            return Sharing(rows=[None] * len(joining))
+        coming = requests.peek()
+        sharing = self.prefixes.plan([r.ids for r in joining] + ([coming.ids] if coming else []))
+        sharing.rows = sharing.rows[: len(joining)]
+        return sharing
+
     def _make_prefixes(self, level: list[tuple[tuple[int, ...], Use | None]]) -> None:
         """Compute a level of shared prefixes (each after the prefix it extends) and keep their keys and values."""
         level = sorted(level, key=lambda node: -(len(node[0]) - (node[1].k if node[1] else 0)))
-        for a, b in prefill_groups([len(key) - (u.k if u else 0) for key, u in level]):
+        shared = [u.k if u else 0 for _, u in level]
+        for a, b in prefill_groups([len(key) - k for (key, _), k in zip(level, shared)], shared):
             _, layers, source = self._prefill([list(key) for key, _ in level[a:b]], [u for _, u in level[a:b]], rows=False)
             aligned = [(left_aligned(k, source), left_aligned(v, source)) for k, v in layers]
             for i, (key, _) in enumerate(level[a:b]):

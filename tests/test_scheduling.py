@@ -122,3 +122,23 @@ def test_random_streams_with_shared_prefixes_answer_as_each_row_alone(seed, monk
             assert engine.shared_prompt_tokens > 0 or len(prompts) < 2 or max_rows == 1
             assert all(cache + prefixes <= budget for cache, prefixes in held if prefixes), (budget, held)  # the prefixes kept count
             assert any(prefixes for _, prefixes in held) or len(prompts) < 3 or budget < 10**9, (budget, max_rows, held)  # kept where there is room
+
+
+def test_a_new_buffer_leaves_room_for_the_shared_prefix(monkeypatch):
+    """Where the budget binds, fewer rows join the first buffer so that the prefix they share is kept
+    (within the budget) for the rows that follow: it is computed once, not once per join."""
+    tiny = load("float32")
+    rng = random.Random(7)
+    head = [1] + [rng.randint(5, 300) for _ in range(40)]
+    prompts = [head + [rng.randint(5, 300) for _ in range(rng.randint(5, 20))] for _ in range(12)]
+    longest = max(map(len, prompts)) + 4
+    budget = 4 * longest + 10  # four rows, or three and the head
+    engine = Engine(tiny.model, tiny.tokenizer, GenerationSettings(max_new_tokens=4, do_sample=False, stop=[]), fixed_shapes=False)
+    stand_in(engine)
+    alone = [engine.generate([p], [0])[0] for p in prompts]
+    engine.shared_prompt_tokens = engine.prefilled_prompt_tokens = 0
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    together = dict(engine.stream(Requests(Request(i, prompts[i], 0) for i in order), 8, budget))
+    assert [together[i] for i in range(len(prompts))] == alone
+    own = sum(map(len, prompts)) - engine.shared_prompt_tokens  # the rows' own suffixes
+    assert engine.shared_prompt_tokens == len(prompts) * len(head) and engine.prefilled_prompt_tokens == own + len(head)
