@@ -12,6 +12,9 @@
 - the places of finished rows are refilled from the stream (continuous batching): new rows are
   prefilled and join the running batch, each in a free slot of the KV cache, left-aligned (SlotCache:
   a row writes the column of its own position), so the batch stays full until the stream runs dry;
+- prompt prefixes that joining rows share (the template's head, a document asked several questions)
+  are prefilled once and kept while the next rows use them (batch.prefix): a row prefills only its
+  own suffix, attending to the prefix's columns, and its slot gets both (batching.share_prefix);
 - a decode step (batch.decode_step) runs the forward, chooses every row's next token (greedy or
   sampled: batch.sampling) and flags EOS / length on the device, and the host reads its tokens once.
   On a GPU with model.cuda_graphs (the default) the step runs at fixed shapes -- a power-of-two
@@ -266,7 +269,8 @@ class Engine:
     @torch.inference_mode()
     def stream(self, requests: Requests, max_rows: int, budget: int) -> Iterator[tuple[object, Completion]]:
         """Generate for a stream of rows (best sorted longest first), at most `max_rows` at a time and
-        within `budget` cache tokens (rows x (longest prompt + max_new_tokens)); yield (key, Completion) as
+        within `budget` cache tokens (rows x (longest prompt + max_new_tokens), and the shared prefixes
+        kept); yield (key, Completion) as
         each row finishes. A finished row leaves the batch at once, and new rows join when an eighth
         of the places are free, so the batch stays full. Raises BatchFailed with the unfinished rows."""
         batch = SlotCache(self.model.config, self.device)
@@ -411,8 +415,8 @@ class Engine:
                 batch.reserve(n + len(joining), need, [k for k, _ in layers], budget - sum(map(len, kept)), max_rows)
             batch.add(n + a, lengths[a:b], [length + room for length in lengths[a:b]], layers, [r.seed for r in joining[a:b]], source)
             chosen.append(self.step.pick(logits, batch.state[:, n + a : n + b]))
-        room = budget - batch.slots * batch.columns
-        self.prefixes.keep({key for key, total in zip(kept, itertools.accumulate(map(len, kept))) if total <= room})  # (shortest first)
+        spare = budget - batch.slots * batch.columns
+        self.prefixes.keep({key for key, total in zip(kept, itertools.accumulate(map(len, kept))) if total <= spare})  # (shortest first)
         return self._report([Running(r) for r in joining], torch.cat(chosen, dim=1))
 
     def _sharing(self, joining: list[Request], requests: Requests) -> Sharing:
