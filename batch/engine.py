@@ -451,6 +451,7 @@ class Engine:
         group = DynamicCache(config=self.model.config)
         for i, (k, v) in enumerate(past):
             group.update(k, v, i)
+        del past  # (the group's cache holds them until its forward appends to them: then they are freed)
         self.padded_prompt_tokens += ids.numel()
         self.prefills += 1
         self.prefilled_prompt_tokens += sum(map(len, suffixes))
