@@ -114,6 +114,9 @@ class BatchingConfig:
     running_rows: int | None = None
     running_tokens: int | None = None
     memory_headroom: float = 0.1  # the fraction of the GPU's free memory left unused when sizing them
+    # Prompt prefixes that rows share (found on their token ids) prefilled once, not once per row. The
+    # outputs do not depend on it (kept out of the plan's fingerprint): false only to compare.
+    share_prefix: bool = True
 
     def validate(self, where: str) -> None:
         _at_least(where, "batching.max_batch_size", self.max_batch_size, 1)

@@ -12,6 +12,9 @@
 - the places of finished rows are refilled from the stream (continuous batching): new rows are
   prefilled and join the running batch, each in a free slot of the KV cache, left-aligned (SlotCache:
   a row writes the column of its own position), so the batch stays full until the stream runs dry;
+- prompt prefixes that joining rows share (the template's head, a document asked several questions)
+  are prefilled once and kept while the next rows use them (batch.prefix): a row prefills only its
+  own suffix, attending to the prefix's columns, and its slot gets both (batching.share_prefix);
 - a decode step (batch.decode_step) runs the forward, chooses every row's next token (greedy or
   sampled: batch.sampling) and flags EOS / length on the device, and the host reads its tokens once.
   On a GPU with model.cuda_graphs (the default) the step runs at fixed shapes -- a power-of-two
@@ -45,9 +48,10 @@ from transformers import DynamicCache
 from batch.config import BatchingConfig, GenerationSettings, ModelConfig
 from batch.decode_attention import RowKeys, check, efficient_attention_kernel, planless_sdpa, reading_rows
 from batch.decode_step import DecodeStep, row_bucket
-from batch.kv_cache import SlotCache, compact_order, to_device
+from batch.kv_cache import SlotCache, compact_order, left_aligned, to_device
 from batch.loading import first_line, load_model
 from batch.memory import is_out_of_memory, running_limits
+from batch.prefix import Prefixes, Sharing, Use, aligned_columns, past_inputs
 from batch.results import Completion
 from batch.results import error_completion as _error_row
 from batch.stops import StopChecker, trim_response
@@ -57,14 +61,17 @@ PREFILL_WASTE = 0.05  # a prefill group computes at most 5% padding ...
 PREFILL_GROUP_TOKENS = 8192  # ... and at most this many positions (bounds the attention's scratch memory)
 
 
-def prefill_groups(lengths: list[int]) -> list[tuple[int, int]]:
-    """Split prompt lengths sorted longest first into consecutive [a, b) groups with little padding."""
-    groups, start, real = [], 0, 0
+def prefill_groups(lengths: list[int], past: list[int] | None = None) -> list[tuple[int, int]]:
+    """Split prompt lengths sorted longest first into consecutive [a, b) groups with little padding.
+    `past`: the columns of shared prefix each row attends to (batch.prefix): a group's cache holds
+    rows x (longest past + longest prompt) positions, within PREFILL_GROUP_TOKENS too."""
+    groups, start, real, widest = [], 0, 0, 0
     for i, n in enumerate(lengths):
         padded = (i - start + 1) * lengths[start]
-        if i > start and (padded * (1 - PREFILL_WASTE) > real + n or padded > PREFILL_GROUP_TOKENS):
+        widest = max(widest, past[i] if past else 0)
+        if i > start and (padded * (1 - PREFILL_WASTE) > real + n or (i - start + 1) * (lengths[start] + widest) > PREFILL_GROUP_TOKENS):
             groups.append((start, i))
-            start, real = i, 0
+            start, real, widest = i, 0, past[i] if past else 0
         real += n
     groups.append((start, len(lengths)))
     return groups
@@ -111,8 +118,12 @@ class Requests:
 
     def take(self) -> Request:
         request = self.peek()
-        self._next = []
+        self._next = self._next[1:]
         return request
+
+    def put_back(self, requests: list[Request]) -> None:
+        """Rows taken that are to come next after all, in this order."""
+        self._next = list(requests) + self._next
 
 
 @dataclass(eq=False)
@@ -163,8 +174,10 @@ class Engine:
     and the host reads its tokens before the next step (the CPU's way, and a GPU's without graphs)."""
 
     def __init__(self, model, tokenizer, settings: GenerationSettings, cuda_graphs: bool = True, fixed_shapes: bool | None = None,
-                 rows_kernel: Callable | None = None):
+                 rows_kernel: Callable | None = None, share_prefix: bool = True):
         self.model = model
+        self.share_prefix = share_prefix  # joining rows' shared token prefixes prefilled once (batch.prefix)
+        self.prefixes = Prefixes()
         self.tokenizer = tokenizer
         self.settings = settings
         self.device = model.device
@@ -201,6 +214,8 @@ class Engine:
         self.steps = 0  # decode steps (row_steps / steps: the running batch's mean size)
         self.padded_prompt_tokens = 0  # prompt positions computed, padding included (prefill efficiency)
         self.prefills = 0  # prefill forwards (padded_prompt_tokens / prefills: the positions of one)
+        self.shared_prompt_tokens = 0  # rows' prompt tokens whose keys and values were copied from a shared prefix
+        self.prefilled_prompt_tokens = 0  # prompt tokens computed: rows' own suffixes and shared prefixes, once each
 
     @property
     def prefill_seconds(self) -> float:
@@ -227,8 +242,8 @@ class Engine:
         return self.seconds["prefill"] + self.seconds["decode"] + self.seconds["capture"]
 
     @classmethod
-    def load(cls, cfg: ModelConfig, settings: GenerationSettings, where: str = "<job>", tokenizer=None) -> Engine:
-        return cls(*load_model(cfg, where, tokenizer), settings, cuda_graphs=cfg.cuda_graphs)
+    def load(cls, cfg: ModelConfig, settings: GenerationSettings, where: str = "<job>", tokenizer=None, share_prefix: bool = True) -> Engine:
+        return cls(*load_model(cfg, where, tokenizer), settings, cuda_graphs=cfg.cuda_graphs, share_prefix=share_prefix)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
@@ -256,7 +271,8 @@ class Engine:
     @torch.inference_mode()
     def stream(self, requests: Requests, max_rows: int, budget: int) -> Iterator[tuple[object, Completion]]:
         """Generate for a stream of rows (best sorted longest first), at most `max_rows` at a time and
-        within `budget` cache tokens (rows x (longest prompt + max_new_tokens)); yield (key, Completion) as
+        within `budget` cache tokens (rows x (longest prompt + max_new_tokens), and the shared prefixes
+        kept); yield (key, Completion) as
         each row finishes. A finished row leaves the batch at once, and new rows join when an eighth
         of the places are free, so the batch stays full. Raises BatchFailed with the unfinished rows."""
         batch = SlotCache(self.model.config, self.device)
@@ -267,9 +283,10 @@ class Engine:
             while True:
                 while len(pending) > self.lookahead:  # read all but the newest `lookahead` steps
                     yield from self._settle(pending.popleft(), batch, running)
-                joining = self._joining(requests, batch, max_rows, budget)
+                rows_budget = self._rows_budget(requests, batch, budget)
+                joining = self._joining(requests, batch, max_rows, rows_budget)
                 if joining:
-                    report = self._join(batch, joining, max_rows, budget)
+                    report = self._join(batch, joining, requests, max_rows, budget)
                     running += report.rows
                     pending.append(report)
                     joining = []
@@ -286,11 +303,13 @@ class Engine:
             # Free this batch's KV cache, graphs and activations before the rows are redone (after an
             # out-of-memory error above all): the exception's traceback would keep them alive.
             batch = pending = None
+            self.prefixes.clear()
             self._timings.clear()
             traceback.clear_frames(e.__traceback__)
             raise BatchFailed(e, unfinished) from e
         finally:
             self.step.release()  # (graphs hold a memory pool)
+            self.prefixes.clear()
 
     def _settle(self, report: Report, batch: SlotCache, running: list[Running]) -> Iterator[tuple[object, Completion]]:
         """Read a step's tokens; the rows they finish leave the batch (and are yielded)."""
@@ -356,28 +375,94 @@ class Engine:
             need = wider
         return out
 
-    def _join(self, batch: SlotCache, joining: list[Request], max_rows: int, budget: int) -> Report:
-        """Prefill the joining rows (longest first) in groups of near-equal length, so that little
-        padding is computed, into the batch's cache, and choose their first tokens."""
-        joining.sort(key=lambda r: -len(r.ids))
-        lengths = [len(r.ids) for r in joining]
+    def _rows_budget(self, requests: Requests, batch: SlotCache, budget: int) -> int:
+        """The token budget left for the rows' slots beside the shared prefixes held. With no row
+        running, prefixes that leave too little for the next row are dropped (it may start from none)."""
+        held = self.prefixes.tokens
+        r = requests.peek()
+        if held and not batch.n and r is not None and budget - held < len(r.ids) + self.settings.max_new_tokens:
+            self.prefixes.clear()
+            held = 0
+        return max(1, budget - held)
+
+    def _join(self, batch: SlotCache, joining: list[Request], requests: Requests, max_rows: int, budget: int) -> Report:
+        """Prefill the joining rows into the batch's cache and choose their first tokens. Prefixes they
+        share are computed once first (batch.prefix), then each row prefills only its own suffix
+        (longest first, in groups of near-equal length, so that little padding is computed) after
+        its prefix's columns, and its slot gets both, left-aligned. The prefixes are kept for the
+        next rows if the slots leave room for them in `budget`."""
+        sharing = self._sharing(joining, requests)
+        kept = sorted(sharing.used(), key=len)  # the prefixes held after this join, if the budget has room for them
         n, room = batch.n, self.settings.max_new_tokens
+        need = max(max(batch.need, default=0), max(len(r.ids) for r in joining) + room)
+        fit = max(n + 1, (budget - sum(map(len, kept))) // need)
+        if kept and not (batch.slots >= n + len(joining) and batch.columns >= need) and n + len(joining) > fit:
+            # a new buffer: fewer rows join now, so that it leaves room to keep the prefixes for the next ones
+            requests.put_back(joining[fit - n :])
+            del joining[fit - n :]
+            sharing = self._sharing(joining, requests)
+            kept = sorted(sharing.used(), key=len)
+        for level in sharing.levels:
+            self._make_prefixes(level)
+        uses = sorted(zip(joining, sharing.rows), key=lambda ru: -(len(ru[0].ids) - (ru[1].k if ru[1] else 0)))
+        joining[:] = [r for r, _ in uses]
+        uses = [u for _, u in uses]
+        lengths = [len(r.ids) for r in joining]
         chosen = []
-        for a, b in prefill_groups(lengths):
-            ids, group_mask = left_pad([r.ids for r in joining[a:b]], self.pad_id)
-            ids, group_mask = to_device(ids, self.device), to_device(group_mask, self.device)
-            self.padded_prompt_tokens += ids.numel()
-            self.prefills += 1
-            group = DynamicCache(config=self.model.config)
-            with self._timed("prefill"):
-                logits = self._logits(ids, group_mask, (group_mask.cumsum(-1) - 1).clamp(min=0), group)
+        shared = [u.k if u else 0 for u in uses]
+        for a, b in prefill_groups([length - k for length, k in zip(lengths, shared)], shared):
+            logits, layers, source = self._prefill([r.ids for r in joining[a:b]], uses[a:b], rows=True)
             if a == 0:
-                need = max(max(batch.need, default=0), lengths[0] + room)
-                batch.reserve(n + len(joining), need, [g.keys for g in group.layers], budget, max_rows)
-            batch.add(n + a, lengths[a:b], [length + room for length in lengths[a:b]],
-                      [(g.keys, g.values) for g in group.layers], [r.seed for r in joining[a:b]])
+                need = max(max(batch.need, default=0), max(lengths) + room)
+                batch.reserve(n + len(joining), need, [k for k, _ in layers], budget - sum(map(len, kept)), max_rows)
+            batch.add(n + a, lengths[a:b], [length + room for length in lengths[a:b]], layers, [r.seed for r in joining[a:b]], source)
             chosen.append(self.step.pick(logits, batch.state[:, n + a : n + b]))
+        spare = budget - batch.slots * batch.columns
+        self.prefixes.keep({key for key, total in zip(kept, itertools.accumulate(map(len, kept))) if total <= spare})  # (shortest first)
         return self._report([Running(r) for r in joining], torch.cat(chosen, dim=1))
+
+    def _sharing(self, joining: list[Request], requests: Requests) -> Sharing:
+        """The prefixes the joining rows share (batch.prefix), and what they extend of those held. The
+        next row to come counts too: a prefix it shares with these is made now and kept for it."""
+        if not self.share_prefix:
+            return Sharing(rows=[None] * len(joining))
+        coming = requests.peek()
+        sharing = self.prefixes.plan([r.ids for r in joining] + ([coming.ids] if coming else []))
+        sharing.rows = sharing.rows[: len(joining)]
+        return sharing
+
+    def _make_prefixes(self, level: list[tuple[tuple[int, ...], Use | None]]) -> None:
+        """Compute a level of shared prefixes (each after the prefix it extends) and keep their keys and values."""
+        level = sorted(level, key=lambda node: -(len(node[0]) - (node[1].k if node[1] else 0)))
+        shared = [u.k if u else 0 for _, u in level]
+        for a, b in prefill_groups([len(key) - k for (key, _), k in zip(level, shared)], shared):
+            _, layers, source = self._prefill([list(key) for key, _ in level[a:b]], [u for _, u in level[a:b]], rows=False)
+            aligned = [(left_aligned(k, source), left_aligned(v, source)) for k, v in layers]
+            for i, (key, _) in enumerate(level[a:b]):
+                self.prefixes.add(key, [(k[i : i + 1, :, : len(key)].clone(), v[i : i + 1, :, : len(key)].clone()) for k, v in aligned])
+
+    def _prefill(self, prompts: list[list[int]], uses: list[Use | None], rows: bool):
+        """One prefill forward: each prompt's tokens after its shared prefix (a Use, or None), that
+        prefix's keys and values as the past. Returns the last position's logits, each layer's
+        (keys, values) of past + group, and where each row's columns are in them (aligned_columns)."""
+        shared = [u.k if u else 0 for u in uses]
+        suffixes = [p[k:] for p, k in zip(prompts, shared)]
+        past, past_mask = self.prefixes.past(uses)
+        ids, mask, positions = past_inputs(suffixes, past_mask, self.pad_id)
+        ids, mask, positions = (to_device(t, self.device) for t in (ids, mask, positions))
+        group = DynamicCache(config=self.model.config)
+        for i, (k, v) in enumerate(past):
+            group.update(k, v, i)
+        del past  # (the group's cache holds them until its forward appends to them: then they are freed)
+        self.padded_prompt_tokens += ids.numel()
+        self.prefills += 1
+        self.prefilled_prompt_tokens += sum(map(len, suffixes))
+        if rows:
+            self.shared_prompt_tokens += sum(shared)
+        with self._timed("prefill"):
+            logits = self._logits(ids, mask, positions, group)
+        source = to_device(aligned_columns(shared, [len(s) for s in suffixes], past_mask.shape[1], ids.shape[1]), self.device)
+        return logits, [(g.keys, g.values) for g in group.layers], source
 
     def _logits(self, ids, mask, positions, cache, row_keys: RowKeys | None = None) -> torch.Tensor:
         """The last position's logits; with `row_keys` (a decode step's), attention reads each row's own keys."""

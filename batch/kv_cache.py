@@ -156,13 +156,16 @@ class SlotCache:
         self.at = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.buffer = next(_buffers)
 
-    def add(self, a: int, lengths: list[int], needs: list[int], layer_keys: list[tuple[torch.Tensor, torch.Tensor]], seeds: list[int]) -> None:
+    def add(self, a: int, lengths: list[int], needs: list[int], layer_keys: list[tuple[torch.Tensor, torch.Tensor]], seeds: list[int],
+            source: torch.Tensor | None = None) -> None:
         """Rows of a prefilled group (left-padded to lengths[0]) join in slots [a, a + len(lengths)):
         their keys and values (moved to the front), positions (the next token's: the prompt's length)
         and seeds; no token generated yet. (Their first token is chosen from the prefill's logits:
-        `ids` is set then.)"""
+        `ids` is set then.) `source`: the column each row's key comes from, for a group laid out
+        otherwise (a shared prefix's past before the suffixes: batch.prefix.aligned_columns)."""
         b = a + len(lengths)
-        source = front_first(lengths, layer_keys[0][0].shape[-2], self.device)  # (once for all layers: one copy to the device, no wait)
+        if source is None:  # (once for all layers: one copy to the device, no wait)
+            source = front_first(lengths, layer_keys[0][0].shape[-2], self.device)
         for layer, (k, v) in zip(self.cache.layers, layer_keys):
             layer.write(a, b, left_aligned(k, source), left_aligned(v, source))
         self.state[[POS, SEED], a:b] = to_device(torch.tensor([lengths, seeds], dtype=torch.long), self.device)

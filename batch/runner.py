@@ -116,7 +116,7 @@ def run(job: JobConfig, shard: int, shards: int, stop: StopFlag, restart: bool =
         todo = mine[~done.mask(plan_rows[mine])]
         stats = Stats(resumed_rows=len(mine) - len(todo))
         if len(todo) and stop.received is None:
-            engine = Engine.load(job.model, job.generation, job.source, opened.tokenizer)
+            engine = Engine.load(job.model, job.generation, job.source, opened.tokenizer, share_prefix=job.batching.share_prefix)
             batches = len(np.unique(plan.rows.column("batch").to_numpy()[todo]))
             print(
                 f"komt-batch: generating {len(todo)} rows in {batches} batches"
@@ -143,6 +143,8 @@ class Stats:
     generated_rows: int = 0
     completion_tokens: int = 0
     prompt_tokens: int = 0
+    shared_prompt_tokens: int = 0  # prompt tokens whose keys and values came from a shared prefix (batch.prefix)
+    prefilled_prompt_tokens: int = 0  # prompt tokens computed (suffixes, and each shared prefix once)
     generate_seconds: float = 0.0
     oom_splits: int = 0
     lowered_budget: int | None = None
@@ -156,6 +158,8 @@ class Stats:
             "resumed_rows": self.resumed_rows,
             "generated_rows": self.generated_rows,
             "prompt_tokens": self.prompt_tokens,
+            "shared_prompt_tokens": self.shared_prompt_tokens,
+            "prefilled_prompt_tokens": self.prefilled_prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "generate_seconds": round(self.generate_seconds, 3),
             "tokens_per_second": round(self.completion_tokens / self.generate_seconds, 1) if self.generate_seconds else 0.0,
@@ -213,6 +217,7 @@ def generate_rows(job, rows: Rows, plan: StoredPlan, ckpt: Checkpoint, engine: E
         stats.completion_tokens += completion.completion_tokens
         stats.prompt_tokens += completion.prompt_tokens
         stats.oom_splits, stats.lowered_budget = generator.oom_splits, generator.lowered_budget
+        stats.shared_prompt_tokens, stats.prefilled_prompt_tokens = engine.shared_prompt_tokens, engine.prefilled_prompt_tokens
         bar.update(1)
         bar.set_postfix_str(f"{stats.completion_tokens / max(stats.generate_seconds + time.perf_counter() - last_commit, 1e-9):.1f} tok/s", refresh=False)
         if len(pending) >= job.checkpoint.every_rows or time.perf_counter() - last_commit >= job.checkpoint.every_seconds:
@@ -221,6 +226,9 @@ def generate_rows(job, rows: Rows, plan: StoredPlan, ckpt: Checkpoint, engine: E
     if part := commit():
         yield part
     bar.close()
+    print(f"komt-batch: prompt tokens: {stats.prompt_tokens}; {stats.shared_prompt_tokens} shared (a prefix computed once), "
+          f"{stats.prefilled_prompt_tokens} prefilled" + ("" if job.batching.share_prefix else " (batching.share_prefix: false)"),
+          file=sys.stderr, flush=True)
 
 
 def plan(job: JobConfig, restart: bool = False) -> dict:

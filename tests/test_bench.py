@@ -24,7 +24,7 @@ MODE_FIELDS = [
     "decode_efficiency", "overhead", "peak_memory_bytes", "completion_lengths", "finish_reasons",
     "vs_single", "vs_fixed", "cpu", "weights", "rows_in_flight", "ms_per_decode_step", "prefill_share",
 ]
-GREEDY_BATCHED = ("fixed", "engine", "dequantized", "generate_batch")
+GREEDY_BATCHED = ("fixed", "engine", "dequantized", "generate_batch", "unshared")
 
 
 def tiny_bench(tmp, *overrides) -> dict:
@@ -56,7 +56,7 @@ def test_report_has_every_mode_and_field(report):
         modes = v["modes"]
         assert list(modes) == list(MODES)
         ran = [m for m in MODES if "skipped" not in modes[m]]
-        assert ran == [m for m in MODES[:6] if m != "dequantized" or v["quantization"] == "nf4"]
+        assert ran == [m for m in MODES if m != "vllm" and (m != "dequantized" or v["quantization"] == "nf4")]
         for name in ran:
             missing = [f for f in MODE_FIELDS if f not in modes[name]]
             assert not missing, f"{name} lacks {missing}"
@@ -78,7 +78,7 @@ def test_report_has_every_mode_and_field(report):
 
 def test_nf4_variants_run_modes_1_to_3_resident_and_4_to_6_dequantized(report):
     v = variant(report, "nf4+lora")
-    assert [v["modes"][m]["weights"] for m in MODES[:6]] == ["nf4"] * 3 + ["dequantized"] * 3
+    assert [v["modes"][m]["weights"] for m in MODES[:7]] == ["nf4"] * 3 + ["dequantized"] * 4
     assert v["dequantize_seconds"] is not None
     assert [variant(report, "float32")["modes"][m]["weights"] for m in ("engine", "sampling", "generate_batch")] == ["float32"] * 3
 
@@ -97,6 +97,32 @@ def test_batched_modes_give_the_greedy_responses_of_one_at_a_time(report):
     nf4 = variant(report, "nf4+lora")["modes"]
     assert nf4["dequantized"]["sample_responses"] == nf4["engine"]["sample_responses"]
     assert nf4["dequantized"]["generated_tokens"] == nf4["engine"]["generated_tokens"]
+
+
+def test_sharing_on_and_off_side_by_side(report):
+    """Today's prompts share only the template's head (too short to share): both modes prefill every
+    prompt token, and the targets compare them (no regression)."""
+    for v in report["variants"]:
+        on, off = v["modes"]["dequantized" if v["quantization"] == "nf4" else "engine"], v["modes"]["unshared"]
+        assert on["prefilled_prompt_tokens"] == off["prefilled_prompt_tokens"] == on["prompt_tokens"] and off["shared_prompt_tokens"] == 0
+        assert f"mode {on['mode']} (sharing) >= 0.97x mode 7 (without) (tok/s)" in v["targets"]
+
+
+def test_the_annotation_workload_shares_its_instruction(tmp_path):
+    report = tiny_bench(tmp_path, "shared_instruction=120", "prompt_median=20", "prompt_max=400", "single_limit=8",
+                        "modes=[single, engine, dequantized, unshared, vllm]")
+    for v in report["variants"]:
+        modes = v["modes"]
+        on, off = modes["dequantized" if v["quantization"] == "nf4" else "engine"], modes["unshared"]
+        assert on["shared_prompt_tokens"] > 0.6 * on["prompt_tokens"] and on["prefilled_share"] < 0.4 and off["prefilled_share"] == 1
+        for m in (on, off):
+            assert (m["equal_rows"], m["checked_rows"]) == (8, 8)
+        assert on["generated_tokens"] == off["generated_tokens"]
+        targets = v["targets"]
+        assert targets[f"mode {on['mode']}: prompt tokens prefilled <= 20%"]["value"] == on["prefilled_share"]
+        assert f"mode {on['mode']} (sharing) >= 3x mode 7 (without) (tok/s)" in targets
+        assert "vLLM with prefix caching: not measured: no vLLM venv" in targets
+        assert modes["vllm"]["skipped"].startswith("not measured: no vLLM venv")
 
 
 def test_a_merged_variant_runs_every_mode_on_the_merged_weights(tmp_path):

@@ -29,6 +29,14 @@ def test_prefill_groups_bound_the_padding():
     assert prefill_groups([5, 5, 5]) == [(0, 3)]
 
 
+def test_prefill_groups_count_the_shared_prefix_each_row_attends_to():
+    """A group's cache holds its rows' past (a shared prefix's columns) beside their own tokens."""
+    assert prefill_groups([60] * 200) == [(0, 136), (136, 200)]  # 136 x 60 <= 8192
+    groups = prefill_groups([60] * 200, [400] * 200)
+    assert groups[:2] == [(0, 17), (17, 34)] and all(b - a <= 17 for a, b in groups)  # 17 x (400 + 60) <= 8192
+    assert prefill_groups([60] * 4, [0, 0, 400, 0]) == [(0, 4)]
+
+
 def test_compact_order_moves_only_rows_beyond_the_new_size():
     assert compact_order([0, 2, 3, 4]) == [0, 4, 2, 3]  # slot 1 left; row 4 moves into it
     assert compact_order([2, 3]) == [2, 3]  # both beyond size 2: both move

@@ -33,10 +33,11 @@ def stand_in(engine: Engine) -> None:
 
     def forward(ids, mask, positions, cache, row_keys=None):
         keys = ids.to(torch.float64)[:, None, :, None]
-        if mask.dim() == 2:  # a prefill group: left-padded ids, their mask and positions
+        if mask.dim() == 2:  # a prefill group: left-padded ids after their past (a shared prefix's), the mask of both, positions
+            new = mask[:, -ids.shape[1] :]
             for i in range(layers):
-                cache.update(keys * mask[:, None, :, None], keys.clone(), i)
-            return next_token(ids.double(), mask.bool(), positions.double() + 1)
+                seen, _ = cache.update(keys * new[:, None, :, None], keys.clone(), i)
+            return next_token(seen[:, 0, :, 0], mask.bool(), mask.cumsum(-1).double())  # a real column's weight: its position + 1
         mask = mask[:, 0, 0, :]
         mask = mask if mask.dtype == torch.bool else mask == 0
         for i, layer in enumerate(cache.layers):
@@ -89,3 +90,55 @@ def test_random_streams_answer_as_each_row_alone(seed, monkeypatch):
             assert not wrong, wrong[:3]
             assert [together[i] for i in range(len(prompts))] == alone, (max_new, max_rows, budget, [len(p) for p in prompts])
             assert len({c.completion_tokens for c in alone}) > 1 or len(prompts) < 4 or max_new < 3  # rows end apart
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_streams_with_shared_prefixes_answer_as_each_row_alone(seed, monkeypatch):
+    """Rows that share heads and documents (batch.prefix): a row must see the shared prefix's keys at
+    their positions, then its own."""
+    tiny = load("float32")
+    rng = random.Random(100 + seed)
+    heads = [[1] + [rng.randint(5, 300) for _ in range(rng.randint(16, 50))] for _ in range(2)]
+    docs = [[rng.randint(5, 300) for _ in range(rng.randint(16, 40))] for _ in range(3)]
+    for _ in range(3):
+        max_new = rng.choice([1, 5, 16])
+        prompts = [rng.choice(heads) + (rng.choice(docs) if rng.random() < 0.5 else []) + [rng.randint(5, 300) for _ in range(rng.randint(0, 20))]
+                   for _ in range(rng.randint(2, 30))]
+        longest = max(map(len, prompts)) + max_new
+        budget = rng.choice([longest, 2 * longest, rng.randint(longest, 6 * longest), 10**9])
+        max_rows = rng.randint(1, 12)
+        for fixed in (False, True):
+            engine = Engine(tiny.model, tiny.tokenizer, GenerationSettings(max_new_tokens=max_new, do_sample=False, stop=[]), fixed_shapes=fixed)
+            stand_in(engine)
+            alone = [engine.generate([p], [0])[0] for p in prompts]
+            wrong = checked_steps(monkeypatch, budget)
+            held, join = [], Engine._join
+            monkeypatch.setattr(Engine, "_join", lambda self, batch, *a: (r := join(self, batch, *a), held.append((batch.slots * batch.columns, self.prefixes.tokens)))[0])
+            order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+            together = dict(engine.stream(Requests(Request(i, prompts[i], 0) for i in order), max_rows, budget))
+            monkeypatch.undo()
+            assert not wrong, wrong[:3]
+            assert [together[i] for i in range(len(prompts))] == alone, (max_new, max_rows, budget, [len(p) for p in prompts])
+            assert engine.shared_prompt_tokens > 0 or len(prompts) < 2 or max_rows == 1
+            assert all(cache + prefixes <= budget for cache, prefixes in held if prefixes), (budget, held)  # the prefixes kept count
+            assert any(prefixes for _, prefixes in held) or len(prompts) < 3 or budget < 10**9, (budget, max_rows, held)  # kept where there is room
+
+
+def test_a_new_buffer_leaves_room_for_the_shared_prefix(monkeypatch):
+    """Where the budget binds, fewer rows join the first buffer so that the prefix they share is kept
+    (within the budget) for the rows that follow: it is computed once, not once per join."""
+    tiny = load("float32")
+    rng = random.Random(7)
+    head = [1] + [rng.randint(5, 300) for _ in range(40)]
+    prompts = [head + [rng.randint(5, 300) for _ in range(rng.randint(5, 20))] for _ in range(12)]
+    longest = max(map(len, prompts)) + 4
+    budget = 4 * longest + 10  # four rows, or three and the head
+    engine = Engine(tiny.model, tiny.tokenizer, GenerationSettings(max_new_tokens=4, do_sample=False, stop=[]), fixed_shapes=False)
+    stand_in(engine)
+    alone = [engine.generate([p], [0])[0] for p in prompts]
+    engine.shared_prompt_tokens = engine.prefilled_prompt_tokens = 0
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    together = dict(engine.stream(Requests(Request(i, prompts[i], 0) for i in order), 8, budget))
+    assert [together[i] for i in range(len(prompts))] == alone
+    own = sum(map(len, prompts)) - engine.shared_prompt_tokens  # the rows' own suffixes
+    assert engine.shared_prompt_tokens == len(prompts) * len(head) and engine.prefilled_prompt_tokens == own + len(head)

@@ -1,14 +1,15 @@
 """The engine's scheduling without a GPU: decode steps, rows in flight and prefills for a workload.
 
-    python tools/schedule_sim.py [--prompts 1024] [--rows 512] [--tokens 212992]
+    python tools/schedule_sim.py [--prompts 1024] [--rows 512] [--tokens 212992] [--shared 400 --median 60] [--no-share]
 
 Runs the real Engine.stream and SlotCache (joining, prefill groups, buffers remade, rows leaving) on
 the CPU with the tiny model's prefill, but a stand-in decode step (tests/test_engine_parts.EndsAt) whose rows end at answer lengths
 drawn like those of the H200 bench run (jobs/bench-gpu.yaml's tilted 7B model: median 19, mean ~30,
-a few at 128), and prompts drawn like the bench's (lognormal, median 120, max 1,000). It prints the
+a few at 128), and prompts drawn like the bench's (lognormal, median 120, max 1,000; random token ids,
+after a head of `--shared` tokens that every prompt starts with: the annotation shape). It prints the
 decode steps, the rows in flight on average, the prefill forwards, the keys a decode step's attention
-reads (sdpa with the mask over the whole buffer, or each row's own: batch.decode_attention) and the
-buffers made: the figures the scheduling decides, not the speed of any device.
+reads (sdpa with the mask over the whole buffer, or each row's own: batch.decode_attention), the
+prompt tokens shared (batch.prefix) and prefilled, and the buffers made: the figures the scheduling decides, not the speed of any device.
 """
 
 import argparse
@@ -35,12 +36,16 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=512)
     p.add_argument("--tokens", type=int, default=212_992)  # the H200's budget for the 7B model (batch/memory.py)
     p.add_argument("--max-new", type=int, default=128)
+    p.add_argument("--median", type=int, default=120)  # prompt tokens (after the shared head)
+    p.add_argument("--shared", type=int, default=0)  # tokens of a head every prompt starts with
+    p.add_argument("--no-share", action="store_true")  # batching.share_prefix: false
     args = p.parse_args()
     rng = np.random.default_rng(0)
-    prompt_lengths = np.clip(np.round(rng.lognormal(math.log(120), 0.9, args.prompts)), 8, 1000).astype(int)
+    prompt_lengths = args.shared + np.clip(np.round(rng.lognormal(math.log(args.median), 0.9, args.prompts)), 8, 1000).astype(int)
     answers = np.clip(np.round(rng.lognormal(math.log(19), 1.1, args.prompts)), 1, args.max_new).astype(int)
     model, tokenizer = load_model(model_config("float32"))
-    engine = Engine(model, tokenizer, GenerationSettings(max_new_tokens=args.max_new, do_sample=False, stop=[]), fixed_shapes=True)
+    engine = Engine(model, tokenizer, GenerationSettings(max_new_tokens=args.max_new, do_sample=False, stop=[]), fixed_shapes=True,
+                    share_prefix=not args.no_share)
     engine.step = EndsAt(answers.tolist())  # row i (seed i) ends after answers[i] tokens
     buffers = []
     reserve = kv_cache.SlotCache.reserve
@@ -63,13 +68,15 @@ def main() -> None:
 
     kv_cache.SlotCache.step = reading
     order = [i for batch in plan_batches(prompt_lengths.tolist(), args.max_new, 32, 65536) for i in batch]
-    requests = (Request(i, [1] + [7] * (int(prompt_lengths[i]) - 1), i) for i in order)
+    head = [1] + rng.integers(5, len(tokenizer), args.shared).tolist()
+    requests = (Request(i, head + rng.integers(5, len(tokenizer), int(prompt_lengths[i]) - len(head)).tolist(), i) for i in order)
     done = list(SafeGenerator(engine, args.rows, args.tokens, args.max_new).stream(requests))
     assert len(done) == args.prompts and not any(c.error for _, c in done)
     print(f"{args.prompts} prompts ({prompt_lengths.sum()} tokens), answers: median {np.median(answers):.0f}, mean {answers.mean():.1f}, "
           f"{(answers == args.max_new).mean():.1%} at {args.max_new}; running batch: {args.rows} rows within {args.tokens} tokens")
     print(f"decode steps {engine.steps}, rows in flight {engine.row_steps / engine.steps:.1f}, prefill forwards {engine.prefills} "
-          f"({engine.padded_prompt_tokens / engine.prefills:.0f} positions each)")
+          f"({engine.padded_prompt_tokens / engine.prefills:.0f} positions each); prompt tokens shared {engine.shared_prompt_tokens}, "
+          f"prefilled {engine.prefilled_prompt_tokens} ({engine.prefilled_prompt_tokens / prompt_lengths.sum():.1%})")
     per_step = {k: v / engine.steps for k, v in keys_read.items()}
     print("keys read by a decode step's attention, on average: " + ", ".join(f"{k} {v:,.0f}" for k, v in per_step.items())
           + f" ({per_step['whole buffer'] / per_step['own keys']:.1f}x); for the 7B model in bf16 (0.5 MiB a key and value, 32 layers): "

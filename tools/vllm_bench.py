@@ -1,4 +1,4 @@
-"""Mode 4 of `komt-batch bench`: vLLM's LLM.generate on the bench model, run by vLLM's own python.
+"""Mode 8 of `komt-batch bench`: vLLM's LLM.generate on the bench model, run by vLLM's own python.
 
 vLLM pins transformers<5.20 (this project needs >=5.20), so it lives in its own virtual environment
 and batch/bench/modes.py (run_vllm) runs this script as a subprocess with that environment's python
@@ -8,10 +8,12 @@ vLLM peer):
     $KOMT_VLLM_PYTHON tools/vllm_bench.py REQUEST.json > RESULT.json
 
 REQUEST.json: {"model": DIR, "adapter": DIR or null, "lora_rank": 8, "prompts": [[token ids]],
-"max_new_tokens": N, "stop": [...], "max_model_len": N, "kv_cache_bytes": N, "dtype": "float32"}.
+"max_new_tokens": N, "stop": [...], "max_model_len": N, "kv_cache_bytes": N, "dtype": "float32",
+"prefix_caching": false}.
 Stdout gets exactly one JSON object: {"outputs": [[generated token ids]], "load_seconds",
 "generate_seconds", "peak_rss_bytes", "vllm_version", "threads"}; everything vLLM prints goes to stderr.
-Greedy (temperature 0), prefix caching off (the same prompts repeated would otherwise be free), eager
+Greedy (temperature 0), prefix caching as the request says (off by default: the same prompts repeated would
+otherwise be free; on for a workload of shared prompt prefixes), eager
 mode (no compile), the KV cache sized explicitly (docs/performance.md says why).
 """
 
@@ -124,7 +126,7 @@ def main() -> int:
         lora = LoRARequest("bench", 1, request["adapter"])
     llm = LLM(
         model=request["model"], tokenizer=request["model"], dtype=request.get("dtype", "float32"), enforce_eager=True,
-        max_model_len=request["max_model_len"], enable_prefix_caching=False, seed=0,
+        max_model_len=request["max_model_len"], enable_prefix_caching=bool(request.get("prefix_caching")), seed=0,
         kv_cache_memory_bytes=request["kv_cache_bytes"], **kwargs,
     )
     import signal

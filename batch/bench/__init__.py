@@ -19,7 +19,12 @@ in `modes`, in this order (greedy unless said otherwise):
                   what `model.generate_batch` runs), the library's answer to the same problem; it has
                   no stop words (rows run to EOS or max_new_tokens, what follows a stop word is waste)
                   and its one-off setup (KV-cache pages, CUDA-graph warm-up) is timed apart;
-  7. vllm      -- where vLLM is installed (CPU only), `LLM.generate` with the same stop words. It
+  7. unshared  -- mode 3's engine with batching.share_prefix: false (every row prefills its whole prompt),
+                  on mode 4's weights for NF4 variants: sharing on vs off side by side (the targets
+                  compare it with mode 4, else 3: on jobs/bench-annotation.yaml, a shared instruction,
+                  at most 20% of the prompt tokens prefilled and 3x the tok/s; on jobs/bench.yaml no
+                  regression, 0.97x);
+  8. vllm      -- where vLLM is installed (CPU only), `LLM.generate` with the same stop words. It
                   needs its own virtual environment (it pins transformers<5.20), so it runs as a
                   subprocess: `tools/vllm_bench.py` under `vllm_python`, on the same saved float32
                   model directory (and LoRA adapter directory); that python is the bench file's
@@ -27,7 +32,7 @@ in `modes`, in this order (greedy unless said otherwise):
                   How to install it (outside the repo) and what it needs: docs/performance.md, the
                   vLLM peer.
 
-For NF4 variants modes 1-3 run on the 4-bit weights and modes 4-6 on the dequantized ones (the model
+For NF4 variants modes 1-3 run on the 4-bit weights and modes 4-7 on the dequantized ones (the model
 is dequantized in place once, before the first of them): the `weights` column says which. A variant
 `...+lora+merged` loads with `model.merge_adapter` (NF4 dequantized, the adapter merged into the
 weights): every mode runs on those weights, its mode 4 included.

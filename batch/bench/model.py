@@ -33,11 +33,14 @@ def default_dtype(dtype: torch.dtype):
 def _model_key(cfg: BenchConfig, tokenizer) -> dict:
     m = dataclasses.asdict(cfg.model)
     m.pop("dir")
-    return {
+    key = {
         "version": BUILD_VERSION, "model": m, "seed": cfg.seed, "device": cfg.device, "dtype": _build_dtype_name(cfg),
         "max_new_tokens": cfg.max_new_tokens, "stop": cfg.stop, "tokenizer_vocab": len(tokenizer),
         "prompts": [cfg.prompt_median, cfg.prompt_sigma, cfg.prompt_min, cfg.prompt_max],
     }
+    if cfg.shared_instruction:  # (the tuning prompts have it; absent otherwise: built models stay valid)
+        key["shared_instruction"] = cfg.shared_instruction
+    return key
 
 
 def _build_dtype_name(cfg: BenchConfig) -> str:

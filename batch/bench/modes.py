@@ -74,12 +74,13 @@ def _mode_result(mode: str, *, rows: int, wall: float, kept: list[int], response
                  forward_seconds: float | None, decode_seconds: float | None = None, prefill_seconds: float | None = None,
                  decode_steps: int | None = None, rows_in_flight: float | None = None, peak: tuple[int, str], **extra) -> dict:
     generated = int(sum(kept))
+    computed = extra.get("prefilled_prompt_tokens", prompt_tokens)  # (fewer where shared prefixes were copied, not computed)
     reason_counts = {r: reasons.count(r) for r in ("eos", "stop", "length", "error")}
     return {
         "mode": MODES.index(mode) + 1, "label": MODE_LABELS[mode], "rows": rows, "wall_seconds": round(wall, 3),
         "generated_tokens": generated, "tokens_per_second": generated / wall, "rows_per_second": rows / wall,
         "prompt_tokens": prompt_tokens, "padded_prompt_tokens": padded_prompt_tokens,
-        "prefill_efficiency": prompt_tokens / padded_prompt_tokens if padded_prompt_tokens else None,
+        "prefill_efficiency": computed / padded_prompt_tokens if padded_prompt_tokens else None,
         "kept_tokens": generated, "row_steps": row_steps, "decode_efficiency": generated / row_steps if row_steps else None,
         "steps": steps, "rows_in_flight": rows_in_flight or (row_steps / steps if steps else None),
         "forward_seconds": None if forward_seconds is None else round(forward_seconds, 3),
@@ -168,15 +169,16 @@ def run_fixed(model, tokenizer, prompts: list[str], cfg: BenchConfig, rule: Rule
                             row_steps=row_steps, steps=steps, batches=math.ceil(len(prompts) / cfg.fixed_batch_size))
 
 
-def run_engine(mode: str, model, tokenizer, prompts: list[str], cfg: BenchConfig, sample: bool = False) -> dict:
-    """Modes 3-5: what `komt-batch run` does -- tokenize, plan_batches, then the batches' rows streamed
+def run_engine(mode: str, model, tokenizer, prompts: list[str], cfg: BenchConfig, sample: bool = False, share_prefix: bool = True) -> dict:
+    """Modes 3-5 and 7: what `komt-batch run` does -- tokenize, plan_batches, then the batches' rows streamed
     (batch by batch tokenized) through SafeGenerator.stream, its running batch sized as the job's
-    (SafeGenerator.for_job): finished rows' places are refilled. Greedy, or the model card's sampling."""
+    (SafeGenerator.for_job): finished rows' places are refilled. Greedy, or the model card's sampling;
+    shared prompt prefixes prefilled once, or (mode 7, batching.share_prefix: false) once per row."""
     from batch.engine import Engine, Request, SafeGenerator, row_seed
     from batch.plan import plan_batches
 
     settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, do_sample=sample, seed=cfg.seed, stop=list(cfg.stop))
-    engine = Engine(model, tokenizer, settings)
+    engine = Engine(model, tokenizer, settings, share_prefix=share_prefix)
     device = cfg.device
     # the engine's own clocks where it keeps them (hooks see no forward replayed from a CUDA graph); else hooks
     timer = None if hasattr(engine, "decode_seconds") else ForwardTimer(inner_model(model), device)
@@ -217,7 +219,9 @@ def run_engine(mode: str, model, tokenizer, prompts: list[str], cfg: BenchConfig
                         rows_in_flight=engine.row_steps / engine.steps if engine.steps else None,
                         decode_seconds=decode_seconds, prefill_seconds=prefill_seconds, decode_steps=decode_steps,
                         peak=peak_memory(device), sampled=sample, graph_captures=engine.step.captures, capture_seconds=engine.capture_seconds,
-                        prefill_forwards=engine.prefills,
+                        prefill_forwards=engine.prefills, share_prefix=share_prefix,
+                        shared_prompt_tokens=engine.shared_prompt_tokens, prefilled_prompt_tokens=engine.prefilled_prompt_tokens,
+                        prefilled_share=engine.prefilled_prompt_tokens / sum(lengths) if lengths else None,
                         running_rows=getattr(generator, "max_rows", None), running_tokens=getattr(generator, "budget", None),
                         batches=len(batches), batch_sizes=quantiles([len(b) for b in batches]),
                         oom_splits=generator.oom_splits, errors=errors[:5], error_rows=len(errors), cpu=cpu)
@@ -275,20 +279,20 @@ def run_generate_batch(model, tokenizer, prompts: list[str], cfg: BenchConfig, r
 
 
 def run_vllm(cfg: BenchConfig, variant: Variant, meta: dict, tokenizer, prompts: list[str], rule: Rule, log_path: Path) -> dict:
-    """Mode 7: tools/vllm_bench.py under cfg.vllm_python, on the saved float32 model (and adapter)."""
+    """Mode 8: tools/vllm_bench.py under cfg.vllm_python, on the saved float32 model (and adapter)."""
     python = cfg.vllm_python
     if cfg.device != "cpu":
         return skipped("vllm", "vLLM is run only for device: cpu in this bench")
     if not python:
-        return skipped("vllm", f"no vLLM python: set vllm_python in the bench file or {VLLM_PYTHON_ENV} (docs/performance.md, the vLLM peer)")
+        return skipped("vllm", f"not measured: no vLLM venv: set vllm_python in the bench file or {VLLM_PYTHON_ENV} (docs/performance.md, the vLLM peer)")
     if not Path(python).exists():
-        return skipped("vllm", f"vllm_python {python!r} not found (docs/performance.md, the vLLM peer: how to install it)")
+        return skipped("vllm", f"not measured: no vLLM venv: vllm_python {python!r} not found (docs/performance.md, the vLLM peer: how to install it)")
     ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
     request = {
         "model": str(Path(meta["base"]).resolve()), "adapter": str(Path(meta["adapter"]).resolve()) if variant.lora else None,
         "lora_rank": cfg.model.lora_rank, "prompts": ids, "max_new_tokens": cfg.max_new_tokens, "stop": cfg.stop,
         "max_model_len": max(map(len, ids)) + cfg.max_new_tokens, "kv_cache_bytes": int(cfg.vllm_kv_cache_gib * 1024**3),
-        "dtype": "float32",
+        "dtype": "float32", "prefix_caching": cfg.shared_instruction > 0,  # (the annotation workload: vLLM's prefix caching on)
     }
     note = "float32 weights = the NF4 values (the model is saved NF4-round-tripped); vLLM has no bitsandbytes on the CPU" if variant.quantization != "none" else None
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:

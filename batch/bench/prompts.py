@@ -42,7 +42,9 @@ def _korean_text() -> str:
 
 def make_prompts(cfg: BenchConfig, tokenizer, n: int, seed: int) -> list[str]:
     """`n` prompts (the job's template around a span of English/Korean text), their token lengths
-    drawn from a lognormal clipped to [prompt_min, prompt_max]."""
+    drawn from a lognormal clipped to [prompt_min, prompt_max]. With `shared_instruction`, every
+    prompt's text starts with the same instruction of about that many tokens, and the lognormal
+    length is its item's (the text after it)."""
     rng = np.random.default_rng(seed)
     targets = np.clip(np.round(rng.lognormal(math.log(cfg.prompt_median), cfg.prompt_sigma, n)), cfg.prompt_min, cfg.prompt_max).astype(int)
     paragraphs = [ENGLISH, _korean_text()]
@@ -52,13 +54,17 @@ def make_prompts(cfg: BenchConfig, tokenizer, n: int, seed: int) -> list[str]:
             corpus += tokenizer(p.replace("\n", " "), add_special_tokens=False)["input_ids"]
     pieces = tokenizer.convert_ids_to_tokens(corpus)
     starts = [i for i, piece in enumerate(pieces) if piece.startswith("▁") and i + cfg.prompt_max < len(corpus)]
-    frame = len(tokenizer(DEFAULT_TEMPLATE.format(instruction=""))["input_ids"])
+    shared = ""
+    if cfg.shared_instruction:
+        shared = "Label the item below as the guidelines say. Guidelines: " + tokenizer.decode(corpus[: cfg.shared_instruction]).strip() + "\nItem: "
+        targets += len(tokenizer(shared, add_special_tokens=False)["input_ids"])
+    frame = len(tokenizer(DEFAULT_TEMPLATE.format(instruction=shared))["input_ids"])
     prompts = []
     for target in targets:
         body = max(1, int(target) - frame)
         start = int(rng.choice(starts))
         while True:
-            text = DEFAULT_TEMPLATE.format(instruction=tokenizer.decode(corpus[start : start + body]).strip())
+            text = DEFAULT_TEMPLATE.format(instruction=shared + tokenizer.decode(corpus[start : start + body]).strip())
             length = len(tokenizer(text)["input_ids"])
             if length <= cfg.prompt_max or body == 1:
                 break

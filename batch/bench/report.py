@@ -48,7 +48,7 @@ def format_report(report: dict) -> str:
         f"max_new_tokens {cfg.max_new_tokens}, stop {cfg.stop}; greedy except mode 5",
         "",
     ]
-    header = ["variant", "mode", "weights", "rows", "tok/s", "in flight", "ms/step", "prefill", "prefill eff", "decode eff",
+    header = ["variant", "mode", "weights", "rows", "tok/s", "in flight", "ms/step", "prefill", "prefill eff", "prefilled", "decode eff",
               "overhead", "peak mem", "BW roof", "equal", "x single", "x fixed", "others"]
     table = [header]
     notes, busy, sampled = [], [], set()
@@ -67,7 +67,7 @@ def format_report(report: dict) -> str:
             table.append([
                 r["variant"], m["label"], m.get("weights", "-"), rows, f"{m['tokens_per_second']:.1f}", _num(m.get("rows_in_flight"), ".1f"),
                 _num(m.get("ms_per_decode_step"), ".1f"), _pct(m.get("prefill_share")),
-                _num(m["prefill_efficiency"], ".3f"), _num(m["decode_efficiency"], ".3f"),
+                _num(m["prefill_efficiency"], ".3f"), _pct(m.get("prefilled_share")), _num(m["decode_efficiency"], ".3f"),
                 _pct(m["overhead"]), _mem(m["peak_memory_bytes"]), _pct(m.get("bandwidth_share")), equal,
                 _num(m.get("vs_single"), ".2f"), _num(m.get("vs_fixed"), ".2f"), _others(m),
             ])
@@ -89,6 +89,8 @@ def format_report(report: dict) -> str:
                      f"({'single' if name == 'single' else 'fixed'}_limit; a rate); 'equal' compares the rows both modes ran")
     lines.append("in flight: rows per step on average; ms/step: per decode step; prefill: the share of the wall time in "
                  "prefill forwards; BW roof: bytes a decode step must read / its time / the GPU's peak bandwidth")
+    lines.append("prefilled: the share of the prompt tokens computed in prefills (the rest: shared prefixes' keys and values, "
+                 "computed once and copied; komt-batch modes)")
     lines.append("others: the share of the machine's CPU that other processes used during the mode")
     if busy:
         lines.append(f"WARNING: other processes kept the CPU busy during {', '.join(busy)}: those figures are distorted; rerun on a quiet machine")

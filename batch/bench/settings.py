@@ -23,7 +23,7 @@ DEFAULT_JOB = ROOT / "jobs" / "bench.yaml"
 VLLM_TOOL = ROOT / "tools" / "vllm_bench.py"
 VLLM_PYTHON_ENV = "KOMT_VLLM_PYTHON"  # vLLM's python when the bench file's vllm_python is null
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-MODES = ("single", "fixed", "engine", "dequantized", "sampling", "generate_batch", "vllm")
+MODES = ("single", "fixed", "engine", "dequantized", "sampling", "generate_batch", "unshared", "vllm")
 MODE_LABELS = {
     "single": "1 one at a time (model card)",
     "fixed": "2 HF fixed batches, input order",
@@ -31,10 +31,11 @@ MODE_LABELS = {
     "dequantized": "4 komt-batch, dequantized",
     "sampling": "5 komt-batch, sampling",
     "generate_batch": "6 HF generate_batch",
-    "vllm": "7 vLLM LLM.generate",
+    "unshared": "7 komt-batch, share_prefix off",
+    "vllm": "8 vLLM LLM.generate",
 }
-ON_DEQUANTIZED = ("dequantized", "sampling", "generate_batch")  # for NF4 variants: after the model is dequantized
-GREEDY = ("single", "fixed", "engine", "dequantized", "generate_batch", "vllm")
+ON_DEQUANTIZED = ("dequantized", "sampling", "generate_batch", "unshared")  # for NF4 variants: after the model is dequantized
+GREEDY = ("single", "fixed", "engine", "dequantized", "generate_batch", "unshared", "vllm")
 BUILD_VERSION = 3  # bump when the way the model is built changes (forces a rebuild of model.dir)
 
 
@@ -68,6 +69,9 @@ class BenchConfig:
     prompt_sigma: float = 0.9  # ... and this sigma of log(length), clipped to [prompt_min, prompt_max]
     prompt_min: int = 8
     prompt_max: int = 1000
+    # An annotation workload: every prompt starts with the same instruction of about this many tokens,
+    # then its item (of the lognormal length above); 0: no shared text beyond the template's head
+    shared_instruction: int = 0
     max_new_tokens: int = 128
     stop: list[str] = field(default_factory=lambda: list(DEFAULT_STOP))
     fixed_batch_size: int = 32  # mode 2
@@ -82,7 +86,7 @@ class BenchConfig:
     compute_dtype: str = "float32"  # for quantized variants (and the model built on a GPU)
     device: str = "cpu"  # cpu | cuda
     seed: int = 0
-    vllm_python: str | None = None  # vLLM's python for mode 7; None: $KOMT_VLLM_PYTHON; neither: mode 7 is skipped
+    vllm_python: str | None = None  # vLLM's python for mode 8; None: $KOMT_VLLM_PYTHON; neither: mode 8 is skipped
     vllm_kv_cache_gib: float = 2.0
     vllm_timeout: float = 3600.0
     threads: int | None = None  # torch threads (None: torch's default, one per core)
@@ -94,6 +98,8 @@ class BenchConfig:
         for key in ("prompts", "prompt_min", "max_new_tokens", "fixed_batch_size", "max_batch_size", "max_batch_tokens"):
             if getattr(self, key) < 1:
                 raise JobError(f"{where}: {key}: must be >= 1, got {getattr(self, key)}")
+        if self.shared_instruction < 0:
+            raise JobError(f"{where}: shared_instruction: must be >= 0 tokens, got {self.shared_instruction}")
         if self.prompt_max < self.prompt_min:
             raise JobError(f"{where}: prompt_max: must be >= prompt_min ({self.prompt_min}), got {self.prompt_max}")
         if self.prompt_max + self.max_new_tokens > self.model.max_position_embeddings:

@@ -1,0 +1,188 @@
+"""Shared prompt prefixes computed once (batch.prefix): which rows share what, and outputs that do not change.
+
+Greedy rows with sharing equal rows without it and the one-at-a-time reference (float32, NF4 + LoRA
+with float32 compute), through refills, held prefixes that must give way to the budget, both kinds
+of decode step, out-of-memory splits and a killed-and-resumed run; sampled rows draw the same tokens."""
+
+import json
+import signal
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from batch.cli import main
+from batch.config import load_job
+from batch.engine import Engine
+from batch.fingerprints import settings_fingerprint
+from batch.errors import JobError
+from batch.kv_cache import front_first
+from batch.prefix import MIN_SHARED, Use, aligned_columns, plan_sharing
+from tests.conftest import make_job, parts, read_output, seed_rows, start, write_jsonl
+from tests.test_exactness import MAX_NEW, load, prompts_40, reference, result, streamed, with_steps
+
+M = MIN_SHARED
+HEAD = tuple(range(100, 100 + 2 * M))  # a 2M-token head every row below starts with
+DOC = tuple(range(300, 300 + 2 * M))  # a document some rows share after the head
+
+
+def tail(i: int, n: int = 3) -> tuple:
+    return tuple(range(1000 + 10 * i, 1000 + 10 * i + n))
+
+
+def described(sharing) -> tuple:
+    """(each level's nodes as (length, extends k tokens of a node of length ...)), each row's (node length, k))."""
+    levels = [sorted((len(key), (len(u.key), u.k) if u else None) for key, u in level) for level in sharing.levels]
+    return levels, [(len(u.key), u.k) if u else None for u in sharing.rows]
+
+
+H, D = len(HEAD), len(DOC)
+CASES = {  # name: (rows, held, expected levels, expected rows' (node length, columns used))
+    "one head": ([HEAD + tail(i) for i in range(3)], [], [[(H, None)]], [(H, H)] * 3),
+    "head, then a shared document": (
+        [HEAD + tail(0), HEAD + DOC + tail(1), HEAD + DOC + tail(2)], [],
+        [[(H, None)], [(H + D, (H, H))]], [(H, H), (H + D, H + D), (H + D, H + D)]),
+    "a held head: nothing to compute": ([HEAD + tail(i) for i in range(2)], [HEAD + DOC], [], [(H + D, H)] * 2),
+    "part of a held node": ([HEAD[:-3] + tail(0)], [HEAD], [], [(H, H - 3)]),
+    "too short to share": ([HEAD[: M - 1] + tail(i) for i in range(3)], [], [], [None] * 3),
+    "a row that is the prefix of another keeps its last token": ([HEAD, HEAD + tail(0)], [], [[(H, None)]], [(H, H - 1), (H, H)]),
+    "identical rows share all but the last token": ([HEAD + tail(0)] * 2, [], [[(H + 2, None)]], [(H + 2, H + 2)] * 2),
+    "a row alone shares nothing": ([HEAD + tail(0)], [], [], [None]),
+    "another first token shares nothing": ([HEAD + tail(0), (7,) + HEAD], [], [], [None, None]),
+    "a longer branch worth less than MIN_SHARED is not made": (
+        [HEAD + DOC[:3] + tail(0), HEAD + DOC[:3] + tail(1), HEAD + tail(2)], [], [[(H, None)]], [(H, H)] * 3),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_plan_sharing_finds_the_shared_prefixes(case):
+    rows, held, levels, uses = CASES[case]
+    assert described(plan_sharing(rows, held)) == (levels, uses)
+
+
+def test_plan_sharing_marks_what_it_uses():
+    sharing = plan_sharing([HEAD + DOC + tail(0), HEAD + DOC + tail(1)], [HEAD, (7,) * (2 * M)])
+    assert sharing.used() == {HEAD, HEAD + DOC}  # the held head is extended; the unrelated node is not kept
+    assert sharing.levels == [[(HEAD + DOC, Use(HEAD, H))]]
+
+
+def test_aligned_columns_is_front_first_without_a_past_and_left_aligns_with_one():
+    assert torch.equal(aligned_columns([0, 0, 0], [4, 2, 1], 0, 4), front_first([4, 2, 1], 4, "cpu"))
+    # pasts of 3 columns (prefixes of 3 and 1), suffixes left-padded to 2 (lengths 2 and 1)
+    layout = torch.tensor([[1.0, 2, 3, 4, 5], [0, 0, 6, 0, 7]])  # [pad.. prefix | pad.. suffix]
+    source = aligned_columns([3, 1], [2, 1], 3, 2)
+    aligned = layout.gather(1, source)
+    assert aligned[0].tolist() == [1, 2, 3, 4, 5] and aligned[1, :2].tolist() == [6, 7]
+
+
+# --- the engine on the tiny model ------------------------------------------------------------------
+
+INSTRUCTION = ("You are a careful annotator. Read the item below, label its sentiment as positive, negative or "
+               "neutral, and explain the label in one sentence. 항목을 읽고 감정을 분류하세요. ")
+DOCUMENT = " The report: 자동차 종합검사 의무기간은 2년입니다. Inspections are due every two years for cars. Question:"
+
+
+def shared_prompts() -> list[str]:
+    """The annotation shape: one long instruction, then each row's item; some rows ask about one document."""
+    items = [p.removeprefix("### instruction: ").removesuffix("\n\n### Response:") for p in prompts_40()]
+    rows = [f"### instruction: {INSTRUCTION}{item}\n\n### Response:" for item in items[:24]]
+    rows += [f"### instruction: {INSTRUCTION}{DOCUMENT} {q}\n\n### Response:" for q in ("Why?", "When?", "How often, and why?", "Who checks it?")]
+    return rows
+
+
+@pytest.mark.parametrize("variant", ["float32", "nf4+lora"])
+def test_shared_prefixes_give_the_reference_outputs(variant):
+    engine = load(variant)
+    ids = engine.tokenize(shared_prompts())
+    expected = [reference(engine, p) for p in ids]
+    longest = max(map(len, ids))
+    # (a budget of 3 rows: the prefixes held take places, or give way when a row would not fit)
+    streams = [(8, 10**9, False), (5, 4 * (longest + MAX_NEW), True), (3, 3 * (longest + MAX_NEW), False)]
+    for fixed in (False, True):
+        for share in (True, False):
+            e = Engine(engine.model, engine.tokenizer, engine.settings, fixed_shapes=fixed, share_prefix=share)
+            runs = streams[1:2] if fixed else streams
+            for max_rows, budget, shuffle in runs:
+                got = streamed(e, ids, max_rows, budget, shuffle)
+                mismatches = [(i, x, y) for i, (x, y) in enumerate(zip(expected, got)) if x != y]
+                assert not mismatches, (fixed, share, max_rows, budget, mismatches[:3])
+            total = len(runs) * sum(map(len, ids))
+            if share:  # the instruction computed once per stream, or a few times when the budget drops it
+                assert e.shared_prompt_tokens > 0.6 * total and e.prefilled_prompt_tokens < 0.4 * total
+            else:
+                assert e.shared_prompt_tokens == 0 and e.prefilled_prompt_tokens == total
+
+
+def test_sampled_rows_draw_the_same_tokens_with_and_without_sharing():
+    card = dict(do_sample=True, temperature=0.9, top_p=0.7, top_k=100)
+    engine = load("float32+lora", **card)
+    ids = engine.tokenize(shared_prompts()[::2])
+    seeds = [7 * i + 1 for i in range(len(ids))]
+    alone = [result(engine.generate([p], [s])[0]) for p, s in zip(ids, seeds)]
+    for share in (True, False):
+        e = Engine(engine.model, engine.tokenizer, engine.settings, fixed_shapes=False, share_prefix=share)
+        assert streamed(e, ids, 4, 10**9, shuffle=True, seeds=seeds) == alone
+        assert (e.shared_prompt_tokens > 0) == share
+
+
+# --- a job: the setting, the counts, out-of-memory splits, a resume ----------------------------------
+
+
+def annotation_rows(n: int) -> list[dict]:
+    seeds = seed_rows()
+    return [{"id": f"a{i:02d}", "item": seeds[i % 9]["instruction"] + " 더" * (i % 5)} for i in range(n)]
+
+
+def job_for(tmp_path, name, rows, share, **sections):
+    src = write_jsonl(tmp_path / f"{name}.jsonl", rows)
+    return make_job(tmp_path, src, f"{name}.yaml", output={"path": str(tmp_path / f"{name}.parquet")},
+                    prompt={"template": f"### instruction: {INSTRUCTION}{{item}}\n\n### Response:"},
+                    batching={"max_batch_size": 4, "max_batch_tokens": 4096, "share_prefix": share}, **sections)
+
+
+def test_the_setting_is_validated_and_stays_out_of_the_plan(tmp_path):
+    rows = annotation_rows(2)
+    on, off = load_job(job_for(tmp_path, "on", rows, True)), load_job(job_for(tmp_path, "off", rows, False))
+    assert on.batching.share_prefix and not off.batching.share_prefix
+    off.output.path = on.output.path
+    assert settings_fingerprint(on) == settings_fingerprint(off)
+    with pytest.raises(JobError, match=r"batching.share_prefix: expected true/false, got str 'sometimes'"):
+        load_job(job_for(tmp_path, "bad", rows, "sometimes"))
+
+
+def test_out_of_memory_splits_with_shared_prefixes_match_a_run_without(tmp_path, monkeypatch, capsys):
+    from tests.test_bad_input import inject
+
+    rows = annotation_rows(8)
+    opts = dict(generation={"max_new_tokens": 12}, checkpoint={"every_rows": 8})
+    assert main(["run", str(job_for(tmp_path, "ref", rows, False, **opts)), "--no-progress"]) == 0
+    reference_rows = read_output(tmp_path / "ref.parquet")
+    assert "0 shared (a prefix computed once)" in capsys.readouterr().err
+    calls = inject(monkeypatch, lambda prompts: RuntimeError("DefaultCPUAllocator: can't allocate memory") if len(prompts) > 2 else None)
+    job = job_for(tmp_path, "split", rows, True, **opts)
+    assert main(["run", str(job), "--no-progress"]) == 0
+    assert read_output(tmp_path / "split.parquet") == reference_rows
+    assert max(calls) > 2 and calls[-1] <= 2
+    summary = json.loads((tmp_path / "split.summary.json").read_text())
+    assert summary["oom_splits"] >= 1 and summary["shared_prompt_tokens"] > summary["prefilled_prompt_tokens"] > 0
+    err = capsys.readouterr().err
+    assert f"komt-batch: prompt tokens: {summary['prompt_tokens']}; {summary['shared_prompt_tokens']} shared (a prefix computed once), {summary['prefilled_prompt_tokens']} prefilled" in err
+
+
+def test_a_killed_run_with_shared_prefixes_resumes_to_the_file_without(tmp_path):
+    from tests.test_resume import wait_for_parts
+
+    rows = annotation_rows(48)
+    opts = dict(generation={"max_new_tokens": 24}, checkpoint={"every_rows": 2})
+    ref = job_for(tmp_path, "ref", rows, False, **opts)
+    assert main(["run", str(ref), "--no-progress"]) == 0
+    job = job_for(tmp_path, "job", rows, True, **opts)
+    out = tmp_path / "job.parquet"
+    proc = start(job)
+    wait_for_parts(out, 2, proc)
+    assert proc.poll() is None, "the run finished before it could be killed; make the job longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 2 <= len(parts(out))
+    assert main(["run", str(job), "--no-progress"]) == 0
+    assert pq.read_table(out).equals(pq.read_table(tmp_path / "ref.parquet"))
