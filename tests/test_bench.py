@@ -253,9 +253,9 @@ def test_vllm_python_is_the_bench_files_key_else_the_environment(monkeypatch, tm
     assert cfg.vllm_python == (str(tmp_path / used) if used else None)
     note = run_vllm(cfg, None, None, None, [], None, tmp_path / "vllm.log")["skipped"]
     if used:
-        assert note == f"vllm_python {str(tmp_path / used)!r} not found (docs/performance.md, the vLLM peer: how to install it)"
+        assert note == f"not measured: no vLLM venv: vllm_python {str(tmp_path / used)!r} not found (docs/performance.md, the vLLM peer: how to install it)"
     else:
-        assert note == "no vLLM python: set vllm_python in the bench file or KOMT_VLLM_PYTHON (docs/performance.md, the vLLM peer)"
+        assert note == "not measured: no vLLM venv: set vllm_python in the bench file or KOMT_VLLM_PYTHON (docs/performance.md, the vLLM peer)"
 
 
 def test_the_tilt_gives_the_runs_with_and_without_the_adapter_the_same_mean_length():
