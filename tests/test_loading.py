@@ -169,3 +169,23 @@ def test_merged_and_unmerged_adapters_agree_on_the_greedy_answers(tokenizer):
     same = [a.response == b.response for a, b in zip(unmerged.generate(ids, [0] * len(ids)), merged.generate(ids, [0] * len(ids)))]
     print(f"merged == unmerged on {sum(same)} of {len(same)} greedy answers")
     assert sum(same) >= 38
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_an_nf4_run_prints_only_its_own_lines(tmp_path, dtype):
+    """A real NF4 run, with the NF4 layers resident: no line from bitsandbytes, the kernels package or
+    transformers (on CPUs with AVX512-BF16 bitsandbytes tries to fetch a Hub kernel when imported, and
+    they said so mid-log); the job says once which kernel bitsandbytes uses where it matters -- its
+    fused AVX512-BF16 kernel in bfloat16 compute -- and nothing about it otherwise."""
+    from tests.conftest import input_rows, komt, make_job, write_jsonl
+
+    src = write_jsonl(tmp_path / "in.jsonl", input_rows(4, "n", " 더", 3))
+    job = make_job(tmp_path, src, model={"compute_dtype": dtype, "weights": "nf4"}, generation={"max_new_tokens": 8})
+    p = komt("run", job, "--no-progress")
+    assert p.returncode == 0, p.stderr
+    lines = p.stderr.splitlines()
+    assert lines and all(line.startswith("komt-batch: ") for line in lines), lines
+    kernel = [line for line in lines if line.startswith("komt-batch: bitsandbytes: ")]
+    fused = dtype == "bfloat16" and bool(bnb.functional.has_avx512bf16())
+    assert kernel == (["komt-batch: bitsandbytes: NF4 layers computed by its fused AVX512-BF16 CPU kernel, activations in bfloat16: "
+                       "the kernel built into bitsandbytes (its optional Hub kernel is not used)"] if fused else [])
