@@ -5,6 +5,7 @@ import random
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -49,7 +50,9 @@ def test_kill_loop_gives_the_uninterrupted_file(tmp_path, sampling):
     while kills < 5:
         proc = start(job)
         wait_for_parts(out, len(parts(out)) + 1, proc)  # let it make progress, then kill at a random moment
-        time.sleep(rng.uniform(0.0, 0.15))
+        committed = time.time()
+        wait_for_parts(out, len(parts(out)) + 1, proc)
+        time.sleep(rng.uniform(0.0, time.time() - committed))  # within the next part, at this machine's pace
         if proc.poll() is not None:
             break
         proc.send_signal(signal.SIGKILL)
@@ -99,6 +102,9 @@ def test_sigterm_commits_and_exits_75_then_resumes(tmp_path):
             break
     else:
         raise AssertionError(f"the run ended early: {proc.wait()}")
+    while Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":  # stopped (it says so just before)
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.001)
     proc.send_signal(signal.SIGTERM)
     proc.send_signal(signal.SIGCONT)
     _, err = proc.communicate(timeout=60)
