@@ -7,8 +7,8 @@ than one thread. So the job runs as many threads as CPUs it may use -- its affin
 CPU quota (containers, SLURM), SLURM_CPUS_PER_TASK, the smallest wins -- and lets idle OpenMP
 threads sleep (OMP_WAIT_POLICY=passive) instead of spinning. libgomp reads OMP_WAIT_POLICY once,
 when torch loads it, so `before_torch` runs before torch is imported (the CLI calls it), `apply`
-before the model loads. `cpu.threads` / `cpu.wait_policy` in the job file (or as overrides) set either; so do the
-usual OMP_NUM_THREADS / OMP_WAIT_POLICY variables when the job file leaves them unset.
+before the model loads. `cpu.threads` / `cpu.wait_policy` in the job file (or as overrides) set
+either; so do the usual OMP_NUM_THREADS / OMP_WAIT_POLICY variables when the job file leaves them unset.
 """
 
 from __future__ import annotations
