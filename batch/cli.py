@@ -182,6 +182,9 @@ def dispatch(args, stop: StopFlag) -> int:
         shard, count = parse_shard(args.shard) if args.shard else slurm_shard()
         args.resume = resume_command(args, job, fill, (shard, count) if count > 1 else None)
         stop.check("before any work; nothing was written")
+        from batch import threads
+
+        threads.before_torch(job.cpu)  # OpenMP reads its wait policy when torch loads it
         # torch and transformers: seconds to import; a signal meanwhile is recorded, and run stops at once
         from batch import runner
 

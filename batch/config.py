@@ -162,6 +162,20 @@ class CheckpointConfig:
 
 
 @dataclass
+class CpuConfig:
+    # torch's threads on the CPU; null = OMP_NUM_THREADS when set, else one per CPU the process may
+    # use (affinity, cgroup quota, SLURM_CPUS_PER_TASK). A property of the machine, not of the outputs.
+    threads: int | None = None
+    wait_policy: str | None = None  # passive | active; null = OMP_WAIT_POLICY when set, else passive
+
+    def validate(self, where: str) -> None:
+        if self.threads is not None:
+            _at_least(where, "cpu.threads", self.threads, 1)
+        if self.wait_policy is not None:
+            _choice(where, "cpu.wait_policy", self.wait_policy, ("passive", "active"))
+
+
+@dataclass
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     input: InputConfig = field(default_factory=InputConfig)
@@ -170,6 +184,7 @@ class JobConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    cpu: CpuConfig = field(default_factory=CpuConfig)
     source: str = field(default="<job>", metadata={"internal": True})  # the job file, for messages
     text: str = field(default="", metadata={"internal": True})  # the job file as read
 

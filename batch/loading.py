@@ -25,10 +25,14 @@ from batch.config import ModelConfig
 from batch.errors import JobError
 from batch.memory import dequantizing_fits, free_memory, size
 
-# Keep the job's log readable: no per-tensor loading bar, no notice that an optional CPU kernel
-# package is absent (bitsandbytes falls back to its own kernels), no deprecation chatter from peft.
+# Keep the job's log readable: no per-tensor loading bar, no deprecation chatter from peft, and none
+# of bitsandbytes' or the kernels package's notices about the optional Hub kernel that bitsandbytes
+# tries to fetch when it is imported on CPUs with AVX512-BF16 (it falls back to its own kernel; the
+# job says once which kernel runs, `cpu_kernel_line`). Set before bitsandbytes is imported: transformers
+# imports it when this module loads a quantized model.
 hf_logging.disable_progress_bar()
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+logging.getLogger("kernels").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -142,6 +146,8 @@ def load_model(cfg: ModelConfig, where: str = "<job>", tokenizer=None):
         model = _apply_adapter(model, cfg.adapter, where, dtype)
     if cfg.quantization == "nf4":
         print(f"komt-batch: {choose_weights(model, cfg.weights, dtype)}", file=sys.stderr, flush=True)
+        if line := cpu_kernel_line(model):
+            print(f"komt-batch: {line}", file=sys.stderr, flush=True)
     model.eval()
     return model, tokenizer
 
@@ -218,6 +224,24 @@ def dequantize_model(model, dtype: torch.dtype) -> None:
         base.hf_quantizer.remove_quantization_config(base)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # give the 4-bit storage back, so the KV cache can be sized into it
+
+
+def cpu_kernel_line(model) -> str | None:
+    """Where bitsandbytes will run NF4-resident layers on the CPU through its fused AVX512-BF16
+    kernel rather than dequantize + matmul (its own per-layer switch, set from the CPU; the job turns
+    it off for float32 compute): a line that says so, and which kernel -- the Hub's, when bitsandbytes
+    could fetch it at import, else the one in its own library. None where it dequantizes + multiplies."""
+    import bitsandbytes as bnb
+
+    fused = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit) and getattr(m, "support_avx512bf16_for_cpu", False)
+             and m.weight.device.type == "cpu"]
+    if not fused:
+        return None
+    from bitsandbytes.backends.cpu import ops
+
+    hub = getattr(ops, "gemm_4bit_forward_kernel", None) is not None
+    which = "the Hub's kernels-community kernel" if hub else "the kernel built into bitsandbytes (its optional Hub kernel is not used)"
+    return f"bitsandbytes: NF4 layers computed by its fused AVX512-BF16 CPU kernel, activations in bfloat16: {which}"
 
 
 def honour_float32_compute(model) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from batch import threads
 from batch.checkpoint import Checkpoint, StoredPlan
 from batch.config import JobConfig
 from batch.engine import Engine, Request, SafeGenerator, row_seed
@@ -116,6 +117,7 @@ def run(job: JobConfig, shard: int, shards: int, stop: StopFlag, restart: bool =
         todo = mine[~done.mask(plan_rows[mine])]
         stats = Stats(resumed_rows=len(mine) - len(todo))
         if len(todo) and stop.received is None:
+            threads.apply(job.cpu)
             engine = Engine.load(job.model, job.generation, job.source, opened.tokenizer, share_prefix=job.batching.share_prefix)
             batches = len(np.unique(plan.rows.column("batch").to_numpy()[todo]))
             print(

@@ -261,7 +261,9 @@ def test_vllm_python_is_the_bench_files_key_else_the_environment(monkeypatch, tm
 def test_the_tilt_gives_the_runs_with_and_without_the_adapter_the_same_mean_length():
     """Two groups of recorded runs whose hidden states differ by a shift (as the adapter's do): one
     direction alone ends them at different mean lengths, the second (beta, along the shift) evens
-    them out, both at the target."""
+    them out, both at the target. The tuned rows end every run where the tuning predicts whatever the
+    arithmetic (float32 or float64 here; another CPU's rounding): the tilted logits stay `margin`
+    away from the best other ones, far beyond any rounding of these 32-term dot products."""
     torch = pytest.importorskip("torch")
     gen = torch.Generator().manual_seed(0)
     rows, steps, width = 40, 64, 32
@@ -270,16 +272,24 @@ def test_the_tilt_gives_the_runs_with_and_without_the_adapter_the_same_mean_leng
     best = torch.randn(2 * rows, steps, generator=gen) + 3.0
     target = 0.35 * steps
 
-    def tilted(groups):  # the mean lengths of both halves, from the lm_head rows as tilted
+    def ends(weight, dtype):  # each run's length, from the lm_head rows as tilted, in DTYPE arithmetic
+        wins = (hidden.to(dtype) @ weight[:2].detach().to(dtype).T).max(-1).values > best.to(dtype)
+        return torch.where(wins.any(1), wins.float().argmax(1) + 1, torch.full((2 * rows,), steps)).float()
+
+    def tilted(groups):  # the tilt, and both halves' mean lengths in float32 and float64 arithmetic
         model = torch.nn.Module()
         model.lm_head = torch.nn.Linear(width, 4, bias=False)
         torch.nn.init.normal_(model.lm_head.weight, 0, 0.02, generator=torch.Generator().manual_seed(1))
         tilt = tilt_output_rows(model, hidden, best, eos_id=0, stop_id=1, mean_target=target, groups=groups)
-        wins = (hidden @ model.lm_head.weight[:2].detach().T).max(-1).values > best
-        n = torch.where(wins.any(1), wins.float().argmax(1) + 1, torch.full((2 * rows,), steps)).float()
-        return tilt, n[:rows].mean().item(), n[rows:].mean().item()
+        n32, n64 = ends(model.lm_head.weight, torch.float32), ends(model.lm_head.weight, torch.float64)
+        assert torch.equal(n32, n64)  # the same ends in either arithmetic
+        w = model.lm_head.weight[:2].detach()
+        rounding = (hidden @ w.T - (hidden.double() @ w.double().T)).abs().max().item()
+        margin = (hidden.double() @ w.double().T - best.double()[..., None]).abs().min().item()  # tilted logits vs the best others
+        assert margin > 10 * rounding and margin == pytest.approx(tilt["margin"], rel=0.01), (margin, rounding)  # ends no rounding moves
+        return tilt, n32[:rows].mean().item(), n32[rows:].mean().item()
 
     (one, a1, b1), (two, a2, b2) = tilted(1), tilted(2)
     assert one["beta"] == 0 and abs((a1 + b1) / 2 - target) < 2 and abs(a1 - b1) > 8  # one direction: two workloads
     assert abs((a2 + b2) / 2 - target) < 2 and abs(a2 - b2) < 3, (a2, b2)  # two: the same mean length
-    assert (a2, b2) == pytest.approx((two["predicted"]["mean_with_adapter"], two["predicted"]["mean_without"]), abs=0.5)
+    assert (a2, b2) == pytest.approx((two["predicted"]["mean_with_adapter"], two["predicted"]["mean_without"]), abs=1e-4)  # as predicted

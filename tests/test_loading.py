@@ -1,6 +1,7 @@
 """model.weights: the NF4 layers dequantized once are bitsandbytes' own dequantized values, the LoRA
-adapter stays as peft computes it, and the outputs equal the NF4 model's (on the CPU, where
-bitsandbytes always dequantizes and multiplies); the log line says which weights and why."""
+adapter stays as peft computes it, and the outputs equal the NF4 model's (bitwise where bitsandbytes
+dequantizes and multiplies: float32 on every CPU, bfloat16 without its fused AVX512-BF16 kernel);
+the log line says which weights and why."""
 
 import bitsandbytes as bnb
 import pytest
@@ -43,15 +44,50 @@ def test_dequantized_weights_are_dequantize_4bit_of_the_nf4_weights(tokenizer):
     assert getattr(model.get_base_model(), "hf_quantizer", None) is None  # an ordinary model now
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_dequantized_logits_equal_nf4_logits(tokenizer, dtype):
-    nf4, _ = load_model(config("nf4", dtype), tokenizer=tokenizer)
-    dense, _ = load_model(config("dequantized", dtype), tokenizer=tokenizer)
+def fused_kernel_used(model) -> bool:
+    """Whether bitsandbytes ran the model's NF4 layers through its fused AVX512-BF16 CPU kernel (the
+    weights repacked on the first forward, activations cast to bfloat16) rather than dequantize +
+    matmul: what it did, read from the layers' quantization state after a forward."""
+    used = {getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert len(used) == 1, used  # one choice for every layer
+    return used.pop()
+
+
+def logits(model, tokenizer) -> torch.Tensor:
     tokenizer.pad_token = tokenizer.unk_token
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts_40()[:8], return_tensors="pt", padding=True)
     with torch.no_grad():
-        assert torch.equal(nf4(**enc).logits, dense(**enc).logits)
+        return model(**enc).logits[enc["attention_mask"].bool()].float()  # the real tokens' logits
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dequantized_logits_equal_nf4_logits(tokenizer, dtype):
+    """The contract on every CPU: in float32 NF4-resident logits are bitwise the dequantized ones (the
+    job turns bitsandbytes' fused bf16 kernel off: float32 means float32); in bfloat16 they are
+    bitwise equal where bitsandbytes computes a 4-bit layer as dequantize + matmul -- its choice on
+    CPUs without AVX512-BF16 (bitsandbytes.functional.has_avx512bf16() false), and forced here on any
+    CPU -- and where it uses its fused AVX512-BF16 kernel (Zen 4, Sapphire Rapids and later) they are
+    the same function in other bf16 rounding: no farther from the float32 logits than the dequantized
+    bf16 ones are (twice their largest error, 1.5x their mean)."""
+    dense = logits(load_model(config("dequantized", dtype), tokenizer=tokenizer)[0], tokenizer)
+    nf4, _ = load_model(config("nf4", dtype), tokenizer=tokenizer)
+    resident = logits(nf4, tokenizer)
+    fused = fused_kernel_used(nf4)
+    assert fused == (dtype == "bfloat16" and bool(bnb.functional.has_avx512bf16()))  # bitsandbytes' own test of the CPU
+    if not fused:
+        assert torch.equal(resident, dense)
+    else:
+        exact = logits(load_model(config("dequantized", "float32"), tokenizer=tokenizer)[0], tokenizer)
+        err, err_dense = (resident - exact).abs(), (dense - exact).abs()
+        assert not torch.equal(resident, dense)
+        assert err.max() <= 2 * err_dense.max() and err.mean() <= 1.5 * err_dense.mean(), (err.max(), err_dense.max(), err.mean(), err_dense.mean())
+    # dequantize + matmul, bitsandbytes' path on every CPU with its fused kernel off: bitwise in any dtype
+    nf4, _ = load_model(config("nf4", dtype), tokenizer=tokenizer)
+    for m in nf4.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+    assert torch.equal(logits(nf4, tokenizer), dense) and not fused_kernel_used(nf4)
 
 
 def test_dequantized_greedy_outputs_equal_nf4(tokenizer):
@@ -162,3 +198,23 @@ def test_the_unmerged_adapter_computes_in_the_compute_dtype(tokenizer, weights):
     with torch.no_grad(), _MatmulDtypes() as products:
         model(**enc)
     assert products.seen and torch.float32 not in products.seen, products.seen
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_an_nf4_run_prints_only_its_own_lines(tmp_path, dtype):
+    """A real NF4 run, with the NF4 layers resident: no line from bitsandbytes, the kernels package or
+    transformers (on CPUs with AVX512-BF16 bitsandbytes tries to fetch a Hub kernel when imported, and
+    they said so mid-log); the job says once which kernel bitsandbytes uses where it matters -- its
+    fused AVX512-BF16 kernel in bfloat16 compute -- and nothing about it otherwise."""
+    from tests.conftest import input_rows, komt, make_job, write_jsonl
+
+    src = write_jsonl(tmp_path / "in.jsonl", input_rows(4, "n", " 더", 3))
+    job = make_job(tmp_path, src, model={"compute_dtype": dtype, "weights": "nf4"}, generation={"max_new_tokens": 8})
+    p = komt("run", job, "--no-progress")
+    assert p.returncode == 0, p.stderr
+    lines = p.stderr.splitlines()
+    assert lines and all(line.startswith("komt-batch: ") for line in lines), lines
+    kernel = [line for line in lines if line.startswith("komt-batch: bitsandbytes: ")]
+    fused = dtype == "bfloat16" and bool(bnb.functional.has_avx512bf16())
+    assert kernel == (["komt-batch: bitsandbytes: NF4 layers computed by its fused AVX512-BF16 CPU kernel, activations in bfloat16: "
+                       "the kernel built into bitsandbytes (its optional Hub kernel is not used)"] if fused else [])

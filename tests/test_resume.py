@@ -5,12 +5,16 @@ import random
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import (
+    ROOT,
+    cli_env,
     input_rows,
+    komt_argv,
     komt,
     make_job,
     parts,
@@ -46,7 +50,9 @@ def test_kill_loop_gives_the_uninterrupted_file(tmp_path, sampling):
     while kills < 5:
         proc = start(job)
         wait_for_parts(out, len(parts(out)) + 1, proc)  # let it make progress, then kill at a random moment
-        time.sleep(rng.uniform(0.0, 0.15))
+        committed = time.time()
+        wait_for_parts(out, len(parts(out)) + 1, proc)
+        time.sleep(rng.uniform(0.0, time.time() - committed))  # within the next part, at this machine's pace
         if proc.poll() is not None:
             break
         proc.send_signal(signal.SIGKILL)
@@ -62,14 +68,45 @@ def test_kill_loop_gives_the_uninterrupted_file(tmp_path, sampling):
     assert not list(out.parent.glob(".*.tmp"))
 
 
+# komt-batch that stops itself (SIGSTOP) once PAUSE_AFTER_ROWS rows are finished, after saying so: the
+# test then sends its SIGTERM at a known point of the run, whatever the CPU's speed
+PAUSER = """
+import os, signal, sys
+from batch import engine
+finish, finished = engine.Engine.finish, [0]
+
+def finish_then_pause(self, *args):
+    completion = finish(self, *args)
+    finished[0] += 1
+    if finished[0] == int(os.environ["PAUSE_AFTER_ROWS"]):
+        print(f"PAUSED after {finished[0]} rows", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return completion
+
+engine.Engine.finish = finish_then_pause
+from batch.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_sigterm_commits_and_exits_75_then_resumes(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", many_rows(40))
     job = make_job(tmp_path, src, batching={"max_batch_size": 2}, checkpoint={"every_rows": 100, "every_seconds": 3600})
     out = tmp_path / "out" / "result.parquet"
-    proc = start(job)
-    wait_generating(proc)  # then let it finish a batch or two
-    time.sleep(1.5)
+    script = tmp_path / "pauser.py"
+    script.write_text(PAUSER)
+    proc = subprocess.Popen(komt_argv("run", job, "--no-progress", script=script), cwd=ROOT, env=cli_env(PAUSE_AFTER_ROWS="4"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # 4 rows finished, 36 to go: it waits, stopped, for the signal
+        if line.startswith("PAUSED"):
+            break
+    else:
+        raise AssertionError(f"the run ended early: {proc.wait()}")
+    while Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":  # stopped (it says so just before)
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.001)
     proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGCONT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 75, err
     assert "To resume, run: komt-batch run" in err
@@ -77,7 +114,7 @@ def test_sigterm_commits_and_exits_75_then_resumes(tmp_path):
     committed = parts(out)
     assert committed, "rows finished before SIGTERM must be committed"  # every_rows is larger than the job
     done_rows = sum(pq.read_metadata(p).num_rows for p in committed)
-    assert 0 < done_rows < 40
+    assert 4 <= done_rows <= 4 + 2  # the rows finished before SIGTERM, and those in flight (max_batch_size)
     p = komt("run", job, "--no-progress")
     assert p.returncode == 0, p.stderr
     assert f"resumed_rows              {done_rows}" in p.stdout

@@ -221,7 +221,12 @@ def tilt_output_rows(model, hidden: torch.Tensor, best: torch.Tensor, eos_id: in
     unit difference of their mean hidden states (orthogonal to u) and beta is bisected so that both
     halves end at the same mean length. Otherwise the adapter moves the hidden states and the
     variants with and without it answer with different lengths, so their tok/s would compare two
-    workloads (prefill spread over fewer or more generated tokens), not two ways of computing."""
+    workloads (prefill spread over fewer or more generated tokens), not two ways of computing.
+
+    A bisection ends where a row's logit ties its best other logit, so a rounding of the last bit
+    (another CPU's matmul) would move that row's end; alpha is then moved to the middle of the range
+    where every row ends as predicted, and `margin` (logit units) is how far any tilted logit stays
+    from the best other one: the lengths hold wherever the arithmetic errs by less."""
     w = model.lm_head.weight
     u = hidden.reshape(-1, hidden.shape[-1]).mean(0)
     u = u / u.norm()
@@ -266,7 +271,7 @@ def tilt_output_rows(model, hidden: torch.Tensor, best: torch.Tensor, eos_id: in
             beta = (low + high) / 2
             low, high = (beta, high) if gap(beta) > 0 else (low, beta)
         beta = min((low, high), key=lambda b: abs(gap(b)))
-    alpha = alpha_for(beta)
+    alpha, margin = _mid_plateau(alpha_for(beta), beta, along, across, own, best)
     for i in ids:
         w[i] = (alpha * u.to(w.device) + beta * d.to(w.device) + w[i].float()).to(w.dtype)
     n, which = lengths(alpha, beta)
@@ -277,4 +282,19 @@ def tilt_output_rows(model, hidden: torch.Tensor, best: torch.Tensor, eos_id: in
     )
     if groups == 2:
         predicted.update(mean_with_adapter=float(n[:half].mean()), mean_without=float(n[half:].mean()))
-    return {"alpha": alpha, "beta": beta, "cos_mean_hidden": float((along / hidden.norm(dim=-1)).mean()), "predicted": predicted}
+    return {"alpha": alpha, "beta": beta, "margin": margin, "cos_mean_hidden": float((along / hidden.norm(dim=-1)).mean()), "predicted": predicted}
+
+
+def _mid_plateau(alpha: float, beta: float, along, across, own, best) -> tuple[float, float]:
+    """The middle of the range of alphas around `alpha` in which no tilted logit crosses the best
+    other logit (so every row ends where it does at `alpha`), and the distance of the tilted logits
+    from the best others there (the smallest, in logit units)."""
+    along, across, own, best = (t.double() for t in (along, across, own, best))
+    rest = (beta * across)[..., None] + own - best[..., None]  # logit - best = alpha * along + rest
+    crossing = (-rest / along[..., None])[along.abs() > 0].flatten()  # the alphas where one crosses
+    below, above = crossing[crossing <= alpha], crossing[crossing > alpha]
+    low = below.max().item() if len(below) else alpha - 1.0
+    high = above.min().item() if len(above) else alpha + 1.0
+    alpha = (low + high) / 2
+    margin = (alpha * along[..., None] + rest).abs().min().item()
+    return alpha, margin
