@@ -48,7 +48,8 @@ class DecodeStep:
         self.forward = forward
         self.rows_kernel = rows_kernel  # attention reads each row's own keys with it (batch.decode_attention); None: the mask's columns
         self.settings = settings
-        self.eos = torch.tensor(sorted(eos_ids) or [-1], dtype=torch.long, device=device)
+        self.eos = torch.tensor(sorted(eos_ids) or [-1], dtype=torch.long, device=device)  # (EOS and stop_token_ids)
+        self.ends = bool(eos_ids)
         self.mask_dtype = mask_dtype
         self.graphs = graphs
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # rows -> (graph, its output)
@@ -58,10 +59,18 @@ class DecodeStep:
         self._stream = None  # the side stream of warm-ups and captures
         self._told = False  # the first capture's check is logged
 
-    def pick(self, logits: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    def pick(self, logits: torch.Tensor, state: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
         """Choose each row's next token; make it the row's next input and count it; return [tokens;
-        done], done = EOS or max_new_tokens reached. `state`: SlotCache.state's columns of these rows."""
-        tokens = choose(logits, state[SEED], state[COUNT], self.settings)
+        done], done = EOS (or a stop token) or max_new_tokens reached. `state`: SlotCache.state's
+        columns of these rows; `seen`: SlotCache.seen's rows of them (with a repetition penalty)."""
+        s = self.settings
+        if seen is not None:  # transformers' RepetitionPenaltyLogitsProcessor over the row's prompt and answer
+            logits = torch.where(seen, torch.where(logits < 0, logits * s.repetition_penalty, logits / s.repetition_penalty), logits)
+        if s.min_new_tokens and self.ends:  # no EOS or stop token before min_new_tokens (MinNewTokensLengthLogitsProcessor)
+            logits = torch.where((state[COUNT] < s.min_new_tokens)[:, None], logits.index_fill(1, self.eos, -torch.inf), logits)
+        tokens = choose(logits, state[SEED], state[COUNT], s)
+        if seen is not None:
+            seen.scatter_(1, tokens[:, None], True)
         state[COUNT].add_(1)
         state[IDS].copy_(tokens)
         done = (tokens[:, None] == self.eos).any(-1) | (state[COUNT] >= self.settings.max_new_tokens)
@@ -101,7 +110,7 @@ class DecodeStep:
             mask = torch.zeros(mask.shape, dtype=self.mask_dtype, device=mask.device).masked_fill_(~mask, torch.finfo(self.mask_dtype).min)
         keys = None if self.rows_kernel is None else RowKeys((inputs.at + 1).int(), self.rows_kernel)
         logits = self.forward(state[IDS][:, None], mask, inputs.at[:, None], batch.cache, keys)
-        out = self.pick(logits, state)
+        out = self.pick(logits, state, inputs.seen)
         state[POS].add_(1)
         return out, logits
 
