@@ -119,13 +119,19 @@ class DecodeStep:
         steps: they write the keys and values the replay writes again, and the rows' state is put
         back after each, so that only the replay advances it."""
         saved = inputs.state.clone()
+        saved_seen = None if inputs.seen is None else inputs.seen.clone()  # (a warm-up marks its tokens as seen)
+
+        def restore():
+            inputs.state.copy_(saved)
+            if saved_seen is not None:
+                inputs.seen.copy_(saved_seen)
         self.captures += 1
         self._stream = self._stream or _side_stream()  # warm-ups and captures on one stream: the same kernels
 
         def run():
             return self._run(inputs, batch)
 
-        eager_logits = _warm_up(run, lambda: inputs.state.copy_(saved), self._stream)
+        eager_logits = _warm_up(run, restore, self._stream)
         try:
             graph, (out, logits) = _capture_graph(run, self._pool, self._stream)
             graph.replay()
@@ -139,7 +145,7 @@ class DecodeStep:
                 self._told = True
         except Exception as e:  # noqa: BLE001 -- any failure to capture: decode eagerly, as on the CPU
             self.release()
-            inputs.state.copy_(saved)
+            restore()
             if is_out_of_memory(e):  # ... but out of memory is the stream's to handle (split, lower the budget)
                 raise
             print(f"komt-batch: CUDA graph capture failed ({type(e).__name__}: {first_line(e)}); decoding eagerly", file=sys.stderr)

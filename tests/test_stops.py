@@ -256,3 +256,22 @@ def test_completion_tokens_count_every_generated_token():
     assert generate(answer, eos_at_end=True, stop=STOP)[3] == len(answer_ids(answer)) + 1
     assert generate([" 자동차 검사"], eos_at_end=True, stop=[" 자동차"])[3] == 1  # stopped at the first token
     assert generate(["is Lee, and I'm a student"], stop=["e"], min_new_tokens=6)[3] > 6
+
+
+def test_the_first_token_leading_space_and_stop_reason_end_to_end(tmp_path):
+    """item 4 on the tiny model through `komt-batch run`: its answers to seed rows 0 and 4 begin with
+    "자동차" (the token "▁자동차"), so the stop word " 자동차" ends them at their first token, not at
+    a later " 자동차"; "\\n" ends rows 6 and 7 after their first line. The file says which word did."""
+    import pyarrow.parquet as pq
+
+    from tests.conftest import komt, make_job, seed_rows, write_jsonl
+
+    rows = [{"id": f"s{i}", "instruction": r["instruction"]} for i, r in enumerate(seed_rows())]
+    job = make_job(tmp_path, write_jsonl(tmp_path / "in.jsonl", rows), generation={"max_new_tokens": 48, "do_sample": False, "stop": [" 자동차", "\n"]})
+    p = komt("run", job, "--no-progress")
+    assert p.returncode == 0, p.stderr
+    out = pq.read_table(tmp_path / "out" / "result.parquet").to_pylist()
+    got = {r["id"]: (r["response"], r["finish_reason"], r["stop_reason"], r["completion_tokens"]) for r in out}
+    assert got["s0"] == ("", "stop", " 자동차", 1) and got["s4"] == ("", "stop", " 자동차", 1)
+    assert got["s6"][:3] == ("일본", "stop", "\n") and got["s7"][:3] == ("워너 브라더스", "stop", "\n")
+    assert all(why is None for _, reason, why, _ in got.values() if reason != "stop")
