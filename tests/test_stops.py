@@ -275,3 +275,13 @@ def test_the_first_token_leading_space_and_stop_reason_end_to_end(tmp_path):
     assert got["s0"] == ("", "stop", " 자동차", 1) and got["s4"] == ("", "stop", " 자동차", 1)
     assert got["s6"][:3] == ("일본", "stop", "\n") and got["s7"][:3] == ("워너 브라더스", "stop", "\n")
     assert all(why is None for _, reason, why, _ in got.values() if reason != "stop")
+
+
+def test_a_stop_token_id_outside_the_vocabulary_is_refused_before_any_generation(tmp_path):
+    from tests.conftest import komt, make_job, seed_rows, write_jsonl
+
+    job = make_job(tmp_path, write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "instruction": seed_rows()[0]["instruction"]}]))
+    p = komt("run", job, "--no-progress", "generation.stop_token_ids=[2, 99999]")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "generation.stop_token_ids: 99999 is not a token of the model (its vocabulary has 1536)" in p.stderr
+    assert not (tmp_path / "out" / "result.parquet").exists()
