@@ -25,7 +25,7 @@ from batch.decode_attention import RowKeys
 from batch.kv_cache import COUNT, IDS, POS, SEED, SlotCache, StepInputs
 from batch.loading import first_line
 from batch.memory import is_out_of_memory
-from batch.sampling import choose
+from batch.sampling import choose, forbid_early, penalize_repeats
 
 CAPTURE_WARMUP = 2  # eager runs before a capture: lazy initialisation (cuBLAS workspaces, bitsandbytes' state)
 REPLAY_TOLERANCE = 0.25  # a replayed row's logits may be this far from the eager step's (relative L2): see replay_difference
@@ -64,10 +64,10 @@ class DecodeStep:
         done], done = EOS (or a stop token) or max_new_tokens reached. `state`: SlotCache.state's
         columns of these rows; `seen`: SlotCache.seen's rows of them (with a repetition penalty)."""
         s = self.settings
-        if seen is not None:  # transformers' RepetitionPenaltyLogitsProcessor over the row's prompt and answer
-            logits = torch.where(seen, torch.where(logits < 0, logits * s.repetition_penalty, logits / s.repetition_penalty), logits)
-        if s.min_new_tokens and self.ends:  # no EOS or stop token before min_new_tokens (MinNewTokensLengthLogitsProcessor)
-            logits = torch.where((state[COUNT] < s.min_new_tokens)[:, None], logits.index_fill(1, self.eos, -torch.inf), logits)
+        if seen is not None:
+            logits = penalize_repeats(logits, seen, s.repetition_penalty)
+        if s.min_new_tokens and self.ends:  # no EOS or stop token before min_new_tokens
+            logits = forbid_early(logits, state[COUNT], s.min_new_tokens, self.eos)
         tokens = choose(logits, state[SEED], state[COUNT], s)
         if seen is not None:
             seen.scatter_(1, tokens[:, None], True)
