@@ -149,7 +149,8 @@ class StopRule:
     def finish(self, prompt: list[int], generated: list[int]) -> tuple[str, str, str | None]:
         last = generated[-1] if generated else None
         ended_by = "eos" if last in self.eos_ids else last if last in self.stop_token_ids else None
-        body = generated[:-1] if ended_by is not None and not self.include_stop else generated
+        # (EOS is never text: its own text would be a special token's, removed, or match a stop word "</s>")
+        body = generated[:-1] if ended_by == "eos" or (ended_by is not None and not self.include_stop) else generated
         context = prompt[-CONTEXT_TOKENS:]
 
         def text(n: int) -> str:

@@ -236,6 +236,7 @@ STORY = "VLLM is a 100% volunteer organization. We are a group of people"  # vLL
         # defect 1: byte tokens that spell "</s>" are text: the answer goes on to the real EOS
         (["답", pieces_of("</s>"), "더 있음"], {"stop": STOP}, ("답</s>더 있음", "eos", None)),
         (["답", pieces_of("</s>"), "더 있음"], {"stop": ["</s>"]}, ("답", "stop", "</s>")),  # ... unless it is a stop word
+        (["답"], {"stop": ["</s>"], "include_stop_str_in_output": True}, ("답", "eos", None)),  # (the EOS token is no such text)
         # defect 3: a stop word with U+FFFD matches a real U+FFFD, not a character half written (끝's bytes)
         (["끝 이다 \ufffd 뒤"], {"stop": ["\ufffd"]}, ("끝 이다", "stop", "\ufffd")),
         (["자동차 끝 뒤"], {"stop": ["\ufffd"]}, ("자동차 끝 뒤", "eos", None)),
