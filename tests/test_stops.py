@@ -286,3 +286,35 @@ def test_a_stop_token_id_outside_the_vocabulary_is_refused_before_any_generation
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "generation.stop_token_ids: 99999 is not a token of the model (its vocabulary has 1536)" in p.stderr
     assert not (tmp_path / "out" / "result.parquet").exists()
+
+
+@pytest.mark.parametrize("fixed_shapes", [False, True])
+def test_the_defects_through_the_engine_with_scripted_answers(fixed_shapes, monkeypatch):
+    """The tiny model's engine (prefill, decode steps, the host's stop check, the rule), its next
+    tokens scripted per row (by the row's seed and token count): defect 1 (byte tokens that spell
+    "</s>"), defect 3 (a half-written character is no U+FFFD), item 4 (the first token's space)."""
+    import torch
+
+    from batch import decode_step
+    from tests.test_exactness import TEMPLATE, load, with_steps
+
+    eos = tiny_tokenizer().eos_token_id
+    answers = [  # (the answer's tokens then EOS, what the engine gives)
+        (["답", pieces_of("</s>"), "더 있음"], ("답</s>더 있음", "eos", None)),
+        (["끝 뒤 이다"], ("끝 뒤 이다", "eos", None)),
+        (["끝 이다 \ufffd 뒤"], ("끝 이다", "stop", "\ufffd")),
+        ([" 자동차 검사"], ("", "stop", " 자동차")),
+    ]
+    script = [answer_ids(a) + [eos] for a, _ in answers]
+
+    def choose(logits, seeds, steps, settings):
+        # (a fixed-shape step runs one ahead, and its padding rows have other seeds: EOS past the script)
+        return torch.tensor([script[s][k] if s < len(script) and k < len(script[s]) else eos for s, k in zip(seeds.tolist(), steps.tolist())])
+
+    monkeypatch.setattr(decode_step, "choose", choose)
+    engine = with_steps(load("float32", stop=["\ufffd", " 자동차", "###"]), fixed_shapes)
+    prompts = engine.tokenize([TEMPLATE.format(q) for q in ["자동차 검사 기간은?", "안녕", "Why?", "끝"]])
+    got = [(c.response, c.finish_reason, c.stop_reason, c.completion_tokens) for c in engine.generate(prompts, list(range(4)))]
+    # (U+FFFD's last byte token ends it only once the next token shows it is no half-written character)
+    stop_at = [len(script[0]), len(script[1]), len(answer_ids(["끝 이다 \ufffd"])) + 1, 1]
+    assert got == [(*expected, n) for (_, expected), n in zip(answers, stop_at)]
