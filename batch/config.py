@@ -115,6 +115,12 @@ class GenerationSettings:
         if not 0 < self.repetition_penalty < math.inf:  # (NaN too)
             raise JobError(f"{where}: generation.repetition_penalty: must be a number > 0, got {self.repetition_penalty}")
 
+    def check_tokens(self, where: str, vocabulary: int) -> None:
+        """The stop token ids are tokens of the model's tokenizer (of `vocabulary` tokens)."""
+        outside = [t for t in self.stop_token_ids if t >= vocabulary]
+        if outside:
+            raise JobError(f"{where}: generation.stop_token_ids: {outside[0]} is not a token of the model (its tokenizer has {vocabulary})")
+
 
 @dataclass
 class BatchingConfig:

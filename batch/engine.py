@@ -45,7 +45,6 @@ from transformers import DynamicCache
 from batch.config import BatchingConfig, GenerationSettings, ModelConfig
 from batch.decode_attention import RowKeys, check, efficient_attention_kernel, reading_rows
 from batch.decode_step import DecodeStep, row_bucket
-from batch.errors import JobError
 from batch.kv_cache import SlotCache, compact_order, to_device
 from batch.loading import first_line, load_model
 from batch.memory import is_out_of_memory, running_limits
@@ -228,11 +227,7 @@ class Engine:
 
     @classmethod
     def load(cls, cfg: ModelConfig, settings: GenerationSettings, where: str = "<job>", tokenizer=None) -> Engine:
-        engine = cls(*load_model(cfg, where, tokenizer), settings, cuda_graphs=cfg.cuda_graphs)
-        outside = [t for t in settings.stop_token_ids if t >= engine.vocab]
-        if outside:
-            raise JobError(f"{where}: generation.stop_token_ids: {outside[0]} is not a token of the model (its vocabulary has {engine.vocab})")
-        return engine
+        return cls(*load_model(cfg, where, tokenizer), settings, cuda_graphs=cfg.cuda_graphs)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)

@@ -278,14 +278,15 @@ def test_the_first_token_leading_space_and_stop_reason_end_to_end(tmp_path):
     assert all(why is None for _, reason, why, _ in got.values() if reason != "stop")
 
 
-def test_a_stop_token_id_outside_the_vocabulary_is_refused_before_any_generation(tmp_path):
+def test_a_stop_token_id_outside_the_vocabulary_is_refused_by_validate_and_run(tmp_path):
     from tests.conftest import komt, make_job, seed_rows, write_jsonl
 
     job = make_job(tmp_path, write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "instruction": seed_rows()[0]["instruction"]}]))
-    p = komt("run", job, "--no-progress", "generation.stop_token_ids=[2, 99999]")
-    assert p.returncode == 2 and "Traceback" not in p.stderr
-    assert "generation.stop_token_ids: 99999 is not a token of the model (its vocabulary has 1536)" in p.stderr
-    assert not (tmp_path / "out" / "result.parquet").exists()
+    for command in ("validate", "run"):
+        p = komt(command, job, "--no-progress", "generation.stop_token_ids=[2, 99999]") if command == "run" else komt(command, job, "generation.stop_token_ids=[2, 99999]")
+        assert p.returncode == 2 and "Traceback" not in p.stderr, (command, p.stderr)
+        assert "generation.stop_token_ids: 99999 is not a token of the model (its tokenizer has 1536)" in p.stderr, (command, p.stderr)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("fixed_shapes", [False, True])
