@@ -48,7 +48,7 @@ from batch.errors import JobError, WriteError
 from batch.plan import Chunk
 from batch.results import RESULT_SCHEMA
 
-FORMAT = 2  # the manifest's format; 1 (parts named by batch range) is not resumed
+FORMAT = 3  # the manifest's format; 2 (results without stop_reason) and 1 (parts named by batch range) are not resumed
 _OWNED_NAMES = (
     r"manifest\.json|plan\.parquet|settled\.parquet|part-[0-9a-z-]+\.parquet(\.rejected)?"
     r"|summary-shard-\d+-of-\d+\.json|job\.lock|plan\.lock|shard-\d+-of-\d+\.lock"

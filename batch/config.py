@@ -83,7 +83,8 @@ class PromptConfig:
 
 @dataclass
 class GenerationSettings:
-    """Generation settings: names as in transformers' GenerationConfig, plus `stop` and `seed`."""
+    """Generation settings: names as in transformers' GenerationConfig, plus `stop` and `seed`, and
+    vLLM's SamplingParams' stop_token_ids and include_stop_str_in_output. The stop rule: batch.stops."""
 
     max_new_tokens: int = 512
     do_sample: bool = True
@@ -92,6 +93,10 @@ class GenerationSettings:
     top_k: int = 100
     seed: int = 0
     stop: list[str] = field(default_factory=lambda: list(DEFAULT_STOP))
+    stop_token_ids: list[int] = field(default_factory=list)  # tokens that end a row, beside EOS
+    min_new_tokens: int = 0  # no EOS, stop token or stop word ends a row before this many tokens
+    repetition_penalty: float = 1.0  # transformers' RepetitionPenaltyLogitsProcessor over prompt + answer
+    include_stop_str_in_output: bool = False  # keep the stop word (or stop token's text) in the response
 
     def validate(self, where: str) -> None:
         _at_least(where, "generation.max_new_tokens", self.max_new_tokens, 1)
@@ -102,6 +107,19 @@ class GenerationSettings:
             raise JobError(f"{where}: generation.temperature: must be a number > 0, got {self.temperature}")
         if any(not s for s in self.stop):
             raise JobError(f"{where}: generation.stop: stop words must be non-empty strings")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise JobError(f"{where}: generation.stop_token_ids: token ids must be >= 0, got {self.stop_token_ids}")
+        _at_least(where, "generation.min_new_tokens", self.min_new_tokens, 0)
+        if self.min_new_tokens > self.max_new_tokens:
+            raise JobError(f"{where}: generation.min_new_tokens: must be <= generation.max_new_tokens ({self.max_new_tokens}), got {self.min_new_tokens}")
+        if not 0 < self.repetition_penalty < math.inf:  # (NaN too)
+            raise JobError(f"{where}: generation.repetition_penalty: must be a number > 0, got {self.repetition_penalty}")
+
+    def check_tokens(self, where: str, vocabulary: int) -> None:
+        """The stop token ids are tokens of the model's tokenizer (of `vocabulary` tokens)."""
+        outside = [t for t in self.stop_token_ids if t >= vocabulary]
+        if outside:
+            raise JobError(f"{where}: generation.stop_token_ids: {outside[0]} is not a token of the model (its tokenizer has {vocabulary})")
 
 
 @dataclass
@@ -339,7 +357,7 @@ def _parse_override(tp: Any, value: str, what: str, blame: str) -> Any:
         (tp,) = [a for a in args if a is not type(None)]
     if tp is str:
         return None if optional and value in ("", "null") else value
-    if typing.get_origin(tp) is list:
+    if typing.get_origin(tp) is list and typing.get_args(tp) == (str,):
         return _text_list(value, what, blame)
     if not value.strip():
         return None  # unset: an optional setting's default; refused for the others
@@ -453,13 +471,14 @@ def _coerce(tp: Any, value: Any, where: str, key: str) -> Any:
         if isinstance(value, str):
             return value
     elif typing.get_origin(tp) is list:
-        if isinstance(value, str):
+        (item,) = typing.get_args(tp)
+        if isinstance(value, item) and not isinstance(value, bool):
             value = [value]
         if isinstance(value, list):
-            value = [v.text if isinstance(v, _Plain) else v for v in value]
-            if all(isinstance(v, str) for v in value):
-                return value
-        raise JobError(f"{where}: {key}: expected a list of strings, got {_kind(value)}")
+            value = [(v.text if item is str else v.value) if isinstance(v, _Plain) else v for v in value]
+            if all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+                return [item(v) for v in value]
+        raise JobError(f"{where}: {key}: expected a list of {'strings' if item is str else 'integers'}, got {_kind(value)}")
     raise JobError(f"{where}: {key}: expected {_type_name(tp)}, got {_kind(value)}{'' if value is None else f' {value!r}'}")
 
 

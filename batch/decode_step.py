@@ -25,7 +25,7 @@ from batch.decode_attention import RowKeys
 from batch.kv_cache import COUNT, IDS, POS, SEED, SlotCache, StepInputs
 from batch.loading import first_line
 from batch.memory import is_out_of_memory
-from batch.sampling import choose
+from batch.sampling import choose, forbid_early, penalize_repeats
 
 CAPTURE_WARMUP = 2  # eager runs before a capture: lazy initialisation (cuBLAS workspaces, bitsandbytes' state)
 REPLAY_TOLERANCE = 0.25  # a replayed row's logits may be this far from the eager step's (relative L2): see replay_difference
@@ -48,7 +48,8 @@ class DecodeStep:
         self.forward = forward
         self.rows_kernel = rows_kernel  # attention reads each row's own keys with it (batch.decode_attention); None: the mask's columns
         self.settings = settings
-        self.eos = torch.tensor(sorted(eos_ids) or [-1], dtype=torch.long, device=device)
+        self.eos = torch.tensor(sorted(eos_ids) or [-1], dtype=torch.long, device=device)  # (EOS and stop_token_ids)
+        self.ends = bool(eos_ids)
         self.mask_dtype = mask_dtype
         self.graphs = graphs
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # rows -> (graph, its output)
@@ -58,10 +59,18 @@ class DecodeStep:
         self._stream = None  # the side stream of warm-ups and captures
         self._told = False  # the first capture's check is logged
 
-    def pick(self, logits: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    def pick(self, logits: torch.Tensor, state: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
         """Choose each row's next token; make it the row's next input and count it; return [tokens;
-        done], done = EOS or max_new_tokens reached. `state`: SlotCache.state's columns of these rows."""
-        tokens = choose(logits, state[SEED], state[COUNT], self.settings)
+        done], done = EOS (or a stop token) or max_new_tokens reached. `state`: SlotCache.state's
+        columns of these rows; `seen`: SlotCache.seen's rows of them (with a repetition penalty)."""
+        s = self.settings
+        if seen is not None:
+            logits = penalize_repeats(logits, seen, s.repetition_penalty)
+        if s.min_new_tokens and self.ends:  # no EOS or stop token before min_new_tokens
+            logits = forbid_early(logits, state[COUNT], s.min_new_tokens, self.eos)
+        tokens = choose(logits, state[SEED], state[COUNT], s)
+        if seen is not None:
+            seen.scatter_(1, tokens[:, None], True)
         state[COUNT].add_(1)
         state[IDS].copy_(tokens)
         done = (tokens[:, None] == self.eos).any(-1) | (state[COUNT] >= self.settings.max_new_tokens)
@@ -101,7 +110,7 @@ class DecodeStep:
             mask = torch.zeros(mask.shape, dtype=self.mask_dtype, device=mask.device).masked_fill_(~mask, torch.finfo(self.mask_dtype).min)
         keys = None if self.rows_kernel is None else RowKeys((inputs.at + 1).int(), self.rows_kernel)
         logits = self.forward(state[IDS][:, None], mask, inputs.at[:, None], batch.cache, keys)
-        out = self.pick(logits, state)
+        out = self.pick(logits, state, inputs.seen)
         state[POS].add_(1)
         return out, logits
 
@@ -110,13 +119,19 @@ class DecodeStep:
         steps: they write the keys and values the replay writes again, and the rows' state is put
         back after each, so that only the replay advances it."""
         saved = inputs.state.clone()
+        saved_seen = None if inputs.seen is None else inputs.seen.clone()  # (a warm-up marks its tokens as seen)
+
+        def restore():
+            inputs.state.copy_(saved)
+            if saved_seen is not None:
+                inputs.seen.copy_(saved_seen)
         self.captures += 1
         self._stream = self._stream or _side_stream()  # warm-ups and captures on one stream: the same kernels
 
         def run():
             return self._run(inputs, batch)
 
-        eager_logits = _warm_up(run, lambda: inputs.state.copy_(saved), self._stream)
+        eager_logits = _warm_up(run, restore, self._stream)
         try:
             graph, (out, logits) = _capture_graph(run, self._pool, self._stream)
             graph.replay()
@@ -130,7 +145,7 @@ class DecodeStep:
                 self._told = True
         except Exception as e:  # noqa: BLE001 -- any failure to capture: decode eagerly, as on the CPU
             self.release()
-            inputs.state.copy_(saved)
+            restore()
             if is_out_of_memory(e):  # ... but out of memory is the stream's to handle (split, lower the budget)
                 raise
             print(f"komt-batch: CUDA graph capture failed ({type(e).__name__}: {first_line(e)}); decoding eagerly", file=sys.stderr)

@@ -6,7 +6,7 @@
   we use <unk>, never eos: pad = eos is what breaks batched Llama output, transformers #25790), and
   position ids count only real tokens, so a padded row computes what it would compute alone;
 - every row stops on its own: on EOS or at max_new_tokens (flags computed on the device), or on a
-  stop word (checked on the host, only after a token that can complete one: stops.StopChecker) --
+  stop word (checked on the host, only after a token that can complete one: stops.StopRule) --
   and a finished row leaves the batch at once (its rows of the KV cache are dropped), so one long
   answer does not keep the others computing;
 - the places of finished rows are refilled from the stream (continuous batching): new rows are
@@ -54,7 +54,7 @@ from batch.memory import is_out_of_memory, running_limits
 from batch.prefix import Prefixes, Sharing, Use, aligned_columns, past_inputs
 from batch.results import Completion
 from batch.results import error_completion as _error_row
-from batch.stops import StopChecker, trim_response
+from batch.stops import StopRule
 
 
 PREFILL_WASTE = 0.05  # a prefill group computes at most 5% padding ...
@@ -186,10 +186,11 @@ class Engine:
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         if tokenizer.eos_token_id is not None:
             eos.append(tokenizer.eos_token_id)
-        self.eos_text = tokenizer.eos_token
-        self.special = list(tokenizer.all_special_tokens)
+        self.eos_ids = set(eos)
+        self.vocab = model.config.vocab_size  # the logits' width
         pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=False) if settings.stop else None
-        self.stops = StopChecker(self.decode, settings.stop, pieces)
+        self.rule = StopRule(self.decode, settings.stop, self.eos_ids, settings.stop_token_ids, tokenizer.all_special_ids,
+                             settings.min_new_tokens, settings.include_stop_str_in_output, pieces)
         # transformers 5.2x renamed forward's `past_key_values` to `cache`; accept either release
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.cache_kwarg = "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
@@ -205,7 +206,7 @@ class Engine:
             print(f"komt-batch: {planless_sdpa()}", file=sys.stderr, flush=True)
         if rows_kernel is None and cuda and attention == "sdpa":  # (the CPU's decode steps read only the columns their rows fill)
             rows_kernel = _checked_rows_kernel(self.device, model.get_input_embeddings().weight.dtype, model.config)
-        self.step = DecodeStep(self._logits, settings, sorted(set(eos)), self.device, mask_dtype, graphs=cuda and cuda_graphs and self.fixed_shapes,
+        self.step = DecodeStep(self._logits, settings, sorted(self.eos_ids | set(settings.stop_token_ids)), self.device, mask_dtype, graphs=cuda and cuda_graphs and self.fixed_shapes,
                                rows_kernel=rows_kernel)
         # time in the model's prefills, decode steps, and decode steps that captured a CUDA graph
         self.seconds = {"prefill": 0.0, "decode": 0.0, "capture": 0.0}
@@ -252,9 +253,10 @@ class Engine:
         """Token ids as the tokenizer makes them by default (for Llama: with BOS)."""
         return self.tokenizer(prompts, add_special_tokens=True)["input_ids"] if prompts else []
 
-    def finish(self, prompt_len: int, generated: list[int]) -> Completion:
-        response, reason = trim_response(self.decode(generated), self.settings.stop, self.eos_text, self.special)
-        return Completion(response, reason, prompt_len, len(generated))
+    def finish(self, prompt: list[int], generated: list[int]) -> Completion:
+        """The stop rule (batch.stops) on a row that has ended: its Completion."""
+        response, reason, stop_reason = self.rule.finish(prompt, generated)
+        return Completion(response, reason, len(prompt), len(generated), stop_reason=stop_reason)
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], seeds: list[int]) -> list[Completion]:
@@ -275,7 +277,7 @@ class Engine:
         kept); yield (key, Completion) as
         each row finishes. A finished row leaves the batch at once, and new rows join when an eighth
         of the places are free, so the batch stays full. Raises BatchFailed with the unfinished rows."""
-        batch = SlotCache(self.model.config, self.device)
+        batch = SlotCache(self.model.config, self.device, self.vocab if self.settings.repetition_penalty != 1.0 else 0)
         running: list[Running] = []  # slot -> row (a row stays until its tokens are read and it is done)
         pending: deque[Report] = deque()  # launched steps whose tokens the host has not read, oldest first
         joining: list[Request] = []
@@ -320,11 +322,11 @@ class Engine:
             if row.done:  # it finished at an earlier step: this token was computed ahead for nothing
                 continue
             row.generated.append(token)
-            if flag or self.stops.hit(row.generated):
+            if flag or self.rule.hit(row.request.ids, row.generated):
                 finished.append(row)
         if finished:
             # (what can fail runs while `running` still holds them: on failure they are redone)
-            done = [(row.request.key, self.finish(len(row.request.ids), row.generated)) for row in finished]
+            done = [(row.request.key, self.finish(row.request.ids, row.generated)) for row in finished]
             for row in finished:
                 row.done = True
             order = compact_order([slot for slot, row in enumerate(running) if not row.done])
@@ -416,7 +418,8 @@ class Engine:
                 need = max(max(batch.need, default=0), max(lengths) + room)
                 batch.reserve(n + len(joining), need, [k for k, _ in layers], budget - sum(map(len, kept)), max_rows)
             batch.add(n + a, lengths[a:b], [length + room for length in lengths[a:b]], layers, [r.seed for r in joining[a:b]], source)
-            chosen.append(self.step.pick(logits, batch.state[:, n + a : n + b]))
+            batch.see(n + a, [r.ids for r in joining[a:b]])
+            chosen.append(self.step.pick(logits, batch.state[:, n + a : n + b], None if batch.seen is None else batch.seen[n + a : n + b]))
         spare = budget - batch.slots * batch.columns
         self.prefixes.keep({key for key, total in zip(kept, itertools.accumulate(map(len, kept))) if total <= spare})  # (shortest first)
         return self._report([Running(r) for r in joining], torch.cat(chosen, dim=1))

@@ -28,6 +28,9 @@ from batch.rows import Rows
 WEIGHT_SUFFIXES = (".safetensors", ".bin")  # what transformers and peft load, safetensors first
 DEFINING_SUFFIXES = (".json", ".model", ".txt", ".py", ".tiktoken")  # config, tokenizer, remote code
 HUB_BLOB = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # blob names: git sha1, or sha256 for LFS files
+# generation settings added after plans were first stored: absent from the fingerprint at their
+# defaults (older plans and outputs stay valid), present when set (they change the outputs)
+LATER_GENERATION = {"stop_token_ids": [], "min_new_tokens": 0, "repetition_penalty": 1.0, "include_stop_str_in_output": False}
 FRESH_NS = 2_000_000_000  # a file changed this recently may change again within its mtime's tick: not cached
 
 
@@ -41,7 +44,7 @@ def settings_fingerprint(job: JobConfig) -> dict:
     return {
         "model": model,
         "prompt": d["prompt"],
-        "generation": d["generation"],
+        "generation": {k: v for k, v in d["generation"].items() if k not in LATER_GENERATION or v != LATER_GENERATION[k]},
         "batching": {k: d["batching"][k] for k in ("max_batch_size", "max_batch_tokens")},
         "input": {k: d["input"][k] for k in ("id_column", "too_long")},
         "checkpoint": {"every_rows": d["checkpoint"]["every_rows"]},

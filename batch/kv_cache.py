@@ -106,6 +106,7 @@ class StepInputs:
     state: torch.Tensor  # [4, rows] int64: next input id, position, seed, tokens generated
     at: torch.Tensor  # [rows] int64: the column each row writes (the step sets it from the positions)
     columns: int  # the columns read: [0, columns)
+    seen: torch.Tensor | None = None  # [rows, vocab] bool: the tokens of each row's prompt and answer (SlotCache.seen)
 
 
 class SlotCache:
@@ -116,8 +117,10 @@ class SlotCache:
     (its prompt + max_new_tokens), so a buffer of `columns` takes any row whose need fits, at any
     step. The host keeps each running row's next column (`pos`, as on the device) and its need."""
 
-    def __init__(self, model_config, device):
+    def __init__(self, model_config, device, vocab: int = 0):
         self.cache = DynamicCache(config=model_config)
+        self.vocab = vocab  # > 0: keep `seen`, each slot's tokens so far (for a repetition penalty)
+        self.seen = None
         self.device = device
         self.slots = self.columns = self.n = 0
         self.pos: list[int] = []  # slot -> the column its next token is written to (= its position)
@@ -154,6 +157,11 @@ class SlotCache:
                 self.cache.layers[i] = layers[i]
         self.cache.layers, self.state, self.slots, self.columns = layers, state, slots, need
         self.at = torch.zeros(slots, dtype=torch.long, device=self.device)
+        if self.vocab:
+            seen = torch.zeros((slots, self.vocab), dtype=torch.bool, device=self.device)
+            if self.n:
+                seen[: self.n] = self.seen[: self.n]
+            self.seen = seen
         self.buffer = next(_buffers)
 
     def add(self, a: int, lengths: list[int], needs: list[int], layer_keys: list[tuple[torch.Tensor, torch.Tensor]], seeds: list[int],
@@ -183,6 +191,8 @@ class SlotCache:
             for layer in self.cache.layers:
                 layer.move(src, dst, columns)
             self.state[:, dst] = self.state[:, src]
+            if self.seen is not None:
+                self.seen[dst] = self.seen[src]
         self.pos = [self.pos[s] for s in order]
         self.need = [self.need[s] for s in order]
         self.n = len(order)
@@ -194,7 +204,15 @@ class SlotCache:
         at = self.at[:rows]
         for layer in self.cache.layers:
             layer.read(rows, columns, at)
-        return StepInputs(self.state[:, :rows], at, columns)
+        return StepInputs(self.state[:, :rows], at, columns, None if self.seen is None else self.seen[:rows])
+
+    def see(self, a: int, prompts: list[list[int]]) -> None:
+        """Rows joining in slots [a, a + len(prompts)) have seen their prompts' tokens (with `seen` kept)."""
+        if self.seen is None:
+            return
+        self.seen[a : a + len(prompts)] = False
+        for i, ids in enumerate(prompts):
+            self.seen[a + i, to_device(torch.tensor(ids, dtype=torch.long), self.device)] = True
 
     def advance(self) -> None:
         """The step has been launched: every running row's next token goes one column further."""

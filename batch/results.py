@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 # The columns the job adds to the input's (after the response column, whose name is configurable).
-GENERATED_COLUMNS = ["finish_reason", "prompt_tokens", "completion_tokens", "error", "row_fingerprint"]
+GENERATED_COLUMNS = ["finish_reason", "stop_reason", "prompt_tokens", "completion_tokens", "error", "row_fingerprint"]
 
 RESULT_SCHEMA = pa.schema(
     [
@@ -22,6 +22,7 @@ RESULT_SCHEMA = pa.schema(
         ("batch", pa.int32()),
         ("response", pa.string()),
         ("finish_reason", pa.string()),
+        ("stop_reason", pa.string()),
         ("prompt_tokens", pa.int64()),
         ("completion_tokens", pa.int64()),
         ("error", pa.string()),
@@ -37,6 +38,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int  # tokens the model generated for the row, the stopping one included
     error: str | None = None
+    stop_reason: str | None = None  # the stop word, or the stop token's id (as text), that ended the row
 
 
 def error_completion(message: str, prompt_tokens: int = 0) -> Completion:
@@ -52,6 +54,7 @@ def results_table(rows: list[int], batches: int | list[int], completions: list[C
             "batch": pa.array(batches if isinstance(batches, list) else [batches] * len(rows), pa.int32()),
             "response": pa.array([c.response for c in completions], pa.string()),
             "finish_reason": pa.array([c.finish_reason for c in completions], pa.string()),
+            "stop_reason": pa.array([c.stop_reason for c in completions], pa.string()),
             "prompt_tokens": pa.array([c.prompt_tokens for c in completions], pa.int64()),
             "completion_tokens": pa.array([c.completion_tokens for c in completions], pa.int64()),
             "error": pa.array([c.error for c in completions], pa.string()),

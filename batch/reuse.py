@@ -29,11 +29,14 @@ def load_reusable(job: JobConfig) -> dict[str, Completion]:
         try:
             schema = pq.read_schema(path)
             response = json.loads(schema.metadata[b"komt_batch"])["response_column"] if b"komt_batch" in (schema.metadata or {}) else "response"
-            t = pq.read_table(path, columns=[*cols, response])
+            # (outputs made before the stop_reason column: their `stop` rows are redone, to have one)
+            reasons = ["stop_reason"] if "stop_reason" in schema.names else []
+            t = pq.read_table(path, columns=[*cols, response, *reasons])
         except (OSError, KeyError, ValueError, pa.ArrowException) as e:
             why = f"no column {e}" if isinstance(e, KeyError) else (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise JobError(f"{job.source}: input.reuse: {path} is not a readable komt-batch output ({why})") from None
-        for fp, reason, pt, ct, resp in zip(*(t.column(c).to_pylist() for c in [*cols, response])):
-            if reason != "error" and fp:
-                found.setdefault(fp, Completion(resp, reason, pt, ct))
+        why = t.column("stop_reason").to_pylist() if reasons else [None] * t.num_rows
+        for fp, reason, pt, ct, resp, stop_reason in zip(*(t.column(c).to_pylist() for c in [*cols, response]), why):
+            if reason != "error" and fp and (reasons or reason != "stop"):
+                found.setdefault(fp, Completion(resp, reason, pt, ct, stop_reason=stop_reason))
     return found

@@ -56,6 +56,7 @@ class Opened:
         rows = read_rows(job)
         ckpt.check_place(job, rows.files)
         tokenizer, context = load_tokenizer(job.model, job.source)
+        job.generation.check_tokens(job.source, len(tokenizer))
         input_fp, settings_fp = input_fingerprint(rows), settings_fingerprint(job)
         return cls(job, ckpt, rows, tokenizer, context, input_fp, settings_fp, *output_state(job, input_fp, settings_fp))
 

@@ -74,6 +74,18 @@ def _top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     return scores.masked_fill(drop.scatter(-1, order, drop), -float("inf"))
 
 
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' RepetitionPenaltyLogitsProcessor: the logits of tokens a row has seen (`seen`:
+    [rows, vocab] bool, its prompt and answer so far) divided by `penalty` if positive, else multiplied."""
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def forbid_early(logits: torch.Tensor, steps: torch.Tensor, min_new_tokens: int, ids: torch.Tensor) -> torch.Tensor:
+    """transformers' MinNewTokensLengthLogitsProcessor: tokens `ids` (EOS, the stop tokens) get -inf
+    in the rows that have generated fewer than min_new_tokens tokens (`steps`)."""
+    return torch.where((steps < min_new_tokens)[:, None], logits.index_fill(1, ids, -torch.inf), logits)
+
+
 def choose(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, settings) -> torch.Tensor:
     """The next token of each row: logits [rows, vocab] (float32), seeds and steps [rows] (int64; a row's
     step is the number of tokens it has generated). `settings`: do_sample, temperature, top_k, top_p."""

@@ -3,6 +3,7 @@
 The final file is the input's columns, unchanged and in input order, plus the generated columns:
   <response_column>  string, null for error rows
   finish_reason      stop | eos | length | error
+  stop_reason        the stop word, or the stop token's id as text, that ended the row; null otherwise
   prompt_tokens      int64
   completion_tokens  int64
   error              string, null when none ("cause: details")

@@ -125,7 +125,7 @@ def test_empty_input_gives_an_empty_file_with_the_schema(tmp_path, capsys):
     assert main(["run", str(job), "--no-progress"]) == 0
     t = pq.read_table(tmp_path / "out" / "result.parquet")
     assert t.num_rows == 0
-    assert t.column_names == ["instruction", "id", "response", "finish_reason", "prompt_tokens", "completion_tokens", "error", "row_fingerprint"]
+    assert t.column_names == ["instruction", "id", "response", "finish_reason", "stop_reason", "prompt_tokens", "completion_tokens", "error", "row_fingerprint"]
 
 
 def test_bad_rows_become_error_rows(tmp_path, capsys):

@@ -57,7 +57,7 @@ def test_parquet_input_keeps_columns_order_and_types(tmp_path):
     out = pq.read_table(tmp_path / "out" / "result.parquet")
     assert out.select(table.column_names).equals(table)  # input columns unchanged, input order
     assert out.column_names == table.column_names + [
-        "response", "finish_reason", "prompt_tokens", "completion_tokens", "error", "row_fingerprint",
+        "response", "finish_reason", "stop_reason", "prompt_tokens", "completion_tokens", "error", "row_fingerprint",
     ]
     by_id = {s["id"]: s["reference"] for s in seeds}
     assert out.column("response").to_pylist() == [by_id[i] for i in table.column("id").to_pylist()]

@@ -58,6 +58,13 @@ def test_overrides_are_yaml_scalars(tmp_path):
         ("", ["model.merge_adapter=true"], "model.merge_adapter: needs model.adapter"),
         ("", ["model.merge_adapter=true", "model.adapter=a", "model.weights=nf4"], "model.merge_adapter: the adapter merges into dequantized weights; set model.weights to dequantized or auto"),
         ("", ["model.merge_adapter=true", "model.adapter=a", "model.quantization=int8"], "model.merge_adapter: not with quantization int8"),
+        ("", ["generation.min_new_tokens=-1"], "generation.min_new_tokens: must be >= 0, got -1"),
+        ("", ["generation.min_new_tokens=600"], "generation.min_new_tokens: must be <= generation.max_new_tokens (512), got 600"),
+        ("", ["generation.repetition_penalty=0"], "generation.repetition_penalty: must be a number > 0, got 0"),
+        ("", ["generation.repetition_penalty=.nan"], "generation.repetition_penalty: must be a number > 0, got nan"),
+        ("generation:\n  stop_token_ids: [2, x]\n", [], "generation.stop_token_ids: expected a list of integers, got a list"),
+        ("", ["generation.stop_token_ids=-3"], "generation.stop_token_ids: token ids must be >= 0, got [-3]"),
+        ("", ["generation.include_stop_str_in_output=sometimes"], "generation.include_stop_str_in_output: expected true/false"),
     ],
 )
 def test_errors_name_file_and_field(tmp_path, extra, overrides, fragment):
@@ -138,3 +145,17 @@ def test_home_is_expanded_in_every_path(tmp_path, monkeypatch):
     assert (job.output.path, job.model.base) == ("out/~x/a.parquet", "davidkim205/komt-Llama-2-7b-chat-hf")
     with pytest.raises(JobError, match=r"input.path: cannot expand '~nobody-komt' in '~nobody-komt/in.jsonl'"):
         load_job(write(tmp_path, BASE), ["input.path=~nobody-komt/in.jsonl"])
+
+
+def test_generation_options_from_the_job_file_and_the_command_line(tmp_path):
+    """stop_token_ids, min_new_tokens, repetition_penalty, include_stop_str_in_output: the same value
+    means the same in the job file and as an override; one token id alone is a list of one."""
+    text = BASE + "generation:\n  stop_token_ids: [13, 2]\n  min_new_tokens: 3\n  repetition_penalty: 1.2\n  include_stop_str_in_output: true\n"
+    from_file = load_job(write(tmp_path, text)).generation
+    overridden = load_job(write(tmp_path, BASE), ["generation.stop_token_ids=[13, 2]", "generation.min_new_tokens=3",
+                                                  "generation.repetition_penalty=1.2", "generation.include_stop_str_in_output=true"]).generation
+    assert from_file == overridden
+    assert (from_file.stop_token_ids, from_file.min_new_tokens, from_file.repetition_penalty, from_file.include_stop_str_in_output) == ([13, 2], 3, 1.2, True)
+    assert load_job(write(tmp_path, BASE), ["generation.stop_token_ids=13"]).generation.stop_token_ids == [13]
+    defaults = load_job(write(tmp_path, BASE)).generation
+    assert (defaults.stop_token_ids, defaults.min_new_tokens, defaults.repetition_penalty, defaults.include_stop_str_in_output) == ([], 0, 1.0, False)

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from batch import decode_step
 from batch.decode_step import REPLAY_TOLERANCE, replay_difference
 from batch.engine import BatchFailed, Engine, Request, Requests, row_seed
-from tests.test_exactness import load, prompts_40, streamed
+from tests.test_exactness import OPTIONS, load, prompts_40, streamed
 
 # Operators that hand a tensor's values to the host (a sync, and illegal while a CUDA stream is being
 # captured), make a tensor from host data (a host-to-device copy of memory the graph does not own),
@@ -35,12 +35,13 @@ class Ops(TorchDispatchMode):
 CARD = dict(do_sample=True, temperature=0.9, top_p=0.7, top_k=100)
 
 
-@pytest.mark.parametrize("variant", ["float32+lora", "nf4+lora", "dequantized+lora"])
-def test_a_fixed_shape_step_reads_nothing_on_the_host(variant, monkeypatch):
+@pytest.mark.parametrize("variant, options", [("float32+lora", {}), ("nf4+lora", {}), ("dequantized+lora", {}), ("float32+lora", OPTIONS)],
+                         ids=["float32+lora", "nf4+lora", "dequantized+lora", "float32+lora+options"])
+def test_a_fixed_shape_step_reads_nothing_on_the_host(variant, options, monkeypatch):
     """Every operator of the step -- llama layers, peft's LoRA, the 4D mask, sampling, the flags --
     keeps values on the device: what a CUDA graph can capture. (bitsandbytes' 4-bit layers run their
     CPU kernels here; their CUDA kernels are checked by the capture itself, on a GPU.)"""
-    engine = load(variant, fixed_shapes=True, **CARD)
+    engine = load(variant, fixed_shapes=True, **CARD, **options)
     ops = []
     run = decode_step.DecodeStep._run
 
@@ -82,10 +83,12 @@ class StandInGraph:
 
     captures = 0
 
-    def __init__(self, run, state):
-        saved = state.clone()
+    def __init__(self, run, state, seen=None):
+        saved = state.clone(), None if seen is None else seen.clone()
         self.run, self.outputs = run, run()
-        state.copy_(saved)
+        state.copy_(saved[0])
+        if seen is not None:
+            seen.copy_(saved[1])
         StandInGraph.captures += 1
 
     def replay(self):
@@ -109,8 +112,9 @@ def stand_in_cuda(monkeypatch, capture):
     monkeypatch.setattr(decode_step, "_capture_graph", capture)
 
 
-def test_replayed_steps_give_the_eager_steps_tokens(monkeypatch):
-    card = load("float32+lora", **CARD)
+@pytest.mark.parametrize("options", [{}, OPTIONS], ids=["card", "options"])
+def test_replayed_steps_give_the_eager_steps_tokens(options, monkeypatch):
+    card = load("float32+lora", **CARD, **options)
     ids = card.tokenize(prompts_40())
     seeds = [row_seed(0, str(i)) for i in range(len(ids))]
     expected = streamed(card, ids, 6, 700, shuffle=True, seeds=seeds)  # buffer remade with rows running
@@ -119,7 +123,7 @@ def test_replayed_steps_give_the_eager_steps_tokens(monkeypatch):
     states = {}
 
     def capture(run, pool, stream):
-        graph = StandInGraph(run, states["state"])
+        graph = StandInGraph(run, states["state"], states["seen"])
         return graph, graph.outputs
 
     stand_in_cuda(monkeypatch, capture)
@@ -128,6 +132,7 @@ def test_replayed_steps_give_the_eager_steps_tokens(monkeypatch):
 
     def remember_state(self, batch, rows, whole):
         states["state"] = batch.state[:, :rows]
+        states["seen"] = None if batch.seen is None else batch.seen[:rows]
         replays.append(rows in self._graphs and batch.buffer == self._buffer)
         return step_call(self, batch, rows, whole)
 
@@ -230,7 +235,8 @@ def test_on_a_gpu_replayed_graphs_give_the_eager_fixed_shape_tokens(variant, mon
     captures = []
     capture = decode_step._capture_graph
     monkeypatch.setattr(decode_step, "_capture_graph", lambda run, pool, stream: (captures.append(1), capture(run, pool, stream))[1])
-    for settings in (GenerationSettings(max_new_tokens=MAX_NEW, do_sample=False), GenerationSettings(max_new_tokens=MAX_NEW, **CARD)):
+    for settings in (GenerationSettings(max_new_tokens=MAX_NEW, do_sample=False), GenerationSettings(max_new_tokens=MAX_NEW, **CARD),
+                     GenerationSettings(max_new_tokens=MAX_NEW, **CARD, **OPTIONS)):
         eager = Engine(model, tokenizer, settings, cuda_graphs=False, fixed_shapes=True)
         graphs = Engine(model, tokenizer, settings)
         assert eager.fixed_shapes and graphs.step.graphs

@@ -119,7 +119,7 @@ class EndsAt:
     def __init__(self, answers: list[int]):
         self.answers = answers
 
-    def pick(self, logits, state):
+    def pick(self, logits, state, seen=None):
         state[COUNT].add_(1)
         ends = torch.tensor([self.answers[s] if s < len(self.answers) else 1 for s in state[SEED].tolist()])
         return torch.stack([torch.zeros_like(ends), (state[COUNT] >= ends).long()])

@@ -20,6 +20,7 @@ from batch.engine import Engine, Request, Requests, row_seed
 from batch.kv_cache import POS
 from batch.loading import load_model
 from batch.plan import plan_batches
+from batch.stops import CONTEXT_TOKENS, answer_text, find_stop, settled
 from tests.conftest import TINY, seed_rows
 
 TEMPLATE = "### instruction: {}\n\n### Response:"
@@ -44,20 +45,28 @@ def prompts_40() -> list[str]:
 
 
 def reference(engine: Engine, prompt_ids: list[int]):
-    """The prompt alone through `model.generate`: the response rule on its output, and where the
-    engine must stop (EOS, or the first token after which the text holds a stop word)."""
-    model = engine.model
-    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=MAX_NEW, do_sample=False)
+    """The prompt alone through `model.generate` (with transformers' repetition penalty and minimum
+    length, EOS and the stop tokens as its eos_token_id): the response rule on its output, and where
+    the engine must stop (EOS or a stop token, or the first token after which the rule finds a stop word)."""
+    model, s = engine.model, engine.settings
+    ends = sorted({engine.tokenizer.eos_token_id, model.generation_config.eos_token_id, *s.stop_token_ids})
+    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=ends,
+                         repetition_penalty=s.repetition_penalty, min_new_tokens=s.min_new_tokens)
     generated = out[0, len(prompt_ids) :].tolist()
-    c = engine.finish(len(prompt_ids), generated)
-    eos = {engine.tokenizer.eos_token_id, model.generation_config.eos_token_id}
-    stop = engine.settings.stop
-    ends = (i + 1 for i, t in enumerate(generated) if t in eos or any(w in engine.decode(generated[: i + 1]) for w in stop))
-    return c.response, c.finish_reason, next(ends, len(generated))
+    context = prompt_ids[-CONTEXT_TOKENS:]
+
+    def text(n):  # the answer's text after n tokens, as far as it will stay as decoded
+        return settled(answer_text(engine.decode, context, generated[:n]))
+
+    after = len(text(s.min_new_tokens)) if s.min_new_tokens else 0
+    stop_at = (i + 1 for i in range(len(generated)) if generated[i] in ends or (i >= s.min_new_tokens and find_stop(text(i + 1), s.stop, after)))
+    generated = generated[: next(stop_at, len(generated))]
+    c = engine.finish(prompt_ids, generated)
+    return c.response, c.finish_reason, len(generated), c.stop_reason
 
 
 def result(c):
-    return c.response, c.finish_reason, c.completion_tokens
+    return c.response, c.finish_reason, c.completion_tokens, c.stop_reason
 
 
 def batched(engine: Engine, ids: list[list[int]], batch_size: int, seeds=None):
@@ -115,9 +124,15 @@ def streamed(engine: Engine, ids: list[list[int]], max_rows: int, budget: int, s
     return [results[r] for r in range(len(ids))]
 
 
-@pytest.mark.parametrize("variant", ["float32", "float32+lora", "nf4+lora", "dequantized+lora", "merged+lora"])
-def test_batched_equals_single_prompt_generate(variant, monkeypatch):
-    engine = load(variant)
+# The generation options beside the stop words (stop_token_ids: 412 is "롤", frequent in the tiny
+# model's answers), as transformers' generate has them: every row still stops where it stops alone.
+OPTIONS = dict(stop_token_ids=[412], min_new_tokens=5, repetition_penalty=1.3, include_stop_str_in_output=True)
+
+
+@pytest.mark.parametrize("variant, options", [(v, {}) for v in ["float32", "float32+lora", "nf4+lora", "dequantized+lora", "merged+lora"]]
+                         + [("float32", OPTIONS)], ids=lambda x: "options" if x == OPTIONS else "" if x == {} else x)
+def test_batched_equals_single_prompt_generate(variant, options, monkeypatch):
+    engine = load(variant, **options)
     ids = engine.tokenize(prompts_40())
     expected = [reference(engine, p) for p in ids]
 
@@ -154,8 +169,10 @@ def test_batched_equals_single_prompt_generate(variant, monkeypatch):
     assert any(columns is None for _, columns in copies)  # rows moved into the places of finished ones
     if variant == "float32":  # budget 700, shuffled: with this model's answer lengths,
         assert any(n and columns for n, columns in copies)  # a new buffer was made with rows running
-    reasons = {r for _, r, _ in expected}
+    reasons = {r for _, r, *_ in expected}
     assert "stop" in reasons or "eos" in reasons  # rows really stop at different points
+    if options:  # on a stop token and on a stop word
+        assert {"412", "###"} <= {why for *_, why in expected}
     assert "length" in reasons or variant in ("nf4+lora", "dequantized+lora", "merged+lora")
 
 
@@ -168,14 +185,15 @@ def test_eager_attention_takes_an_additive_mask():
         assert streamed(with_steps(engine, fixed), ids, 5, 10**9, shuffle=True) == expected
 
 
-def test_a_sampled_row_draws_the_same_tokens_alone_in_a_batch_and_in_a_stream():
+@pytest.mark.parametrize("options", [{}, OPTIONS], ids=["card", "options"])
+def test_a_sampled_row_draws_the_same_tokens_alone_in_a_batch_and_in_a_stream(options):
     card = dict(do_sample=True, temperature=0.9, top_p=0.7, top_k=100)  # the model card's settings
-    engine = load("float32+lora", **card)
+    engine = load("float32+lora", **card, **options)
     ids = engine.tokenize(prompts_40()[:16])
     seeds = [row_seed(0, f"row-{i}") for i in range(len(ids))]
     alone = [result(engine.generate([p], [s])[0]) for p, s in zip(ids, seeds)]
-    assert len({r for r in alone}) > 8 and {r for _, r, _ in alone} != {"length"}
-    greedy = batched(load("float32+lora"), ids, 16)
+    assert len({r for r in alone}) > 8 and {r for _, r, *_ in alone} != {"length"}
+    greedy = batched(load("float32+lora", **options), ids, 16)
     assert sum(a != g for a, g in zip(alone, greedy)) > 4  # really sampled
     for fixed in (False, True):
         engine = with_steps(engine, fixed)
@@ -196,8 +214,8 @@ def test_adapter_is_applied():
         resp = resp.rstrip("\ufffd").removesuffix("<")
         return len(resp) > 10 and ans.startswith(resp)
 
-    assert sum(begins_answer(resp, ans) for (resp, _, _), ans in zip(with_adapter, answers)) == 9
-    assert sum(begins_answer(resp, ans) for (resp, _, _), ans in zip(without, answers)) == 0
+    assert sum(begins_answer(resp, ans) for (resp, *_), ans in zip(with_adapter, answers)) == 9
+    assert sum(begins_answer(resp, ans) for (resp, *_), ans in zip(without, answers)) == 0
 
 
 def test_a_failing_request_source_is_not_taken_for_a_generation_failure():

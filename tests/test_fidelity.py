@@ -19,7 +19,7 @@ from batch.rows import read_rows
 from tests.conftest import make_job, read_output
 
 TEMPLATE = "### instruction: {q}\n\n### Response:"
-GENERATED = ["response", "finish_reason", "prompt_tokens", "completion_tokens", "error", "row_fingerprint"]
+GENERATED = ["response", "finish_reason", "stop_reason", "prompt_tokens", "completion_tokens", "error", "row_fingerprint"]
 
 
 def lay_out(root: Path, files: dict) -> None:
@@ -379,7 +379,7 @@ PATHS = {
     "response column named finish_reason": (
         lambda t: ["output.response_column=finish_reason"],
         "output.response_column: 'finish_reason' is one of the columns the job adds "
-        "(finish_reason, prompt_tokens, completion_tokens, error, row_fingerprint); choose another name"),
+        "(finish_reason, stop_reason, prompt_tokens, completion_tokens, error, row_fingerprint); choose another name"),
     "response column named row_fingerprint": (
         lambda t: ["output.response_column=row_fingerprint"], "output.response_column: 'row_fingerprint' is one of the columns the job adds"),
     "id column named error": (lambda t: ["input.id_column=error"], "input.id_column: 'error' is a column the job writes"),

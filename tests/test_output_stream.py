@@ -39,6 +39,7 @@ def results(rows: list[int]) -> pa.Table:
             "batch": pa.array([r % 13 for r in rows], pa.int32()),
             "response": pa.array([None if r % 11 == 0 else f"답변 {r} " + "가" * (r % 50) for r in rows], pa.string()),
             "finish_reason": pa.array(["error" if r % 11 == 0 else "stop" for r in rows], pa.string()),
+            "stop_reason": pa.array([None if r % 11 == 0 else "###" for r in rows], pa.string()),
             "prompt_tokens": pa.array([r % 97 for r in rows], pa.int64()),
             "completion_tokens": pa.array([r % 31 for r in rows], pa.int64()),
             "error": pa.array(["too_long: x" if r % 11 == 0 else None for r in rows], pa.string()),

@@ -36,10 +36,14 @@ def wait_for_parts(out, at_least: int, proc: subprocess.Popen, timeout: float = 
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("sampling", [False, True], ids=["greedy", "sampled"])
-def test_kill_loop_gives_the_uninterrupted_file(tmp_path, sampling):
+# stop_token_ids 412: "롤"; the answers' own words as stop words ("니다" ends most first sentences)
+OPTIONS = {"stop_token_ids": [412], "min_new_tokens": 5, "repetition_penalty": 1.3, "include_stop_str_in_output": True, "stop": ["니다", "###"]}
+
+
+@pytest.mark.parametrize("sampling, options", [(False, {}), (True, {}), (True, OPTIONS)], ids=["greedy", "sampled", "sampled+options"])
+def test_kill_loop_gives_the_uninterrupted_file(tmp_path, sampling, options):
     src = write_jsonl(tmp_path / "in.jsonl", many_rows(48))
-    gen = {"max_new_tokens": 24, "do_sample": sampling, "seed": 7}
+    gen = {"max_new_tokens": 24, "do_sample": sampling, "seed": 7, **options}
     ref_job = make_job(tmp_path, src, "ref.yaml", generation=gen, output={"path": str(tmp_path / "ref.parquet")}, batching={"max_batch_size": 2}, checkpoint={"every_rows": 2})
     job = make_job(tmp_path, src, "job.yaml", generation=gen, batching={"max_batch_size": 2}, checkpoint={"every_rows": 2})
     out = tmp_path / "out" / "result.parquet"
@@ -66,6 +70,9 @@ def test_kill_loop_gives_the_uninterrupted_file(tmp_path, sampling):
     assert ids == [r["id"] for r in many_rows(48)]  # every id exactly once, input order
     assert got.equals(ref)
     assert not list(out.parent.glob(".*.tmp"))
+    if options:  # the stop words ended rows, and stayed in their responses
+        stopped = [(r, w) for r, w in zip(got.column("response").to_pylist(), got.column("stop_reason").to_pylist()) if w == "니다"]
+        assert len(stopped) > 10 and all(r.endswith("니다") for r, _ in stopped)
 
 
 # komt-batch that stops itself (SIGSTOP) once PAUSE_AFTER_ROWS rows are finished, after saying so: the

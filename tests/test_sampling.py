@@ -5,9 +5,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import (
+    MinNewTokensLengthLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
-from batch.sampling import choose, mix64, uniforms, warp
+from batch.sampling import choose, forbid_early, mix64, penalize_repeats, uniforms, warp
 
 
 def splitmix64(x: int) -> int:
@@ -141,3 +147,23 @@ def test_top_k_candidates_draw_what_the_whole_vocabulary_draws(temperature, top_
         whole = (warp(logits, temperature, top_k, top_p).double() - torch.log(-torch.log(uniforms(seeds, steps, vocab)))).argmax(-1)
         assert torch.equal(fast[exact], whole[exact])
         assert torch.isfinite(warp(logits, temperature, top_k, top_p).gather(-1, fast[:, None])).all()  # never outside top-k/top-p
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.7, 1.0])
+def test_repetition_penalty_equals_transformers_processor(penalty):
+    """Over each row's tokens so far (repeats included), kept as a table of the tokens seen."""
+    torch.manual_seed(4)
+    scores = torch.randn(6, 300) * 3
+    history = torch.randint(0, 300, (6, 40))
+    seen = torch.zeros(6, 300, dtype=torch.bool).scatter_(1, history, True)
+    assert torch.equal(penalize_repeats(scores, seen, penalty), RepetitionPenaltyLogitsProcessor(penalty)(history, scores.clone()))
+
+
+def test_min_new_tokens_forbids_eos_and_stop_tokens_as_transformers_does():
+    """Rows with fewer than min_new_tokens tokens (transformers: the same prompt length, so one count)."""
+    torch.manual_seed(5)
+    scores = torch.randn(4, 50)
+    ends = torch.tensor([2, 7])
+    for generated in (0, 2, 3, 9):
+        expected = MinNewTokensLengthLogitsProcessor(prompt_length_to_skip=5, min_new_tokens=3, eos_token_id=[2, 7])(torch.zeros(4, 5 + generated, dtype=torch.long), scores.clone())
+        assert torch.equal(forbid_early(scores, torch.full((4,), generated), 3, ends), expected)

@@ -138,7 +138,7 @@ for start in range(0, plan.rows.num_rows, 4096):
     part = pa.table({
         "row": t.column("row"), "batch": t.column("batch"),
         "response": pa.array([f"답변 {r} " + "생성된 응답 문장 " * 10 for r in t.column("row").to_pylist()]),
-        "finish_reason": pa.array(["stop"] * n), "prompt_tokens": t.column("prompt_tokens").cast(pa.int64()),
+        "finish_reason": pa.array(["stop"] * n), "stop_reason": pa.array(["###"] * n), "prompt_tokens": t.column("prompt_tokens").cast(pa.int64()),
         "completion_tokens": pa.array([120] * n, pa.int64()), "error": pa.nulls(n, pa.string()),
         "row_fingerprint": t.column("row_fingerprint"),
     }, schema=RESULT_SCHEMA)

@@ -115,6 +115,25 @@ def test_reuse_generates_only_new_rows_and_equals_a_full_run(tmp_path, capsys):
     assert (summary["reused_rows"], summary["generated_rows"]) == (0, 9)
 
 
+def test_reuse_of_an_output_made_before_the_stop_reason_column_redoes_its_stop_rows(tmp_path, capsys):
+    """Its `stop` rows have no stop_reason to carry over: they are generated again; the others are reused."""
+    gen = {"generation": {"max_new_tokens": 12, "stop": ["니다", "는"]}}
+    opts = {**OPTS, **gen}
+    day1 = write_jsonl(tmp_path / "day1.jsonl", rows(9))
+    first = make_job(tmp_path, day1, "day1.yaml", output={"path": str(tmp_path / "old" / "day1.parquet")}, **opts)
+    second = make_job(tmp_path, day1, "day2.yaml", input={"reuse": str(tmp_path / "old" / "*.parquet")}, **opts)
+    assert main(["run", str(first), "--no-progress"]) == 0
+    old = pq.read_table(tmp_path / "old" / "day1.parquet")
+    stopped = old.column("finish_reason").to_pylist().count("stop")
+    assert 0 < stopped < 9 and old.column("stop_reason").null_count == 9 - stopped
+    pq.write_table(old.drop_columns(["stop_reason"]), tmp_path / "old" / "day1.parquet")  # as an earlier version wrote it
+    capsys.readouterr()
+    assert main(["run", str(second), "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "out" / "result.summary.json").read_text())
+    assert (summary["reused_rows"], summary["generated_rows"]) == (9 - stopped, stopped)
+    assert pq.read_table(tmp_path / "out" / "result.parquet").equals(old)
+
+
 def test_shards_starting_at_once_plan_once(tmp_path, capsys):
     """Three shards start together with no plan stored: one renders, tokenizes and stores the
     plan, the others wait for it and use it."""

@@ -127,3 +127,22 @@ def test_merging_the_adapter_is_in_every_rows_fingerprint_and_leaves_unmerged_on
     assert "merge_adapter" not in unmerged["model"]  # the plans and rows of earlier versions stay valid
     assert merged["model"] == {**unmerged["model"], "merge_adapter": True}
     assert row_settings_key(merged) != row_settings_key(unmerged)  # other rounding: never reused for the other
+
+
+@pytest.mark.parametrize("override, key, value", [
+    ("generation.stop_token_ids=[13]", "stop_token_ids", [13]),
+    ("generation.min_new_tokens=4", "min_new_tokens", 4),
+    ("generation.repetition_penalty=1.2", "repetition_penalty", 1.2),
+    ("generation.include_stop_str_in_output=true", "include_stop_str_in_output", True),
+])
+def test_the_generation_options_are_in_every_rows_fingerprint_when_set(tmp_path, override, key, value):
+    """They change the outputs; at their defaults they are absent, so earlier plans and rows stay valid."""
+    from batch.config import load_job
+    from batch.fingerprints import row_settings_key, settings_fingerprint
+
+    path = make_job(tmp_path, write_jsonl(tmp_path / "in.jsonl", seed_rows()[:2]))
+    plain = settings_fingerprint(load_job(path, []))
+    changed = settings_fingerprint(load_job(path, [override]))
+    assert key not in plain["generation"]
+    assert changed["generation"] == {**plain["generation"], key: value}
+    assert row_settings_key(changed) != row_settings_key(plain)

@@ -42,31 +42,25 @@ from batch.config import (
 
 
 class Rule:
-    """The job's stop rule (stops.py), to measure every mode's output the same way."""
+    """The job's stop rule (stops.py), to measure every mode's output the same way (without the
+    prompt's context: the modes' outputs are compared with each other)."""
 
     def __init__(self, tokenizer, stop: list[str]):
-        from batch.stops import StopChecker
+        from batch.stops import StopRule
 
         self.tokenizer = tokenizer
-        self.stop = stop
         self.eos_ids = {tokenizer.eos_token_id}
-        self.special = list(tokenizer.all_special_tokens)
-        self.checker = StopChecker(self.decode, stop)
+        self.rule = StopRule(self.decode, stop, self.eos_ids, special_ids=set(tokenizer.all_special_ids))
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def trim(self, ids: list[int]) -> tuple[str, str]:
-        from batch.stops import trim_response
-
-        return trim_response(self.decode(ids), self.stop, self.tokenizer.eos_token, self.special)
+        return self.rule.finish([], ids[: self.kept(ids)])[:2]
 
     def kept(self, ids: list[int]) -> int:
         """Tokens the engine would have generated: up to the first EOS or the token completing a stop word."""
-        n = next((i + 1 for i, t in enumerate(ids) if t in self.eos_ids), len(ids))
-        if self.stop and any(w in self.decode(ids[:n]) for w in self.stop):
-            n = next((i + 1 for i in range(n) if self.checker.hit(ids[: i + 1])), n)
-        return n
+        return next((i + 1 for i, t in enumerate(ids) if t in self.eos_ids or self.rule.hit([], ids[: i + 1])), len(ids))
 
 
 def _mode_result(mode: str, *, rows: int, wall: float, kept: list[int], responses: list[str], reasons: list[str],
