@@ -457,7 +457,7 @@ def _coerce(tp: Any, value: Any, where: str, key: str) -> Any:
             return None
         (tp,) = [a for a in args if a is not type(None)]
     if isinstance(value, _Plain):  # a text setting takes the text as written; others YAML's value
-        value = value.text if tp is str or typing.get_origin(tp) is list else value.value
+        value = value.text if tp is str or typing.get_args(tp) == (str,) else value.value
     if tp is bool:
         if isinstance(value, bool):
             return value
