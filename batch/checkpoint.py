@@ -340,9 +340,11 @@ class Checkpoint:
 
     # --- its place, and the proof that it is the job's --------------------------------------------
 
-    def mark(self) -> dict | None:
-        """checkpoint.json, if it is one the job wrote: {"token": ..., "made_dir": ..., "legacy_parts": [...]}."""
-        if self._mark is None:
+    def mark(self, fresh: bool = False) -> dict | None:
+        """checkpoint.json, if it is one the job wrote: {"token": ..., "made_dir": ..., "legacy_parts": [...]}
+        (read once, or again when `fresh`: a run may have removed it meanwhile)."""
+        if self._mark is None or fresh:
+            self._mark = None
             try:
                 mark = json.loads(self.marker_path.read_bytes())
             except (OSError, ValueError):

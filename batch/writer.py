@@ -148,7 +148,7 @@ def leftovers(job: JobConfig, ckpt: Checkpoint) -> list[str]:
     after the final file: "the summary" (kept in its checkpoint), "the checkpoint" (this job's,
     of the plan that made the output). Read only."""
     made_by = output_plan_id(job)
-    if made_by is None or ckpt.mark() is None:
+    if made_by is None or ckpt.mark(fresh=True) is None:
         return []
     left = []
     try:
