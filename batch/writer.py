@@ -63,12 +63,12 @@ def job_metadata(job: JobConfig, made_from: dict) -> dict[str, str]:
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "input": made_from["input"],
         "settings": made_from["settings"],
-        "plan_id": made_from["plan_id"],
+        "plan_id": made_from.get("plan_id"),
     }
     return {"komt_batch": json.dumps(info, ensure_ascii=False)}
 
 
-def write_output(job: JobConfig, inputs: pa.Table, release: Callable[[], None], results: Iterable[pa.Table], made_from: dict, token: str) -> Path:
+def write_output(job: JobConfig, inputs: pa.Table, release: Callable[[], None], results: Iterable[pa.Table], made_from: dict, token: str = "0" * 12) -> Path:
     """Write the final file: every input row exactly once, in input order, with its results.
 
     Streamed in bounded memory: the results are put in row order by an external sort (row_order),
