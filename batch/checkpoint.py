@@ -416,7 +416,10 @@ class Checkpoint:
         tmp = self.dir / f".{MARKER}.{mark['token']}-claiming.tmp"
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(mark))
+            with open(tmp, "w") as fh:
+                fh.write(json.dumps(mark))
+                fh.flush()
+                os.fsync(fh.fileno())
             try:
                 os.link(tmp, self.marker_path)  # only if there is none: another process may claim it at once
             except FileExistsError:

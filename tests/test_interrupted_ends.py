@@ -68,10 +68,10 @@ def killed(what):
     print("KILLED", what, file=sys.stderr, flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 
-def stop_at_summary(path, summary, token):
+def stop_at_summary(path, *args):
     if where == "the summary" and not path.name.startswith("summary"):  # the one beside the output
         killed(path)
-    return write_summary(path, summary, token)
+    return write_summary(path, *args)
 
 def stop_in_removal(self):
     if where == "the removal":
@@ -96,10 +96,10 @@ def killed_in_the_removal(job, tmp_path, monkeypatch):
 def full_disk_at_the_summary(job, tmp_path, monkeypatch):
     real = writer.write_summary
 
-    def full(path, summary, token):
+    def full(path, *args):
         if not path.name.startswith("summary"):
             raise WriteError(f"{path}: cannot write: No space left on device")
-        return real(path, summary, token)
+        return real(path, *args)
 
     monkeypatch.setattr(writer, "write_summary", full)
     code = run(job)
