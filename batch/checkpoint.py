@@ -456,17 +456,18 @@ class Checkpoint:
 
     @contextlib.contextmanager
     def output_lock(self, exclusive: bool = True):
-        """The output's lock alone (a finished output's leftovers are finished under it). The
-        exclusive holder deletes the lock file when done: it leaves nothing beside the output."""
+        """The output's lock alone (a finished output's leftovers are finished under it). Its last
+        holder deletes the lock file when done (one that takes it exclusively then: no other holds
+        it), so nothing is left beside the output; a process that opened it meanwhile opens the new one."""
         mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
         busy = f"{self.output}: another komt-batch process is running this job" + ("" if exclusive else " unsharded, or merging it")
         with self._flock(self.output_lock_path, mode | fcntl.LOCK_NB, busy + "; wait for it or stop it first") as fh:
             try:
                 yield fh
             finally:
-                if exclusive:
-                    with contextlib.suppress(OSError):
-                        self.output_lock_path.unlink()
+                with contextlib.suppress(OSError):  # (BlockingIOError: other shards hold it still)
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    self.output_lock_path.unlink()
 
     @contextlib.contextmanager
     def job_lock(self, shard: int, shards: int, restart: bool = False):

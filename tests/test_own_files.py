@@ -189,3 +189,26 @@ def test_one_output_is_one_job_whatever_its_checkpoint_dir(tmp_path, capsys, ref
     proc.stderr.close()
     assert pq.read_table(out).equals(reference["jsonl"])
     assert sorted(p.name for p in out.parent.iterdir()) == ["r.parquet", "r.summary.json"]
+
+
+def test_the_output_lock_outlives_a_shard_while_another_runs(tmp_path, capsys):
+    """A shard started with --restart (it takes the lock alone to clear the checkpoint, then shares
+    it) ends while another shard runs (paused with SIGSTOP): the lock file stays, so an unsharded
+    run of the output is still refused; the last holder removes it."""
+    src = write_jsonl(tmp_path / "in.jsonl", rows(12))
+    job = make_job(tmp_path, src, **OPTS)
+    first = start(job, "--shard", "0/2", "--restart", stdout=subprocess.DEVNULL)
+    wait_generating(first)
+    second = start(job, "--shard", "1/2", stdout=subprocess.DEVNULL)
+    wait_generating(second)
+    second.send_signal(signal.SIGSTOP)
+    try:
+        assert first.wait(timeout=300) == 0, first.stderr.read()
+        assert run(job) == 2
+        assert "another komt-batch process is running this job" in one_line(capsys)
+    finally:
+        second.send_signal(signal.SIGCONT)
+    assert second.wait(timeout=300) == 0, second.stderr.read()
+    first.stderr.close(), second.stderr.close()
+    assert main(["merge", str(job)]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["result.parquet", "result.summary.json"]
