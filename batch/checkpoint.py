@@ -66,6 +66,7 @@ _OWNED_NAMES = (
 OWNED = re.compile(rf"({_OWNED_NAMES})|\.({_OWNED_NAMES})\.\w+(-\w+)?\.tmp")
 MARKER = "checkpoint.json"  # written first into the directory: the proof that it is the job's
 TOKEN = re.compile(r"[0-9a-f]{12}")
+CLAIMING = re.compile(rf"\.{re.escape(MARKER)}\.[0-9a-f]{{12}}-claiming\.tmp")  # checkpoint.json being written (claim)
 SETTLED_SLICE = 65536  # settled rows read at a time
 PLAN_FILES = ("manifest.json", "plan.parquet", "settled.parquet")
 MANIFEST_FIELDS = ("format", "plan_id", "nonce", "created", "context", "planned_rows", "settled_rows", "reused_rows", "batch_sizes", "chunks", "input", "settings")
@@ -392,10 +393,10 @@ class Checkpoint:
         mark = self.mark()  # (before the listing: the job writes it first and deletes it last)
         entries = _entries(self.dir)
         if mark is not None or self._legacy():
-            foreign = sorted(p.name for p in entries if p.name != MARKER and not (OWNED.fullmatch(p.name) and _is_plain_file(p)))
+            foreign = sorted(p.name for p in entries if p.name != MARKER and not ((OWNED.fullmatch(p.name) or CLAIMING.fullmatch(p.name)) and _is_plain_file(p)))
             why = ""
         else:
-            foreign = sorted(p.name for p in entries)
+            foreign = sorted(p.name for p in entries if not CLAIMING.fullmatch(p.name))
             why = f" (it has no {MARKER} of a komt-batch job: it is not a checkpoint this job made)"
         if foreign:
             raise JobError(
@@ -587,7 +588,7 @@ class Checkpoint:
         plan is gone."""
         if self.mark() is None:
             return []
-        files = [p for p in _entries(self.dir) if OWNED.fullmatch(p.name) and p.is_file() and not p.is_symlink()]
+        files = [p for p in _entries(self.dir) if (OWNED.fullmatch(p.name) or CLAIMING.fullmatch(p.name)) and p.is_file() and not p.is_symlink()]
         return sorted(files, key=lambda p: p.name != "manifest.json")
 
     def remove(self) -> None:
