@@ -11,11 +11,19 @@
                         carry their own row and row_fingerprint, and the plan_id in the metadata
       part-*.parquet.rejected   a part set aside: damaged, or not of this plan
       summary-shard-I-of-N.json a finished shard's summary
-      job.lock, plan.lock, shard-I-of-N.lock   flock locks
-      .NAME.XXXXXXXX.tmp  a file of the names above being written (left behind only by a kill)
+      summary.json      the summary, written before the final file (so that a run stopped after
+                        the final file can still write it beside the output: writer.finish_leftovers)
+      plan.lock, shard-I-of-N.lock   flock locks (the job lock is beside the output: one per output)
+      checkpoint.json   the proof that the directory is the job's: written first, with a random token
+      .NAME.TOKEN-XXXXXXXX.tmp  a file of the names above being written (left behind only by a kill)
 
-Only these names are the job's (`owned`): cleanup after the final file and --restart delete
-nothing else, and a checkpoint directory that holds anything else is refused before the job starts.
+A file is the job's only if the job can prove it wrote it: the directory holds checkpoint.json (the
+job wrote it when it made or first used the directory, empty), and the file has one of the names
+above. Cleanup after the final file and --restart delete nothing else; a directory that holds
+anything else, or files named like the job's without checkpoint.json, is refused before the job
+starts. Every temporary file the job writes, here or beside the output, carries the token in its
+name, and only such names are ever cleaned up (files only, never a folder's contents recursively).
+A part records an HMAC of its rows, keyed by the token: a part edited by hand does not verify.
 
 What is done is the set of rows in parts that verify: the file reads back whole (Parquet page
 checksums), it is a result table of this plan (plan_id), and every row in it is a planned row
@@ -28,10 +36,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import hmac
 import json
 import os
 import re
-import shutil
+import stat
 import sys
 import tempfile
 import uuid
@@ -41,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batch.config import JobConfig
@@ -51,9 +61,12 @@ from batch.results import RESULT_SCHEMA
 FORMAT = 3  # the manifest's format; 2 (results without stop_reason) and 1 (parts named by batch range) are not resumed
 _OWNED_NAMES = (
     r"manifest\.json|plan\.parquet|settled\.parquet|part-[0-9a-z-]+\.parquet(\.rejected)?"
-    r"|summary-shard-\d+-of-\d+\.json|job\.lock|plan\.lock|shard-\d+-of-\d+\.lock"
+    r"|summary-shard-\d+-of-\d+\.json|summary\.json|job\.lock|plan\.lock|shard-\d+-of-\d+\.lock"
 )
-OWNED = re.compile(rf"({_OWNED_NAMES})|\.({_OWNED_NAMES})\.\w+\.tmp")
+OWNED = re.compile(rf"({_OWNED_NAMES})|\.({_OWNED_NAMES})\.\w+(-\w+)?\.tmp")
+MARKER = "checkpoint.json"  # written first into the directory: the proof that it is the job's
+TOKEN = re.compile(r"[0-9a-f]{12}")
+CLAIMING = re.compile(rf"\.{re.escape(MARKER)}\.[0-9a-f]{{12}}-claiming\.tmp")  # checkpoint.json being written (claim)
 SETTLED_SLICE = 65536  # settled rows read at a time
 PLAN_FILES = ("manifest.json", "plan.parquet", "settled.parquet")
 MANIFEST_FIELDS = ("format", "plan_id", "nonce", "created", "context", "planned_rows", "settled_rows", "reused_rows", "batch_sizes", "chunks", "input", "settings")
@@ -164,15 +177,21 @@ def _umask() -> int:
     return mask
 
 
-def write_atomic(path: Path, write) -> None:
+def temporary_prefix(path: Path, token: str) -> str:
+    """The start of the name of a temporary file for `path` (mkstemp adds 8 characters and .tmp)."""
+    return f".{path.name}.{token}-"
+
+
+def write_atomic(path: Path, write, token: str) -> None:
     """Write a file via a temporary file in the same directory, fsync, rename, fsync the directory.
 
-    The file gets the user's umask (mkstemp alone would make it -rw-------). A failed write (a full
-    disk) leaves no temporary file and raises WriteError."""
+    The temporary file's name carries the checkpoint's token (remove_temporaries removes only such
+    names). The file gets the user's umask (mkstemp alone would make it -rw-------). A failed write
+    (a full disk) leaves no temporary file and raises WriteError."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path, token), suffix=".tmp", dir=path.parent)
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             write(fh)
@@ -193,14 +212,14 @@ def write_atomic(path: Path, write) -> None:
                 os.unlink(tmp)
 
 
-def write_parquet_atomic(path: Path, table: pa.Table, metadata: dict[str, str] | None = None) -> None:
+def write_parquet_atomic(path: Path, table: pa.Table, token: str, metadata: dict[str, str] | None = None) -> None:
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
 
     def write(fh):
         pq.write_table(table, fh, compression="zstd", write_page_checksum=True)
 
-    write_atomic(path, write)
+    write_atomic(path, write, token)
 
 
 def read_parquet_checked(path: Path, columns: list[str] | None = None) -> pa.Table:
@@ -216,96 +235,266 @@ def read_parquet_checked(path: Path, columns: list[str] | None = None) -> pa.Tab
         return pa.Table.from_batches(batches, schema=schema.remove_metadata()).replace_schema_metadata(full.metadata)
 
 
-def remove_temporaries(directory: Path, pattern: str) -> None:
-    """Delete the temporary files (`.<pattern>.XXXXXXXX.tmp`, as write_atomic names them) that a
-    killed writer left. Call it only while holding the lock under which such files are written:
-    then none of them is being written."""
-    for p in directory.glob(f".{pattern}.*.tmp") if directory.is_dir() else []:
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)  # the final file's sort runs (row_order)
+def remove_temporaries(directory: Path, name: str, token: str) -> None:
+    """Delete the temporary files of the file `name` (a regular expression of names) that a killed
+    writer with this token left: `.<name>.<token>-XXXXXXXX.tmp` files, and the final file's sort
+    folder `.<name>.<token>-XXXXXXXX.sort.tmp` (its run files, then the folder if that empties it).
+    Nothing else: not another token's, not a folder's other contents, not through a link. Call it
+    only while holding the lock under which such files are written: then none is being written."""
+    if not directory.is_dir():
+        return
+    temporary = re.compile(rf"\.(?:{name})\.{re.escape(token)}-[a-z0-9_]{{8}}(\.sort)?\.tmp")
+    for p in directory.iterdir():
+        found = temporary.fullmatch(p.name)
+        if not found:
+            continue
+        with contextlib.suppress(OSError):
+            if p.is_symlink():
+                continue
+            if not found.group(1) and p.is_file():
+                p.unlink()
+            elif found.group(1) and p.is_dir():
+                for run in p.iterdir():
+                    if re.fullmatch(r"run-\d+\.arrow", run.name) and run.is_file() and not run.is_symlink():
+                        run.unlink()
+                p.rmdir()  # (fails, and keeps the folder, if anything else is in it)
+
+
+def content_digest(table: pa.Table, token: str) -> str:
+    """An HMAC of a result table's values, keyed by the checkpoint's token: recorded in a part when it
+    is committed, checked whenever it is read, so that a part whose rows were edited does not
+    verify. Computed from the values (lengths and bytes per column), not from how Arrow chunks them."""
+    h = hmac.new(token.encode(), digestmod=hashlib.sha256)
+    for name in RESULT_SCHEMA.names:
+        column = table.column(name)
+        h.update(name.encode() + b"\0")
+        h.update(np.packbits(np.asarray(pc.is_valid(column).to_numpy(), bool)).tobytes())
+        if pa.types.is_string(column.type):
+            filled = column.fill_null("")
+            h.update(np.asarray(pc.binary_length(filled).to_numpy(), np.int64).tobytes())
+            for chunk in filled.chunks:
+                if len(chunk) and chunk.buffers()[2] is not None:
+                    offsets = np.frombuffer(chunk.buffers()[1], np.int32)[chunk.offset : chunk.offset + len(chunk) + 1]
+                    h.update(memoryview(chunk.buffers()[2])[int(offsets[0]) : int(offsets[-1])])
         else:
-            p.unlink(missing_ok=True)
+            h.update(np.asarray(column.fill_null(0).to_numpy(), np.int64).tobytes())
+    return h.hexdigest()[:32]
+
+
+class Busy(JobError):
+    """A lock that another komt-batch process holds."""
 
 
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
+def _lock_file(path: Path, mode: int) -> object:
+    """Open `path` and flock it (mode, non-blocking: BlockingIOError when taken). The lock is held
+    on the file that is at `path` now: one deleted and made anew meanwhile is opened again."""
+    while True:
+        fh = open(path, "a+")
+        try:
+            fcntl.flock(fh, mode)
+            with contextlib.suppress(FileNotFoundError):
+                if os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino:
+                    return fh
+        except BaseException:
+            fh.close()
+            raise
+        fh.close()
+
+
+def _entries(directory: Path) -> list[Path]:
+    """What is in a directory now (one that vanishes meanwhile holds nothing)."""
+    try:
+        return list(directory.iterdir())
+    except FileNotFoundError:
+        return []
+
+
+def _is_plain_file(p: Path) -> bool:
+    """A regular file, not a link; one that vanished meanwhile counts as one (a run was removing it)."""
+    try:
+        st = p.lstat()
+    except FileNotFoundError:
+        return True
+    return stat.S_ISREG(st.st_mode)
+
+
 class Checkpoint:
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, output: Path | None = None):
         self.dir = Path(directory)
+        self.output = Path(output) if output is not None else None
         self.manifest_path = self.dir / "manifest.json"
         self.plan_path = self.dir / "plan.parquet"
         self.settled_path = self.dir / "settled.parquet"
-        self._token = uuid.uuid4().hex[:8]  # this process's parts: unique names whatever they hold
+        self.marker_path = self.dir / MARKER
+        self.summary_path = self.dir / "summary.json"
+        self._part_token = uuid.uuid4().hex[:8]  # this process's parts: unique names whatever they hold
         self._seq = 0
+        self._mark: dict | None = None
 
-    # --- its place -------------------------------------------------------------------------------
+    @classmethod
+    def of(cls, job: JobConfig) -> Checkpoint:
+        return cls(job.parts_dir, Path(job.output.path))
+
+    # --- its place, and the proof that it is the job's --------------------------------------------
+
+    def mark(self, fresh: bool = False) -> dict | None:
+        """checkpoint.json, if it is one the job wrote: {"token": ..., "made_dir": ..., "legacy_parts": [...]}
+        (read once, or again when `fresh`: a run may have removed it meanwhile)."""
+        if self._mark is None or fresh:
+            self._mark = None
+            try:
+                mark = json.loads(self.marker_path.read_bytes())
+            except (OSError, ValueError):
+                return None
+            if not (isinstance(mark, dict) and mark.get("komt_batch_checkpoint") == 1 and TOKEN.fullmatch(str(mark.get("token")))):
+                return None
+            self._mark = mark
+        return self._mark
+
+    @property
+    def token(self) -> str:
+        mark = self.mark()
+        if mark is None:
+            raise JobError(f"{self.dir}: not a checkpoint of this job (no {MARKER})")
+        return mark["token"]
+
+    def _legacy(self) -> bool:
+        """A checkpoint of an earlier komt-batch version (no checkpoint.json): only the job's names,
+        and a manifest that verifies (format 2, its plan_id its hash): nobody writes that by chance."""
+        entries = _entries(self.dir)
+        if not entries or not all(OWNED.fullmatch(p.name) and _is_plain_file(p) for p in entries):
+            return False
+        try:
+            manifest = json.loads(self.manifest_path.read_bytes())
+            return manifest.get("format") == FORMAT and manifest.get("plan_id") == plan_id(manifest)
+        except (OSError, ValueError, AttributeError):
+            return False
 
     def check_place(self, job: JobConfig, inputs: list[Path]) -> None:
         """Refuse a checkpoint directory that holds what the job did not write, or the output or an
-        input: cleanup deletes the directory's files, and only the job's own may be there."""
+        input: cleanup deletes the directory's files, and only the job's own may be there. A
+        directory without the job's checkpoint.json that holds anything (files named as the job's
+        included) is not the job's."""
         where = f"{job.source}: checkpoint.dir: {self.dir}"
         here = self.dir.resolve()
         for what, path in [("the output", Path(job.output.path)), *(("the input file", f) for f in inputs)]:
             if path.resolve() == here or path.resolve().is_relative_to(here):
                 raise JobError(f"{where}: it {'is' if path.resolve() == here else 'holds'} {what} {path}; choose a directory of its own")
-        if not self.dir.exists():
-            return
-        if not self.dir.is_dir():
+        try:
+            is_dir = stat.S_ISDIR(self.dir.stat().st_mode)
+        except FileNotFoundError:
+            return  # (none yet, or a finishing run just removed it)
+        if not is_dir:
             raise JobError(f"{where}: it is a file, not a directory; move it or choose another checkpoint.dir")
-        foreign = sorted(p.name for p in self.dir.iterdir() if not (OWNED.fullmatch(p.name) and p.is_file() and not p.is_symlink()))
+        mark = self.mark()  # (before the listing: the job writes it first and deletes it last)
+        entries = _entries(self.dir)
+        if mark is not None or self._legacy():
+            foreign = sorted(p.name for p in entries if p.name != MARKER and not ((OWNED.fullmatch(p.name) or CLAIMING.fullmatch(p.name)) and _is_plain_file(p)))
+            why = ""
+        else:
+            foreign = sorted(p.name for p in entries if not CLAIMING.fullmatch(p.name))
+            why = f" (it has no {MARKER} of a komt-batch job: it is not a checkpoint this job made)"
         if foreign:
             raise JobError(
-                f"{where}: it holds files komt-batch did not write ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
+                f"{where}: it holds files komt-batch did not write ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}){why}; "
                 "the checkpoint directory must be the job's alone: move them or choose another checkpoint.dir"
             )
+
+    def claim(self) -> None:
+        """Make the directory the job's: write checkpoint.json with a new random token into it (made
+        now, or empty, or an earlier version's checkpoint), unless it has one. Call after check_place."""
+        if self.mark() is not None:
+            return
+        made = not self.dir.exists()
+        legacy = not made and self._legacy()
+        mark = {"komt_batch_checkpoint": 1, "token": uuid.uuid4().hex[:12], "made_dir": made or legacy}
+        if legacy:  # its parts have no content digest: they are verified as before, by row fingerprints
+            mark["legacy_parts"] = sorted(p.name for p in self.dir.glob("part-*.parquet"))
+        tmp = self.dir / f".{MARKER}.{mark['token']}-claiming.tmp"
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "w") as fh:
+                fh.write(json.dumps(mark))
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, self.marker_path)  # only if there is none: another process may claim it at once
+            except FileExistsError:
+                pass
+        except OSError as e:
+            raise WriteError(f"{self.marker_path}: cannot write: {e.strerror or e}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        if self.mark() is None:
+            raise JobError(f"{self.dir}: {MARKER} is not komt-batch's; move it or choose another checkpoint.dir")
 
     # --- locks -----------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _flock(self, name: str, mode: int, busy_message: str):
+    def _flock(self, path: Path, mode: int, busy_message: str):
         """An OS file lock (flock): released by the kernel when the process dies, even by kill -9."""
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            fh = open(self.dir / name, "a+")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fh = _lock_file(path, mode)
+        except BlockingIOError:
+            raise Busy(busy_message) from None
         except OSError as e:
-            raise WriteError(f"{self.dir / name}: cannot write: {e.strerror or e}") from None
+            raise WriteError(f"{path}: cannot write: {e.strerror or e}") from None
         try:
-            try:
-                fcntl.flock(fh, mode)
-            except BlockingIOError:
-                raise JobError(busy_message) from None
             yield fh
         finally:
             fh.close()
 
+    @property
+    def output_lock_path(self) -> Path:
+        """The job lock: one per output (beside it), whatever checkpoint directory a run uses."""
+        assert self.output is not None, "Checkpoint.of(job) knows its output"
+        return self.output.with_name(f".{self.output.name}.lock")
+
+    @contextlib.contextmanager
+    def output_lock(self, exclusive: bool = True):
+        """The output's lock alone (a finished output's leftovers are finished under it). Its last
+        holder deletes the lock file when done (one that takes it exclusively then: no other holds
+        it), so nothing is left beside the output; a process that opened it meanwhile opens the new one."""
+        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        busy = f"{self.output}: another komt-batch process is running this job" + ("" if exclusive else " unsharded, or merging it")
+        with self._flock(self.output_lock_path, mode | fcntl.LOCK_NB, busy + "; wait for it or stop it first") as fh:
+            try:
+                yield fh
+            finally:
+                with contextlib.suppress(OSError):  # (BlockingIOError: other shards hold it still)
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    self.output_lock_path.unlink()
+
     @contextlib.contextmanager
     def job_lock(self, shard: int, shards: int, restart: bool = False):
-        """One lock per output, whatever the shard count: an unsharded run (and merge) holds job.lock
-        exclusively, the shards of a sharded run share it and each holds its shard-I-of-N.lock, so
-        the two modes exclude each other while shards run side by side. With restart, the plan and
-        every part are deleted first, under the exclusive lock. Temporary files that a kill left
-        behind are deleted: all of them under the exclusive lock, else this shard's own."""
+        """One lock per output, whatever the shard count or the checkpoint directory: an unsharded
+        run (and merge) holds it exclusively, the shards of a sharded run share it and each holds
+        its shard-I-of-N.lock, so the two modes exclude each other while shards run side by side.
+        With restart, the plan and every part are deleted first, under the exclusive lock.
+        Temporary files that a kill left behind are deleted: all of them under the exclusive lock,
+        else this shard's own."""
         exclusive = shards == 1  # (merge takes it as an unsharded run does)
-        mode = fcntl.LOCK_EX if exclusive or restart else fcntl.LOCK_SH
-        busy = f"{self.dir}: another komt-batch process is running this job" + (" unsharded, or merging it" if mode == fcntl.LOCK_SH else "")
-        with self._flock("job.lock", mode | fcntl.LOCK_NB, busy + "; wait for it or stop it first") as fh:
+        with self.output_lock(exclusive or restart) as fh:
+            self.claim()
             if restart:
                 self.clear()
             if exclusive:
-                remove_temporaries(self.dir, "*")
+                remove_temporaries(self.dir, ".+", self.token)
                 yield
                 return
             if restart:
-                self._share(fh, busy)
+                self._share(fh, f"{self.output}: another komt-batch process is running this job unsharded, or merging it")
             with self._flock(
-                f"shard-{shard}-of-{shards}.lock",
+                self.dir / f"shard-{shard}-of-{shards}.lock",
                 fcntl.LOCK_EX | fcntl.LOCK_NB,
                 f"{self.dir}: another komt-batch process is running shard {shard}/{shards} of this job; wait for it or stop it first",
             ):
-                remove_temporaries(self.dir, f"part-{shard}-of-{shards}-*.parquet")
-                remove_temporaries(self.dir, f"summary-shard-{shard}-of-{shards}.json")
+                remove_temporaries(self.dir, rf"part-{shard}-of-{shards}-[0-9a-z-]+\.parquet|summary-shard-{shard}-of-{shards}\.json", self.token)
                 yield
 
     @staticmethod
@@ -313,10 +502,11 @@ class Checkpoint:
         try:
             fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise JobError(busy) from None
+            raise Busy(busy) from None
 
     def plan_lock(self):
-        return self._flock("plan.lock", fcntl.LOCK_EX, "")
+        self.claim()
+        return self._flock(self.dir / "plan.lock", fcntl.LOCK_EX, "")
 
     # --- the plan --------------------------------------------------------------------------------
 
@@ -385,26 +575,39 @@ class Checkpoint:
         manifest is never read (and parts of any earlier plan are never adopted: their plan_id differs)."""
         manifest = {**manifest, "format": FORMAT, "nonce": uuid.uuid4().hex}
         manifest["plan_id"] = plan_id(manifest)
-        for name in PLAN_FILES:
-            remove_temporaries(self.dir, name)
+        remove_temporaries(self.dir, "|".join(re.escape(name) for name in PLAN_FILES), self.token)
         tag = {"komt_batch_plan": manifest["plan_id"]}
-        write_parquet_atomic(self.plan_path, rows, tag)
-        write_parquet_atomic(self.settled_path, settled, tag)
-        write_atomic(self.manifest_path, lambda fh: fh.write(json.dumps(manifest, indent=1, ensure_ascii=False).encode()))
+        write_parquet_atomic(self.plan_path, rows, self.token, tag)
+        write_parquet_atomic(self.settled_path, settled, self.token, tag)
+        write_atomic(self.manifest_path, lambda fh: fh.write(json.dumps(manifest, indent=1, ensure_ascii=False).encode()), self.token)
         return StoredPlan(manifest, rows, [Chunk(**c) for c in manifest["chunks"]])  # what was just written, not read back
 
     def owned_files(self) -> list[Path]:
-        return [p for p in self.dir.iterdir() if OWNED.fullmatch(p.name) and p.is_file()] if self.dir.is_dir() else []
+        """The job's files here: the job's names, regular files, in a directory with the job's
+        checkpoint.json (none otherwise). The manifest first: a reader never finds a manifest whose
+        plan is gone."""
+        if self.mark() is None:
+            return []
+        files = [p for p in _entries(self.dir) if (OWNED.fullmatch(p.name) or CLAIMING.fullmatch(p.name)) and p.is_file() and not p.is_symlink()]
+        return sorted(files, key=lambda p: p.name != "manifest.json")
 
     def remove(self) -> None:
-        """Delete the job's own files and, if nothing else is left, the directory (after the final file)."""
+        """Delete the job's own files, checkpoint.json last, then the directory if the job made it
+        and nothing else is in it (after the final file)."""
+        mark = self.mark()
+        if mark is None:
+            return
         for p in self.owned_files():
             p.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            self.dir.rmdir()
+        self.marker_path.unlink(missing_ok=True)
+        self._mark = None
+        if mark.get("made_dir"):
+            with contextlib.suppress(OSError):
+                self.dir.rmdir()
 
     def clear(self) -> None:
-        """Forget the plan and every part (--restart), whatever state they are in; the locks stay."""
+        """Forget the plan and every part (--restart), whatever state they are in; the locks and
+        checkpoint.json stay."""
         for p in self.owned_files():
             if p.suffix != ".lock":
                 p.unlink(missing_ok=True)
@@ -414,8 +617,9 @@ class Checkpoint:
     def write_part(self, plan: StoredPlan, shard: int, shards: int, table: pa.Table, stats: dict) -> Path:
         """Commit finished rows as a new part (a new name every time: nothing is overwritten)."""
         self._seq += 1
-        path = self.dir / f"part-{shard}-of-{shards}-{self._seq:06d}-{self._token}.parquet"
-        write_parquet_atomic(path, table, {"komt_batch_part": json.dumps({"plan_id": plan.plan_id, **stats})})
+        path = self.dir / f"part-{shard}-of-{shards}-{self._seq:06d}-{self._part_token}.parquet"
+        record = {"plan_id": plan.plan_id, "content": content_digest(table, self.token), **stats}
+        write_parquet_atomic(path, table, self.token, {"komt_batch_part": json.dumps(record)})
         return path
 
     def done_rows(self, plan: StoredPlan, set_aside: bool = True) -> tuple[Done, list[str]]:
@@ -438,8 +642,7 @@ class Checkpoint:
                 print(f"komt-batch: set aside {path.name} ({problem}); its rows will be redone", file=sys.stderr, flush=True)
         return done, bad
 
-    @staticmethod
-    def _verify_part(path: Path, expected_id: str, positions: np.ndarray, expected: np.ndarray) -> tuple[np.ndarray, str | None]:
+    def _verify_part(self, path: Path, expected_id: str, positions: np.ndarray, expected: np.ndarray) -> tuple[np.ndarray, str | None]:
         none = np.zeros(0, np.int64)
         try:
             table = read_parquet_checked(path)
@@ -450,11 +653,18 @@ class Checkpoint:
         if not table.schema.equals(RESULT_SCHEMA, check_metadata=False):
             return none, "not a table of results"
         try:
-            part_plan = json.loads((table.schema.metadata or {}).get(b"komt_batch_part", b"{}")).get("plan_id")
+            record = json.loads((table.schema.metadata or {}).get(b"komt_batch_part", b"{}"))
+            part_plan = record.get("plan_id")
         except (ValueError, AttributeError):
-            part_plan = None
+            record, part_plan = {}, None
         if part_plan != expected_id:
             return none, f"of another plan ({part_plan or 'no plan_id'}; this plan is {expected_id})"
+        mark = self.mark()
+        if "content" not in record:  # parts of an earlier version's checkpoint, adopted by claim, have none
+            if mark is not None and path.name not in mark.get("legacy_parts", ()):
+                return none, "no record of its content (not committed by this job)"
+        elif mark is None or record["content"] != content_digest(table, mark["token"]):
+            return none, "its rows were edited since they were committed (the content does not match its record)"
         if table.num_rows == 0:
             return none, None
         column = table.column("row")
@@ -474,7 +684,11 @@ class Checkpoint:
 
     @staticmethod
     def part_stats(path: Path) -> dict:
-        meta = pq.read_schema(path).metadata or {}
+        """A part's record (rows, completion_tokens, seconds); {} for one that vanished meanwhile."""
+        try:
+            meta = pq.read_schema(path).metadata or {}
+        except (OSError, pa.ArrowException):
+            return {}
         return json.loads(meta.get(b"komt_batch_part", b"{}"))
 
     def iter_results(self, done: Done, columns: list[str] | None = None) -> Iterator[pa.Table]:

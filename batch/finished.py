@@ -27,10 +27,17 @@ def output_state(job: JobConfig, input_fp: dict, settings_fp: dict) -> tuple[str
     except (OSError, KeyError, TypeError, ValueError, pa.ArrowException):
         return "foreign", []
     try:
-        changes = plan_changes(made_from, input_fp, settings_fp)
+        changes = plan_changes(made_from, input_fp, settings_fp) + output_changes(made_from, job)
     except (KeyError, TypeError, AttributeError):
         return "changed", ["it records no fingerprints (an earlier komt-batch version)"]
     return ("changed", changes) if changes else ("done", [])
+
+
+def output_changes(made_from: dict, job: JobConfig) -> list[str]:
+    """Settings that change the output file but not a row's result (so not the plan): its columns.
+    A finished output is "the same" only if these are the same too."""
+    was, now = made_from.get("response_column", "response"), job.output.response_column
+    return [] if was == now else [f"output.response_column: {was!r} -> {now!r}"]
 
 
 def already_done(job: JobConfig, rows: int) -> dict:

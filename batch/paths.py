@@ -8,6 +8,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from batch.checkpoint import temporary_prefix
 from batch.config import JobConfig
 from batch.errors import JobError
 from batch.writer import summary_path
@@ -41,7 +42,7 @@ def _check_can_create(where: str, key: str, path: Path) -> None:
     if not existing.is_dir():
         raise JobError(f"{where}: {key}: cannot write under {path.parent}: {existing} is a file, not a directory")
     try:  # named as the job's temporary files are, so that a name too long for them shows here too
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=existing)
+        fd, probe = tempfile.mkstemp(prefix=temporary_prefix(path, "0" * 12), suffix=".tmp", dir=existing)
         os.close(fd)
         Path(probe).unlink(missing_ok=True)
     except OSError as e:

@@ -8,6 +8,10 @@ mapped), and ids are read from the table when asked for."""
 from __future__ import annotations
 
 import bisect
+import fnmatch
+import glob
+import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from batch.checkpoint import OWNED
 from batch.config import JobConfig
 from batch.errors import JobError
 from batch.hf_datasets import hub_dataset_files, is_saved_dataset, saved_dataset_files
-from batch.readers import MappedInput, input_files, input_root, open_arrow, read_files
+from batch.readers import SUFFIXES, MappedInput, input_files, input_root, open_arrow, read_files
 from batch.results import GENERATED_COLUMNS
 from batch.template import Template
 
@@ -163,9 +168,42 @@ def open_input(job: JobConfig) -> MappedInput:
     except JobError as e:
         raise JobError(f"{where}: {e}") from None
     out = Path(job.output.path).resolve()
-    if any(f.resolve() == out for f in files):
-        raise JobError(f"{where}: output.path: {job.output.path} is also an input file; choose another path")
+    if Path(cfg.path).resolve() == out:
+        raise JobError(f"{where}: output.path: {job.output.path} is also the input file; choose another path")
+    if not Path(cfg.path).is_file():  # (a glob or a directory: what it reaches)
+        files = leave_out_own_files(job, files)
     return read_files(files, input_root(cfg.path))
+
+
+def leave_out_own_files(job: JobConfig, files: list[Path]) -> list[Path]:
+    """The input's files without the job's own output and checkpoint: a glob, `**` or a directory
+    that covers them reads the same files at every run, before the output exists and after (said
+    once on stderr when they lie where the input's expansion reaches)."""
+    out, parts = Path(job.output.path).resolve(), job.parts_dir.resolve()
+    kept = [f for f in files if f.resolve() != out and not (f.resolve().parent == parts and OWNED.fullmatch(f.name))]
+    if any(f.resolve().is_relative_to(parts) for f in kept):
+        return kept  # (a checkpoint.dir that holds an input file: refused by Checkpoint.check_place)
+    probe = [out, parts / "plan.parquet"]
+    if len(kept) < len(files) or any(_covers(job.input.path, p) for p in probe):
+        print(
+            f"komt-batch: input.path: {job.input.path} reaches the job's own output and checkpoint "
+            f"({job.output.path}, {job.parts_dir}); they are left out of the input",
+            file=sys.stderr,
+            flush=True,
+        )
+    if not kept:
+        raise JobError(f"{job.source}: input.path: {job.input.path} holds no input file besides the job's own output and checkpoint")
+    return kept
+
+
+def _covers(pattern: str, path: Path) -> bool:
+    """Whether input.path (a file, directory or glob) would name `path` once it exists."""
+    p = Path(pattern)
+    if p.is_dir():  # its files, and those in key=value (partition) folders
+        return path.is_relative_to(p.resolve()) and path.name.endswith(SUFFIXES) and all("=" in d for d in path.relative_to(p.resolve()).parts[:-1])
+    if p.exists() or not glob.has_magic(pattern):
+        return False
+    return fnmatch.fnmatchcase(str(path), os.path.abspath(pattern).replace("/**/", "*/").replace("**", "*"))
 
 
 def read_rows(job: JobConfig) -> Rows:

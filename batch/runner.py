@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from batch import threads
-from batch.checkpoint import Checkpoint, StoredPlan
+from batch.checkpoint import Busy, Checkpoint, StoredPlan
 from batch.config import JobConfig
 from batch.engine import Engine, Request, SafeGenerator, row_seed
 from batch.fingerprints import input_fingerprint, settings_fingerprint
@@ -30,7 +30,7 @@ from batch.planning import make_plan, open_plan
 from batch.results import Completion, count_results, results_table
 from batch.rows import Rows, read_rows
 from batch.signals import StopFlag
-from batch.writer import finish_job, remove_stale_temporaries, write_summary
+from batch.writer import finish_job, finish_leftovers, leftovers, remove_stale_temporaries, write_summary
 
 NOTHING_DONE = "before any work; nothing was written"
 
@@ -52,7 +52,7 @@ class Opened:
     @classmethod
     def check(cls, job: JobConfig) -> Opened:
         check_output_writable(job)
-        ckpt = Checkpoint(job.parts_dir)
+        ckpt = Checkpoint.of(job)
         rows = read_rows(job)
         ckpt.check_place(job, rows.files)
         tokenizer, context = load_tokenizer(job.model, job.source)
@@ -92,6 +92,10 @@ def run(job: JobConfig, shard: int, shards: int, stop: StopFlag, restart: bool =
     opened = Opened.check(job)
     ckpt, rows = opened.ckpt, opened.rows
     if opened.state == "done" and not restart:
+        if shards == 1 and leftovers(job, ckpt):  # stopped after its final file: finish that
+            with contextlib.suppress(Busy), ckpt.output_lock():  # (busy: the run holding it finishes it)
+                if output_state(job, opened.input_fp, opened.settings_fp)[0] == "done":
+                    finish_leftovers(job, ckpt)
         stop.finished()
         return already_done(job, rows.table.num_rows)
     resuming = ckpt.manifest_path.exists() and not restart
@@ -103,12 +107,12 @@ def run(job: JobConfig, shard: int, shards: int, stop: StopFlag, restart: bool =
     stop.start_work()
     with ckpt.job_lock(shard, shards, restart):
         if not restart and output_state(job, opened.input_fp, opened.settings_fp)[0] == "done":  # finished by another process meanwhile
-            if not job.checkpoint.keep:
-                ckpt.remove()  # (only the lock this process made is left to remove)
+            if shards == 1:
+                finish_leftovers(job, ckpt)
             stop.finished()
             return already_done(job, rows.table.num_rows)
         if shards == 1:
-            remove_stale_temporaries(job)
+            remove_stale_temporaries(job, ckpt)
         plan = opened.open_plan(fresh)
         fresh = None  # (the plan holds what it needs)
         done, _ = ckpt.done_rows(plan)
@@ -135,7 +139,7 @@ def run(job: JobConfig, shard: int, shards: int, stop: StopFlag, restart: bool =
             summary = finish_job(job, rows, ckpt, done, plan, stop, summary)
         else:
             summary.update(shard=f"{shard}/{shards}")
-            write_summary(ckpt.dir / f"summary-shard-{shard}-of-{shards}.json", summary)
+            write_summary(ckpt.dir / f"summary-shard-{shard}-of-{shards}.json", summary, ckpt.token)
             stop.finished()
         return summary
 

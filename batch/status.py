@@ -16,7 +16,7 @@ from batch.plan import assign_shards
 from batch.results import count_results
 from batch.rows import read_rows
 from batch.signals import StopFlag
-from batch.writer import finish_job, remove_stale_temporaries
+from batch.writer import finish_job, finish_leftovers, leftovers, remove_stale_temporaries
 
 NO_PLAN_STATES = {
     "absent": "not started",
@@ -39,14 +39,41 @@ def chunks_done(plan: StoredPlan, done: Done) -> set[int]:
 
 
 def status(job: JobConfig, shards: int | None = None) -> dict:
-    """Progress from the checkpoint (read only: it changes nothing, and works while a run goes on)."""
-    ckpt = Checkpoint(job.parts_dir)
-    plan = ckpt.load_plan(PROGRESS_COLUMNS)
+    """Progress from the checkpoint (read only: it changes nothing, and works while a run goes on,
+    or finishes: a checkpoint that changes under it is read again, and a finished output is done)."""
+    ckpt = Checkpoint.of(job)
     rows = read_rows(job)
+    ckpt.check_place(job, rows.files)
     input_fp, settings_fp = input_fingerprint(rows), settings_fingerprint(job)
-    if plan is None:
+    failed = 0
+    while True:
         state, changes = output_state(job, input_fp, settings_fp)
-        return {"job": job.source, "state": NO_PLAN_STATES[state], "output": job.output.path, **({"changes": changes} if changes else {})}
+        try:
+            plan = ckpt.load_plan(PROGRESS_COLUMNS)
+            if plan is not None:
+                result = progress(job, ckpt, plan, shards, input_fp, settings_fp)
+                break
+        except JobError:  # a run changed the checkpoint under it (finished, or set a part aside): read again
+            if output_state(job, input_fp, settings_fp)[0] != "done":
+                failed += 1
+                if failed < 3:
+                    continue
+                raise
+        state, changes = output_state(job, input_fp, settings_fp)  # (finished meanwhile, perhaps)
+        result = {"job": job.source, "state": NO_PLAN_STATES[state], "output": job.output.path, **({"changes": changes} if changes else {})}
+        break
+    if state == "done":
+        result["state"] = "done"
+        left = leftovers(job, ckpt)
+        if left:
+            result["not_finished"] = (
+                f"{' and '.join(left)}: the run that wrote the output stopped before it wrote or removed them "
+                "(or is doing it now); the next run or merge finishes it"
+            )
+    return result
+
+
+def progress(job: JobConfig, ckpt: Checkpoint, plan: StoredPlan, shards: int | None, input_fp: dict, settings_fp: dict) -> dict:
     done, bad = ckpt.done_rows(plan, set_aside=False)
     total = plan.manifest["planned_rows"] + plan.manifest["settled_rows"]
     rows_done = len(done) + plan.manifest["settled_rows"]
@@ -59,7 +86,7 @@ def status(job: JobConfig, shards: int | None = None) -> dict:
     changes = plan_changes(plan.manifest, input_fp, settings_fp)
     result = {
         "job": job.source,
-        "state": "done" if remaining == 0 else "in progress",
+        "state": "rows done; the final file is not written yet (the run writes it, or merge)" if remaining == 0 else "in progress",
         "rows_done": rows_done,
         "rows_total": total,
         "chunks_done": len(finished_chunks),
@@ -101,12 +128,16 @@ def merge(job: JobConfig, shards: int | None, stop: StopFlag) -> dict:
     """Write the final file from the checkpoint when every chunk is done (a finished one is left alone)."""
     stop.check("before any work; nothing was written")
     check_output_writable(job)
-    ckpt = Checkpoint(job.parts_dir)
+    ckpt = Checkpoint.of(job)
     rows = read_rows(job)
     ckpt.check_place(job, rows.files)
     input_fp, settings_fp = input_fingerprint(rows), settings_fingerprint(job)
     state, _ = output_state(job, input_fp, settings_fp)
     if state == "done":
+        if leftovers(job, ckpt):  # a run or merge stopped after its final file: finish that
+            with ckpt.output_lock():
+                if output_state(job, input_fp, settings_fp)[0] == "done":
+                    finish_leftovers(job, ckpt)
         stop.finished()
         return already_done(job, rows.table.num_rows)
     if state == "foreign":
@@ -125,7 +156,7 @@ def merge(job: JobConfig, shards: int | None, stop: StopFlag) -> dict:
         changes = plan_changes(plan.manifest, input_fp, settings_fp)
         if changes:
             raise JobError(f"{job.source}: the input or settings changed since the plan was made: " + "; ".join(changes))
-        remove_stale_temporaries(job)
+        remove_stale_temporaries(job, ckpt)
         stop.check("before writing the final file; nothing was lost")
         stop.start_work("finishing the final file first (every row is done)")
         made = {"job": job.source, "generated_rows": plan.manifest["planned_rows"], "reused_rows": plan.manifest["reused_rows"]}

@@ -152,23 +152,33 @@ def test_stale_temporaries_are_cleaned_on_the_next_run(tmp_path, capsys):
     src = write_jsonl(tmp_path / "in.jsonl", rows(6))
     job = make_job(tmp_path, src, **OPTS)
     ckpt = tmp_path / "out" / "result.parquet.parts"
-    ckpt.mkdir(parents=True)
-    left = [ckpt / ".part-0-of-2-000003-deadbeef.parquet.k2j4h5.tmp", ckpt / ".manifest.json.abc123.tmp",
-            ckpt / ".part-1-of-2-000001-cafe0001.parquet.zz.tmp", ckpt / ".part-0-of-1-000002-0b0b0b0b.parquet.x_y.tmp",
-            tmp_path / "out" / ".result.parquet.q1w2e3.tmp", tmp_path / "out" / ".result.summary.json.r4t5.tmp"]
+    assert main(["plan", str(job)]) == 0  # the checkpoint, with its token: its temporaries carry it
+    token = json.loads((ckpt / "checkpoint.json").read_text())["token"]
+    left = [ckpt / f".part-0-of-2-000003-deadbeef.parquet.{token}-k2j4h5ab.tmp", ckpt / f".manifest.json.{token}-abc123de.tmp",
+            ckpt / f".part-1-of-2-000001-cafe0001.parquet.{token}-zz000000.tmp", ckpt / f".part-0-of-1-000002-0b0b0b0b.parquet.{token}-x_y00000.tmp",
+            tmp_path / "out" / f".result.parquet.{token}-q1w2e3r4.tmp", tmp_path / "out" / f".result.summary.json.{token}-r4t5y6u7.tmp"]
     for p in left:
         p.write_bytes(b"torn by a kill")
+    sort_runs = tmp_path / "out" / f".result.parquet.{token}-a1b2c3d4.sort.tmp"  # the final file's sort runs, torn
+    sort_runs.mkdir()
+    (sort_runs / "run-00000.arrow").write_bytes(b"torn")
     (tmp_path / "out" / ".other.parquet.q1w2e3.tmp").write_text("not the job's")
+    (tmp_path / "out" / ".result.parquet.q1w2e3r4.tmp").write_text("not the job's: no token")
+    users = tmp_path / "out" / f".result.parquet.{token}-zzzzzzzz.tmp"  # a folder by that name: never the job's
+    users.mkdir()
+    (users / "mine.txt").write_text("not the job's")
     # a shard removes only its own temporaries (another shard may be writing its own), and the
     # plan's under the plan lock
     assert run(job, "--shard", "0/2") == 0
-    assert [p.exists() for p in left] == [False, False, True, True, True, True]
+    assert [p.exists() for p in left] == [False, True, True, True, True, True]
     assert run(job, "--shard", "1/2") == 0
-    assert [p.exists() for p in left] == [False, False, False, True, True, True]
+    assert [p.exists() for p in left] == [False, True, False, True, True, True]
     # the exclusive holder of the job lock (an unsharded run, or merge) removes them all
     assert main(["merge", str(job)]) == 0
-    assert not any(p.exists() for p in left)
+    assert not any(p.exists() for p in left) and not sort_runs.exists()
     assert (tmp_path / "out" / ".other.parquet.q1w2e3.tmp").read_text() == "not the job's"
+    assert (tmp_path / "out" / ".result.parquet.q1w2e3r4.tmp").read_text() == "not the job's: no token"
+    assert (users / "mine.txt").read_text() == "not the job's"
     assert not list(ckpt.glob(".*")) and pq.read_table(tmp_path / "out" / "result.parquet").num_rows == 6
 
 
