@@ -80,7 +80,7 @@ CASES = {
     "negative max_new_tokens": (("args", ["generation.max_new_tokens=-3"]), "generation.max_new_tokens", "must be >= 1"),
     "top_p above 1": (("args", ["generation.top_p=1.2"]), "generation.top_p", "(0, 1]"),
     "max_batch_tokens too small": (("args", ["batching.max_batch_tokens=20"]), "batching.max_batch_tokens", "too small for one row"),
-    "output is an input": (("sections", lambda t: {"output": {"path": str(t / "in.jsonl")}}), "output.path", "is also an input file"),
+    "output is an input": (("sections", lambda t: {"output": {"path": str(t / "in.jsonl")}}), "output.path", "is also the input file"),
     "output not writable": (("sections", not_writable_output), "output.path", "cannot write under"),
     "missing model": (("args", ["model.base=/nonexistent/model"]), "model.base", "no such directory"),
     "missing adapter": (("args", ["model.adapter=./no-adapter-here"]), "model.adapter", "no such directory"),
