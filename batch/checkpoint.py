@@ -364,13 +364,14 @@ class Checkpoint:
 
     def _legacy(self) -> bool:
         """A checkpoint of an earlier komt-batch version (no checkpoint.json): only the job's names,
-        and a manifest that verifies (format 2, its plan_id its hash): nobody writes that by chance."""
+        and a manifest that verifies (format 2 or this one, its plan_id its hash): nobody writes that by
+        chance. A format-2 one is then reported as of another version, and `--restart` clears it."""
         entries = _entries(self.dir)
         if not entries or not all(OWNED.fullmatch(p.name) and _is_plain_file(p) for p in entries):
             return False
         try:
             manifest = json.loads(self.manifest_path.read_bytes())
-            return manifest.get("format") == FORMAT and manifest.get("plan_id") == plan_id(manifest)
+            return manifest.get("format") in (2, FORMAT) and manifest.get("plan_id") == plan_id(manifest)
         except (OSError, ValueError, AttributeError):
             return False
 

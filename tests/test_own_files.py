@@ -212,3 +212,27 @@ def test_the_output_lock_outlives_a_shard_while_another_runs(tmp_path, capsys):
     first.stderr.close(), second.stderr.close()
     assert main(["merge", str(job)]) == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["result.parquet", "result.summary.json"]
+
+
+def test_a_checkpoint_of_the_previous_version_is_the_jobs_and_restart_clears_it(tmp_path, capsys, reference):
+    """A checkpoint that komt-batch wrote before checkpoint.json (manifest format 2, no stop_reason in
+    its parts): the job's own by its manifest, so `run` says it is of another version and advises
+    --restart, and --restart clears it and writes the uninterrupted run's file."""
+    from batch.checkpoint import plan_id
+
+    src = write_jsonl(tmp_path / "in.jsonl", rows(12))
+    job = make_job(tmp_path, src, **OPTS)
+    assert main(["plan", str(job)]) == 0
+    ckpt = next((tmp_path / "out").glob("*.parts"))
+    (ckpt / "checkpoint.json").unlink()
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["format"] = 2
+    manifest["plan_id"] = plan_id(manifest)
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert run(job) != 0
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "format 2, not 3" in line and "--restart" in line, line
+    assert run(job, "--restart") == 0
+    assert pq.read_table(tmp_path / "out" / "result.parquet").equals(reference["jsonl"])
+    assert not ckpt.exists()
