@@ -77,16 +77,6 @@ def prefill_groups(lengths: list[int], past: list[int] | None = None) -> list[tu
     return groups
 
 
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, p in enumerate(rows):
-        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p) :] = 1
-    return ids, mask
-
-
 REMAKE_GAIN = 4  # with rows running, the cache's buffers are remade for a quarter more places at least:
 # a remake copies the running rows' cache and, on a GPU, drops the decode step's captured graphs
 REFILL_FRACTION = 8  # new rows join when 1/8 of the batch's places are free: one prefill per finished

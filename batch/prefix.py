@@ -172,16 +172,22 @@ class Prefixes:
         return layers, mask
 
 
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of token ids left-padded to the longest: ids and mask [rows, width]."""
+    width = max(len(p) for p in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, p in enumerate(rows):
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
 def past_inputs(suffixes: list[list[int]], past_mask: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A prefill group of suffixes after their pasts: ids [rows, width] left-padded, the mask over
     past and suffix [rows, past + width], and each suffix token's position (its row's real tokens
     before it)."""
-    width = max(len(s) for s in suffixes)
-    ids = torch.full((len(suffixes), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(suffixes), width), dtype=torch.long)
-    for i, s in enumerate(suffixes):
-        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s) :] = 1
+    ids, mask = left_pad(suffixes, pad_id)
     mask = torch.cat([past_mask, mask], dim=1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past_mask.shape[1] :]
     return ids, mask, positions

@@ -5,7 +5,8 @@ import torch
 
 from batch.config import GenerationSettings
 from batch.decode_step import row_bucket
-from batch.engine import Engine, Request, Requests, left_pad, prefill_groups
+from batch.engine import Engine, Request, Requests, prefill_groups
+from batch.prefix import left_pad
 from batch.kv_cache import (
     COUNT,
     POS,
