@@ -6,7 +6,6 @@ import torch
 from batch.config import GenerationSettings
 from batch.decode_step import row_bucket
 from batch.engine import Engine, Request, Requests, prefill_groups
-from batch.prefix import left_pad
 from batch.kv_cache import (
     COUNT,
     POS,
@@ -17,6 +16,7 @@ from batch.kv_cache import (
     front_first,
     left_aligned,
 )
+from batch.prefix import left_pad
 
 
 def test_prefill_groups_bound_the_padding():
