@@ -19,10 +19,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batch import runner
 from batch.cli import main
 from batch.readers import input_files, read_files
 from tests.conftest import komt, make_job
+from tests.test_fidelity import no_model, tree  # noqa: F401 (no_model: a fixture)
 
 TEMPLATE = "{q}"
 
@@ -38,18 +38,6 @@ def jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
-
-
-def tree(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    def touched(*args, **kwargs):
-        raise AssertionError("the model was loaded before the refusal")
-
-    monkeypatch.setattr(runner, "load_tokenizer", touched)
 
 
 def refusal(tmp_path, capsys, job, *args) -> str:

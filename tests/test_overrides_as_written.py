@@ -16,15 +16,7 @@ from batch.cli import main
 from batch.config import load_job
 from batch.errors import JobError
 from tests.conftest import make_job, write_jsonl
-
-BASE = """
-model:
-  base: models/tiny-komt/base
-input:
-  path: data/demo_prompts.jsonl
-output:
-  path: out/x.parquet
-"""
+from tests.test_config import BASE
 
 MODEL_CARD_TEMPLATE = "### instruction: {instruction}\n\n### Response:"  # what bash's $'...\n\n...' passes
 
