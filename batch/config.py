@@ -350,11 +350,17 @@ def _field_type(root: type, key: str) -> Any:
     return tp
 
 
+def _optional(tp: Any) -> tuple[Any, bool]:
+    """A field's type without its `| None`, and whether it allows None."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        (inner,) = [a for a in args if a is not type(None)]
+        return inner, type(None) in args
+    return tp, False
+
+
 def _parse_override(tp: Any, value: str, what: str, blame: str) -> Any:
-    args = typing.get_args(tp)
-    optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args
-    if optional:
-        (tp,) = [a for a in args if a is not type(None)]
+    tp, optional = _optional(tp)
     if tp is str:
         return None if optional and value in ("", "null") else value
     if typing.get_origin(tp) is list and typing.get_args(tp) == (str,):
@@ -451,11 +457,9 @@ def _coerce(tp: Any, value: Any, where: str, key: str) -> Any:
         value = None
     if dataclasses.is_dataclass(tp):
         return _build(tp, value if value is not None else {}, where, key + ".")
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (tp,) = [a for a in args if a is not type(None)]
+    tp, optional = _optional(tp)
+    if optional and value is None:
+        return None
     if isinstance(value, _Plain):  # a text setting takes the text as written; others YAML's value
         value = value.text if tp is str or typing.get_args(tp) == (str,) else value.value
     if tp is bool:
