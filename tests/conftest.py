@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -105,6 +106,47 @@ def wait_generating(proc: subprocess.Popen) -> None:
         if line.startswith("komt-batch: generating"):
             return
     raise AssertionError(f"the run ended early: {proc.wait()}")
+
+
+# komt-batch that stops itself (SIGSTOP) once PAUSE_AFTER_ROWS rows are finished, after saying so: the
+# test then sends its SIGTERM at a known point of the run, whatever the CPU's speed
+PAUSER = """
+import os, signal, sys
+from batch import engine
+finish, finished = engine.Engine.finish, [0]
+
+def finish_then_pause(self, *args):
+    completion = finish(self, *args)
+    finished[0] += 1
+    if finished[0] == int(os.environ["PAUSE_AFTER_ROWS"]):
+        print(f"PAUSED after {finished[0]} rows", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return completion
+
+engine.Engine.finish = finish_then_pause
+from batch.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def start_paused(job, after_rows: int, tmp_path: Path, *args) -> tuple[subprocess.Popen, list[str]]:
+    """Start `komt-batch run JOB --no-progress ARGS` that stops itself (SIGSTOP) once AFTER_ROWS rows
+    are finished; return once it is stopped, with the stderr lines it wrote until then."""
+    script = tmp_path / "pauser.py"
+    script.write_text(PAUSER)
+    proc = subprocess.Popen(komt_argv("run", job, "--no-progress", *args, script=script), cwd=ROOT,
+                            env=cli_env(PAUSE_AFTER_ROWS=str(after_rows)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if line.startswith("PAUSED"):
+            break
+    else:
+        raise AssertionError(f"the run ended early: {proc.wait()}")
+    while Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":  # stopped (it says so just before)
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.001)
+    return proc, lines
 
 
 def one_line(capsys) -> str:

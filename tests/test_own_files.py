@@ -6,14 +6,13 @@ import json
 import shlex
 import signal
 import subprocess
-import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from batch.cli import main
-from tests.conftest import input_rows, komt, make_job, one_line, start, wait_generating, write_jsonl
+from tests.conftest import input_rows, komt, make_job, one_line, start, start_paused, wait_generating, write_jsonl
 
 OPTS = dict(generation={"max_new_tokens": 8}, batching={"max_batch_size": 2}, checkpoint={"every_rows": 2})
 
@@ -73,13 +72,12 @@ def test_the_jobs_own_output_and_checkpoint_are_left_out_of_the_input(tmp_path, 
         pq.write_table(pa.Table.from_pylist(rows(12)), data / "in.parquet")
     out = tmp_path / output
     job = make_job(tmp_path, tmp_path / pattern, output={"path": str(out)}, **OPTS)
-    proc = start(job, stdout=subprocess.DEVNULL)
-    while not list(tmp_path.rglob("part-*.parquet")):  # a part committed: the resume reads the checkpoint
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.01)
+    proc, lines = start_paused(job, 4, tmp_path)  # 4 rows finished, so 2 parts committed: the resume reads the checkpoint
     proc.send_signal(signal.SIGTERM)
-    err = proc.stderr.read()
-    assert proc.wait(timeout=120) == 75, err
+    proc.send_signal(signal.SIGCONT)
+    err = "".join(lines) + proc.communicate(timeout=120)[1]
+    assert proc.returncode == 75, err
+    assert list(tmp_path.rglob("part-*.parquet")), err
     assert err.count("they are left out of the input") == 1, err  # said once, at the first run
     words = shlex.split(err.split("To resume, run: ")[1].strip())
     resumed = komt(*words[1:])

@@ -5,20 +5,17 @@ import random
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import (
-    ROOT,
-    cli_env,
     input_rows,
-    komt_argv,
     komt,
     make_job,
     parts,
     start,
+    start_paused,
     wait_generating,
     write_jsonl,
 )
@@ -75,43 +72,11 @@ def test_kill_loop_gives_the_uninterrupted_file(tmp_path, sampling, options):
         assert len(stopped) > 10 and all(r.endswith("니다") for r, _ in stopped)
 
 
-# komt-batch that stops itself (SIGSTOP) once PAUSE_AFTER_ROWS rows are finished, after saying so: the
-# test then sends its SIGTERM at a known point of the run, whatever the CPU's speed
-PAUSER = """
-import os, signal, sys
-from batch import engine
-finish, finished = engine.Engine.finish, [0]
-
-def finish_then_pause(self, *args):
-    completion = finish(self, *args)
-    finished[0] += 1
-    if finished[0] == int(os.environ["PAUSE_AFTER_ROWS"]):
-        print(f"PAUSED after {finished[0]} rows", file=sys.stderr, flush=True)
-        os.kill(os.getpid(), signal.SIGSTOP)
-    return completion
-
-engine.Engine.finish = finish_then_pause
-from batch.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def test_sigterm_commits_and_exits_75_then_resumes(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", many_rows(40))
     job = make_job(tmp_path, src, batching={"max_batch_size": 2}, checkpoint={"every_rows": 100, "every_seconds": 3600})
     out = tmp_path / "out" / "result.parquet"
-    script = tmp_path / "pauser.py"
-    script.write_text(PAUSER)
-    proc = subprocess.Popen(komt_argv("run", job, "--no-progress", script=script), cwd=ROOT, env=cli_env(PAUSE_AFTER_ROWS="4"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stderr:  # 4 rows finished, 36 to go: it waits, stopped, for the signal
-        if line.startswith("PAUSED"):
-            break
-    else:
-        raise AssertionError(f"the run ended early: {proc.wait()}")
-    while Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":  # stopped (it says so just before)
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.001)
+    proc, _ = start_paused(job, 4, tmp_path)  # 4 rows finished, 36 to go: it waits, stopped, for the signal
     proc.send_signal(signal.SIGTERM)
     proc.send_signal(signal.SIGCONT)
     _, err = proc.communicate(timeout=60)
