@@ -53,7 +53,7 @@ fi
 # engine's prefill / decode regions), if time is left.
 # Then the decode step's attention, A/B: each row's own keys (batch.decode_attention) vs sdpa's mask.
 if [ "$SECONDS" -lt 430 ] && [ -d /tmp/komt-bench-7b/base ]; then
-  timeout 80 python3 tools/gpu_profile.py --prompts 128 --max-new 16 --attention-ab 128 --ab-max-new 32 > "$OUT/profile.txt" 2>&1 \
+  timeout 110 python3 tools/gpu_profile.py --prefill-rate --prompts 128 --max-new 16 --attention-ab 128 --ab-max-new 32 > "$OUT/profile.txt" 2>&1 \
     && head -n 5 "$OUT/profile.txt" || echo "gpu_bench: profile failed or ran out of time (see profile.txt)"
   grep "attention A/B\|decode attention" "$OUT/profile.txt" || true
 fi

@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import math
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda")  # (cpu: a check of this script, e.g. --model models/tiny-komt)
     p.add_argument("--attention-ab", type=int, default=0)
     p.add_argument("--ab-max-new", type=int, default=64)
+    p.add_argument("--prefill-rate", action="store_true", help="time prefill forwards of fixed shapes first (GPU rate vs host time)")
     args = p.parse_args()
     cfg = ModelConfig(base=f"{args.model}/base", adapter=f"{args.model}/adapter", quantization="nf4", compute_dtype="bfloat16",
                       device_map=args.device, weights="nf4")
@@ -48,6 +50,8 @@ def main() -> None:
     dequantize_model(model, torch.bfloat16)
     settings = GenerationSettings(max_new_tokens=args.max_new, do_sample=False, stop=[])
     engine = Engine(model, tokenizer, settings, cuda_graphs=args.graphs, fixed_shapes=True)
+    if args.prefill_rate:
+        prefill_rate(engine, len(tokenizer))
     rng = np.random.default_rng(0)
     lengths = np.clip(np.round(rng.lognormal(math.log(120), 0.9, args.prompts)), 8, 1000).astype(int)
     requests = [Request(i, [1] + rng.integers(3, len(tokenizer), n - 1).tolist(), i) for i, n in enumerate(sorted(lengths, reverse=True))]
@@ -77,8 +81,38 @@ def main() -> None:
     for e in regions:
         print(f"  {e.key:<16} calls {e.count:>5}  CPU total {e.cpu_time_total / 1e3:9.1f} ms  CUDA total {e.device_time_total / 1e3:9.1f} ms")
     print(events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=30, max_name_column_width=70), flush=True)
+    if cuda:  # where the host's time goes
+        print(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70), flush=True)
     if args.attention_ab:
         attention_ab(model, tokenizer, requests[: args.attention_ab], args)
+
+
+@torch.inference_mode()
+def prefill_rate(engine: Engine, vocab: int, shapes=((128, 64), (64, 128), (16, 512), (8, 1000), (64, 512))) -> None:
+    """Prefill forwards of fixed shapes (rows x length, no padding), as the engine runs them (a boolean
+    mask, position ids, a fresh cache): the device's prompt tokens/s and the host's milliseconds to
+    launch one forward. Then the same without a mask (causal sdpa: flash), to see what the mask costs."""
+    from transformers import DynamicCache
+
+    cuda = engine.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for rows, length in shapes:
+        ids = torch.randint(3, vocab, (rows, length), device=engine.device)
+        positions = torch.arange(length, device=engine.device).expand(rows, length)
+        for masked in (True, False):
+            mask = torch.ones(rows, length, dtype=torch.long, device=engine.device) if masked else None
+            run = lambda: engine._logits(ids, mask, positions, DynamicCache(config=engine.model.config))  # noqa: E731
+            run(), run(), sync()
+            host, start = 0.0, time.perf_counter()
+            for _ in range(5):
+                t = time.perf_counter()
+                run()
+                host += time.perf_counter() - t
+            sync()
+            wall = time.perf_counter() - start
+            print(f"prefill rate: {rows:>4} x {length:<5} {'mask' if masked else 'no mask (causal)'}: "
+                  f"{5 * rows * length / wall:>9,.0f} prompt tok/s, {1000 * wall / 5:7.1f} ms per forward, "
+                  f"host {1000 * host / 5:6.1f} ms to launch it", flush=True)
 
 
 def attention_ab(model, tokenizer, requests, args) -> None:
