@@ -43,15 +43,21 @@ def main() -> None:
     p.add_argument("--attention-ab", type=int, default=0)
     p.add_argument("--ab-max-new", type=int, default=64)
     p.add_argument("--prefill-rate", action="store_true", help="time prefill forwards of fixed shapes first (GPU rate vs host time)")
+    p.add_argument("--rate-only", action="store_true", help="with --prefill-rate: only that (no profiled stream)")
+    p.add_argument("--merge", action="store_true", help="merge the adapter into the dequantized weights (model.merge_adapter)")
     args = p.parse_args()
     cfg = ModelConfig(base=f"{args.model}/base", adapter=f"{args.model}/adapter", quantization="nf4", compute_dtype="bfloat16",
-                      device_map=args.device, weights="nf4")
+                      device_map=args.device, weights="dequantized" if args.merge else "nf4",
+                      merge_adapter=args.merge)
     model, tokenizer = load_model(cfg, "<profile>")
-    dequantize_model(model, torch.bfloat16)
+    if not args.merge:
+        dequantize_model(model, torch.bfloat16)
     settings = GenerationSettings(max_new_tokens=args.max_new, do_sample=False, stop=[])
     engine = Engine(model, tokenizer, settings, cuda_graphs=args.graphs, fixed_shapes=True)
     if args.prefill_rate:
-        prefill_rate(engine, len(tokenizer))
+        prefill_rate(engine, len(tokenizer), args.merge)
+        if args.rate_only:
+            return
     rng = np.random.default_rng(0)
     lengths = np.clip(np.round(rng.lognormal(math.log(120), 0.9, args.prompts)), 8, 1000).astype(int)
     requests = [Request(i, [1] + rng.integers(3, len(tokenizer), n - 1).tolist(), i) for i, n in enumerate(sorted(lengths, reverse=True))]
@@ -88,7 +94,7 @@ def main() -> None:
 
 
 @torch.inference_mode()
-def prefill_rate(engine: Engine, vocab: int, shapes=((128, 64), (64, 128), (16, 512), (8, 1000), (64, 512))) -> None:
+def prefill_rate(engine: Engine, vocab: int, merged: bool = False, shapes=((128, 64), (64, 128), (16, 512), (8, 1000))) -> None:
     """Prefill forwards of fixed shapes (rows x length, no padding), as the engine runs them (a boolean
     mask, position ids, a fresh cache): the device's prompt tokens/s and the host's milliseconds to
     launch one forward. Then the same without a mask (causal sdpa: flash), to see what the mask costs."""
@@ -110,7 +116,7 @@ def prefill_rate(engine: Engine, vocab: int, shapes=((128, 64), (64, 128), (16, 
                 host += time.perf_counter() - t
             sync()
             wall = time.perf_counter() - start
-            print(f"prefill rate: {rows:>4} x {length:<5} {'mask' if masked else 'no mask (causal)'}: "
+            print(f"prefill rate{' (merged)' if merged else ''}: {rows:>4} x {length:<5} {'mask' if masked else 'no mask (causal)'}: "
                   f"{5 * rows * length / wall:>9,.0f} prompt tok/s, {1000 * wall / 5:7.1f} ms per forward, "
                   f"host {1000 * host / 5:6.1f} ms to launch it", flush=True)
 
