@@ -70,7 +70,7 @@ def one_at_a_time(engine: Engine, ids: list[list[int]]) -> list[tuple[str, str]]
     out = []
     for p_ids in ids:
         tokens = engine.model.generate(torch.tensor([p_ids], device=engine.device), max_new_tokens=MAX_NEW, do_sample=False)
-        c = engine.finish(len(p_ids), tokens[0, len(p_ids):].tolist())
+        c = engine.finish(list(p_ids), tokens[0, len(p_ids):].tolist())
         out.append((c.response, c.finish_reason))
     return out
 

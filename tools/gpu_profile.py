@@ -94,7 +94,7 @@ def main() -> None:
 
 
 @torch.inference_mode()
-def prefill_rate(engine: Engine, vocab: int, merged: bool = False, shapes=((128, 64), (64, 128), (16, 512), (8, 1000))) -> None:
+def prefill_rate(engine: Engine, vocab: int, merged: bool = False, shapes=((8, 128), (32, 128), (64, 128), (128, 128), (8, 1000))) -> None:
     """Prefill forwards of fixed shapes (rows x length, no padding), as the engine runs them (a boolean
     mask, position ids, a fresh cache): the device's prompt tokens/s and the host's milliseconds to
     launch one forward. Then the same without a mask (causal sdpa: flash), to see what the mask costs."""
