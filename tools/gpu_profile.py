@@ -102,6 +102,22 @@ def prefill_rate(engine: Engine, vocab: int, merged: bool = False, shapes=((8, 1
 
     cuda = engine.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:  # where a prefill forward with left padding first makes the host wait for the GPU, if it does
+        ids = torch.randint(3, vocab, (4, 64), device=engine.device)
+        mask = torch.ones_like(ids)
+        mask[1:, :8] = 0
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            engine._logits(ids, mask, positions, DynamicCache(config=engine.model.config))
+            print("prefill rate: a padded prefill forward made no host sync")
+        except Exception as e:  # noqa: BLE001 -- (a sync raises RuntimeError; anything else is said too)
+            import traceback
+
+            where = [f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}" for f in traceback.extract_tb(e.__traceback__)[-4:]]
+            print(f"prefill rate: a padded prefill forward syncs the host ({type(e).__name__}: {str(e)[:80]}) at: {' <- '.join(reversed(where))}")
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
     for rows, length in shapes:
         ids = torch.randint(3, vocab, (rows, length), device=engine.device)
         positions = torch.arange(length, device=engine.device).expand(rows, length)
