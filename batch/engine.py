@@ -51,7 +51,7 @@ from batch.decode_step import DecodeStep, row_bucket
 from batch.kv_cache import SlotCache, compact_order, left_aligned, to_device
 from batch.loading import first_line, load_model
 from batch.memory import is_out_of_memory, running_limits
-from batch.prefix import Prefixes, Sharing, Use, aligned_columns, past_inputs
+from batch.prefix import Prefixes, Sharing, Use, aligned_columns, past_inputs, prefill_mask
 from batch.results import Completion
 from batch.results import error_completion as _error_row
 from batch.stops import StopRule
@@ -189,6 +189,7 @@ class Engine:
         if attention not in ("sdpa", "eager"):
             raise ValueError(f"komt-batch decodes with sdpa or eager attention, not {attention}")
         mask_dtype = None if attention == "sdpa" else model.get_input_embeddings().weight.dtype
+        self.mask_dtype = mask_dtype  # (prefill's masks too: batch.prefix.prefill_mask)
         cuda = self.device.type == "cuda"
         self.fixed_shapes = cuda and cuda_graphs if fixed_shapes is None else fixed_shapes
         self.lookahead = 1 if self.fixed_shapes else 0  # decode steps launched before the host reads the previous one's tokens
@@ -442,7 +443,9 @@ class Engine:
         suffixes = [p[k:] for p, k in zip(prompts, shared)]
         past, past_mask = self.prefixes.past(uses)
         ids, mask, positions = past_inputs(suffixes, past_mask, self.pad_id)
+        plain = not past_mask.shape[1] and bool(mask.all())  # (the host's copy: asking the device would wait for it)
         ids, mask, positions = (to_device(t, self.device) for t in (ids, mask, positions))
+        mask = None if plain else prefill_mask(mask, past_mask.shape[1], self.mask_dtype)
         group = DynamicCache(config=self.model.config)
         for i, (k, v) in enumerate(past):
             group.update(k, v, i)

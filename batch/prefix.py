@@ -193,6 +193,22 @@ def past_inputs(suffixes: list[list[int]], past_mask: torch.Tensor, pad_id: int)
     return ids, mask, positions
 
 
+def prefill_mask(mask: torch.Tensor, past: int, dtype: torch.dtype | None) -> torch.Tensor | None:
+    """A prefill group's attention mask [rows, 1, width, past + width], made where `mask` [rows, past +
+    width] is (on the device): query i attends to the real columns up to its own, past + i -- the mask
+    transformers builds from `mask` (boolean for sdpa; additive in `dtype` for eager attention). The
+    model gets it ready-made because transformers first asks the device whether any column is padding,
+    which makes the host wait for the GPU at every prefill. None where nothing is padded and there is
+    no past: sdpa's causal kernel then, as transformers chooses (check that on the host's mask)."""
+    width = mask.shape[1] - past
+    columns = torch.arange(past + width, device=mask.device)
+    causal = columns[None, :] <= past + torch.arange(width, device=mask.device)[:, None]
+    allowed = causal[None, None] & mask.bool()[:, None, None, :]
+    if dtype is None:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
 def aligned_columns(prefixes: list[int], suffixes: list[int], past: int, width: int) -> torch.Tensor:
     """For a group with pasts of `past` columns and suffixes left-padded to `width`: the column each
     output column of a row takes its key from, so that the row's prefix, then its suffix, come first

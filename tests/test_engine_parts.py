@@ -148,3 +148,49 @@ def test_rows_join_while_a_long_answer_runs(fixed_shapes):
     assert sorted(k for k, _ in done) == list(range(20))
     assert [c.completion_tokens for _, c in sorted(done)] == [24] + [2] * 19
     assert engine.steps <= 24  # row 0's 23 decode steps (one more ahead): the other 19 rows came and went meanwhile
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("suffixes, past", [
+    ([[5, 6, 7], [8, 9, 10]], []),  # nothing padded, no past: no mask (sdpa's causal kernel), as transformers chooses
+    ([[5, 6, 7, 8], [9, 10], [11]], []),  # left padding
+    ([[5, 6, 7], [8]], [3, 0]),  # a past for one row, none for the other
+    ([[5, 6], [7, 8]], [2, 2]),  # the same past width, no padding: a mask still (past columns)
+])
+def test_prefill_mask_is_the_mask_transformers_builds(attention, suffixes, past):
+    """batch.prefix.prefill_mask makes, without asking the device anything, the 4D mask transformers
+    builds from the 2D one (which asks `padding_mask.all()` on the device first: a host sync per prefill
+    on a GPU): what the first attention layer receives is the same both ways, values and dtype."""
+    from transformers import DynamicCache
+
+    from batch.prefix import past_inputs, prefill_mask
+    from tests.test_exactness import load
+
+    engine = load("float32")
+    model = engine.model
+    model.config._attn_implementation = attention
+    width = max(past, default=0)
+    past_mask = torch.zeros((len(suffixes), width), dtype=torch.long)
+    for i, k in enumerate(past):
+        past_mask[i, width - k :] = 1
+    ids, mask, positions = past_inputs(suffixes, past_mask, pad_id=0)
+    config = model.config
+    heads, dim = getattr(config, "num_key_value_heads", config.num_attention_heads), config.hidden_size // config.num_attention_heads
+    seen = []
+    layer = next(m for name, m in model.named_modules() if name.endswith("layers.0.self_attn"))
+    hook = layer.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs.get("attention_mask")), with_kwargs=True)
+    try:
+        plain = not width and bool(mask.all())  # (the engine then hands no mask)
+        for given in (mask, None if plain else prefill_mask(mask, width, None if attention == "sdpa" else torch.float32)):
+            cache = DynamicCache(config=config)
+            for i in range(config.num_hidden_layers):
+                cache.update(torch.randn(len(suffixes), heads, width, dim), torch.randn(len(suffixes), heads, width, dim), i)
+            engine._logits(ids, given, positions, cache)
+    finally:
+        hook.remove()
+        model.config._attn_implementation = "sdpa"
+    built, ours = seen
+    if built is None:
+        assert ours is None and plain
+    else:
+        assert ours is not None and ours.dtype == built.dtype and torch.equal(ours.expand_as(built), built)
