@@ -6,7 +6,8 @@
 #   STEPS (default "bench resume tests"):
 #     bench       tools/gpu_bench.sh: jobs/bench-gpu.yaml (modes 1-6), then the profile in its time left -> bench-gpu.*, profile.txt
 #     merged      the same workload, the adapter merged (model.merge_adapter), mode 4 -> merged.txt, merged.json
-#     rates       prefill forwards of fixed shapes, adapter unmerged and merged (tools/gpu_profile.py --prefill-rate) -> rates.txt
+#     rates       prefill forwards of fixed shapes, adapter unmerged (RATES="unmerged merged": and merged), and where a
+#                 padded prefill syncs the host (tools/gpu_profile.py --prefill-rate) -> rates.txt
 #     annotation  jobs/bench-annotation.yaml's workload (a shared 400-token instruction, items of median 60, 32 new) on the
 #                 7B-shaped model: shared prefixes on (mode 4) against off (mode 7) -> annotation.txt, annotation.json
 #     resume      tools/gpu_resume_check.sh: bf16 resume and 2-shard agreement -> resume-check.txt
@@ -42,7 +43,8 @@ for step in $STEPS; do
       install_wheels; bench merged $(( $(left) < 150 ? $(left) - 5 : 150 )) "variants=[nf4+lora+merged]" "modes=[dequantized]" ;;
     rates)
       install_wheels
-      for merge in "" --merge; do
+      for merge in ${RATES:-unmerged}; do  # (RATES="unmerged merged": both)
+        [ "$merge" = merged ] && merge=--merge || merge='' 
         timeout 60 python3 tools/gpu_profile.py --prefill-rate --rate-only $merge >> "$OUT/rates.txt" 2>&1
         echo "gpu_session: rates $merge exit $? at ${SECONDS}s"
       done
