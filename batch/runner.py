@@ -122,8 +122,9 @@ def run(job: JobConfig, shard: int, shards: int, stop: StopFlag, restart: bool =
         todo = mine[~done.mask(plan_rows[mine])]
         stats = Stats(resumed_rows=len(mine) - len(todo))
         if len(todo) and stop.received is None:
-            threads.apply(job.cpu)
+            cpu = threads.apply(job.cpu)
             engine = Engine.load(job.model, job.generation, job.source, opened.tokenizer, share_prefix=job.batching.share_prefix)
+            engine.between_steps = watch = threads.Watch.start(cpu, engine.device)  # (None: the threads stay)
             batches = len(np.unique(plan.rows.column("batch").to_numpy()[todo]))
             print(
                 f"komt-batch: generating {len(todo)} rows in {batches} batches"
@@ -133,6 +134,7 @@ def run(job: JobConfig, shard: int, shards: int, stop: StopFlag, restart: bool =
             )
             for path, committed in generate_rows(job, rows, plan, ckpt, engine, todo, stop, stats, progress, shard, shards):
                 done.add(path, committed)
+            stats.cpu_threads_lowered = watch.lowered if watch else 0
         stop.check(f"after committing every finished row ({stats.generated_rows} generated this run)")
         summary = stats.summary(job, plan, started)
         if shards == 1:
@@ -155,6 +157,7 @@ class Stats:
     generate_seconds: float = 0.0
     oom_splits: int = 0
     lowered_budget: int | None = None
+    cpu_threads_lowered: int = 0  # times other processes' use of the CPUs lowered the threads (batch.threads.Watch)
 
     def summary(self, job: JobConfig, plan: StoredPlan, started: float) -> dict:
         wall = time.time() - started
@@ -173,6 +176,7 @@ class Stats:
             "wall_seconds": round(wall, 3),
             "oom_splits": self.oom_splits,
             "lowered_max_batch_tokens": self.lowered_budget,
+            "cpu_threads_lowered": self.cpu_threads_lowered,
         }
 
 
