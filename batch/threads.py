@@ -163,13 +163,16 @@ def _threads(n: int) -> str:
 
 # Others' use of the job's CPUs, in cores, beyond the CPUs its chosen threads leave free: from
 # BUSY_CORES on, the threads drop by the cores the others take (rounded), to 1 at least; back to the
-# chosen count once it stayed below QUIET_CORES for QUIET_SECONDS (hysteresis: a process that comes
-# and goes does not make the threads flap). To be measured with tools/contention_bench.py; the
-# reasoning: with OpenMP's default spinning, one thread that shares its core with another process
-# holds up every barrier, so half a core taken already costs more than a thread.
+# chosen count once it stayed below QUIET_CORES for QUIET_SECONDS (hysteresis: use between the two
+# changes nothing). When the others come back within that quiet time after the threads went back,
+# the next wait is twice as long, up to QUIET_SECONDS_MAX: a process that comes and goes makes a few
+# lines, not one every few seconds. The thresholds are to be measured with tools/contention_bench.py;
+# the reasoning: with OpenMP's default spinning, a thread that shares its core with another process
+# holds up every barrier, so the job loses more than that thread's share of the work.
 BUSY_CORES = 0.5
 QUIET_CORES = 0.25
 QUIET_SECONDS = 3.0
+QUIET_SECONDS_MAX = 60.0
 WINDOW_SECONDS = 1.0  # /proc is read at most this often; the others' use is an average over a window
 
 
@@ -204,6 +207,8 @@ class Adapting:
         self.chosen, self.cpus, self.threads = chosen, cpus, chosen
         self.spare = max(0, cpus - chosen)  # CPUs that the chosen threads leave to others
         self.up_since: float | None = None  # the start of the quiet windows in a row, while below `chosen`
+        self.quiet_for = QUIET_SECONDS  # how long they must last
+        self.raised_at = -math.inf  # when the threads last went back up
         self.lowered = 0  # times the threads were lowered (the summary's cpu_threads_lowered)
 
     def window(self, others: float, start: float, end: float) -> int | None:
@@ -215,6 +220,8 @@ class Adapting:
         else:
             want = self.chosen if taken < QUIET_CORES else self.threads
         if want < self.threads:
+            soon = end - self.raised_at <= self.quiet_for + (end - start)
+            self.quiet_for = min(2 * self.quiet_for, QUIET_SECONDS_MAX) if soon else QUIET_SECONDS
             self.threads, self.up_since = want, None
             self.lowered += 1
             return want
@@ -223,9 +230,9 @@ class Adapting:
             return None
         if self.up_since is None:
             self.up_since = start
-        if end - self.up_since < QUIET_SECONDS:
+        if end - self.up_since < self.quiet_for:
             return None
-        self.threads, self.up_since = want, None
+        self.threads, self.up_since, self.raised_at = want, None, end
         return want
 
 

@@ -72,6 +72,12 @@ SCENARIOS = {
         (["other processes use 1.3 of 4 cores: 3 threads", "other processes use 1.6 of 4 cores: 2 threads"], 2)),
     "one busy process on 64 CPUs": (64, 64, 64, [(1, 1.0, 63.0)] * 3, (["other processes use 1.0 of 64 cores: 63 threads"], 63)),
     "flapping: busy and quiet every other second": (2, 2, 2, [(1, 0.8, 1.2), (1, 0.0, 1.0)] * 8, (["other processes use 0.8 of 2 cores: 1 thread"], 1)),
+    "busy one second in four: the quiet wait doubles": (
+        2, 2, 2, [(1, 0.0, 2.0)] + [(1, 1.0, 1.0), (S, 0.0, 1.0)] * 5 + [(S, 0.0, 1.0)],
+        (["other processes use 1.0 of 2 cores: 1 thread", "other processes use 0.0 of 2 cores: back to 2 threads"] * 2, 2)),
+    "busy again long after going back: the quiet wait is short again": (
+        2, 2, 2, [(1, 1.0, 1.0), (S, 0.0, 1.0), (1, 1.0, 1.0), (2 * S, 0.0, 1.0), (100, 0.0, 2.0), (1, 1.0, 1.0), (S, 0.0, 1.0)],
+        (["other processes use 1.0 of 2 cores: 1 thread", "other processes use 0.0 of 2 cores: back to 2 threads"] * 3, 2)),
     "between the thresholds, at 2 threads": (2, 2, 2, [(1, 0.4, 1.6)] * 8, ([], 2)),
     "between the thresholds, at 1 thread": (2, 2, 2, [(1, 0.9, 1.1)] + [(1, 0.3, 1.0)] * 8, (["other processes use 0.9 of 2 cores: 1 thread"], 1)),
     "quiet just short of the time, then busy again": (2, 2, 2, [(1, 0.9, 1.1), (S - 0.5, 0.0, 1.0), (1, 0.9, 1.0), (S - 0.5, 0.0, 1.0)],
