@@ -122,9 +122,11 @@ def run(job: JobConfig, shard: int, shards: int, stop: StopFlag, restart: bool =
         todo = mine[~done.mask(plan_rows[mine])]
         stats = Stats(resumed_rows=len(mine) - len(todo))
         if len(todo) and stop.received is None:
-            cpu = threads.apply(job.cpu)
+            watch = threads.Watch.start(threads.apply(job.cpu))  # (None: the threads stay as chosen)
             engine = Engine.load(job.model, job.generation, job.source, opened.tokenizer, share_prefix=job.batching.share_prefix)
-            engine.between_steps = watch = threads.Watch.start(cpu, engine.device)  # (None: the threads stay)
+            if engine.device.type != "cpu":
+                watch = None  # a GPU's steps do not wait on the CPU's threads
+            engine.between_steps = watch
             batches = len(np.unique(plan.rows.column("batch").to_numpy()[todo]))
             print(
                 f"komt-batch: generating {len(todo)} rows in {batches} batches"

@@ -250,10 +250,11 @@ class Watch:
         self.due = -math.inf
 
     @classmethod
-    def start(cls, choice: Choice, device) -> Watch | None:
-        """A watch for the job's threads when they adapt (on the CPU, on Linux), with its first reading;
-        None otherwise (a GPU's steps do not wait on the CPU's threads)."""
-        if not choice.adapt or getattr(device, "type", device) != "cpu" or not sys.platform.startswith("linux"):
+    def start(cls, choice: Choice) -> Watch | None:
+        """A watch for the job's threads when they adapt (on Linux), with its first reading (taken
+        before the model loads, the first window covers the loading: on a busy machine the threads
+        drop at the first step); None otherwise."""
+        if not choice.adapt or not sys.platform.startswith("linux"):
             return None
         watch = cls(choice.threads, frozenset(os.sched_getaffinity(0)))
         watch()
