@@ -206,7 +206,8 @@ class Adapting:
     def __init__(self, chosen: int, cpus: int):
         self.chosen, self.cpus, self.threads = chosen, cpus, chosen
         self.spare = max(0, cpus - chosen)  # CPUs that the chosen threads leave to others
-        self.up_since: float | None = None  # the start of the quiet windows in a row, while below `chosen`
+        self.up_since: float | None = None  # the start of the quieter windows in a row, while below `chosen`
+        self.up_to = chosen  # the fewest threads those windows allow
         self.quiet_for = QUIET_SECONDS  # how long they must last
         self.raised_at = -math.inf  # when the threads last went back up
         self.lowered = 0  # times the threads were lowered (the summary's cpu_threads_lowered)
@@ -229,11 +230,12 @@ class Adapting:
             self.up_since = None
             return None
         if self.up_since is None:
-            self.up_since = start
+            self.up_since, self.up_to = start, want
+        self.up_to = min(self.up_to, want)  # (up to what every window of the quiet time allowed)
         if end - self.up_since < self.quiet_for:
             return None
-        self.threads, self.up_since, self.raised_at = want, None, end
-        return want
+        self.threads, self.up_since, self.raised_at = self.up_to, None, end
+        return self.threads
 
 
 class Watch:

@@ -24,13 +24,14 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 
 class FakeProc:
-    """/proc/stat and /proc/self/stat under a folder, advanced window by window."""
+    """/proc/stat and /proc/self/stat under a folder (in whole clock ticks, as the kernel's), advanced
+    window by window."""
 
     def __init__(self, root: Path, cpus: int):
         self.root, self.cpus = root, cpus
-        self.busy = [0.0] * cpus  # seconds per CPU
-        self.idle = [0.0] * cpus
-        self.own = 0.0
+        self.busy = [0] * cpus  # ticks per CPU
+        self.idle = [0] * cpus
+        self.own = 0
         self.now = 100.0
         (root / "self").mkdir(parents=True)
         self.write()
@@ -38,23 +39,27 @@ class FakeProc:
     def advance(self, seconds: float, others: float, own: float, watched: int, elsewhere: float = 0.0) -> None:
         """SECONDS pass; other processes use OTHERS cores of the first WATCHED CPUs and ELSEWHERE cores
         of the rest, this process OWN cores (of the watched ones)."""
-        for c in range(self.cpus):
-            used = (others + own) / watched if c < watched else elsewhere / (self.cpus - watched)
-            self.busy[c] += used * seconds
-            self.idle[c] += (1 - used) * seconds
-        self.own += own * seconds
+        def spread(cores: float, first: int, n: int) -> None:
+            ticks = round(cores * seconds * TICK)
+            for k in range(n):
+                share = ticks // n + (k < ticks % n)
+                self.busy[first + k] += share
+                self.idle[first + k] += round(seconds * TICK) - share
+
+        spread(others + own, 0, watched)
+        if watched < self.cpus:
+            spread(elsewhere, watched, self.cpus - watched)
+        self.own += round(own * seconds * TICK)
         self.now += seconds
         self.write()
 
     def write(self) -> None:
         def line(name, busy, idle):  # user nice system idle iowait irq softirq steal guest guest_nice
-            b = round(busy * TICK)
-            return f"{name} {b // 2} 0 {b - b // 2} {round(idle * TICK)} 0 0 0 0 0 0"
+            return f"{name} {busy // 2} 0 {busy - busy // 2} {idle} 0 0 0 0 0 0"
 
         lines = [line("cpu", sum(self.busy), sum(self.idle))] + [line(f"cpu{c}", b, i) for c, (b, i) in enumerate(zip(self.busy, self.idle))]
         (self.root / "stat").write_text("\n".join(lines) + "\nintr 1 2 3\nctxt 5\n")
-        own = round(self.own * TICK)
-        (self.root / "self" / "stat").write_text(f"4242 (python (komt) x) R 1 2 3 0 -1 0 1 2 3 4 {own // 3} {own - own // 3} 0 0 20 0 2 0 5\n")
+        (self.root / "self" / "stat").write_text(f"4242 (python (komt) x) R 1 2 3 0 -1 0 1 2 3 4 {self.own // 3} {self.own - self.own // 3} 0 0 20 0 2 0 5\n")
 
 
 # name: (CPUs on the machine, CPUs watched, threads chosen, windows: (seconds, others' cores, own cores[, others elsewhere]))
@@ -71,6 +76,10 @@ SCENARIOS = {
         4, 4, 4, [(1, 1.33, 2.67), (1, 1.6, 2.4), (1, 2.0, 2.0), (1, 2.0, 2.0)],
         (["other processes use 1.3 of 4 cores: 3 threads", "other processes use 1.6 of 4 cores: 2 threads"], 2)),
     "one busy process on 64 CPUs": (64, 64, 64, [(1, 1.0, 63.0)] * 3, (["other processes use 1.0 of 64 cores: 63 threads"], 63)),
+    "two busy processes on 64 CPUs, then one, then none: up by what every quiet window allowed": (
+        64, 64, 64, [(1, 2.0, 62.0), (1, 0.9, 62.0), (1, 0.0, 62.0), (S - 1, 0.0, 62.0), (S, 0.0, 63.0)],
+        (["other processes use 2.0 of 64 cores: 62 threads", "other processes use 0.0 of 64 cores: 63 threads",
+          "other processes use 0.0 of 64 cores: back to 64 threads"], 64)),
     "flapping: busy and quiet every other second": (2, 2, 2, [(1, 0.8, 1.2), (1, 0.0, 1.0)] * 8, (["other processes use 0.8 of 2 cores: 1 thread"], 1)),
     "busy one second in four: the quiet wait doubles": (
         2, 2, 2, [(1, 0.0, 2.0)] + [(1, 1.0, 1.0), (S, 0.0, 1.0)] * 5 + [(S, 0.0, 1.0)],
@@ -102,7 +111,7 @@ def test_the_threads_follow_the_other_processes(tmp_path, name):
         watch()
     assert [line.removeprefix("komt-batch: cpu: ") for line in said] == lines
     assert set_to[-1] == threads and len(set_to) == len(lines) + 1
-    assert watch.lowered == sum("back" not in line for line in lines)
+    assert watch.lowered == sum(after < before for before, after in zip(set_to, set_to[1:]))
 
 
 def test_between_readings_a_call_reads_nothing(tmp_path):
