@@ -190,7 +190,7 @@ def lines_of(stream) -> queue.Queue:
 
 
 DROP_SECONDS = 60  # the busy process beside it: the job drops to one thread within a second or so of generating
-GIVE_UP_SECONDS = 60  # after the busy process ends, how long other work may keep the CPUs busy before the test stops waiting
+GIVE_UP_SECONDS = 30  # after the busy process ends, how long other work may keep the CPUs busy before the test stops waiting
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the watch reads /proc (Linux)")
