@@ -182,9 +182,12 @@ class CheckpointConfig:
 @dataclass
 class CpuConfig:
     # torch's threads on the CPU; null = OMP_NUM_THREADS when set, else one per CPU the process may
-    # use (affinity, cgroup quota, SLURM_CPUS_PER_TASK). A property of the machine, not of the outputs.
+    # use (affinity, cgroup quota, SLURM_CPUS_PER_TASK), fewer while other processes use those CPUs
+    # (batch/threads.py). A property of the machine, not of the outputs.
     threads: int | None = None
-    wait_policy: str | None = None  # passive | active; null = OMP_WAIT_POLICY when set, else passive
+    # passive | active; null = OMP_WAIT_POLICY when set, else OpenMP's default when the job chooses
+    # the threads (and adapts them), passive when they are set. Set, it keeps the threads fixed.
+    wait_policy: str | None = None
 
     def validate(self, where: str) -> None:
         if self.threads is not None:

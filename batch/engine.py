@@ -208,6 +208,7 @@ class Engine:
         self.prefills = 0  # prefill forwards (padded_prompt_tokens / prefills: the positions of one)
         self.shared_prompt_tokens = 0  # rows' prompt tokens whose keys and values were copied from a shared prefix
         self.prefilled_prompt_tokens = 0  # prompt tokens computed: rows' own suffixes and shared prefixes, once each
+        self.between_steps: Callable[[], None] | None = None  # called on the host before each step (the runner's CPU watch)
 
     @property
     def prefill_seconds(self) -> float:
@@ -274,6 +275,8 @@ class Engine:
         joining: list[Request] = []
         try:
             while True:
+                if self.between_steps is not None:
+                    self.between_steps()
                 while len(pending) > self.lookahead:  # read all but the newest `lookahead` steps
                     yield from self._settle(pending.popleft(), batch, running)
                 rows_budget = self._rows_budget(requests, batch, budget)

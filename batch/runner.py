@@ -122,8 +122,11 @@ def run(job: JobConfig, shard: int, shards: int, stop: StopFlag, restart: bool =
         todo = mine[~done.mask(plan_rows[mine])]
         stats = Stats(resumed_rows=len(mine) - len(todo))
         if len(todo) and stop.received is None:
-            threads.apply(job.cpu)
+            watch = threads.Watch.start(threads.apply(job.cpu))  # (None: the threads stay as chosen)
             engine = Engine.load(job.model, job.generation, job.source, opened.tokenizer, share_prefix=job.batching.share_prefix)
+            if engine.device.type != "cpu":
+                watch = None  # a GPU's steps do not wait on the CPU's threads
+            engine.between_steps = watch
             batches = len(np.unique(plan.rows.column("batch").to_numpy()[todo]))
             print(
                 f"komt-batch: generating {len(todo)} rows in {batches} batches"
@@ -133,6 +136,7 @@ def run(job: JobConfig, shard: int, shards: int, stop: StopFlag, restart: bool =
             )
             for path, committed in generate_rows(job, rows, plan, ckpt, engine, todo, stop, stats, progress, shard, shards):
                 done.add(path, committed)
+            stats.cpu_threads_lowered = watch.lowered if watch else 0
         stop.check(f"after committing every finished row ({stats.generated_rows} generated this run)")
         summary = stats.summary(job, plan, started)
         if shards == 1:
@@ -155,6 +159,7 @@ class Stats:
     generate_seconds: float = 0.0
     oom_splits: int = 0
     lowered_budget: int | None = None
+    cpu_threads_lowered: int = 0  # times other processes' use of the CPUs lowered the threads (batch.threads.Watch)
 
     def summary(self, job: JobConfig, plan: StoredPlan, started: float) -> dict:
         wall = time.time() - started
@@ -173,6 +178,7 @@ class Stats:
             "wall_seconds": round(wall, 3),
             "oom_splits": self.oom_splits,
             "lowered_max_batch_tokens": self.lowered_budget,
+            "cpu_threads_lowered": self.cpu_threads_lowered,
         }
 
 

@@ -13,28 +13,36 @@ from batch.config import CpuConfig
 from batch.threads import Choice, cgroup_quota, choose
 from tests.conftest import ROOT, cli_env, input_rows, komt, komt_argv, make_job, read_output, write_jsonl
 
-# name: (cpu settings, affinity, SLURM_CPUS_PER_TASK, cgroup quota, environment) -> (threads, policy, why starts with)
+# name: (cpu settings, affinity, SLURM_CPUS_PER_TASK, cgroup quota, environment) -> (threads, policy, adapt, why starts with)
+# The contract: when the job chooses both the threads and the waiting (and has more than one CPU),
+# OpenMP waits its default way (OMP_WAIT_POLICY unset) and the threads adapt to other processes;
+# when the user sets either (job file, override, OMP_* variable), nothing adapts and idle threads
+# wait passively unless the user said otherwise.
 CHOICES = {
-    "a whole machine": ({}, 8, None, None, {}, (8, "passive", "the CPUs usable: affinity 8")),
-    "a narrower affinity mask": ({}, 2, None, None, {}, (2, "passive", "the CPUs usable: affinity 2")),
-    "a SLURM task of 2 CPUs": ({}, 8, "2", None, {}, (2, "passive", "the CPUs usable: affinity 8, SLURM_CPUS_PER_TASK 2")),
-    "SLURM_CPUS_PER_TASK not a number": ({}, 4, "x", None, {}, (4, "passive", "the CPUs usable: affinity 4")),
-    "a cgroup quota of 1.5 CPUs (rounded up)": ({}, 8, None, 1.5, {}, (2, "passive", "the CPUs usable: affinity 8, cgroup quota 2")),
-    "a cgroup quota of half a CPU": ({}, 8, None, 0.5, {}, (1, "passive", "the CPUs usable: affinity 8, cgroup quota 1")),
-    "a quota above the affinity": ({}, 2, "16", 4.0, {}, (2, "passive", "the CPUs usable: affinity 2, cgroup quota 4, SLURM_CPUS_PER_TASK 16")),
-    "OMP_NUM_THREADS set": ({}, 8, None, None, {"OMP_NUM_THREADS": "3"}, (3, "passive", "OMP_NUM_THREADS; 8 CPUs usable")),
-    "OMP_NUM_THREADS not a number": ({}, 8, None, None, {"OMP_NUM_THREADS": "many"}, (8, "passive", "the CPUs usable")),
-    "OMP_WAIT_POLICY set": ({}, 2, None, None, {"OMP_WAIT_POLICY": "ACTIVE"}, (2, "active", "the CPUs usable")),
-    "cpu.threads beats OMP_NUM_THREADS": ({"threads": 1}, 8, "4", None, {"OMP_NUM_THREADS": "3"}, (1, "passive", "cpu.threads; 4 CPUs usable")),
-    "cpu.wait_policy beats OMP_WAIT_POLICY": ({"wait_policy": "passive"}, 2, None, None, {"OMP_WAIT_POLICY": "active"}, (2, "passive", "the CPUs")),
+    "a whole machine": ({}, 8, None, None, {}, (8, "default", True, "the CPUs usable: affinity 8")),
+    "a narrower affinity mask": ({}, 2, None, None, {}, (2, "default", True, "the CPUs usable: affinity 2")),
+    "one CPU: nothing to adapt": ({}, 1, None, None, {}, (1, "passive", False, "the CPUs usable: affinity 1")),
+    "a SLURM task of 2 CPUs": ({}, 8, "2", None, {}, (2, "default", True, "the CPUs usable: affinity 8, SLURM_CPUS_PER_TASK 2")),
+    "SLURM_CPUS_PER_TASK not a number": ({}, 4, "x", None, {}, (4, "default", True, "the CPUs usable: affinity 4")),
+    "a cgroup quota of 1.5 CPUs (rounded up)": ({}, 8, None, 1.5, {}, (2, "default", True, "the CPUs usable: affinity 8, cgroup quota 2")),
+    "a cgroup quota of half a CPU": ({}, 8, None, 0.5, {}, (1, "passive", False, "the CPUs usable: affinity 8, cgroup quota 1")),
+    "a quota above the affinity": ({}, 2, "16", 4.0, {}, (2, "default", True, "the CPUs usable: affinity 2, cgroup quota 4, SLURM_CPUS_PER_TASK 16")),
+    "OMP_NUM_THREADS set": ({}, 8, None, None, {"OMP_NUM_THREADS": "3"}, (3, "passive", False, "OMP_NUM_THREADS; 8 CPUs usable")),
+    "OMP_NUM_THREADS not a number": ({}, 8, None, None, {"OMP_NUM_THREADS": "many"}, (8, "default", True, "the CPUs usable")),
+    "OMP_WAIT_POLICY set": ({}, 2, None, None, {"OMP_WAIT_POLICY": "ACTIVE"}, (2, "active", False, "the CPUs usable")),
+    "OMP_WAIT_POLICY not a policy": ({}, 2, None, None, {"OMP_WAIT_POLICY": "spin"}, (2, "default", True, "the CPUs usable")),
+    "cpu.threads beats OMP_NUM_THREADS": ({"threads": 1}, 8, "4", None, {"OMP_NUM_THREADS": "3"}, (1, "passive", False, "cpu.threads; 4 CPUs usable")),
+    "cpu.threads equal to the CPUs usable": ({"threads": 2}, 2, None, None, {}, (2, "passive", False, "cpu.threads; 2 CPUs usable")),
+    "cpu.wait_policy beats OMP_WAIT_POLICY": ({"wait_policy": "passive"}, 2, None, None, {"OMP_WAIT_POLICY": "active"}, (2, "passive", False, "the CPUs")),
+    "cpu.wait_policy active": ({"wait_policy": "active"}, 2, None, None, {}, (2, "active", False, "the CPUs")),
 }
 
 
 @pytest.mark.parametrize("name", list(CHOICES))
 def test_the_choice_of_threads_and_waiting(name):
-    settings, affinity, slurm, quota, environ, (threads, policy, why) = CHOICES[name]
+    settings, affinity, slurm, quota, environ, (threads, policy, adapt, why) = CHOICES[name]
     choice = choose(CpuConfig(**settings), affinity, slurm, quota, environ)
-    assert (choice.threads, choice.wait_policy) == (threads, policy)
+    assert (choice.threads, choice.wait_policy, choice.adapt) == (threads, policy, adapt)
     assert choice.why.startswith(why), choice.why
 
 

@@ -1,18 +1,23 @@
 """The job's CPU threads under contention: komt-batch runs of one job, side by side in one run.
 
     python tools/contention_bench.py [--model bench|tiny|DIR] [--prompts 64] [--max-new-tokens 48]
-                                     [--rounds 2] [--json out/contention.json]
+                                     [--rounds 2] [--busy-share 1.0] [--json out/contention.json]
 
-Three ways of running the same float32 + LoRA job (greedy), each a real `komt-batch run` process:
-  job        the job's own choice (batch/threads.py: one thread per usable CPU, OpenMP waiting passive)
+Four ways of running the same float32 + LoRA job (greedy), each a real `komt-batch run` process:
+  job        the job's own choice (batch/threads.py: one thread per usable CPU, OpenMP's default
+             waiting, fewer threads while other processes use the CPUs)
+  passive    cpu.wait_policy=passive: one thread per usable CPU, fixed, idle threads sleeping (the
+             job's choice before the threads adapted)
   one thread cpu.threads=1
   default    PyTorch's default: torch loaded before komt-batch runs, so neither is touched (one
-             thread per core, OpenMP's default spinning wait)
-on a quiet machine and with one busy process beside it (a Python loop this script starts and stops).
+             thread per core, OpenMP's default spinning wait, fixed)
+on a quiet machine and with one busy process beside it (a Python loop this script starts and stops;
+--busy-share below 1 makes it busy that share of the time, to find where the threads should drop).
 The variants alternate within each condition, the conditions alternate within each round, and each
 figure is the best of the rounds (generated tok/s as the job's summary reports it: completion tokens
-over generation seconds, model loading excluded). It prints the table and the targets of issue 21:
-busy, job >= 0.8x one thread; quiet, job >= 0.95x default.
+over generation seconds, model loading excluded; with how often the job lowered its threads, the
+summary's cpu_threads_lowered). It prints the table and the targets of issue 21: busy, job >= 0.8x
+one thread; quiet, job >= 0.95x default.
 
 --model bench (the default) builds the benchmark's random Llama with 4 layers once (hidden 512,
 float32, a random LoRA adapter; out/contention-model, minutes on 2 cores) and reuses it; tiny is the
@@ -37,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 VARIANTS = {
     "job": ([], []),
+    "passive": ([], ["cpu.wait_policy=passive"]),
     "one thread": ([], ["cpu.threads=1"]),
     # torch imported before komt-batch's CLI: its threads and OpenMP's wait policy stay PyTorch's defaults
     "default": (["-c", "import sys, torch; from batch.cli import main; sys.exit(main())"], []),
@@ -94,11 +100,21 @@ def run_once(job: Path, variant: str) -> dict:
     summary = dict(re.findall(r"^(\w+)\s+(\S+)$", p.stdout, re.M))
     cpu = next((line.removeprefix("komt-batch: cpu: ") for line in p.stderr.splitlines() if line.startswith("komt-batch: cpu: ")), "")
     return {"tok_s": float(summary["tokens_per_second"]), "tokens": int(summary["completion_tokens"]),
-            "seconds": float(summary["generate_seconds"]), "cpu": cpu}
+            "seconds": float(summary["generate_seconds"]), "cpu": cpu, "lowered": int(summary["cpu_threads_lowered"])}
 
 
-def start_busy() -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+def start_busy(share: float) -> subprocess.Popen:
+    """A process that keeps SHARE of one core busy: all of it, or busy for that share of every 100 ms."""
+    if share >= 1:
+        return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    loop = f"""import time
+while True:
+    t = time.monotonic()
+    while time.monotonic() - t < {share} * 0.1:
+        pass
+    time.sleep({1 - share} * 0.1)
+"""
+    return subprocess.Popen([sys.executable, "-c", loop])
 
 
 def stop_busy(proc: subprocess.Popen) -> None:
@@ -112,6 +128,9 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=2, help="runs of every variant in every condition; the best counts")
+    ap.add_argument("--busy-share", type=float, default=1.0,
+                    help="the share of one core the busy process takes (1: all; 0.5: busy 50 ms of every 100): where one "
+                         "thread starts to beat the default's two is where batch/threads.py's BUSY_CORES belongs")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
 
@@ -128,12 +147,13 @@ def main() -> int:
         names = list(VARIANTS)
         for r in range(args.rounds):
             for condition in CONDITIONS if r % 2 == 0 else CONDITIONS[::-1]:
-                busy = start_busy() if condition == "busy" else None
+                busy = start_busy(args.busy_share) if condition == "busy" else None
                 try:
                     for variant in names[r % len(names):] + names[: r % len(names)]:  # a rotated order each round
                         res = runs.setdefault((condition, variant), [])
                         res.append(run_once(job, variant))
-                        print(f"round {r + 1} {condition:5} {variant:10} {res[-1]['tok_s']:9.1f} tok/s  ({res[-1]['cpu']})", file=sys.stderr, flush=True)
+                        print(f"round {r + 1} {condition:5} {variant:10} {res[-1]['tok_s']:9.1f} tok/s, threads lowered {res[-1]['lowered']}x"
+                              f"  ({res[-1]['cpu']})", file=sys.stderr, flush=True)
                 finally:
                     if busy:
                         stop_busy(busy)
@@ -147,14 +167,17 @@ def main() -> int:
         "quiet: job / default (>= 0.95)": ratio(("quiet", "job"), ("quiet", "default")),
         "busy: default / one thread (report)": ratio(("busy", "default"), ("busy", "one thread")),
         "busy: job / default (report)": ratio(("busy", "job"), ("busy", "default")),
+        "busy: passive / one thread (report)": ratio(("busy", "passive"), ("busy", "one thread")),
+        "quiet: passive / default (report)": ratio(("quiet", "passive"), ("quiet", "default")),
     }
     print(f"\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {_commit()}, {_cpu()}, {os.cpu_count()} CPUs, "
           f"load before {load_before[0]:.2f}; model {args.model} ({base}), {len(prompts)} prompts, {args.max_new_tokens} new tokens, "
-          f"float32 + LoRA, greedy; best of {args.rounds}; {time.time() - t0:.0f} s in all")
+          f"float32 + LoRA, greedy; busy process: {args.busy_share:g} of a core; best of {args.rounds}; {time.time() - t0:.0f} s in all")
     print(f"| condition | {' | '.join(VARIANTS)} |\n|---|{'---:|' * len(VARIANTS)}")
     for condition in CONDITIONS:
         cells = " | ".join(f"{best[(condition, v)]['tok_s']:,.1f}" for v in VARIANTS)
         print(f"| {condition} | {cells} |")
+    print("the job lowered its threads (its best runs): " + ", ".join(f"{c} {best[(c, 'job')]['lowered']}x" for c in CONDITIONS))
     for name, value in targets.items():
         goal = re.search(r">= ([\d.]+)", name)
         verdict = "" if not goal else ("  met" if value >= float(goal.group(1)) else "  NOT met")
