@@ -3,10 +3,12 @@
 Rows that join the running batch together, and the prefixes still held from earlier joins, are laid
 out as a radix tree of their token ids: in lexicographic order, the common prefix of two neighbours
 is a branch point of the tree (the longest prefix a row shares with any other is the one it shares
-with a neighbour). A branch point that adds at least MIN_SHARED tokens to the prefix it extends
-becomes a node: its keys and values are computed once, by a prefill of its own new tokens that
-attends to the prefix it extends, and every row below it prefills only its own suffix, attending to
-the node's columns copied into its past. Nodes of one depth are prefilled together, the rows after
+with a neighbour). A branch point that adds at least MIN_SHARED tokens to the prefix it extends, and
+saves at least MIN_SAVED tokens of prefill, becomes a node (and a join shares at all only if it saves
+SAVED_SHARE of its prompt tokens: sharing costs forwards of its own, see below). A node's keys and
+values are computed once, by a prefill of its own new tokens that attends to the prefix it extends,
+and every row below it prefills only its own suffix, attending to the node's columns copied into its
+past. Nodes of one depth are prefilled together, the rows after
 them (batch.engine), all with the same function: `past_inputs` below.
 
 Sharing is decided on the token ids the rows have (a prefix that tokenizes otherwise for a row is
@@ -26,6 +28,17 @@ from dataclasses import dataclass, field
 import torch
 
 MIN_SHARED = 16  # a prefix is shared when it saves at least this many tokens of prefill per row
+# Sharing has costs of its own: a level of new prefixes is a prefill forward of its own, and rows that
+# start from a past are grouped apart (by their shorter suffixes; a group's rows all carry its widest
+# past). On the CPU bench model (jobs/bench.yaml, one thread, per-call host time) a forward costs
+# ~12 ms before its first token, as much as ~16 prompt tokens (0.75 ms each); in the bench's runs
+# (all cores) prefill ran at 0.40 ms a token, so a forward weighs more. In jobs/bench.yaml one join shared
+# anything: two rows starting with the same 315-token passage, 3.9% of its rows' tokens, for 3 more
+# forwards (109 vs 106) -- a saving lost in the noise there (that join's prefills 6.02 s vs 6.20 s,
+# one thread) while the job ran 4-10% slower with sharing; the annotation workload saves 85% of its
+# joins' tokens. So sharing has to pay by a margin:
+MIN_SAVED = 128  # a new prefix is made only if it saves this many tokens: its own tokens x (its rows - 1)
+SAVED_SHARE = 0.1  # and a join shares at all only if it saves this share of its rows' prompt tokens
 
 
 def common_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -62,9 +75,19 @@ class Sharing:
         return keys
 
 
-def plan_sharing(rows: Sequence[Sequence[int]], held: Sequence[Key], min_shared: int = MIN_SHARED) -> Sharing:
-    """The nodes to compute for these rows, given the nodes `held` (pure: token ids only)."""
+def plan_sharing(rows: Sequence[Sequence[int]], held: Sequence[Key], min_shared: int = MIN_SHARED, min_saved: int = MIN_SAVED,
+                 saved_share: float = SAVED_SHARE) -> Sharing:
+    """The nodes to compute for these rows, given the nodes `held` (pure: token ids only). Only where it
+    pays: a new node must save `min_saved` tokens (its own tokens, once for each row below it but
+    one), and the whole plan `saved_share` of the rows' tokens (the rows' shared columns less the
+    nodes' computed ones); else nothing is shared."""
     seqs = [tuple(r) for r in rows]
+    ordered = sorted(seqs)
+
+    def below(node: Key) -> int:
+        """The rows that start with node (in lexicographic order, those from node up to its successor)."""
+        return bisect.bisect_left(ordered, node[:-1] + (node[-1] + 1,)) - bisect.bisect_left(ordered, node)
+
     held_sorted = sorted(set(held))
     everything = sorted(set(seqs) | set(held_sorted))
     branch = {a[:k] for a, b in zip(everything, everything[1:]) if (k := common_length(a, b)) >= min_shared}
@@ -101,7 +124,8 @@ def plan_sharing(rows: Sequence[Sequence[int]], held: Sequence[Key], min_shared:
         use = source(node, len(node))
         if use is not None and use.k == len(node):  # held already: nothing to compute
             continue
-        if len(node) - (use.k if use else 0) < min_shared:  # too little to share beyond what it extends
+        new = len(node) - (use.k if use else 0)
+        if new < min_shared or new * (below(node) - 1) < min_saved:  # too little to share beyond what it extends
             continue
         nodes[node] = use
         lengths = sorted({*lengths, len(node)}, reverse=True)
@@ -113,14 +137,20 @@ def plan_sharing(rows: Sequence[Sequence[int]], held: Sequence[Key], min_shared:
     levels = [[] for _ in range(max(depth.values(), default=-1) + 1)]
     for node in sorted(nodes, key=len):
         levels[depth[node]].append((node, nodes[node]))
-    return Sharing(levels, [source(s, len(s) - 1) for s in seqs])
+    uses = [source(s, len(s) - 1) for s in seqs]
+    saved = sum(u.k for u in uses if u) - sum(len(node) - (u.k if u else 0) for node, u in nodes.items())
+    if saved < saved_share * sum(map(len, seqs)):
+        return Sharing(rows=[None] * len(seqs))
+    return Sharing(levels, uses)
 
 
 class Prefixes:
-    """The nodes' keys and values, per layer [1, kv_heads, len(key), head_dim], between joins."""
+    """The nodes' keys and values, per layer [1, kv_heads, len(key), head_dim], between joins; nodes
+    planned where they pay (`min_saved`, `saved_share`: plan_sharing's; 0 and 0: every branch point)."""
 
-    def __init__(self):
+    def __init__(self, min_saved: int = MIN_SAVED, saved_share: float = SAVED_SHARE):
         self.nodes: dict[Key, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.min_saved, self.saved_share = min_saved, saved_share
 
     @property
     def tokens(self) -> int:
@@ -128,7 +158,7 @@ class Prefixes:
         return sum(len(key) for key in self.nodes)
 
     def plan(self, rows: Sequence[Sequence[int]]) -> Sharing:
-        return plan_sharing(rows, list(self.nodes))
+        return plan_sharing(rows, list(self.nodes), min_saved=self.min_saved, saved_share=self.saved_share)
 
     def add(self, key: Key, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         self.nodes[key] = layers

@@ -13,6 +13,7 @@ import torch
 from batch import kv_cache
 from batch.config import GenerationSettings
 from batch.engine import Engine, Request, Requests
+from batch.prefix import Prefixes
 from tests.test_exactness import load
 
 VOCAB = 512
@@ -109,6 +110,7 @@ def test_random_streams_with_shared_prefixes_answer_as_each_row_alone(seed, monk
         max_rows = rng.randint(1, 12)
         for fixed in (False, True):
             engine = Engine(tiny.model, tiny.tokenizer, GenerationSettings(max_new_tokens=max_new, do_sample=False, stop=[]), fixed_shapes=fixed)
+            engine.prefixes = Prefixes(min_saved=0, saved_share=0)  # every branch point shared, paying or not (the rule: test_prefix)
             stand_in(engine)
             alone = [engine.generate([p], [0])[0] for p in prompts]
             wrong = checked_steps(monkeypatch, budget)
@@ -134,6 +136,7 @@ def test_a_new_buffer_leaves_room_for_the_shared_prefix(monkeypatch):
     longest = max(map(len, prompts)) + 4
     budget = 4 * longest + 10  # four rows, or three and the head
     engine = Engine(tiny.model, tiny.tokenizer, GenerationSettings(max_new_tokens=4, do_sample=False, stop=[]), fixed_shapes=False)
+    engine.prefixes = Prefixes(min_saved=0, saved_share=0)  # (a 41-token head: shared, paying or not)
     stand_in(engine)
     alone = [engine.generate([p], [0])[0] for p in prompts]
     engine.shared_prompt_tokens = engine.prefilled_prompt_tokens = 0
