@@ -218,3 +218,18 @@ def test_an_nf4_run_prints_only_its_own_lines(tmp_path, dtype):
     fused = dtype == "bfloat16" and bool(bnb.functional.has_avx512bf16())
     assert kernel == (["komt-batch: bitsandbytes: NF4 layers computed by its fused AVX512-BF16 CPU kernel, activations in bfloat16: "
                        "the kernel built into bitsandbytes (its optional Hub kernel is not used)"] if fused else [])
+
+
+def test_the_bench_says_nothing_of_bitsandbytes_hub_kernel():
+    """`komt-batch bench` reads peft's version (machine_info) before it loads a model, and importing
+    peft imports bitsandbytes: the quieting of bitsandbytes' Hub-kernel notice (batch.loading) must
+    come first there too, or the notice lands in the bench's log (on CPUs with AVX512-BF16, where
+    bitsandbytes tries the Hub kernel; elsewhere nothing is said either way)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = "import batch.bench; from batch.bench.measuring import machine_info; machine_info('cpu')"
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stderr == "", p.stderr

@@ -76,6 +76,7 @@ completions end at very different lengths (some after a few tokens, some at max_
   komt-batch bench jobs/bench-gpu.yaml output=out/bench-gpu.json
 """
 
+import batch.loading  # noqa: F401,I001 -- first: it quiets bitsandbytes' Hub-kernel notice before the bench imports peft (hence bitsandbytes)
 from batch.bench.run import main
 
 __all__ = ["main"]
