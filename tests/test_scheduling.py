@@ -32,13 +32,23 @@ def stand_in(engine: Engine) -> None:
         logits[torch.arange(len(keys)), token] = 1.0
         return logits
 
+    def prefill(ids, mask, positions, cache):
+        """A prefill group: left-padded ids after their past (a shared prefix's); the engine hands its 4D
+        mask (batch.prefix.prefill_mask), whose last query row is the 2D mask of past and ids, or None
+        where nothing is padded and there is no past."""
+        keys = ids.to(torch.float64)[:, None, :, None]
+        if mask is None:
+            mask = torch.ones(ids.shape, dtype=torch.long)
+        else:
+            mask = mask[:, 0, -1, :]
+            mask = (mask if mask.dtype == torch.bool else mask == 0).long()
+        new = mask[:, -ids.shape[1] :]
+        for i in range(layers):
+            seen, _ = cache.update(keys * new[:, None, :, None], keys.clone(), i)
+        return next_token(seen[:, 0, :, 0], mask.bool(), mask.cumsum(-1).double())  # a real column's weight: its position + 1
+
     def forward(ids, mask, positions, cache, row_keys=None):
         keys = ids.to(torch.float64)[:, None, :, None]
-        if mask.dim() == 2:  # a prefill group: left-padded ids after their past (a shared prefix's), the mask of both, positions
-            new = mask[:, -ids.shape[1] :]
-            for i in range(layers):
-                seen, _ = cache.update(keys * new[:, None, :, None], keys.clone(), i)
-            return next_token(seen[:, 0, :, 0], mask.bool(), mask.cumsum(-1).double())  # a real column's weight: its position + 1
         mask = mask[:, 0, 0, :]
         mask = mask if mask.dtype == torch.bool else mask == 0
         for i, layer in enumerate(cache.layers):
@@ -47,7 +57,8 @@ def stand_in(engine: Engine) -> None:
                 seen = k[:, 0, :, 0]
         return next_token(seen, mask, torch.arange(1, seen.shape[1] + 1, dtype=torch.float64))  # column c: position c
 
-    engine._logits = engine.step.forward = forward
+    engine._logits = prefill
+    engine.step.forward = forward
 
 
 def checked_steps(monkeypatch, budget: int) -> list[str]:
