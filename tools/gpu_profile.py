@@ -100,6 +100,8 @@ def prefill_rate(engine: Engine, vocab: int, merged: bool = False, shapes=((8, 1
     launch one forward. Then the same without a mask (causal sdpa: flash), to see what the mask costs."""
     from transformers import DynamicCache
 
+    from batch.prefix import prefill_mask
+
     cuda = engine.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:  # where a prefill forward with left padding first makes the host wait for the GPU, if it does
@@ -109,7 +111,7 @@ def prefill_rate(engine: Engine, vocab: int, merged: bool = False, shapes=((8, 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         torch.cuda.set_sync_debug_mode("error")
         try:
-            engine._logits(ids, mask, positions, DynamicCache(config=engine.model.config))
+            engine._logits(ids, prefill_mask(mask, 0, engine.mask_dtype), positions, DynamicCache(config=engine.model.config))
             print("prefill rate: a padded prefill forward made no host sync")
         except Exception as e:  # noqa: BLE001 -- (a sync raises RuntimeError; anything else is said too)
             import traceback
@@ -122,7 +124,7 @@ def prefill_rate(engine: Engine, vocab: int, merged: bool = False, shapes=((8, 1
         ids = torch.randint(3, vocab, (rows, length), device=engine.device)
         positions = torch.arange(length, device=engine.device).expand(rows, length)
         for masked in (True, False):
-            mask = torch.ones(rows, length, dtype=torch.long, device=engine.device) if masked else None
+            mask = prefill_mask(torch.ones(rows, length, dtype=torch.long, device=engine.device), 0, engine.mask_dtype) if masked else None
             run = lambda: engine._logits(ids, mask, positions, DynamicCache(config=engine.model.config))  # noqa: E731
             run(), run(), sync()
             host, start = 0.0, time.perf_counter()
