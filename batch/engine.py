@@ -48,7 +48,7 @@ from transformers import DynamicCache
 from batch.config import BatchingConfig, GenerationSettings, ModelConfig
 from batch.decode_attention import RowKeys, check, efficient_attention_kernel, planless_sdpa, reading_rows
 from batch.decode_step import DecodeStep, row_bucket
-from batch.kv_cache import SlotCache, compact_order, left_aligned, to_device
+from batch.kv_cache import SlotCache, compact_order, front_first, left_aligned, to_device
 from batch.loading import first_line, load_model
 from batch.memory import is_out_of_memory, running_limits
 from batch.prefix import Prefixes, Sharing, Use, aligned_columns, past_inputs, prefill_mask
@@ -407,11 +407,11 @@ class Engine:
         chosen = []
         shared = [u.k if u else 0 for u in uses]
         for a, b in prefill_groups([length - k for length, k in zip(lengths, shared)], shared):
-            logits, layers, source = self._prefill([r.ids for r in joining[a:b]], uses[a:b], rows=True)
+            logits, layers, source, fixed = self._prefill([r.ids for r in joining[a:b]], uses[a:b], rows=True)
             if a == 0:
                 need = max(max(batch.need, default=0), max(lengths) + room)
                 batch.reserve(n + len(joining), need, [k for k, _ in layers], budget - sum(map(len, kept)), max_rows)
-            batch.add(n + a, lengths[a:b], [length + room for length in lengths[a:b]], layers, [r.seed for r in joining[a:b]], source)
+            batch.add(n + a, lengths[a:b], [length + room for length in lengths[a:b]], layers, [r.seed for r in joining[a:b]], source, fixed)
             batch.see(n + a, [r.ids for r in joining[a:b]])
             chosen.append(self.step.pick(logits, batch.state[:, n + a : n + b], None if batch.seen is None else batch.seen[n + a : n + b]))
         spare = budget - batch.slots * batch.columns
@@ -433,7 +433,7 @@ class Engine:
         level = sorted(level, key=lambda node: -(len(node[0]) - (node[1].k if node[1] else 0)))
         shared = [u.k if u else 0 for _, u in level]
         for a, b in prefill_groups([len(key) - k for (key, _), k in zip(level, shared)], shared):
-            _, layers, source = self._prefill([list(key) for key, _ in level[a:b]], [u for _, u in level[a:b]], rows=False)
+            _, layers, source, _ = self._prefill([list(key) for key, _ in level[a:b]], [u for _, u in level[a:b]], rows=False)
             aligned = [(left_aligned(k, source), left_aligned(v, source)) for k, v in layers]
             for i, (key, _) in enumerate(level[a:b]):
                 self.prefixes.add(key, [(k[i : i + 1, :, : len(key)].clone(), v[i : i + 1, :, : len(key)].clone()) for k, v in aligned])
@@ -441,7 +441,9 @@ class Engine:
     def _prefill(self, prompts: list[list[int]], uses: list[Use | None], rows: bool):
         """One prefill forward: each prompt's tokens after its shared prefix (a Use, or None), that
         prefix's keys and values as the past. Returns the last position's logits, each layer's
-        (keys, values) of past + group, and where each row's columns are in them (aligned_columns)."""
+        (keys, values) of past + group, and where each row's columns are in them: `source`, for
+        columns from `fixed` on (aligned_columns; for rows, where every row's past fills the same
+        `fixed` columns, the columns before are in place already: front_first of the suffixes)."""
         shared = [u.k if u else 0 for u in uses]
         suffixes = [p[k:] for p, k in zip(prompts, shared)]
         past, past_mask = self.prefixes.past(uses)
@@ -449,9 +451,7 @@ class Engine:
         plain = not past_mask.shape[1] and bool(mask.all())  # (the host's copy: asking the device would wait for it)
         ids, mask, positions = (to_device(t, self.device) for t in (ids, mask, positions))
         mask = None if plain else prefill_mask(mask, past_mask.shape[1], self.mask_dtype)
-        group = DynamicCache(config=self.model.config)
-        for i, (k, v) in enumerate(past):
-            group.update(k, v, i)
+        group = cache_from(past, self.model.config)
         del past  # (the group's cache holds them until its forward appends to them: then they are freed)
         self.padded_prompt_tokens += ids.numel()
         self.prefills += 1
@@ -460,8 +460,11 @@ class Engine:
             self.shared_prompt_tokens += sum(shared)
         with self._timed("prefill"):
             logits = self._logits(ids, mask, positions, group)
-        source = to_device(aligned_columns(shared, [len(s) for s in suffixes], past_mask.shape[1], ids.shape[1]), self.device)
-        return logits, [(g.keys, g.values) for g in group.layers], source
+        width = past_mask.shape[1]
+        fixed = width if rows and width and all(k == width for k in shared) else 0
+        lengths = [len(s) for s in suffixes]
+        source = front_first(lengths, ids.shape[1], self.device) if fixed else to_device(aligned_columns(shared, lengths, width, ids.shape[1]), self.device)
+        return logits, [(g.keys, g.values) for g in group.layers], source, fixed
 
     def _logits(self, ids, mask, positions, cache, row_keys: RowKeys | None = None) -> torch.Tensor:
         """The last position's logits; with `row_keys` (a decode step's), attention reads each row's own keys."""
@@ -578,6 +581,17 @@ def _checked_rows_kernel(device, dtype, config) -> Callable | None:
         return efficient_attention_kernel
     print(f"komt-batch: decode attention: sdpa over the columns read ({why})", file=sys.stderr, flush=True)
     return None
+
+
+def cache_from(past: list[tuple[torch.Tensor, torch.Tensor]], config) -> DynamicCache:
+    """A prefill group's cache holding `past` (per layer keys and values) as they are: a DynamicCache's
+    own `update` would first copy them (concatenated to its empty tensor), and the forward then
+    concatenates its new columns to them anyway."""
+    cache = DynamicCache(config=config)
+    for layer, (k, v) in zip(cache.layers, past):
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+    return cache
 
 
 def error_completion(prompt: list[int], message: str) -> Completion:

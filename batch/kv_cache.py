@@ -83,10 +83,10 @@ class SlotLayer(DynamicLayer):
         self.values.scatter_(2, where, value_states)
         return self.keys, self.values
 
-    def write(self, a: int, b: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Put a prefilled group's keys and values (left-aligned) into slots [a, b)."""
-        self.buf_k[a:b, :, : keys.shape[-2]] = keys
-        self.buf_v[a:b, :, : values.shape[-2]] = values
+    def write(self, a: int, b: int, keys: torch.Tensor, values: torch.Tensor, at: int = 0) -> None:
+        """Put a prefilled group's keys and values (left-aligned) into slots [a, b), from column `at`."""
+        self.buf_k[a:b, :, at : at + keys.shape[-2]] = keys
+        self.buf_v[a:b, :, at : at + values.shape[-2]] = values
 
     def move(self, src: torch.Tensor, dst: torch.Tensor, columns: int) -> None:
         """Copy slots src to slots dst, columns [0, columns) only (the rest is masked out)."""
@@ -165,17 +165,21 @@ class SlotCache:
         self.buffer = next(_buffers)
 
     def add(self, a: int, lengths: list[int], needs: list[int], layer_keys: list[tuple[torch.Tensor, torch.Tensor]], seeds: list[int],
-            source: torch.Tensor | None = None) -> None:
+            source: torch.Tensor | None = None, fixed: int = 0) -> None:
         """Rows of a prefilled group (left-padded to lengths[0]) join in slots [a, a + len(lengths)):
         their keys and values (moved to the front), positions (the next token's: the prompt's length)
         and seeds; no token generated yet. (Their first token is chosen from the prefill's logits:
         `ids` is set then.) `source`: the column each row's key comes from, for a group laid out
-        otherwise (a shared prefix's past before the suffixes: batch.prefix.aligned_columns)."""
+        otherwise (a shared prefix's past before the suffixes: batch.prefix.aligned_columns). `fixed`:
+        the first columns of every row are in place already (one shared prefix's, as wide as the past):
+        they are copied as they are, and `source` moves the columns after them."""
         b = a + len(lengths)
         if source is None:  # (once for all layers: one copy to the device, no wait)
             source = front_first(lengths, layer_keys[0][0].shape[-2], self.device)
         for layer, (k, v) in zip(self.cache.layers, layer_keys):
-            layer.write(a, b, left_aligned(k, source), left_aligned(v, source))
+            if fixed:
+                layer.write(a, b, k[:, :, :fixed], v[:, :, :fixed])
+            layer.write(a, b, left_aligned(k[:, :, fixed:], source), left_aligned(v[:, :, fixed:], source), at=fixed)
         self.state[[POS, SEED], a:b] = to_device(torch.tensor([lengths, seeds], dtype=torch.long), self.device)
         self.state[COUNT, a:b] = 0
         self.pos = self.pos[:a] + list(lengths)

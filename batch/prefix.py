@@ -172,7 +172,9 @@ class Prefixes:
     def past(self, uses: list[Use | None]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
         """A group's past: per layer, keys and values [rows, kv_heads, width, head_dim] with each row's
         prefix at the right (left-padded with zeros; on the nodes' device), and its mask [rows, width]
-        (on the host); width 0 if none."""
+        (on the host); width 0 if none. Where every row starts from the same prefix (an annotation
+        job's groups), the keys and values are views of the node's, expanded over the rows: no copy
+        (the prefill forward's own concatenation is then the only one)."""
         width = max((u.k for u in uses if u), default=0)
         mask = torch.zeros((len(uses), width), dtype=torch.long)
         if not width:
@@ -180,6 +182,9 @@ class Prefixes:
         for i, u in enumerate(uses):
             if u:
                 mask[i, width - u.k :] = 1
+        if all(u == uses[0] for u in uses):
+            node = self.nodes[uses[0].key]
+            return [tuple(t[:, :, :width].expand(len(uses), -1, -1, -1) for t in layer) for layer in node], mask
         same: dict[Use, list[int]] = {}  # rows of one prefix take it in one copy per layer
         for i, u in enumerate(uses):
             if u:

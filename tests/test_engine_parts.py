@@ -16,7 +16,7 @@ from batch.kv_cache import (
     front_first,
     left_aligned,
 )
-from batch.prefix import left_pad
+from batch.prefix import aligned_columns, left_pad
 
 
 def test_prefill_groups_bound_the_padding():
@@ -111,6 +111,22 @@ def test_slot_cache_rows_join_at_any_step_and_leave():
     assert c.state[:, :3].tolist() == [[0, 0, 0], [3, 3, 1], [12, 13, 14], [0, 0, 0]]
     assert c.cache.layers[0].buf_k[:3, 0, :3, 0].tolist() == [[1.0, 1.0, 2.0], [5.0] * 3, [5.0] * 3]  # (row 2: its one column, then its group's padding)
 
+
+
+def test_rows_of_one_shared_prefix_join_with_it_in_place_as_the_general_layout_puts_them():
+    """A group whose rows all start from one 3-column prefix (the past), then suffixes of 2 and 1
+    left-padded to 2: `fixed` copies the prefix as it is and moves only the suffixes, giving each
+    slot what batch.prefix.aligned_columns' general layout gives it (prefix, suffix, then unread)."""
+    group = torch.tensor([[1.0, 2, 3, 4, 5], [1, 2, 3, 0, 6]])[:, None, :, None]  # [prefix | pad.. suffix]
+    slots = {}
+    for fixed, source in ((3, front_first([2, 1], 2, "cpu")), (0, aligned_columns([3, 3], [2, 1], 3, 2))):
+        c = SlotCache(model_config=None, device="cpu")
+        c.reserve(2, need=7, like=[torch.zeros(1, 1, 1, 1)], budget=14, max_rows=2)
+        c.add(0, [5, 4], [7, 6], [(group, -group)], seeds=[1, 2], source=source, fixed=fixed)
+        slots[fixed] = c.cache.layers[0].buf_k[:2, 0, :, 0]
+        assert torch.equal(c.cache.layers[0].buf_v[:2, 0, :, 0], -slots[fixed])
+    assert slots[3][0, :5].tolist() == [1, 2, 3, 4, 5] and slots[3][1, :4].tolist() == [1, 2, 3, 6]
+    assert torch.equal(slots[3][0, :5], slots[0][0, :5]) and torch.equal(slots[3][1, :4], slots[0][1, :4])
 
 class EndsAt:
     """A decode step that computes nothing: row k (its seed) ends after answers[k] tokens."""

@@ -107,6 +107,24 @@ def test_aligned_columns_is_front_first_without_a_past_and_left_aligns_with_one(
     assert aligned[0].tolist() == [1, 2, 3, 4, 5] and aligned[1, :2].tolist() == [6, 7]
 
 
+
+def test_a_group_of_one_prefix_reads_its_keys_without_a_copy():
+    """Rows that all start from one prefix get views of its keys and values (expanded, no copy), with
+    the values and mask that the general layout (mixed prefixes, zero-padded on the left) gives them."""
+    prefixes = Prefixes()
+    node = lambda seed, n: [tuple(torch.randn(1, 2, n, 4, generator=torch.Generator().manual_seed(seed + p)) for p in (0, 1)) for _ in range(3)]
+    prefixes.add(HEAD, node(0, H))
+    prefixes.add(DOC, node(1, D))
+    u, v = Use(HEAD, H - 2), Use(DOC, D)
+    views, mask = prefixes.past([u, u, u])
+    mixed, mixed_mask = prefixes.past([u, u, u, v])  # the general layout, one row more
+    assert all(k.data_ptr() == n[0].data_ptr() and vv.data_ptr() == n[1].data_ptr() for (k, vv), n in zip(views, prefixes.nodes[HEAD]))
+    width = H - 2
+    for (k, vv), (mk, mv) in zip(views, mixed):
+        assert k.shape == (3, 2, width, 4)
+        assert torch.equal(k, mk[:3, :, -width:]) and torch.equal(vv, mv[:3, :, -width:])
+    assert torch.equal(mask, mixed_mask[:3, -width:]) and bool(mask.all())
+
 # --- the engine on the tiny model ------------------------------------------------------------------
 
 INSTRUCTION = ("You are a careful annotator. Read the item below, label its sentiment as positive, negative or "
