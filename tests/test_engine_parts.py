@@ -112,7 +112,6 @@ def test_slot_cache_rows_join_at_any_step_and_leave():
     assert c.cache.layers[0].buf_k[:3, 0, :3, 0].tolist() == [[1.0, 1.0, 2.0], [5.0] * 3, [5.0] * 3]  # (row 2: its one column, then its group's padding)
 
 
-
 def test_rows_of_one_shared_prefix_join_with_it_in_place_as_the_general_layout_puts_them():
     """A group whose rows all start from one 3-column prefix (the past), then suffixes of 2 and 1
     left-padded to 2: `fixed` copies the prefix as it is and moves only the suffixes, giving each
@@ -127,6 +126,7 @@ def test_rows_of_one_shared_prefix_join_with_it_in_place_as_the_general_layout_p
         assert torch.equal(c.cache.layers[0].buf_v[:2, 0, :, 0], -slots[fixed])
     assert slots[3][0, :5].tolist() == [1, 2, 3, 4, 5] and slots[3][1, :4].tolist() == [1, 2, 3, 6]
     assert torch.equal(slots[3][0, :5], slots[0][0, :5]) and torch.equal(slots[3][1, :4], slots[0][1, :4])
+
 
 class EndsAt:
     """A decode step that computes nothing: row k (its seed) ends after answers[k] tokens."""

@@ -107,7 +107,6 @@ def test_aligned_columns_is_front_first_without_a_past_and_left_aligns_with_one(
     assert aligned[0].tolist() == [1, 2, 3, 4, 5] and aligned[1, :2].tolist() == [6, 7]
 
 
-
 def test_a_group_of_one_prefix_reads_its_keys_without_a_copy():
     """Rows that all start from one prefix get views of its keys and values (expanded, no copy), with
     the values and mask that the general layout (mixed prefixes, zero-padded on the left) gives them."""
@@ -124,6 +123,7 @@ def test_a_group_of_one_prefix_reads_its_keys_without_a_copy():
         assert k.shape == (3, 2, width, 4)
         assert torch.equal(k, mk[:3, :, -width:]) and torch.equal(vv, mv[:3, :, -width:])
     assert torch.equal(mask, mixed_mask[:3, -width:]) and bool(mask.all())
+
 
 # --- the engine on the tiny model ------------------------------------------------------------------
 
