@@ -1,4 +1,5 @@
-"""A decode step's attention over each row's own keys only (on a GPU, where the kernel checks out).
+"""A decode step's attention over each row's own keys only (on a GPU, where the kernel checks out), and
+over a prefix that every row shares, read once (shared_attention: the CPU's eager steps).
 
 A decode step's rows sit left-aligned in the slots of the KV-cache buffer (batch.kv_cache), and a row
 attends to columns [0, position]. sdpa with that mask reads every column of every row it is given: a
@@ -132,12 +133,65 @@ def rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     return out.reshape(rows, group, kv_heads, dim).transpose(1, 2).reshape(rows, 1, heads, dim)
 
 
+# Reading a shared prefix once pays where its copies are many and most of what a step reads: measured
+# on the CPU bench model's shapes (8 kv heads of 64, float32, 2 threads; sdpa with the mask against
+# shared_attention, per layer), 32 rows of 440 shared + 80 own columns 2.61 -> 0.79 ms, 16 rows 1.11
+# -> 0.39, but 8 rows 0.28 -> 0.33, and 24 rows of 32 shared + 300 own 1.25 -> 1.42.
+READ_ONCE_ROWS = 16  # at least this many rows ...
+READ_ONCE_SHARE = 0.5  # ... whose shared columns are at least this share of the columns the step reads
+
+
+def reads_once(rows: int, shared: int, columns: int) -> bool:
+    """Does a decode step of `rows` rows read their `shared` first columns once (of `columns` read)?"""
+    return rows >= READ_ONCE_ROWS and shared >= READ_ONCE_SHARE * columns
+
+
+@dataclass
+class SharedColumns:
+    """What a decode step hands the attention of every layer when all its rows start with the same
+    shared prefix (batch.prefix.Prefixes.read_once): the prefix's keys and values per layer [1, Hk,
+    >= columns, D], and how many of its columns every row has."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    columns: int
+
+
+def shared_attention(query, key, value, mask, shared_key, shared_value, scale: float) -> torch.Tensor:
+    """Attention of one position per row over columns every row shares (shared_key / shared_value [1,
+    Hk, P, D], read once for all rows) followed by its own (key / value [B, Hk, C, D], `mask` [B, 1, 1,
+    C] boolean: the columns it attends to) -- one softmax over both, as sdpa's over the row's P + C
+    columns. query [B, Hq, 1, D]; Returns [B, 1, Hq, D], as transformers' attention functions do.
+
+    A decode step over rows that each hold a copy of the same prefix reads every copy; this reads it
+    once, as one matrix product of all rows' queries (in each kv head: the group = Hq / Hk query heads
+    of each row, as transformers' repeat_kv has it). Scores and weights in float32."""
+    rows, heads, _, dim = query.shape
+    kv_heads, columns = key.shape[1], shared_key.shape[2]
+    group = heads // kv_heads
+    q = query.reshape(rows, kv_heads, group, dim)
+    own = torch.matmul(q, key.transpose(-1, -2)).float().mul_(scale).masked_fill_(~mask, float("-inf"))  # [B, Hk, group, C]
+    by_head = q.transpose(0, 1).reshape(kv_heads, rows * group, dim)
+    common = torch.matmul(by_head, shared_key[0].transpose(-1, -2)).float().mul_(scale)  # [Hk, B * group, P]
+    weights = torch.softmax(torch.cat([common.view(kv_heads, rows, group, columns).transpose(0, 1), own], dim=-1), dim=-1)
+    first = weights[..., :columns].transpose(0, 1).reshape(kv_heads, rows * group, columns).to(value.dtype)
+    out = torch.matmul(first, shared_value[0]).view(kv_heads, rows, group, dim).transpose(0, 1)
+    out = out + torch.matmul(weights[..., columns:].to(value.dtype), value)  # [B, Hk, group, D]
+    return out.reshape(rows, 1, heads, dim)
+
+
 _warned = []
 
 
-def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, row_keys: RowKeys | None = None, **kwargs):
-    """The attention implementation NAME: rows_attention in a decode step (which passes row_keys),
-    sdpa with the mask otherwise -- also for a step whose tensors are not slot-cache views (said once)."""
+def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, row_keys: RowKeys | None = None,
+              shared_columns: SharedColumns | None = None, **kwargs):
+    """The attention implementation NAME: rows_attention in a decode step (which passes row_keys), or
+    shared_attention (a step that passes shared_columns: its rows' common prefix read once), sdpa
+    with the mask otherwise -- also for a step whose tensors are not slot-cache views (said once)."""
+    if shared_columns is not None:
+        k, v = shared_columns.layers[module.layer_idx]
+        n = shared_columns.columns
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return shared_attention(query, key[:, :, n:], value[:, :, n:], attention_mask[..., n:], k[:, :, :n], v[:, :, :n], scale), None
     if row_keys is not None and fits(query, key, value):
         return rows_attention(query, key, value, row_keys, scaling if scaling is not None else query.shape[-1] ** -0.5), None
     if row_keys is not None and not _warned:

@@ -38,9 +38,10 @@ def row_bucket(n: int, slots: int) -> int:
 
 
 class DecodeStep:
-    """`forward(ids [rows, 1], mask [rows, 1, 1, columns], positions [rows, 1], cache, row_keys)` gives
+    """`forward(ids [rows, 1], mask [rows, 1, 1, columns], positions [rows, 1], cache, row_keys, shared)` gives
     the last position's logits [rows, vocab] in float32 (row_keys: None, or each row's keys to read
-    with `rows_kernel`: batch.decode_attention). `mask_dtype`: None for a boolean mask (sdpa
+    with `rows_kernel`; shared: None, or the columns all rows share, read once: batch.decode_attention).
+    `mask_dtype`: None for a boolean mask (sdpa
     attention), else the dtype of an additive one (eager attention). `graphs`: capture on CUDA."""
 
     def __init__(self, forward: Callable, settings, eos_ids: list[int], device, mask_dtype: torch.dtype | None, graphs: bool,
@@ -109,7 +110,7 @@ class DecodeStep:
         if self.mask_dtype is not None:
             mask = torch.zeros(mask.shape, dtype=self.mask_dtype, device=mask.device).masked_fill_(~mask, torch.finfo(self.mask_dtype).min)
         keys = None if self.rows_kernel is None else RowKeys((inputs.at + 1).int(), self.rows_kernel)
-        logits = self.forward(state[IDS][:, None], mask, inputs.at[:, None], batch.cache, keys)
+        logits = self.forward(state[IDS][:, None], mask, inputs.at[:, None], batch.cache, keys, inputs.shared)
         out = self.pick(logits, state, inputs.seen)
         state[POS].add_(1)
         return out, logits

@@ -14,7 +14,9 @@
   a row writes the column of its own position), so the batch stays full until the stream runs dry;
 - prompt prefixes that joining rows share (the template's head, a document asked several questions)
   are prefilled once and kept while the next rows use them (batch.prefix): a row prefills only its
-  own suffix, attending to the prefix's columns, and its slot gets both (batching.share_prefix);
+  own suffix, attending to the prefix's columns, and its slot gets both (batching.share_prefix); an
+  eager decode step whose rows all start from one such prefix reads its columns once for all of
+  them rather than every slot's copy (batch.decode_attention.shared_attention, where it pays);
 - a decode step (batch.decode_step) runs the forward, chooses every row's next token (greedy or
   sampled: batch.sampling) and flags EOS / length on the device, and the host reads its tokens once.
   On a GPU with model.cuda_graphs (the default) the step runs at fixed shapes -- a power-of-two
@@ -46,7 +48,7 @@ import torch
 from transformers import DynamicCache
 
 from batch.config import BatchingConfig, GenerationSettings, ModelConfig
-from batch.decode_attention import RowKeys, check, efficient_attention_kernel, planless_sdpa, reading_rows
+from batch.decode_attention import RowKeys, SharedColumns, check, efficient_attention_kernel, planless_sdpa, reading_rows, reads_once
 from batch.decode_step import DecodeStep, row_bucket
 from batch.kv_cache import SlotCache, compact_order, front_first, left_aligned, to_device
 from batch.loading import first_line, load_model
@@ -208,6 +210,9 @@ class Engine:
         self.prefills = 0  # prefill forwards (padded_prompt_tokens / prefills: the positions of one)
         self.shared_prompt_tokens = 0  # rows' prompt tokens whose keys and values were copied from a shared prefix
         self.prefilled_prompt_tokens = 0  # prompt tokens computed: rows' own suffixes and shared prefixes, once each
+        self.shared_reads = 0  # decode steps that read their rows' common prefix once (batch.decode_attention.shared_attention)
+        # ... an eager step's with sdpa's boolean mask and no kernel of its own (the CPU's way)
+        self.read_once = share_prefix and not self.fixed_shapes and rows_kernel is None and mask_dtype is None
         self.between_steps: Callable[[], None] | None = None  # called on the host before each step (the runner's CPU watch)
 
     @property
@@ -334,6 +339,9 @@ class Engine:
         self.steps += 1
         self.row_steps += n
         captures = self.step.captures
+        shared = self.prefixes.read_once(batch.prefix[:n]) if self.read_once else None
+        batch.shared = SharedColumns(*shared) if shared and reads_once(n, shared[1], batch.used + 1) else None
+        self.shared_reads += batch.shared is not None
         with self._timed("decode") as timing:
             values = self.step(batch, row_bucket(n, batch.slots) if self.fixed_shapes else n, whole=self.fixed_shapes)
             if self.step.captures != captures:
@@ -411,7 +419,8 @@ class Engine:
             if a == 0:
                 need = max(max(batch.need, default=0), max(lengths) + room)
                 batch.reserve(n + len(joining), need, [k for k, _ in layers], budget - sum(map(len, kept)), max_rows)
-            batch.add(n + a, lengths[a:b], [length + room for length in lengths[a:b]], layers, [r.seed for r in joining[a:b]], source, fixed)
+            batch.add(n + a, lengths[a:b], [length + room for length in lengths[a:b]], layers, [r.seed for r in joining[a:b]], source, fixed,
+                      [self.prefixes.tag(u) for u in uses[a:b]])
             batch.see(n + a, [r.ids for r in joining[a:b]])
             chosen.append(self.step.pick(logits, batch.state[:, n + a : n + b], None if batch.seen is None else batch.seen[n + a : n + b]))
         spare = budget - batch.slots * batch.columns
@@ -466,10 +475,12 @@ class Engine:
         source = front_first(lengths, ids.shape[1], self.device) if fixed else to_device(aligned_columns(shared, lengths, width, ids.shape[1]), self.device)
         return logits, [(g.keys, g.values) for g in group.layers], source, fixed
 
-    def _logits(self, ids, mask, positions, cache, row_keys: RowKeys | None = None) -> torch.Tensor:
-        """The last position's logits; with `row_keys` (a decode step's), attention reads each row's own keys."""
+    def _logits(self, ids, mask, positions, cache, row_keys: RowKeys | None = None, shared: SharedColumns | None = None) -> torch.Tensor:
+        """The last position's logits; with `row_keys` (a decode step's), attention reads each row's own
+        keys; with `shared`, the columns all rows share once (batch.decode_attention)."""
         extra = {self.cache_kwarg: cache} | ({"row_keys": row_keys} if row_keys is not None else {})
-        with reading_rows(self.model.config) if row_keys is not None else contextlib.nullcontext():
+        extra |= {"shared_columns": shared} if shared is not None else {}
+        with reading_rows(self.model.config) if row_keys is not None or shared is not None else contextlib.nullcontext():
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **extra)
         return out.logits[:, -1, :].float()
 

@@ -107,6 +107,7 @@ class StepInputs:
     at: torch.Tensor  # [rows] int64: the column each row writes (the step sets it from the positions)
     columns: int  # the columns read: [0, columns)
     seen: torch.Tensor | None = None  # [rows, vocab] bool: the tokens of each row's prompt and answer (SlotCache.seen)
+    shared: object = None  # the first columns every row has, read once (SlotCache.shared)
 
 
 class SlotCache:
@@ -125,6 +126,9 @@ class SlotCache:
         self.slots = self.columns = self.n = 0
         self.pos: list[int] = []  # slot -> the column its next token is written to (= its position)
         self.need: list[int] = []  # slot -> the columns its row may take (prompt + max_new_tokens)
+        self.prefix: list[tuple[int, int] | None] = []  # slot -> the shared prefix its first columns copy (Prefixes.tag)
+        self.shared = None  # for the next eager step: the first columns of every running row, to be read once
+        # from a shared prefix instead of from each slot (batch.decode_attention.SharedColumns; set by the engine)
         self.state = self.at = None
         self.buffer = 0  # which buffers these are (a new number each time they are made)
 
@@ -165,14 +169,15 @@ class SlotCache:
         self.buffer = next(_buffers)
 
     def add(self, a: int, lengths: list[int], needs: list[int], layer_keys: list[tuple[torch.Tensor, torch.Tensor]], seeds: list[int],
-            source: torch.Tensor | None = None, fixed: int = 0) -> None:
+            source: torch.Tensor | None = None, fixed: int = 0, prefixes: list[tuple[int, int] | None] | None = None) -> None:
         """Rows of a prefilled group (left-padded to lengths[0]) join in slots [a, a + len(lengths)):
         their keys and values (moved to the front), positions (the next token's: the prompt's length)
         and seeds; no token generated yet. (Their first token is chosen from the prefill's logits:
         `ids` is set then.) `source`: the column each row's key comes from, for a group laid out
         otherwise (a shared prefix's past before the suffixes: batch.prefix.aligned_columns). `fixed`:
         the first columns of every row are in place already (one shared prefix's, as wide as the past):
-        they are copied as they are, and `source` moves the columns after them."""
+        they are copied as they are, and `source` moves the columns after them. `prefixes`: the shared
+        prefix each row's first columns copy (batch.prefix.Prefixes.tag; None: none)."""
         b = a + len(lengths)
         if source is None:  # (once for all layers: one copy to the device, no wait)
             source = front_first(lengths, layer_keys[0][0].shape[-2], self.device)
@@ -184,6 +189,7 @@ class SlotCache:
         self.state[COUNT, a:b] = 0
         self.pos = self.pos[:a] + list(lengths)
         self.need = self.need[:a] + list(needs)
+        self.prefix = self.prefix[:a] + (list(prefixes) if prefixes is not None else [None] * len(lengths))
         self.n = b
 
     def select(self, order: list[int]) -> None:
@@ -199,6 +205,7 @@ class SlotCache:
                 self.seen[dst] = self.seen[src]
         self.pos = [self.pos[s] for s in order]
         self.need = [self.need[s] for s in order]
+        self.prefix = [self.prefix[s] for s in order]
         self.n = len(order)
 
     def step(self, rows: int, whole: bool) -> StepInputs:
@@ -208,7 +215,7 @@ class SlotCache:
         at = self.at[:rows]
         for layer in self.cache.layers:
             layer.read(rows, columns, at)
-        return StepInputs(self.state[:, :rows], at, columns, None if self.seen is None else self.seen[:rows])
+        return StepInputs(self.state[:, :rows], at, columns, None if self.seen is None else self.seen[:rows], None if whole else self.shared)
 
     def see(self, a: int, prompts: list[list[int]]) -> None:
         """Rows joining in slots [a, a + len(prompts)) have seen their prompts' tokens (with `seen` kept)."""

@@ -17,11 +17,16 @@ token). Keys depend only on the tokens before them, so a node's first k columns 
 first k tokens: a row may use part of a node. After a join, the engine keeps only the nodes that
 join used (the template's head stays as long as rows keep coming with it); what it keeps counts in
 the KV budget.
+
+A row's slot holds copies of its prefix's columns, so that any decode step can read it as it reads
+the others'. Where every running row starts from the same node, a decode step reads that node's
+columns once for all of them instead (`Prefixes.read_once`; batch.decode_attention.shared_attention).
 """
 
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -151,6 +156,12 @@ class Prefixes:
     def __init__(self, min_saved: int = MIN_SAVED, saved_share: float = SAVED_SHARE):
         self.nodes: dict[Key, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.min_saved, self.saved_share = min_saved, saved_share
+        # each computation of a node has a number of its own (a node dropped and made again may round
+        # otherwise): a row's tag names the one its slot copied (tag), and a decode step reads a node
+        # once only if it is still that computation (read_once)
+        self.made: dict[int, Key] = {}
+        self._serials: dict[Key, int] = {}
+        self._counter = itertools.count()
 
     @property
     def tokens(self) -> int:
@@ -162,12 +173,29 @@ class Prefixes:
 
     def add(self, key: Key, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         self.nodes[key] = layers
+        self._serials[key] = serial = next(self._counter)
+        self.made[serial] = key
 
     def keep(self, keys: set[Key]) -> None:
         self.nodes = {k: v for k, v in self.nodes.items() if k in keys}
+        self._serials = {k: s for k, s in self._serials.items() if k in keys}
+        self.made = {s: k for k, s in self._serials.items()}
 
     def clear(self) -> None:
-        self.nodes = {}
+        self.nodes, self._serials, self.made = {}, {}, {}
+
+    def tag(self, use: Use | None) -> tuple[int, int] | None:
+        """What a row's slot holds of a held node: (the node's computation, the columns it copied)."""
+        return None if use is None else (self._serials[use.key], use.k)
+
+    def read_once(self, tags: Sequence[tuple[int, int] | None]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int] | None:
+        """Where every row's slot starts with columns of the same computation of a node still held:
+        that node's keys and values and the fewest columns a row copied (the columns all rows have);
+        else None."""
+        first = tags[0] if tags else None
+        if first is None or first[0] not in self.made or any(t is None or t[0] != first[0] for t in tags):
+            return None
+        return self.nodes[self.made[first[0]]], min(t[1] for t in tags)
 
     def past(self, uses: list[Use | None]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
         """A group's past: per layer, keys and values [rows, kv_heads, width, head_dim] with each row's

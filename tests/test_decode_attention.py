@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from batch import decode_attention
-from batch.decode_attention import RowKeys, check, reference_kernel, rows_attention
+from batch.decode_attention import READ_ONCE_ROWS, RowKeys, check, reads_once, reference_kernel, rows_attention, shared_attention
 from batch.engine import Engine
 from tests.test_exactness import MAX_NEW, load, prompts_40, reference, streamed
 
@@ -44,6 +44,30 @@ def test_each_rows_own_keys_give_sdpas_output_with_the_mask(heads, kv_heads):
     short = torch.tensor([1, 12, 6, 12, 2])
     torch.testing.assert_close(rows_attention(query, key, value, RowKeys(short.int(), reference_kernel), dim**-0.5),
                                masked_sdpa(query, key[:, :, :12], value[:, :, :12], short), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (8, 2)])
+def test_a_shared_prefix_read_once_gives_sdpas_output_over_each_rows_copy(heads, kv_heads):
+    """shared_attention over the prefix's columns (one copy) and each row's own: sdpa's output with
+    the mask over the row's whole slot, the prefix's copy in its first columns."""
+    torch.manual_seed(2)
+    rows, prefix, own, dim = 5, 11, 9, 16
+    shared_k, shared_v = torch.randn(1, kv_heads, prefix + 4, dim), torch.randn(1, kv_heads, prefix + 4, dim)  # (a longer node)
+    own_k, own_v = torch.randn(rows, kv_heads, own, dim), torch.randn(rows, kv_heads, own, dim)
+    query = torch.randn(rows, heads, 1, dim)
+    lengths = torch.tensor([1, 9, 3, 5, 2])  # each row's own columns
+    mask = (torch.arange(own) < lengths[:, None])[:, None, None, :]
+    got = shared_attention(query, own_k, own_v, mask, shared_k[:, :, :prefix], shared_v[:, :, :prefix], dim**-0.5)
+    slot_k = torch.cat([shared_k[:, :, :prefix].expand(rows, -1, -1, -1), own_k], dim=2)
+    slot_v = torch.cat([shared_v[:, :, :prefix].expand(rows, -1, -1, -1), own_v], dim=2)
+    torch.testing.assert_close(got, masked_sdpa(query, slot_k, slot_v, prefix + lengths), rtol=1e-5, atol=1e-5)
+
+
+def test_the_prefix_is_read_once_where_it_pays():
+    n = READ_ONCE_ROWS
+    assert reads_once(n, 440, 520) and reads_once(32, 128, 256)
+    assert not reads_once(n - 1, 440, 520)  # few rows: their copies are cheap to read (8 rows: 0.28 against 0.33 ms)
+    assert not reads_once(32, 32, 332)  # a short prefix: most of what the step reads is the rows' own
 
 
 def test_only_views_of_one_buffer_are_taken():

@@ -13,8 +13,10 @@ import torch
 
 from batch.cli import main
 from batch.config import load_job
+from batch import engine as engine_module
 from batch.engine import Engine
 from batch.fingerprints import settings_fingerprint
+from batch.decode_attention import READ_ONCE_ROWS
 from batch.errors import JobError
 from batch.kv_cache import front_first
 from batch.prefix import MIN_SAVED, MIN_SHARED, SAVED_SHARE, Prefixes, Use, aligned_columns, plan_sharing
@@ -107,6 +109,22 @@ def test_aligned_columns_is_front_first_without_a_past_and_left_aligns_with_one(
     assert aligned[0].tolist() == [1, 2, 3, 4, 5] and aligned[1, :2].tolist() == [6, 7]
 
 
+def test_a_decode_step_reads_once_only_the_computation_every_row_copied():
+    prefixes = Prefixes()
+    prefixes.add(HEAD, [(torch.zeros(1, 2, H, 4), torch.zeros(1, 2, H, 4))])
+    prefixes.add(HEAD + DOC, [(torch.ones(1, 2, H + D, 4), torch.ones(1, 2, H + D, 4))])
+    head, doc = prefixes.tag(Use(HEAD, H)), prefixes.tag(Use(HEAD + DOC, H + D))
+    part = prefixes.tag(Use(HEAD, H - 3))
+    layers, columns = prefixes.read_once([head, part, head])
+    assert layers is prefixes.nodes[HEAD] and columns == H - 3  # the columns every row has
+    assert prefixes.read_once([head, doc]) is None and prefixes.read_once([head, None]) is None and prefixes.read_once([]) is None
+    prefixes.keep({HEAD + DOC})
+    assert prefixes.read_once([head]) is None  # dropped: its rows' copies are read
+    prefixes.add(HEAD, [(torch.zeros(1, 2, H, 4), torch.zeros(1, 2, H, 4))])
+    assert prefixes.read_once([head]) is None  # made again (it may round otherwise): not the one the rows copied
+    assert prefixes.read_once([prefixes.tag(Use(HEAD, H)), doc]) is None and prefixes.read_once([doc, doc])[1] == H + D
+
+
 def test_a_group_of_one_prefix_reads_its_keys_without_a_copy():
     """Rows that all start from one prefix get views of its keys and values (expanded, no copy), with
     the values and mask that the general layout (mixed prefixes, zero-padded on the left) gives them."""
@@ -194,7 +212,36 @@ def test_shared_prefixes_give_the_reference_outputs(variant):
                 assert e.shared_prompt_tokens == 0 and e.prefilled_prompt_tokens == total
 
 
-def test_sampled_rows_draw_the_same_tokens_with_and_without_sharing():
+@pytest.mark.parametrize("variant", ["float32", "nf4+lora"])
+def test_decode_steps_that_read_the_shared_prefix_once_give_the_reference_outputs(variant, monkeypatch):
+    """Where every running row starts from one shared prefix, an eager decode step reads its columns
+    once for all rows (batch.decode_attention.shared_attention): by the rule (16 rows and more here),
+    and at every step it can (the rule forced), through refills, budgets that drop the prefix, and
+    rows of another prefix beside them (the document's: those steps read every row's copy)."""
+    engine = load(variant)
+    prompts = shared_prompts()
+    ids = engine.tokenize(prompts)
+    expected = [reference(engine, p) for p in ids]
+    one_prefix = list(range(24))  # the rows of the instruction alone
+    longest = max(map(len, ids))
+    for max_rows, reads in ((24, True), (READ_ONCE_ROWS - 1, False)):  # the rule: at least 16 rows
+        e = Engine(engine.model, engine.tokenizer, engine.settings, fixed_shapes=False)
+        assert streamed(e, [ids[i] for i in one_prefix], max_rows, 10**9) == [expected[i] for i in one_prefix]
+        assert (e.shared_reads > 0) == reads, (max_rows, e.shared_reads, e.steps)
+    monkeypatch.setattr(engine_module, "reads_once", lambda rows, shared, columns: True)
+    counts = []  # (steps that read the prefix once, steps) of each stream
+    for max_rows, budget, shuffle in [(8, 10**9, False), (5, 4 * (longest + MAX_NEW), True), (3, 3 * (longest + MAX_NEW), False)]:
+        e = Engine(engine.model, engine.tokenizer, engine.settings, fixed_shapes=False)
+        e.prefixes = Prefixes(min_saved=0, saved_share=0)  # the document too: rows of two prefixes
+        got = streamed(e, ids, max_rows, budget, shuffle)
+        mismatches = [(i, x, y) for i, (x, y) in enumerate(zip(expected, got)) if x != y]
+        assert not mismatches, (max_rows, budget, mismatches[:3])
+        counts.append((e.shared_reads, e.steps))
+    assert all(reads > 0 for reads, _ in counts) and any(reads < steps for reads, steps in counts), counts
+
+
+def test_sampled_rows_draw_the_same_tokens_with_and_without_sharing(monkeypatch):
+    monkeypatch.setattr(engine_module, "reads_once", lambda rows, shared, columns: True)  # (4 rows: under the rule)
     card = dict(do_sample=True, temperature=0.9, top_p=0.7, top_k=100)
     engine = load("float32+lora", **card)
     ids = engine.tokenize(shared_prompts()[::2])
@@ -204,7 +251,7 @@ def test_sampled_rows_draw_the_same_tokens_with_and_without_sharing():
         e = Engine(engine.model, engine.tokenizer, engine.settings, fixed_shapes=False, share_prefix=share)
         e.prefixes = Prefixes(min_saved=0, saved_share=0)
         assert streamed(e, ids, 4, 10**9, shuffle=True, seeds=seeds) == alone
-        assert (e.shared_prompt_tokens > 0) == share
+        assert (e.shared_prompt_tokens > 0) == share and (e.shared_reads > 0) == share
 
 
 # --- a job: the setting, the counts, out-of-memory splits, a resume ----------------------------------

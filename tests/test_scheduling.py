@@ -47,7 +47,7 @@ def stand_in(engine: Engine) -> None:
             seen, _ = cache.update(keys * new[:, None, :, None], keys.clone(), i)
         return next_token(seen[:, 0, :, 0], mask.bool(), mask.cumsum(-1).double())  # a real column's weight: its position + 1
 
-    def forward(ids, mask, positions, cache, row_keys=None):
+    def forward(ids, mask, positions, cache, row_keys=None, shared=None):
         keys = ids.to(torch.float64)[:, None, :, None]
         mask = mask[:, 0, 0, :]
         mask = mask if mask.dtype == torch.bool else mask == 0

@@ -215,6 +215,7 @@ def run_engine(mode: str, model, tokenizer, prompts: list[str], cfg: BenchConfig
                         peak=peak_memory(device), sampled=sample, graph_captures=engine.step.captures, capture_seconds=engine.capture_seconds,
                         prefill_forwards=engine.prefills, share_prefix=share_prefix,
                         shared_prompt_tokens=engine.shared_prompt_tokens, prefilled_prompt_tokens=engine.prefilled_prompt_tokens,
+                        shared_reads=engine.shared_reads,  # decode steps that read their rows' shared prefix once
                         prefilled_share=engine.prefilled_prompt_tokens / sum(lengths) if lengths else None,
                         running_rows=getattr(generator, "max_rows", None), running_tokens=getattr(generator, "budget", None),
                         batches=len(batches), batch_sizes=quantiles([len(b) for b in batches]),
