@@ -187,13 +187,13 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     """The attention implementation NAME: rows_attention in a decode step (which passes row_keys), or
     shared_attention (a step that passes shared_columns: its rows' common prefix read once), sdpa
     with the mask otherwise -- also for a step whose tensors are not slot-cache views (said once)."""
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if shared_columns is not None:
         k, v = shared_columns.layers[module.layer_idx]
         n = shared_columns.columns
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return shared_attention(query, key[:, :, n:], value[:, :, n:], attention_mask[..., n:], k[:, :, :n], v[:, :, :n], scale), None
     if row_keys is not None and fits(query, key, value):
-        return rows_attention(query, key, value, row_keys, scaling if scaling is not None else query.shape[-1] ** -0.5), None
+        return rows_attention(query, key, value, row_keys, scale), None
     if row_keys is not None and not _warned:
         _warned.append(1)
         print("komt-batch: decode attention: a step's keys are not slot-cache views; sdpa with the mask instead", file=sys.stderr, flush=True)

@@ -126,7 +126,7 @@ class SlotCache:
         self.slots = self.columns = self.n = 0
         self.pos: list[int] = []  # slot -> the column its next token is written to (= its position)
         self.need: list[int] = []  # slot -> the columns its row may take (prompt + max_new_tokens)
-        self.prefix: list[tuple[int, int] | None] = []  # slot -> the shared prefix its first columns copy (Prefixes.tag)
+        self.prefix: list[tuple | None] = []  # slot -> the shared prefix its first columns copy (Prefixes.tag)
         self.shared = None  # for the next eager step: the first columns of every running row, to be read once
         # from a shared prefix instead of from each slot (batch.decode_attention.SharedColumns; set by the engine)
         self.state = self.at = None
@@ -169,7 +169,7 @@ class SlotCache:
         self.buffer = next(_buffers)
 
     def add(self, a: int, lengths: list[int], needs: list[int], layer_keys: list[tuple[torch.Tensor, torch.Tensor]], seeds: list[int],
-            source: torch.Tensor | None = None, fixed: int = 0, prefixes: list[tuple[int, int] | None] | None = None) -> None:
+            source: torch.Tensor | None = None, fixed: int = 0, prefixes: list[tuple | None] | None = None) -> None:
         """Rows of a prefilled group (left-padded to lengths[0]) join in slots [a, a + len(lengths)):
         their keys and values (moved to the front), positions (the next token's: the prompt's length)
         and seeds; no token generated yet. (Their first token is chosen from the prefill's logits:

@@ -55,6 +55,7 @@ def common_length(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 Key = tuple[int, ...]  # a node: its token ids
+Tag = tuple[Key, int, int]  # what a row's slot copied: a node, which computation of it, how many of its columns
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,6 @@ class Prefixes:
         # each computation of a node has a number of its own (a node dropped and made again may round
         # otherwise): a row's tag names the one its slot copied (tag), and a decode step reads a node
         # once only if it is still that computation (read_once)
-        self.made: dict[int, Key] = {}
         self._serials: dict[Key, int] = {}
         self._counter = itertools.count()
 
@@ -173,29 +173,27 @@ class Prefixes:
 
     def add(self, key: Key, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         self.nodes[key] = layers
-        self._serials[key] = serial = next(self._counter)
-        self.made[serial] = key
+        self._serials[key] = next(self._counter)
 
     def keep(self, keys: set[Key]) -> None:
         self.nodes = {k: v for k, v in self.nodes.items() if k in keys}
         self._serials = {k: s for k, s in self._serials.items() if k in keys}
-        self.made = {s: k for k, s in self._serials.items()}
 
     def clear(self) -> None:
-        self.nodes, self._serials, self.made = {}, {}, {}
+        self.nodes, self._serials = {}, {}
 
-    def tag(self, use: Use | None) -> tuple[int, int] | None:
-        """What a row's slot holds of a held node: (the node's computation, the columns it copied)."""
-        return None if use is None else (self._serials[use.key], use.k)
+    def tag(self, use: Use | None) -> Tag | None:
+        """What a row's slot holds of a held node: the node, its computation, the columns it copied."""
+        return None if use is None else (use.key, self._serials[use.key], use.k)
 
-    def read_once(self, tags: Sequence[tuple[int, int] | None]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int] | None:
+    def read_once(self, tags: Sequence[Tag | None]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int] | None:
         """Where every row's slot starts with columns of the same computation of a node still held:
         that node's keys and values and the fewest columns a row copied (the columns all rows have);
         else None."""
         first = tags[0] if tags else None
-        if first is None or first[0] not in self.made or any(t is None or t[0] != first[0] for t in tags):
+        if first is None or self._serials.get(first[0]) != first[1] or any(t is None or t[1] != first[1] for t in tags):
             return None
-        return self.nodes[self.made[first[0]]], min(t[1] for t in tags)
+        return self.nodes[first[0]], min(t[2] for t in tags)
 
     def past(self, uses: list[Use | None]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
         """A group's past: per layer, keys and values [rows, kv_heads, width, head_dim] with each row's
