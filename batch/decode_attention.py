@@ -84,20 +84,25 @@ def reference_kernel(query, key, value, seqstart_q, seqstart_k, max_q: int, max_
 @dataclass
 class RowKeys:
     """What a decode step hands the attention of every layer: each row's keys to read (its position
-    + 1, at most the columns read) and the kernel that reads them."""
+    + 1, at most the columns read) and the kernel that reads them. `starts`: where each row's keys
+    begin in a buffer of extents (batch.kv_cache.ExtentCache; int32 [rows + 1]), read over at most
+    `columns` keys; None: the rows are the slots of a SlotCache buffer."""
 
     lengths: torch.Tensor  # [rows] int32, on the device
     kernel: Callable = efficient_attention_kernel
+    starts: torch.Tensor | None = None
+    columns: int = 0
     _sequences: dict = field(default_factory=dict, repr=False)
 
     def sequences(self, group: int, row_stride: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """seqstart_q, seqstart_k and seqlen_k of the step's rows (`row_stride`: a row's keys are this
-        many key positions after the previous row's): made by the first layer, the same for the others."""
+        many key positions after the previous row's; with `starts`, where they are): made by the
+        first layer, the same for the others."""
         if (group, row_stride) not in self._sequences:
             rows, device = len(self.lengths), self.lengths.device
             self._sequences[group, row_stride] = (
                 torch.arange(0, (rows + 1) * group, group, dtype=torch.int32, device=device),
-                torch.arange(0, (rows + 1) * row_stride, row_stride, dtype=torch.int32, device=device),
+                self.starts if self.starts is not None else torch.arange(0, (rows + 1) * row_stride, row_stride, dtype=torch.int32, device=device),
                 self.lengths,
             )
         return self._sequences[group, row_stride]
@@ -111,6 +116,12 @@ def fits(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     return query.shape[2] == 1 and query.shape[1] % heads == 0 and evenly and key.stride() == value.stride() and key.shape == value.shape
 
 
+def fits_extents(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """One query position per row, over an extent buffer [1, Hk, C, D], contiguous (keys and values alike)."""
+    return query.shape[2] == 1 and key.shape[0] == 1 and query.shape[1] % key.shape[1] == 0 and key.is_contiguous() and value.is_contiguous() \
+        and key.shape == value.shape
+
+
 def rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keys: RowKeys, scale: float) -> torch.Tensor:
     """Attention of one position per row over its first keys.lengths[i] columns. query [B, Hq, 1, D];
     key and value [B, Hk, C, D]: views of the slot cache's buffer (`fits`). Returns [B, 1, Hq, D], as
@@ -119,16 +130,27 @@ def rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     Row b is sequence b of the kernel, in each of the Hk heads: its keys start at b * Hk * W key
     positions of a view whose heads are W positions apart (W: the buffer's columns), its queries are
     the group = Hq / Hk query heads of each kv head (query head h * group + g uses kv head h, as
-    transformers' repeat_kv has it). The grid is rows x heads, as sdpa's."""
-    if not fits(query, key, value):
-        raise ValueError("rows_attention: one query position per row over slot-cache views")
+    transformers' repeat_kv has it). The grid is rows x heads, as sdpa's.
+
+    With keys.starts, key and value are an extent buffer [1, Hk, C, D] (fits_extents): row b's keys
+    start at starts[b] of the same view, whatever the other rows'."""
     rows, heads, _, dim = query.shape
-    kv_heads, columns = key.shape[1], key.shape[2]
-    group, width = heads // kv_heads, key.stride(1) // dim
-    seqstart_q, seqstart_k, seqlen_k = keys.sequences(group, kv_heads * width)
+    kv_heads = key.shape[1]
+    group = heads // kv_heads
+    if keys.starts is not None:
+        if not fits_extents(query, key, value):
+            raise ValueError("rows_attention: one query position per row over an extent buffer")
+        columns = keys.columns
+        seqstart_q, seqstart_k, seqlen_k = keys.sequences(group, 0)
+        packed_k, packed_v = (t[0].transpose(0, 1)[None] for t in (key, value))  # [1, C, Hk, D]: heads C columns apart
+    else:
+        if not fits(query, key, value):
+            raise ValueError("rows_attention: one query position per row over slot-cache views")
+        columns, width = key.shape[2], key.stride(1) // dim
+        seqstart_q, seqstart_k, seqlen_k = keys.sequences(group, kv_heads * width)
+        size, strides = (1, (rows - 1) * kv_heads * width + width, kv_heads, dim), (rows * kv_heads * width * dim, dim, width * dim, 1)
+        packed_k, packed_v = (torch.as_strided(t, size, strides) for t in (key, value))
     packed_q = query.reshape(rows, kv_heads, group, dim).transpose(1, 2).reshape(1, rows * group, kv_heads, dim)
-    size, strides = (1, (rows - 1) * kv_heads * width + width, kv_heads, dim), (rows * kv_heads * width * dim, dim, width * dim, 1)
-    packed_k, packed_v = (torch.as_strided(t, size, strides) for t in (key, value))
     out = keys.kernel(packed_q, packed_k, packed_v, seqstart_q, seqstart_k, group, columns, seqlen_k, scale)
     return out.reshape(rows, group, kv_heads, dim).transpose(1, 2).reshape(rows, 1, heads, dim)
 
@@ -192,7 +214,7 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
         k, v = shared_columns.layers[module.layer_idx]
         n = shared_columns.columns
         return shared_attention(query, key[:, :, n:], value[:, :, n:], attention_mask[..., n:], k[:, :, :n], v[:, :, :n], scale), None
-    if row_keys is not None and fits(query, key, value):
+    if row_keys is not None and (row_keys.starts is not None or fits(query, key, value)):
         return rows_attention(query, key, value, row_keys, scale), None
     if row_keys is not None and not _warned:
         _warned.append(1)
@@ -219,7 +241,7 @@ def reading_rows(config):
 def check(device: torch.device, dtype: torch.dtype, heads: int = 4, kv_heads: int = 2, dim: int = 128,
           kernel: Callable = efficient_attention_kernel) -> tuple[bool, str]:
     """Does `kernel` run here and give sdpa's output (with the mask) on random rows of mixed lengths,
-    in `dtype`, with the model's heads, kv heads and head size? Returns (use it, why) -- the why for the log."""
+    read from slot-cache views and from an extent buffer, in `dtype`, with the model's heads, kv heads and head size? Returns (use it, why) -- the why for the log."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     rows, columns, width = 6, 40, 48
 
@@ -233,11 +255,17 @@ def check(device: torch.device, dtype: torch.dtype, heads: int = 4, kv_heads: in
     expected = torch.nn.functional.scaled_dot_product_attention(
         query, key.repeat_interleave(heads // kv_heads, 1), value.repeat_interleave(heads // kv_heads, 1), attn_mask=mask
     ).transpose(1, 2)
+    # ... and the same rows each in its own range of one buffer (an ExtentCache's), in another order
+    starts = torch.tensor([100, 0, 150, 50, 250, 200], dtype=torch.int32)
+    flat_k, flat_v = rand(1, kv_heads, 300, dim), rand(1, kv_heads, 300, dim)
+    for i, start in enumerate(starts.tolist()):
+        flat_k[0, :, start : start + columns], flat_v[0, :, start : start + columns] = key[i], value[i]
     try:
         got = rows_attention(query, key, value, RowKeys(lengths.to(device), kernel), dim**-0.5)
+        got_extents = rows_attention(query, flat_k, flat_v, RowKeys(lengths.to(device), kernel, torch.cat([starts, starts[-1:]]).to(device), columns), dim**-0.5)
     except Exception as e:  # noqa: BLE001 -- a private op: absent, or other arguments in this torch
         return False, f"its kernel does not run here ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]})"
-    distance = ((got.float() - expected.float()).norm() / expected.float().norm()).item()
+    distance = max(((g.float() - expected.float()).norm() / expected.float().norm()).item() for g in (got, got_extents))
     if not distance <= CHECK_TOLERANCE:
         return False, f"its kernel's output is {distance:.2%} from sdpa's (at most {CHECK_TOLERANCE:.0%} allowed)"
     return True, f"its kernel's output is {distance:.2%} from sdpa's"

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 
 from batch.decode_attention import RowKeys
-from batch.kv_cache import COUNT, IDS, POS, SEED, SlotCache, StepInputs
+from batch.kv_cache import COUNT, IDS, LIMIT, POS, SEED, START, SlotCache, StepInputs
 from batch.loading import first_line
 from batch.memory import is_out_of_memory
 from batch.sampling import choose, forbid_early, penalize_repeats
@@ -105,14 +105,25 @@ class DecodeStep:
         # row's position is always inside the columns read. (Padding rows' positions grow unchecked:
         # clamped, they write in their own slots, and every row sees at least one finite key, so no
         # attention is empty: NaN would reach the cache.)
+        if inputs.extents:  # each row in its own columns of one buffer (ExtentCache), read by the kernel only
+            position = torch.minimum(state[POS], state[LIMIT])  # (a row computed a step ahead of its end, and padding, stay in their own columns)
+            torch.add(state[START], position, out=inputs.at)
+            starts = torch.nn.functional.pad(state[START].int(), (0, 1))
+            keys = RowKeys((position + 1).int(), self.rows_kernel, starts, inputs.columns)
+            logits = self.forward(state[IDS][:, None], torch.ones((len(position), 1, 1, 1), dtype=torch.bool, device=position.device),
+                                  position[:, None], batch.cache, keys, None)
+            return self._chosen(logits, inputs)
         torch.clamp(state[POS], max=inputs.columns - 1, out=inputs.at)
         mask = (torch.arange(inputs.columns, device=inputs.at.device) <= inputs.at[:, None])[:, None, None, :]
         if self.mask_dtype is not None:
             mask = torch.zeros(mask.shape, dtype=self.mask_dtype, device=mask.device).masked_fill_(~mask, torch.finfo(self.mask_dtype).min)
         keys = None if self.rows_kernel is None else RowKeys((inputs.at + 1).int(), self.rows_kernel)
         logits = self.forward(state[IDS][:, None], mask, inputs.at[:, None], batch.cache, keys, inputs.shared)
-        out = self.pick(logits, state, inputs.seen)
-        state[POS].add_(1)
+        return self._chosen(logits, inputs)
+
+    def _chosen(self, logits: torch.Tensor, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.pick(logits, inputs.state, inputs.seen)
+        inputs.state[POS].add_(1)
         return out, logits
 
     def _capture(self, inputs: StepInputs, batch: SlotCache, rows: int) -> torch.Tensor:

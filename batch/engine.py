@@ -12,6 +12,9 @@
 - the places of finished rows are refilled from the stream (continuous batching): new rows are
   prefilled and join the running batch, each in a free slot of the KV cache, left-aligned (SlotCache:
   a row writes the column of its own position), so the batch stays full until the stream runs dry;
+  where decode attention reads each row's own keys (a GPU's kernel), each row holds only its own
+  need, a free range of one buffer (ExtentCache), so the token budget holds the rows' needs rather
+  than rows x the widest need;
 - prompt prefixes that joining rows share (the template's head, a document asked several questions)
   are prefilled once and kept while the next rows use them (batch.prefix): a row prefills only its
   own suffix, attending to the prefix's columns, and its slot gets both (batching.share_prefix); an
@@ -50,7 +53,7 @@ from transformers import DynamicCache
 from batch.config import BatchingConfig, GenerationSettings, ModelConfig
 from batch.decode_attention import RowKeys, SharedColumns, check, efficient_attention_kernel, planless_sdpa, reading_rows, reads_once
 from batch.decode_step import DecodeStep, row_bucket
-from batch.kv_cache import SlotCache, compact_order, front_first, left_aligned, to_device
+from batch.kv_cache import ExtentCache, SlotCache, compact_order, front_first, left_aligned, to_device
 from batch.loading import first_line, load_model
 from batch.memory import is_out_of_memory, running_limits
 from batch.prefix import Prefixes, Sharing, Use, aligned_columns, past_inputs, prefill_mask
@@ -166,7 +169,7 @@ class Engine:
     and the host reads its tokens before the next step (the CPU's way, and a GPU's without graphs)."""
 
     def __init__(self, model, tokenizer, settings: GenerationSettings, cuda_graphs: bool = True, fixed_shapes: bool | None = None,
-                 rows_kernel: Callable | None = None, share_prefix: bool = True):
+                 rows_kernel: Callable | None = None, share_prefix: bool = True, extents: bool | None = None):
         self.model = model
         self.share_prefix = share_prefix  # joining rows' shared token prefixes prefilled once (batch.prefix)
         self.prefixes = Prefixes()
@@ -199,6 +202,10 @@ class Engine:
             print(f"komt-batch: {planless_sdpa()}", file=sys.stderr, flush=True)
         if rows_kernel is None and cuda and attention == "sdpa":  # (the CPU's decode steps read only the columns their rows fill)
             rows_kernel = _checked_rows_kernel(self.device, model.get_input_embeddings().weight.dtype, model.config)
+        # each row holds only its own need of the KV cache (ExtentCache), where decode attention reads each row's own keys
+        self.extents = rows_kernel is not None if extents is None else extents
+        if self.extents and rows_kernel is None:
+            raise ValueError("a cache of extents needs decode attention over each row's own keys (rows_kernel)")
         self.step = DecodeStep(self._logits, settings, sorted(self.eos_ids | set(settings.stop_token_ids)), self.device, mask_dtype, graphs=cuda and cuda_graphs and self.fixed_shapes,
                                rows_kernel=rows_kernel)
         # time in the model's prefills, decode steps, and decode steps that captured a CUDA graph
@@ -274,7 +281,7 @@ class Engine:
         kept); yield (key, Completion) as
         each row finishes. A finished row leaves the batch at once, and new rows join when an eighth
         of the places are free, so the batch stays full. Raises BatchFailed with the unfinished rows."""
-        batch = SlotCache(self.model.config, self.device, self.vocab if self.settings.repetition_penalty != 1.0 else 0)
+        batch = (ExtentCache if self.extents else SlotCache)(self.model.config, self.device, self.vocab if self.settings.repetition_penalty != 1.0 else 0)
         running: list[Running] = []  # slot -> row (a row stays until its tokens are read and it is done)
         pending: deque[Report] = deque()  # launched steps whose tokens the host has not read, oldest first
         joining: list[Request] = []
@@ -355,6 +362,8 @@ class Engine:
         the token budget binds at the widest need (rows x columns <= budget). While rows are running,
         the cache's buffer is remade only for a quarter more places, or for a row that needs more
         columns than it has (if the budget holds the running rows at that width)."""
+        if self.extents:
+            return self._joining_extents(requests, batch, max_rows, budget)
         room = self.settings.max_new_tokens
         n, need = batch.n, max(batch.need, default=0)
         if (r := requests.peek()) is None:
@@ -379,6 +388,28 @@ class Engine:
             need = wider
         return out
 
+    def _joining_extents(self, requests: Requests, batch: ExtentCache, max_rows: int, budget: int) -> list[Request]:
+        """_joining for a cache of extents: the next rows, in order, while a place is free and a free
+        range of the buffer fits each row's need (their extents are taken: batch.waiting). With rows
+        running, they join only if they are an eighth of the places, or take an eighth of the buffer,
+        or are the last rows (else they wait for more room, and their extents are given back)."""
+        room, n = self.settings.max_new_tokens, batch.n
+        out: list[Request] = []
+        starts: list[int] = []
+        while n + len(out) < max_rows and (r := requests.peek()) is not None:
+            placed = batch.place([len(r.ids) + room], budget, max_rows)
+            if placed is None:
+                break
+            out.append(requests.take())
+            starts += placed
+        needs = [len(r.ids) + room for r in out]
+        if n and out and requests.peek() is not None and len(out) < max(1, max_rows // REFILL_FRACTION) and sum(needs) < batch.tokens // REFILL_FRACTION:
+            batch.give_back(starts, needs)
+            requests.put_back(out)
+            return []
+        batch.waiting = {id(r): start for r, start in zip(out, starts)}
+        return out
+
     def _rows_budget(self, requests: Requests, batch: SlotCache, budget: int) -> int:
         """The token budget left for the rows' slots beside the shared prefixes held. With no row
         running, prefixes that leave too little for the next row are dropped (it may start from none)."""
@@ -400,7 +431,7 @@ class Engine:
         n, room = batch.n, self.settings.max_new_tokens
         need = max(max(batch.need, default=0), max(len(r.ids) for r in joining) + room)
         fit = max(n + 1, (budget - sum(map(len, kept))) // need)
-        if kept and not (batch.slots >= n + len(joining) and batch.columns >= need) and n + len(joining) > fit:
+        if kept and not self.extents and not (batch.slots >= n + len(joining) and batch.columns >= need) and n + len(joining) > fit:
             # a new buffer: fewer rows join now, so that it leaves room to keep the prefixes for the next ones
             requests.put_back(joining[fit - n :])
             del joining[fit - n :]
@@ -419,11 +450,12 @@ class Engine:
             if a == 0:
                 need = max(max(batch.need, default=0), max(lengths) + room)
                 batch.reserve(n + len(joining), need, [k for k, _ in layers], budget - sum(map(len, kept)), max_rows)
+            placed = {"starts": [batch.waiting.pop(id(r)) for r in joining[a:b]]} if self.extents else {}
             batch.add(n + a, lengths[a:b], [length + room for length in lengths[a:b]], layers, [r.seed for r in joining[a:b]], source, fixed,
-                      [self.prefixes.tag(u) for u in uses[a:b]])
+                      [self.prefixes.tag(u) for u in uses[a:b]], **placed)
             batch.see(n + a, [r.ids for r in joining[a:b]])
             chosen.append(self.step.pick(logits, batch.state[:, n + a : n + b], None if batch.seen is None else batch.seen[n + a : n + b]))
-        spare = budget - batch.slots * batch.columns
+        spare = budget - batch.tokens
         self.prefixes.keep({key for key, total in zip(kept, itertools.accumulate(map(len, kept))) if total <= spare})  # (shortest first)
         return self._report([Running(r) for r in joining], torch.cat(chosen, dim=1))
 

@@ -11,6 +11,12 @@ on the device. A row can join whenever a slot is free and its prompt plus max_ne
 buffer's columns, whatever the other rows' ages. A decode step reads either the running rows'
 columns (the fewest) or the whole buffer (the same shapes and addresses at every step, which a CUDA
 graph needs).
+
+In a SlotCache every slot is as wide as the widest running row, so the token budget holds
+budget // widest rows: 183 of the 512 allowed while the bench's longest prompts run (1,145 columns
+each). An ExtentCache (where decode attention reads each row's own keys: batch.decode_attention)
+gives each row only its own need, a range of one buffer's columns (an extent), so the budget holds
+rows up to the sum of their needs.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from transformers.cache_utils import DynamicLayer
 
 _buffers = itertools.count(1)  # names every buffer made, so that graphs captured on one are not replayed on another
 IDS, POS, SEED, COUNT = range(4)  # the rows of SlotCache.state: next input id, position, seed, tokens generated
+START, LIMIT = 4, 5  # ExtentCache.state's too: the row's first column in the buffer, its last position (need - 1)
 
 
 def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -108,6 +115,7 @@ class StepInputs:
     columns: int  # the columns read: [0, columns)
     seen: torch.Tensor | None = None  # [rows, vocab] bool: the tokens of each row's prompt and answer (SlotCache.seen)
     shared: object = None  # the first columns every row has, read once (SlotCache.shared)
+    extents: bool = False  # rows are in extents of one buffer (ExtentCache): state[START] and state[LIMIT] place them
 
 
 class SlotCache:
@@ -131,6 +139,11 @@ class SlotCache:
         # from a shared prefix instead of from each slot (batch.decode_attention.SharedColumns; set by the engine)
         self.state = self.at = None
         self.buffer = 0  # which buffers these are (a new number each time they are made)
+
+    @property
+    def tokens(self) -> int:
+        """The cache tokens the buffers hold for rows (against the token budget)."""
+        return self.slots * self.columns
 
     @property
     def used(self) -> int:
@@ -228,3 +241,185 @@ class SlotCache:
     def advance(self) -> None:
         """The step has been launched: every running row's next token goes one column further."""
         self.pos = [p + 1 for p in self.pos]
+
+
+class Extents:
+    """The free column ranges of a buffer of `capacity` columns, for rows that each take one range
+    (an extent) of their own need: first fit, and ranges given back merge with their neighbours."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.holes: list[list[int]] = [[0, capacity]]  # [start, end), in order, none empty or touching
+
+    @property
+    def free(self) -> int:
+        return sum(end - start for start, end in self.holes)
+
+    def take(self, need: int) -> int | None:
+        """The first column of a free range of `need` columns, now taken; None if no hole is as wide."""
+        for i, (start, end) in enumerate(self.holes):
+            if end - start >= need:
+                if end - start == need:
+                    del self.holes[i]
+                else:
+                    self.holes[i][0] += need
+                return start
+        return None
+
+    def give(self, start: int, need: int) -> None:
+        """Free columns [start, start + need)."""
+        end = start + need
+        i = next((i for i, (s, _) in enumerate(self.holes) if s > start), len(self.holes))
+        if i and self.holes[i - 1][1] == start:  # joins the hole before
+            i -= 1
+            self.holes[i][1] = end
+        else:
+            self.holes.insert(i, [start, end])
+        if i + 1 < len(self.holes) and self.holes[i + 1][0] == end:  # ... and the one after
+            self.holes[i][1] = self.holes.pop(i + 1)[1]
+
+
+class ExtentLayer(DynamicLayer):
+    """One layer's KV cache with each row in its own columns of one buffer [1, heads, columns,
+    head_dim]. A decode step writes row i's key and value at column at[i] (its first column + its
+    position) and hands attention the whole buffer: each row's keys are read from its own extent
+    (batch.decode_attention.RowKeys.starts)."""
+
+    def __init__(self, like: torch.Tensor, columns: int):
+        super().__init__()
+        shape = (1, like.shape[1], columns, like.shape[3])
+        self.buf_k, self.buf_v = like.new_zeros(shape), like.new_zeros(shape)
+        self.keys, self.values = self.buf_k, self.buf_v
+        self.device, self.is_initialized = like.device, True
+        self.at = None
+
+    def read(self, at: torch.Tensor) -> None:
+        self.at = at
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        # [rows, heads, 1, dim] -> each row's column of the buffer [1, heads, columns, dim]
+        self.buf_k[0].index_copy_(1, self.at, key_states[:, :, 0].transpose(0, 1))
+        self.buf_v[0].index_copy_(1, self.at, value_states[:, :, 0].transpose(0, 1))
+        return self.keys, self.values
+
+    def write(self, columns: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Put keys and values [heads, k, dim] into `columns` [k] of the buffer."""
+        self.buf_k[0].index_copy_(1, columns, keys)
+        self.buf_v[0].index_copy_(1, columns, values)
+
+
+class ExtentCache(SlotCache):
+    """A SlotCache whose rows each hold only their own need: row i's column p is column start[i] + p
+    of one buffer of `capacity` columns (the token budget), and a row joins wherever a free range
+    of its need is (Extents). Rows leaving free their range: nothing is copied, only their state.
+    Slots beyond the running rows (a fixed-shape step's padding) write in scratch columns past the
+    capacity, one each. `columns` is the widest need placed (the most keys a row reads)."""
+
+    def __init__(self, model_config, device, vocab: int = 0):
+        super().__init__(model_config, device, vocab)
+        self.longest = getattr(model_config, "max_position_embeddings", None) or 4096  # bounds the capacity of an unbounded budget
+        self.extents: Extents | None = None
+        self.start: list[int] = []  # slot -> its row's first column
+        self.waiting: dict[int, int] = {}  # rows placed, not joined yet (the engine's key) -> their first columns
+
+    @property
+    def tokens(self) -> int:
+        return self.extents.capacity if self.extents else 0
+
+    def place(self, needs: list[int], budget: int, max_rows: int) -> list[int] | None:
+        """Take an extent for each of rows of these needs, in order (all or none): their first
+        columns. The capacity is the token budget (at most max_rows of the model's longest sequence),
+        made anew for a row wider than it when no row is running or placed."""
+        if self.extents is None or (not self.n and self.extents.free == self.extents.capacity < needs[0]):
+            self.extents = Extents(max(min(budget, max_rows * self.longest), needs[0]))
+        starts = []
+        for need in needs:
+            start = self.extents.take(need)
+            if start is None:
+                for s, n in zip(starts, needs):
+                    self.extents.give(s, n)
+                return None
+            starts.append(start)
+        return starts
+
+    def give_back(self, starts: list[int], needs: list[int]) -> None:
+        for start, need in zip(starts, needs):
+            self.extents.give(start, need)
+
+    def reserve(self, n: int, need: int, like: list[torch.Tensor], budget: int, max_rows: int) -> None:
+        """Buffers of the extents' capacity (+ a scratch column per slot) and max_rows slots (at least
+        n), made once: with rows running they are kept, and only the widest need is raised."""
+        if self.slots >= n and self.cache.layers and self.cache.layers[0].buf_k.shape[2] == self.extents.capacity + self.slots:
+            if need > self.columns:  # a wider row reads more keys: the decode step's graphs are captured again
+                self.columns, self.buffer = need, next(_buffers)
+            return
+        assert not self.n, "an ExtentCache's buffers are remade only with no rows running"
+        self.cache.layers = []
+        slots = max(n, max_rows)
+        self.cache.layers = [ExtentLayer(k, self.extents.capacity + slots) for k in like]
+        self.state = torch.zeros((6, slots), dtype=torch.long, device=self.device)
+        self.at = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.slots, self.columns = slots, need
+        self._scratch(0)
+        if self.vocab:
+            self.seen = torch.zeros((slots, self.vocab), dtype=torch.bool, device=self.device)
+        self.buffer = next(_buffers)
+
+    def _scratch(self, a: int) -> None:
+        """Slots [a, slots) are padding: each writes its own scratch column, at position 0."""
+        self.state[START, a:] = torch.arange(self.extents.capacity + a, self.extents.capacity + self.slots, device=self.device)
+        self.state[LIMIT, a:] = 0
+
+    def add(self, a: int, lengths: list[int], needs: list[int], layer_keys: list[tuple[torch.Tensor, torch.Tensor]], seeds: list[int],
+            source: torch.Tensor | None = None, fixed: int = 0, prefixes: list[tuple | None] | None = None,
+            starts: list[int] | None = None) -> None:
+        """SlotCache.add, each row into its extent (`starts`: their first columns, from place)."""
+        rows, width = len(lengths), layer_keys[0][0].shape[-2]
+        if source is None:
+            source = front_first(lengths, width, self.device)
+        # Row i's column j < lengths[i] goes to column starts[i] + j of the buffer, from column j of its
+        # keys for j < fixed, else from column fixed + source[i, j - fixed]: indexes made on the host
+        # (no device sync: the rows' lengths are known there), the source columns on the device.
+        row, column = torch.cat([torch.stack([torch.full((n,), i), torch.arange(n)]) for i, n in enumerate(lengths)], dim=1)
+        into = to_device(torch.tensor(starts)[row] + column, self.device)
+        row, column = to_device(row, self.device), to_device(column, self.device)
+        whence = torch.cat([torch.arange(fixed, device=source.device).expand(rows, fixed), source + fixed], dim=1)[row, column]
+        for layer, (k, v) in zip(self.cache.layers, layer_keys):
+            layer.write(into, k[row, :, whence].transpose(0, 1), v[row, :, whence].transpose(0, 1))  # [heads, columns, dim]
+        b = a + rows
+        self.state[[POS, SEED, START, LIMIT], a:b] = to_device(
+            torch.tensor([lengths, seeds, starts, [need - 1 for need in needs]], dtype=torch.long), self.device)
+        self.state[COUNT, a:b] = 0
+        self.pos = self.pos[:a] + list(lengths)
+        self.need = self.need[:a] + list(needs)
+        self.start = self.start[:a] + list(starts)
+        self.prefix = self.prefix[:a] + (list(prefixes) if prefixes is not None else [None] * rows)
+        self.n = b
+
+    def select(self, order: list[int]) -> None:
+        """Keep the rows now in slots `order`: the others' extents are freed; only state moves."""
+        kept = set(order)
+        for slot in range(self.n):
+            if slot not in kept:
+                self.extents.give(self.start[slot], self.need[slot])
+        moves = [(src, dst) for dst, src in enumerate(order) if src != dst]
+        if moves:
+            src, dst = to_device(torch.tensor([[s for s, _ in moves], [d for _, d in moves]], dtype=torch.long), self.device)
+            self.state[:, dst] = self.state[:, src]
+            if self.seen is not None:
+                self.seen[dst] = self.seen[src]
+        self.start = [self.start[s] for s in order]
+        self.pos = [self.pos[s] for s in order]
+        self.need = [self.need[s] for s in order]
+        self.prefix = [self.prefix[s] for s in order]
+        self.n = len(order)
+        self._scratch(self.n)
+
+    def step(self, rows: int, whole: bool) -> StepInputs:
+        """The next decode step over slots [0, rows): every layer hands attention its whole buffer;
+        each row reads at most `columns` keys (the widest need or, not `whole`, the most filled + 1)."""
+        columns = self.columns if whole else min(self.used + 1, self.columns)
+        at = self.at[:rows]
+        for layer in self.cache.layers:
+            layer.read(at)
+        return StepInputs(self.state[:, :rows], at, columns, None if self.seen is None else self.seen[:rows], None, extents=True)

@@ -118,7 +118,7 @@ def test_every_row_decodes_as_alone_reading_its_own_keys(variant):
         return reference_kernel(query, key, value, seqstart_q, seqstart_k, max_q, max_k, seqlen_k, scale)
 
     for fixed_shapes in (False, True):
-        engine = Engine(sdpa.model, sdpa.tokenizer, sdpa.settings, fixed_shapes=fixed_shapes, rows_kernel=kernel)
+        engine = Engine(sdpa.model, sdpa.tokenizer, sdpa.settings, fixed_shapes=fixed_shapes, rows_kernel=kernel, extents=False)  # (extents: test_extents.py)
         for max_rows, budget, shuffle in [(8, 10**9, False), (6, 600, True)]:
             got = streamed(engine, ids, max_rows, budget, shuffle)
             mismatches = [(i, e, g) for i, (e, g) in enumerate(zip(expected, got)) if e != g]
@@ -130,7 +130,8 @@ def test_every_row_decodes_as_alone_reading_its_own_keys(variant):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_on_a_gpu_pytorchs_kernel_reads_each_rows_own_keys(capsys):
     """PyTorch's kernel passes the check in bf16 and float32, and the tiny model on the GPU (float32)
-    decodes with it, eagerly and replayed as graphs, the tokens of the sdpa steps."""
+    decodes with it, eagerly and replayed as graphs, from a cache of extents and of slots, the tokens
+    of the sdpa steps."""
     from batch.config import GenerationSettings
     from batch.loading import load_model
     from tests.test_exactness import model_config
@@ -139,14 +140,16 @@ def test_on_a_gpu_pytorchs_kernel_reads_each_rows_own_keys(capsys):
     assert check(device, torch.bfloat16)[0] and check(device, torch.float32)[0]
     model, tokenizer = load_model(model_config("float32+lora", device_map="cuda:0"))
     settings = GenerationSettings(max_new_tokens=MAX_NEW, do_sample=False)
-    plain = Engine(model, tokenizer, settings, cuda_graphs=False, fixed_shapes=False)
+    plain = Engine(model, tokenizer, settings, cuda_graphs=False, fixed_shapes=False, extents=False)
     plain.step.rows_kernel = None  # sdpa with the mask
     ids = plain.tokenize(prompts_40())
     expected = streamed(plain, ids, 8, 10**9, shuffle=True)
     for graphs in (False, True):
-        engine = Engine(model, tokenizer, settings, cuda_graphs=graphs)
-        assert engine.step.rows_kernel is decode_attention.efficient_attention_kernel
-        assert streamed(engine, ids, 8, 10**9, shuffle=True) == expected
+        for extents in (None, False):  # (the default: each row in its own extent of one buffer; slots)
+            engine = Engine(model, tokenizer, settings, cuda_graphs=graphs, extents=extents)
+            assert engine.step.rows_kernel is decode_attention.efficient_attention_kernel and engine.extents == (extents is None)
+            assert streamed(engine, ids, 8, 10**9, shuffle=True) == expected
+            assert streamed(engine, ids, 6, 700, shuffle=True) == expected  # (a budget that binds)
     assert "decode attention: each row reads its own keys only" in capsys.readouterr().err
 
 

@@ -140,10 +140,11 @@ def prefill_rate(engine: Engine, vocab: int, merged: bool = False, shapes=((8, 1
 
 
 def attention_ab(model, tokenizer, requests, args) -> None:
-    """The same stream, steps replayed as graphs: each row's own keys, then sdpa over the whole buffer."""
+    """The same stream, steps replayed as graphs: each row's own keys from a cache of extents (the
+    default), from slots as wide as the widest row, then sdpa over the whole buffer of slots."""
     settings = GenerationSettings(max_new_tokens=args.ab_max_new, do_sample=False, stop=[])
-    for label in ("own keys", "sdpa mask"):
-        engine = Engine(model, tokenizer, settings, fixed_shapes=True)
+    for label in ("own keys", "own keys, slots", "sdpa mask"):
+        engine = Engine(model, tokenizer, settings, fixed_shapes=True, extents=None if label == "own keys" else False)
         if label == "sdpa mask":
             engine.step.rows_kernel = None
         elif engine.step.rows_kernel is None:
@@ -151,7 +152,7 @@ def attention_ab(model, tokenizer, requests, args) -> None:
             return
         out = list(SafeGenerator(engine, args.rows, args.tokens, args.ab_max_new).stream(requests))
         steps = max(engine.decode_steps, 1)
-        print(f"attention A/B: {label:<9}: {len(out)} rows, {engine.steps} decode steps ({engine.decode_steps} replayed, "
+        print(f"attention A/B: {label:<15}: {len(out)} rows, {engine.steps} decode steps ({engine.decode_steps} replayed, "
               f"{1000 * engine.decode_seconds / steps:.2f} ms each), {engine.row_steps / max(engine.steps, 1):.1f} rows in flight, "
               f"{engine.step.captures} captures ({engine.capture_seconds:.1f}s), prefill {engine.prefill_seconds:.2f}s", flush=True)
 

@@ -1,15 +1,18 @@
 """The engine's scheduling without a GPU: decode steps, rows in flight and prefills for a workload.
 
-    python tools/schedule_sim.py [--prompts 1024] [--rows 512] [--tokens 212992] [--shared 400 --median 60] [--no-share]
+    python tools/schedule_sim.py [--prompts 1024] [--rows 512] [--tokens 212992] [--shared 400 --median 60] [--no-share] [--slots]
 
-Runs the real Engine.stream and SlotCache (joining, prefill groups, buffers remade, rows leaving) on
+Runs the real Engine.stream and its KV cache (joining, prefill groups, buffers made, rows leaving) on
 the CPU with the tiny model's prefill, but a stand-in decode step (tests/test_engine_parts.EndsAt) whose rows end at answer lengths
 drawn like those of the H200 bench run (jobs/bench-gpu.yaml's tilted 7B model: median 19, mean ~30,
 a few at 128), and prompts drawn like the bench's (lognormal, median 120, max 1,000; random token ids,
-after a head of `--shared` tokens that every prompt starts with: the annotation shape). It prints the
-decode steps, the rows in flight on average, the prefill forwards, the keys a decode step's attention
-reads (sdpa with the mask over the whole buffer, or each row's own: batch.decode_attention), the
-prompt tokens shared (batch.prefix) and prefilled, and the buffers made: the figures the scheduling decides, not the speed of any device.
+after a head of `--shared` tokens that every prompt starts with: the annotation shape). The cache is
+a GPU's where decode attention reads each row's own keys: each row in its own extent of one buffer
+(ExtentCache), or with `--slots` every slot as wide as the widest running row (SlotCache, the CPU's
+and a GPU's without the kernel). It prints the decode steps, the rows in flight on average, the
+prefill forwards, the keys a decode step's attention reads (each row's own; with --slots also sdpa
+with the mask over the whole buffer), the prompt tokens shared (batch.prefix) and prefilled, and the
+buffers made: the figures the scheduling decides, not the speed of any device.
 """
 
 import argparse
@@ -23,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from batch import kv_cache  # noqa: E402
 from batch.config import GenerationSettings  # noqa: E402
+from batch.decode_attention import reference_kernel  # noqa: E402
 from batch.engine import Engine, Request, SafeGenerator  # noqa: E402
 from batch.loading import load_model  # noqa: E402
 from batch.plan import plan_batches  # noqa: E402
@@ -39,16 +43,18 @@ def main() -> None:
     p.add_argument("--median", type=int, default=120)  # prompt tokens (after the shared head)
     p.add_argument("--shared", type=int, default=0)  # tokens of a head every prompt starts with
     p.add_argument("--no-share", action="store_true")  # batching.share_prefix: false
+    p.add_argument("--slots", action="store_true")  # every row as wide as the widest (SlotCache), not its own extent (ExtentCache)
     args = p.parse_args()
     rng = np.random.default_rng(0)
     prompt_lengths = args.shared + np.clip(np.round(rng.lognormal(math.log(args.median), 0.9, args.prompts)), 8, 1000).astype(int)
     answers = np.clip(np.round(rng.lognormal(math.log(19), 1.1, args.prompts)), 1, args.max_new).astype(int)
     model, tokenizer = load_model(model_config("float32"))
     engine = Engine(model, tokenizer, GenerationSettings(max_new_tokens=args.max_new, do_sample=False, stop=[]), fixed_shapes=True,
-                    share_prefix=not args.no_share)
+                    share_prefix=not args.no_share, rows_kernel=reference_kernel, extents=not args.slots)
     engine.step = EndsAt(answers.tolist())  # row i (seed i) ends after answers[i] tokens
+    cache_class = kv_cache.SlotCache if args.slots else kv_cache.ExtentCache
     buffers = []
-    reserve = kv_cache.SlotCache.reserve
+    reserve = cache_class.reserve
 
     def counted(cache, *a, **k):
         before = cache.buffer
@@ -56,17 +62,19 @@ def main() -> None:
         if cache.buffer != before:
             buffers.append((engine.steps, cache.slots, cache.columns))
 
-    kv_cache.SlotCache.reserve = counted
+    cache_class.reserve = counted
     keys_read = {"whole buffer": 0, "own keys": 0}  # keys the decode steps' attention reads, all rows together
-    step = kv_cache.SlotCache.step
+    held = [0]
+    step = cache_class.step
 
     def reading(cache, rows, whole):
         inputs = step(cache, rows, whole)
         keys_read["whole buffer"] += rows * inputs.columns  # sdpa with the mask: every column read, for every row computed
         keys_read["own keys"] += sum(p + 1 for p in cache.pos[: cache.n]) + (rows - cache.n)  # batch.decode_attention
+        held[0] += sum(cache.need[: cache.n])  # the cache tokens the running rows may take (their prompts + max_new_tokens)
         return inputs
 
-    kv_cache.SlotCache.step = reading
+    cache_class.step = reading
     order = [i for batch in plan_batches(prompt_lengths.tolist(), args.max_new, 32, 65536) for i in batch]
     head = [1] + rng.integers(5, len(tokenizer), args.shared).tolist()
     requests = (Request(i, head + rng.integers(5, len(tokenizer), int(prompt_lengths[i]) - len(head)).tolist(), i) for i in order)
@@ -74,12 +82,14 @@ def main() -> None:
     assert len(done) == args.prompts and not any(c.error for _, c in done)
     print(f"{args.prompts} prompts ({prompt_lengths.sum()} tokens), answers: median {np.median(answers):.0f}, mean {answers.mean():.1f}, "
           f"{(answers == args.max_new).mean():.1%} at {args.max_new}; running batch: {args.rows} rows within {args.tokens} tokens")
-    print(f"decode steps {engine.steps}, rows in flight {engine.row_steps / engine.steps:.1f}, prefill forwards {engine.prefills} "
+    print(f"decode steps {engine.steps}, rows in flight {engine.row_steps / engine.steps:.1f} (their needs {held[0] / engine.steps / args.tokens:.0%} "
+          f"of the token budget), prefill forwards {engine.prefills} "
           f"({engine.padded_prompt_tokens / engine.prefills:.0f} positions each); prompt tokens shared {engine.shared_prompt_tokens}, "
           f"prefilled {engine.prefilled_prompt_tokens} ({engine.prefilled_prompt_tokens / prompt_lengths.sum():.1%})")
-    per_step = {k: v / engine.steps for k, v in keys_read.items()}
+    per_step = {k: v / engine.steps for k, v in keys_read.items() if args.slots or k == "own keys"}
     print("keys read by a decode step's attention, on average: " + ", ".join(f"{k} {v:,.0f}" for k, v in per_step.items())
-          + f" ({per_step['whole buffer'] / per_step['own keys']:.1f}x); for the 7B model in bf16 (0.5 MiB a key and value, 32 layers): "
+          + (f" ({per_step['whole buffer'] / per_step['own keys']:.1f}x)" if args.slots else "")
+          + "; for the 7B model in bf16 (0.5 MiB a key and value, 32 layers): "
           + ", ".join(f"{k} {v * 2**19 / 2**30:.1f} GiB" for k, v in per_step.items()))
     print("buffers made (at step: slots x columns): " + ", ".join(f"{s}: {r} x {c}" for s, r, c in buffers))
 

@@ -1,0 +1,155 @@
+"""A KV cache of extents (batch.kv_cache.ExtentCache): each row holds only its own need, a range of
+one buffer's columns, where decode attention reads each row's own keys (a GPU's kernel; on the CPU
+its contract, reference_kernel).
+
+Rows still decode exactly as alone (float32 and NF4 + LoRA, both kinds of decode step, refills,
+budgets that bind, shuffled widths, the generation options, shared prefixes, sampling); a row
+computed past its end and padding rows write only their own columns; and a token budget holds the
+rows' needs, not rows x the widest need: more rows in flight and fewer steps where a wide row runs.
+"""
+
+import pytest
+import torch
+
+from batch.config import GenerationSettings
+from batch.decode_attention import reference_kernel
+from batch.decode_step import DecodeStep
+from batch.engine import Engine, Request, Requests
+from batch.kv_cache import COUNT, LIMIT, POS, START, ExtentCache, Extents
+from batch.prefix import Prefixes
+from tests.test_engine_parts import EndsAt
+from tests.test_exactness import MAX_NEW, OPTIONS, load, prompts_40, reference, result, streamed
+from tests.test_prefix import shared_prompts
+
+
+def extents_of(engine: Engine, fixed_shapes: bool) -> Engine:
+    """The same model and settings, decoding through a cache of extents (attention: the kernel's contract)."""
+    return Engine(engine.model, engine.tokenizer, engine.settings, fixed_shapes=fixed_shapes, rows_kernel=reference_kernel, extents=True)
+
+
+@pytest.mark.parametrize("steps, holes", [
+    ([("take", 4, 0), ("take", 3, 4), ("take", 5, None)], [[7, 10]]),  # first fit; 5 columns do not fit the 3 left
+    ([("take", 4, 0), ("take", 3, 4), ("give", 0, 4), ("take", 2, 0)], [[2, 4], [7, 10]]),  # a hole before a taken range
+    ([("take", 4, 0), ("take", 3, 4), ("give", 0, 4), ("give", 4, 3)], [[0, 10]]),  # ranges given back merge with both neighbours
+    ([("take", 3, 0), ("take", 3, 3), ("take", 4, 6), ("give", 3, 3), ("give", 6, 4)], [[3, 10]]),  # ... with the hole after
+    ([("take", 10, 0), ("take", 1, None), ("give", 0, 10), ("take", 10, 0)], []),  # exactly full
+])
+def test_extents_take_the_first_hole_that_fits_and_merge_what_is_given_back(steps, holes):
+    extents = Extents(10)
+    for op, a, b in steps:
+        if op == "take":
+            assert extents.take(a) == b
+        else:
+            extents.give(a, b)
+    assert extents.holes == holes and extents.free == sum(end - start for start, end in holes)
+
+
+def test_the_capacity_is_the_budget_and_is_remade_only_with_no_row_placed():
+    cache = ExtentCache(load("float32").model.config, "cpu")
+    assert cache.place([5, 4], budget=12, max_rows=8) == [0, 5] and cache.tokens == 12
+    assert cache.place([4], budget=12, max_rows=8) is None  # 3 columns left: all or none, nothing taken
+    assert cache.extents.free == 3
+    cache.give_back([0, 5], [5, 4])
+    assert cache.place([20], budget=12, max_rows=8) == [0] and cache.tokens == 20  # nothing placed: made for the wider row
+    unbounded = ExtentCache(load("float32").model.config, "cpu")
+    unbounded.place([5], budget=10**12, max_rows=8)
+    assert unbounded.tokens == 8 * 2048  # at most max_rows of the model's longest sequence
+
+
+def test_a_row_computed_past_its_end_and_padding_rows_write_only_their_own_columns():
+    """Two rows side by side (needs 3 and 2: columns 0-2 and 3-4), the first computed one step past
+    its end (as a fixed-shape step launched ahead of the host does), two padding slots: each writes
+    the column of its own position -- the first row its last, padding its scratch column."""
+    config = load("float32").model.config
+    cache = ExtentCache(config, "cpu")
+    starts = cache.place([3, 2], budget=5, max_rows=4)
+    like = torch.zeros(1, 1, 1, 2)
+    cache.reserve(2, 3, [like], budget=5, max_rows=4)
+    keys = torch.full((2, 1, 2, 2), -1.0)  # each row's prompt: 2 columns, marked -1
+    cache.add(0, [2, 1], [3, 2], [(keys, keys)], seeds=[0, 0], starts=starts)
+    cache.state[POS, 0] = 3  # past its need (3 columns: positions 0-2)
+    written = []
+
+    def forward(ids, mask, positions, kv, row_keys, shared):
+        rows = ids.shape[0]
+        values = torch.arange(1.0, rows + 1)[:, None, None, None].expand(rows, 1, 1, 2)  # row i writes i + 1
+        written.append((positions[:, 0].tolist(), row_keys.lengths.tolist(), row_keys.starts.tolist()))
+        kv.layers[0].update(values, values)
+        return torch.zeros(rows, 8)
+
+    step = DecodeStep(forward, GenerationSettings(max_new_tokens=8, do_sample=False), [], "cpu", None, graphs=False, rows_kernel=reference_kernel)
+    step(cache, 4, whole=True)
+    buffer = cache.cache.layers[0].buf_k[0, 0, :, 0].tolist()
+    assert buffer == [-1, -1, 1, -1, 2, 0, 0, 3, 4]  # row 0 its last column, row 1 its column 1, padding slots 2-3 scratch 7-8 (5 + slot)
+    assert written == [([2, 1, 0, 0], [3, 2, 1, 1], [0, 3, 7, 8, 0])]
+    assert cache.state[COUNT, :2].tolist() == [1, 1] and cache.state[[START, LIMIT], 2:].tolist() == [[7, 8], [0, 0]]
+
+
+@pytest.mark.parametrize("variant, options", [("float32", {}), ("nf4+lora", {}), ("float32", OPTIONS)], ids=["float32", "nf4+lora", "options"])
+def test_every_row_decodes_as_alone_from_its_own_extent(variant, options, monkeypatch):
+    engine = load(variant, **options)
+    ids = engine.tokenize(prompts_40())
+    expected = [reference(engine, p) for p in ids]
+    longest = max(map(len, ids)) + MAX_NEW
+    placed = []  # (rows placed or None, a capacity made anew for a wider row) of every placing
+    place = ExtentCache.place
+
+    def counted(cache, *args):
+        before = cache.extents
+        starts = place(cache, *args)
+        placed.append((starts, before is not None and cache.extents is not before))
+        return starts
+
+    monkeypatch.setattr(ExtentCache, "place", counted)
+    # unbounded; shuffled (wider rows come later) within a budget under 2 of the longest rows, and under 1
+    streams = [(8, 10**9, False), (6, 2 * longest - 1, True), (4, longest - 5, True)]
+    for fixed in (False, True):
+        e = extents_of(engine, fixed)
+        for max_rows, budget, shuffle in streams[1:] if fixed and variant != "float32" else streams:
+            got = streamed(e, ids, max_rows, budget, shuffle)
+            mismatches = [(i, x, y) for i, (x, y) in enumerate(zip(expected, got)) if x != y]
+            assert not mismatches, (fixed, max_rows, budget, mismatches[:3])
+    assert any(r is None for r, _ in placed)  # rows waited for room
+    assert any(remade for _, remade in placed)  # a row wider than the budget, alone
+
+
+@pytest.mark.parametrize("variant", ["float32", "nf4+lora"])
+def test_shared_prefixes_copied_into_extents_give_the_reference_outputs(variant):
+    engine = load(variant)
+    ids = engine.tokenize(shared_prompts())
+    expected = [reference(engine, p) for p in ids]
+    longest = max(map(len, ids))
+    for fixed, (max_rows, budget, shuffle) in [(False, (8, 10**9, False)), (True, (5, 4 * (longest + MAX_NEW), True)),
+                                                (False, (3, 3 * (longest + MAX_NEW), False))]:
+        e = extents_of(engine, fixed)
+        e.prefixes = Prefixes(min_saved=0, saved_share=0)  # the document too: two levels
+        got = streamed(e, ids, max_rows, budget, shuffle)
+        mismatches = [(i, x, y) for i, (x, y) in enumerate(zip(expected, got)) if x != y]
+        assert not mismatches, (fixed, max_rows, budget, mismatches[:3])
+        assert e.shared_prompt_tokens > 0.5 * sum(map(len, ids))
+
+
+def test_sampled_rows_draw_the_tokens_they_draw_alone():
+    engine = load("float32+lora", do_sample=True, temperature=0.9, top_p=0.7, top_k=100)
+    ids = engine.tokenize(prompts_40()[:16])
+    seeds = [7 * i + 1 for i in range(len(ids))]
+    alone = [result(engine.generate([p], [s])[0]) for p, s in zip(ids, seeds)]
+    assert streamed(extents_of(engine, True), ids, 6, 700, shuffle=True, seeds=seeds) == alone
+
+
+def test_a_token_budget_holds_the_rows_needs_not_rows_times_the_widest():
+    """One wide row answers 24 tokens while 19 narrow ones come and go: within a budget of 4 rows of
+    the widest, slots as wide as it hold 4 rows at a time; extents hold 8 (max_rows)."""
+    tiny = load("float32")
+    ids = sorted(tiny.tokenize(prompts_40()[:20]), key=len, reverse=True)
+    budget = 4 * (len(ids[0]) + 24)
+    figures = {}
+    for extents in (False, True):
+        engine = Engine(tiny.model, tiny.tokenizer, GenerationSettings(max_new_tokens=24, do_sample=False, stop=[]), fixed_shapes=True,
+                        rows_kernel=reference_kernel, extents=extents)
+        engine.step = EndsAt([24] + [4] * 19)  # (a stand-in step: row k ends after answers[k] tokens)
+        done = list(engine.stream(Requests(Request(i, p, i) for i, p in enumerate(ids)), 8, budget))
+        assert sorted(k for k, _ in done) == list(range(20))
+        figures[extents] = (engine.row_steps / engine.steps, engine.steps)
+    (slot_rows, slot_steps), (extent_rows, extent_steps) = figures[False], figures[True]
+    assert slot_rows <= 4 < extent_rows and extent_steps < slot_steps, figures
