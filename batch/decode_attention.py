@@ -50,17 +50,25 @@ def planless_sdpa() -> str:
     return "prefill attention: sdpa without cuDNN (no per-shape plan on the host)"
 
 
-def efficient_attention_kernel(query, key, value, seqstart_q, seqstart_k, max_q: int, max_k: int, seqlen_k, scale: float) -> torch.Tensor:
+CAUSAL_FROM_BOTTOM_RIGHT = 2  # the kernel's custom_mask_type (torch.nn.attention.bias.CausalVariant.LOWER_RIGHT)
+
+
+def efficient_attention_kernel(query, key, value, seqstart_q, seqstart_k, max_q: int, max_k: int, seqlen_k, scale: float,
+                               causal: bool = False) -> torch.Tensor:
     """PyTorch's memory-efficient attention over variable-length sequences (CUDA): query [1, Q, H, D]
     packed, key and value [1, K, H, D]; sequence b is queries seqstart_q[b]:seqstart_q[b+1] over keys
     seqstart_k[b] : seqstart_k[b] + seqlen_k[b] (int32 device tensors), in each of the H heads.
+    `causal`: a sequence's last query attends to all its keys, the one before to all but the last,
+    and so on (causal from the bottom right: a prefill's queries after the keys of its past).
     Returns [1, Q, H, D]."""
+    mask_type = CAUSAL_FROM_BOTTOM_RIGHT if causal else 0
     return torch.ops.aten._efficient_attention_forward(
-        query, key, value, None, seqstart_q, seqstart_k, max_q, max_k, 0.0, 0, False, scale=scale, seqlen_k=seqlen_k
+        query, key, value, None, seqstart_q, seqstart_k, max_q, max_k, 0.0, mask_type, False, scale=scale, seqlen_k=seqlen_k
     )[0]
 
 
-def reference_kernel(query, key, value, seqstart_q, seqstart_k, max_q: int, max_k: int, seqlen_k, scale: float) -> torch.Tensor:
+def reference_kernel(query, key, value, seqstart_q, seqstart_k, max_q: int, max_k: int, seqlen_k, scale: float,
+                     causal: bool = False) -> torch.Tensor:
     """efficient_attention_kernel's contract in plain torch (any device; for the tests). It refuses
     what the kernel would read out of bounds: a sequence's keys past the tensor, or more than max_k."""
     starts_q, starts_k, lengths = seqstart_q.long(), seqstart_k.long(), seqlen_k.long()
@@ -73,7 +81,10 @@ def reference_kernel(query, key, value, seqstart_q, seqstart_k, max_q: int, max_
     rows = (starts_q[:-1, None] + torch.arange(max_q, device=query.device)).clamp(max=query.shape[1] - 1)
     queries = query[0, rows].float()  # [seqs, max_q, H, D]
     scores = torch.einsum("sqhd,skhd->shqk", queries, keys) * scale
-    scores = scores.masked_fill(~(columns < lengths[:, None])[:, None, None, :], float("-inf"))
+    allowed = (columns < lengths[:, None])[:, None, :]  # [seqs, 1, max_k]
+    if causal:  # query i of a sequence of n queries over L keys: keys up to L - n + i
+        allowed = allowed & (columns[None, None, :] <= (lengths - counts)[:, None, None] + torch.arange(max_q, device=query.device)[None, :, None])
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
     out = torch.einsum("shqk,skhd->sqhd", torch.softmax(scores, -1), values)
     packed = torch.zeros(query.shape[1:], dtype=torch.float32, device=query.device)
     valid = torch.arange(max_q, device=query.device) < counts[:, None]
@@ -86,12 +97,15 @@ class RowKeys:
     """What a decode step hands the attention of every layer: each row's keys to read (its position
     + 1, at most the columns read) and the kernel that reads them. `starts`: where each row's keys
     begin in a buffer of extents (batch.kv_cache.ExtentCache; int32 [rows + 1]), read over at most
-    `columns` keys; None: the rows are the slots of a SlotCache buffer."""
+    `columns` keys; None: the rows are the slots of a SlotCache buffer. `queries`: the rows are a
+    prefill's, their tokens packed into one sequence (packed_attention)."""
 
     lengths: torch.Tensor  # [rows] int32, on the device
     kernel: Callable = efficient_attention_kernel
     starts: torch.Tensor | None = None
     columns: int = 0
+    queries: torch.Tensor | None = None  # a packed prefill's: where each row's queries start (int32 [rows + 1]), causal
+    max_q: int = 0  # ... and the most queries of a row
     _sequences: dict = field(default_factory=dict, repr=False)
 
     def sequences(self, group: int, row_stride: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -120,6 +134,25 @@ def fits_extents(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) ->
     """One query position per row, over an extent buffer [1, Hk, C, D], contiguous (keys and values alike)."""
     return query.shape[2] == 1 and key.shape[0] == 1 and query.shape[1] % key.shape[1] == 0 and key.is_contiguous() and value.is_contiguous() \
         and key.shape == value.shape
+
+
+def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keys: RowKeys, scale: float) -> torch.Tensor:
+    """A prefill of rows whose tokens are packed into one sequence, none padded: query [1, Hq, T, D]
+    (row b's tokens are keys.queries[b] : keys.queries[b + 1]), key and value an extent buffer [1,
+    Hk, C, D] into which the forward has written the rows' keys and values. Row b's queries attend
+    causally to its keys.lengths[b] keys from keys.starts[b] (its past -- a shared prefix copied into
+    its extent -- then its own tokens up to each query's). One kernel call per query head of a kv
+    head (Hq / Hk: one for Llama-2-7B), the heads of each call those of the kv heads. Returns [1, T, Hq, D]."""
+    if not fits_extents(query[:, :, :1], key, value) or query.shape[0] != 1:
+        raise ValueError("packed_attention: one sequence of packed rows over an extent buffer")
+    _, heads, tokens, dim = query.shape
+    kv_heads = key.shape[1]
+    group = heads // kv_heads
+    packed_k, packed_v = (t[0].transpose(0, 1)[None] for t in (key, value))  # [1, C, Hk, D]
+    q = query[0].view(kv_heads, group, tokens, dim)
+    out = [keys.kernel(q[:, g].transpose(0, 1).reshape(1, tokens, kv_heads, dim), packed_k, packed_v, keys.queries, keys.starts, keys.max_q,
+                       keys.columns, keys.lengths, scale, causal=True) for g in range(group)]  # each [1, T, Hk, D]: query heads h * group + g
+    return torch.stack(out, dim=3).reshape(1, tokens, heads, dim)
 
 
 def rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keys: RowKeys, scale: float) -> torch.Tensor:
@@ -214,6 +247,8 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
         k, v = shared_columns.layers[module.layer_idx]
         n = shared_columns.columns
         return shared_attention(query, key[:, :, n:], value[:, :, n:], attention_mask[..., n:], k[:, :, :n], v[:, :, :n], scale), None
+    if row_keys is not None and row_keys.queries is not None:
+        return packed_attention(query, key, value, row_keys, scale), None
     if row_keys is not None and (row_keys.starts is not None or fits(query, key, value)):
         return rows_attention(query, key, value, row_keys, scale), None
     if row_keys is not None and not _warned:
@@ -269,3 +304,36 @@ def check(device: torch.device, dtype: torch.dtype, heads: int = 4, kv_heads: in
     if not distance <= CHECK_TOLERANCE:
         return False, f"its kernel's output is {distance:.2%} from sdpa's (at most {CHECK_TOLERANCE:.0%} allowed)"
     return True, f"its kernel's output is {distance:.2%} from sdpa's"
+
+
+@torch.no_grad()
+def check_packed(device: torch.device, dtype: torch.dtype, heads: int = 4, kv_heads: int = 2, dim: int = 128,
+                 kernel: Callable = efficient_attention_kernel) -> tuple[bool, str]:
+    """Does `kernel` give sdpa's output for a packed prefill (packed_attention): rows of mixed pasts
+    and lengths, their tokens in one sequence, causal over each row's own keys in an extent buffer?
+    Returns (use it, why), as check."""
+    gen = torch.Generator(device="cpu").manual_seed(1)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    pasts, lengths, starts = [0, 5, 12], [7, 1, 9], [40, 0, 70]
+    query, buffer_k, buffer_v = rand(1, heads, sum(lengths), dim), rand(1, kv_heads, 100, dim), rand(1, kv_heads, 100, dim)
+    expected, first = [], 0
+    for past, n, start in zip(pasts, lengths, starts):
+        k, v = (t[:, :, start : start + past + n].repeat_interleave(heads // kv_heads, 1) for t in (buffer_k, buffer_v))
+        mask = torch.ones(n, past + n, dtype=torch.bool, device=device).tril(past)
+        expected.append(torch.nn.functional.scaled_dot_product_attention(query[:, :, first : first + n], k, v, attn_mask=mask).transpose(1, 2))
+        first += n
+    expected = torch.cat(expected, dim=1)
+    as_int = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
+    keys = RowKeys(as_int([p + n for p, n in zip(pasts, lengths)]), kernel, as_int(starts + [100]), max(p + n for p, n in zip(pasts, lengths)),
+                   as_int([0, 7, 8, 17]), max(lengths))
+    try:
+        got = packed_attention(query, buffer_k, buffer_v, keys, dim**-0.5)
+    except Exception as e:  # noqa: BLE001 -- a private op: absent, or other arguments in this torch
+        return False, f"its kernel does not run a causal prefill here ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]})"
+    distance = ((got.float() - expected.float()).norm() / expected.float().norm()).item()
+    if not distance <= CHECK_TOLERANCE:
+        return False, f"its causal prefill is {distance:.2%} from sdpa's (at most {CHECK_TOLERANCE:.0%} allowed)"
+    return True, f"its causal prefill is {distance:.2%} from sdpa's"

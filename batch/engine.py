@@ -51,7 +51,7 @@ import torch
 from transformers import DynamicCache
 
 from batch.config import BatchingConfig, GenerationSettings, ModelConfig
-from batch.decode_attention import RowKeys, SharedColumns, check, efficient_attention_kernel, planless_sdpa, reading_rows, reads_once
+from batch.decode_attention import RowKeys, SharedColumns, check, check_packed, efficient_attention_kernel, planless_sdpa, reading_rows, reads_once
 from batch.decode_step import DecodeStep, row_bucket
 from batch.kv_cache import ExtentCache, SlotCache, compact_order, front_first, left_aligned, to_device
 from batch.loading import first_line, load_model
@@ -169,7 +169,7 @@ class Engine:
     and the host reads its tokens before the next step (the CPU's way, and a GPU's without graphs)."""
 
     def __init__(self, model, tokenizer, settings: GenerationSettings, cuda_graphs: bool = True, fixed_shapes: bool | None = None,
-                 rows_kernel: Callable | None = None, share_prefix: bool = True, extents: bool | None = None):
+                 rows_kernel: Callable | None = None, share_prefix: bool = True, extents: bool | None = None, packed_prefill: bool | None = None):
         self.model = model
         self.share_prefix = share_prefix  # joining rows' shared token prefixes prefilled once (batch.prefix)
         self.prefixes = Prefixes()
@@ -206,6 +206,11 @@ class Engine:
         self.extents = rows_kernel is not None if extents is None else extents
         if self.extents and rows_kernel is None:
             raise ValueError("a cache of extents needs decode attention over each row's own keys (rows_kernel)")
+        # ... and prefill packs the joining rows' tokens into one sequence, written straight into their extents, where the kernel does that
+        self.rows_kernel = rows_kernel
+        self.packed_prefill = self.extents and (packed_prefill if packed_prefill is not None else _checked_packed_prefill(rows_kernel, model))
+        kv_heads, head_dim = _kv_shape(model.config)
+        self._like = [torch.empty((1, kv_heads, 0, head_dim), dtype=model.get_input_embeddings().weight.dtype, device=self.device)] * model.config.num_hidden_layers
         self.step = DecodeStep(self._logits, settings, sorted(self.eos_ids | set(settings.stop_token_ids)), self.device, mask_dtype, graphs=cuda and cuda_graphs and self.fixed_shapes,
                                rows_kernel=rows_kernel)
         # time in the model's prefills, decode steps, and decode steps that captured a CUDA graph
@@ -423,9 +428,9 @@ class Engine:
     def _join(self, batch: SlotCache, joining: list[Request], requests: Requests, max_rows: int, budget: int) -> Report:
         """Prefill the joining rows into the batch's cache and choose their first tokens. Prefixes they
         share are computed once first (batch.prefix), then each row prefills only its own suffix
-        (longest first, in groups of near-equal length, so that little padding is computed) after
-        its prefix's columns, and its slot gets both, left-aligned. The prefixes are kept for the
-        next rows if the slots leave room for them in `budget`."""
+        after its prefix's columns (in groups of near-equal length, or packed into a cache of
+        extents), and its slot gets both, left-aligned. The prefixes are kept for the next rows if
+        the slots leave room for them in `budget`."""
         sharing = self._sharing(joining, requests)
         kept = sorted(sharing.used(), key=len)  # the prefixes held after this join, if the budget has room for them
         n, room = batch.n, self.settings.max_new_tokens
@@ -442,22 +447,72 @@ class Engine:
         uses = sorted(zip(joining, sharing.rows), key=lambda ru: -(len(ru[0].ids) - (ru[1].k if ru[1] else 0)))
         joining[:] = [r for r, _ in uses]
         uses = [u for _, u in uses]
+        prefill = self._prefill_packed if self.packed_prefill else self._prefill_groups
+        chosen = prefill(batch, joining, uses, n, budget - sum(map(len, kept)), max_rows)
+        spare = budget - batch.tokens
+        self.prefixes.keep({key for key, total in zip(kept, itertools.accumulate(map(len, kept))) if total <= spare})  # (shortest first)
+        return self._report([Running(r) for r in joining], torch.cat(chosen, dim=1))
+
+    def _prefill_groups(self, batch: SlotCache, joining: list[Request], uses: list[Use | None], n: int, budget: int, max_rows: int) -> list[torch.Tensor]:
+        """Prefill joining rows (longest suffix first) in groups of near-equal length, left-padded, each
+        after its shared prefix's columns as the past; each group's keys and values then go into the
+        rows' slots (or extents), left-aligned. Returns each group's first tokens."""
+        room = self.settings.max_new_tokens
         lengths = [len(r.ids) for r in joining]
-        chosen = []
         shared = [u.k if u else 0 for u in uses]
+        chosen = []
         for a, b in prefill_groups([length - k for length, k in zip(lengths, shared)], shared):
             logits, layers, source, fixed = self._prefill([r.ids for r in joining[a:b]], uses[a:b], rows=True)
             if a == 0:
                 need = max(max(batch.need, default=0), max(lengths) + room)
-                batch.reserve(n + len(joining), need, [k for k, _ in layers], budget - sum(map(len, kept)), max_rows)
+                batch.reserve(n + len(joining), need, [k for k, _ in layers], budget, max_rows)
             placed = {"starts": [batch.waiting.pop(id(r)) for r in joining[a:b]]} if self.extents else {}
             batch.add(n + a, lengths[a:b], [length + room for length in lengths[a:b]], layers, [r.seed for r in joining[a:b]], source, fixed,
                       [self.prefixes.tag(u) for u in uses[a:b]], **placed)
             batch.see(n + a, [r.ids for r in joining[a:b]])
             chosen.append(self.step.pick(logits, batch.state[:, n + a : n + b], None if batch.seen is None else batch.seen[n + a : n + b]))
-        spare = budget - batch.tokens
-        self.prefixes.keep({key for key, total in zip(kept, itertools.accumulate(map(len, kept))) if total <= spare})  # (shortest first)
-        return self._report([Running(r) for r in joining], torch.cat(chosen, dim=1))
+        return chosen
+
+    def _prefill_packed(self, batch: ExtentCache, joining: list[Request], uses: list[Use | None], n: int, budget: int, max_rows: int) -> list[torch.Tensor]:
+        """Prefill joining rows into a cache of extents: each row's shared prefix is copied into its
+        extent, then the rows' own suffixes, their tokens packed into one sequence (none padded) in
+        forwards of at most PREFILL_GROUP_TOKENS tokens, write their keys and values straight into
+        their extents (batch.decode_attention.packed_attention). Returns each forward's first tokens."""
+        room = self.settings.max_new_tokens
+        lengths = [len(r.ids) for r in joining]
+        shared = [u.k if u else 0 for u in uses]
+        starts = [batch.waiting.pop(id(r)) for r in joining]
+        batch.reserve(n + len(joining), max(max(batch.need, default=0), max(lengths) + room), self._like, budget, max_rows)
+        batch.write_prefixes(starts, uses, self.prefixes.nodes)
+        self.shared_prompt_tokens += sum(shared)
+        chosen = []
+        for a, b in packed_chunks([length - k for length, k in zip(lengths, shared)]):
+            logits = self._packed_forward(batch, [r.ids for r in joining[a:b]], shared[a:b], starts[a:b])
+            batch.join(n + a, lengths[a:b], [length + room for length in lengths[a:b]], [r.seed for r in joining[a:b]], starts[a:b],
+                       [self.prefixes.tag(u) for u in uses[a:b]])
+            batch.see(n + a, [r.ids for r in joining[a:b]])
+            chosen.append(self.step.pick(logits, batch.state[:, n + a : n + b], None if batch.seen is None else batch.seen[n + a : n + b]))
+        return chosen
+
+    def _packed_forward(self, batch: ExtentCache, prompts: list[list[int]], shared: list[int], starts: list[int]) -> torch.Tensor:
+        """One forward of the rows' suffixes (after their first `shared` tokens, in their extents
+        already) packed into one sequence: each token at its row's position, its key and value
+        written at its row's column of that position. Returns each row's last logits [rows, vocab]."""
+        counts = [len(p) - k for p, k in zip(prompts, shared)]
+        ids = torch.tensor([[t for p, k in zip(prompts, shared) for t in p[k:]]], dtype=torch.long)
+        positions = torch.cat([torch.arange(k, len(p)) for p, k in zip(prompts, shared)])
+        columns = torch.repeat_interleave(torch.tensor(starts), torch.tensor(counts)) + positions
+        ends = torch.tensor(counts).cumsum(0)
+        lengths = [len(p) for p in prompts]
+        sequences = torch.tensor([[0, *ends.tolist()], [*starts, batch.extents.capacity], [*lengths, 0]], dtype=torch.int32)
+        ids, positions, columns, last, sequences = (to_device(t, self.device) for t in (ids, positions[None], columns, ends - 1, sequences))
+        batch.prefill(columns)
+        keys = RowKeys(sequences[2, :-1], self.rows_kernel, sequences[1], max(lengths), sequences[0], max(counts))
+        self.padded_prompt_tokens += ids.numel()
+        self.prefills += 1
+        self.prefilled_prompt_tokens += sum(counts)
+        with self._timed("prefill"):
+            return self._logits(ids, torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device), positions, batch.cache, keys, keep=last)
 
     def _sharing(self, joining: list[Request], requests: Requests) -> Sharing:
         """The prefixes the joining rows share (batch.prefix), and what they extend of those held. The
@@ -507,14 +562,16 @@ class Engine:
         source = front_first(lengths, ids.shape[1], self.device) if fixed else to_device(aligned_columns(shared, lengths, width, ids.shape[1]), self.device)
         return logits, [(g.keys, g.values) for g in group.layers], source, fixed
 
-    def _logits(self, ids, mask, positions, cache, row_keys: RowKeys | None = None, shared: SharedColumns | None = None) -> torch.Tensor:
-        """The last position's logits; with `row_keys` (a decode step's), attention reads each row's own
-        keys; with `shared`, the columns all rows share once (batch.decode_attention)."""
+    def _logits(self, ids, mask, positions, cache, row_keys: RowKeys | None = None, shared: SharedColumns | None = None,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The last position's logits; with `row_keys` (a decode step's, or a packed prefill's), attention
+        reads each row's own keys; with `shared`, the columns all rows share once (batch.decode_attention);
+        `keep`: the logits of these positions of the one sequence ids [1, T] (a packed prefill's rows' last)."""
         extra = {self.cache_kwarg: cache} | ({"row_keys": row_keys} if row_keys is not None else {})
         extra |= {"shared_columns": shared} if shared is not None else {}
         with reading_rows(self.model.config) if row_keys is not None or shared is not None else contextlib.nullcontext():
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **extra)
-        return out.logits[:, -1, :].float()
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1 if keep is None else keep, **extra)
+        return out.logits[:, -1, :].float() if keep is None else out.logits[0].float()
 
     def _report(self, rows: list[Running], values: torch.Tensor) -> Report:
         """Start the copy of a step's tokens to the host (from a GPU into pinned memory, without waiting
@@ -615,15 +672,43 @@ class SafeGenerator:
 def _checked_rows_kernel(device, dtype, config) -> Callable | None:
     """The kernel for decode attention over each row's own keys, if it runs here and gives sdpa's
     output with the model's head shapes (batch.decode_attention.check); the choice is logged."""
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    ok, why = check(device, dtype, heads, kv_heads, dim)
+    kv_heads, dim = _kv_shape(config)
+    ok, why = check(device, dtype, config.num_attention_heads, kv_heads, dim)
     if ok:
         print(f"komt-batch: decode attention: each row reads its own keys only ({why})", file=sys.stderr, flush=True)
         return efficient_attention_kernel
     print(f"komt-batch: decode attention: sdpa over the columns read ({why})", file=sys.stderr, flush=True)
     return None
+
+
+def _kv_shape(config) -> tuple[int, int]:
+    """The model's kv heads and head size."""
+    heads = config.num_attention_heads
+    return getattr(config, "num_key_value_heads", None) or heads, getattr(config, "head_dim", None) or config.hidden_size // heads
+
+
+def _checked_packed_prefill(kernel: Callable, model) -> bool:
+    """Does the decode attention's kernel also run a packed prefill here, giving sdpa's output with the
+    model's head shapes (batch.decode_attention.check_packed)? Logged on a GPU."""
+    kv_heads, dim = _kv_shape(model.config)
+    ok, why = check_packed(model.device, model.get_input_embeddings().weight.dtype, model.config.num_attention_heads, kv_heads, dim, kernel)
+    if model.device.type == "cuda":
+        print(f"komt-batch: prefill: {'the rows packed, none padded' if ok else 'groups of near-equal length, padded'} ({why})", file=sys.stderr, flush=True)
+    return ok
+
+
+def packed_chunks(counts: list[int], tokens: int = 0) -> list[tuple[int, int]]:
+    """Consecutive [a, b) runs of rows of these token counts, each of at most `tokens` tokens
+    (PREFILL_GROUP_TOKENS), or one row."""
+    tokens = tokens or PREFILL_GROUP_TOKENS
+    chunks, start, total = [], 0, 0
+    for i, n in enumerate(counts):
+        if i > start and total + n > tokens:
+            chunks.append((start, i))
+            start, total = i, 0
+        total += n
+    chunks.append((start, len(counts)))
+    return chunks
 
 
 def cache_from(past: list[tuple[torch.Tensor, torch.Tensor]], config) -> DynamicCache:

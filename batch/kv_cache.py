@@ -297,9 +297,11 @@ class ExtentLayer(DynamicLayer):
         self.at = at
 
     def update(self, key_states, value_states, *args, **kwargs):
-        # [rows, heads, 1, dim] -> each row's column of the buffer [1, heads, columns, dim]
-        self.buf_k[0].index_copy_(1, self.at, key_states[:, :, 0].transpose(0, 1))
-        self.buf_v[0].index_copy_(1, self.at, value_states[:, :, 0].transpose(0, 1))
+        # [rows, heads, positions, dim] (a decode step's: one position a row; a packed prefill's: one
+        # row of every token) -> column at[i] of the buffer [1, heads, columns, dim], i in row-major order
+        heads, dim = key_states.shape[1], key_states.shape[3]
+        self.buf_k[0].index_copy_(1, self.at, key_states.transpose(0, 1).reshape(heads, -1, dim))
+        self.buf_v[0].index_copy_(1, self.at, value_states.transpose(0, 1).reshape(heads, -1, dim))
         return self.keys, self.values
 
     def write(self, columns: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -386,7 +388,30 @@ class ExtentCache(SlotCache):
         whence = torch.cat([torch.arange(fixed, device=source.device).expand(rows, fixed), source + fixed], dim=1)[row, column]
         for layer, (k, v) in zip(self.cache.layers, layer_keys):
             layer.write(into, k[row, :, whence].transpose(0, 1), v[row, :, whence].transpose(0, 1))  # [heads, columns, dim]
-        b = a + rows
+        self.join(a, lengths, needs, seeds, starts, prefixes)
+
+    def write_prefixes(self, starts: list[int], uses: list, nodes: dict) -> None:
+        """Copy into each row's extent the first u.k columns of its shared prefix (u: a batch.prefix.Use
+        or None; nodes: Prefixes.nodes, per layer (keys, values) [1, heads, length, dim]) -- before a
+        packed prefill of the rows' suffixes attends to them. One copy per prefix and layer."""
+        rows: dict = {}
+        for start, u in zip(starts, uses):
+            if u:
+                rows.setdefault(u, []).append(start)
+        for u, firsts in rows.items():
+            into = to_device((torch.tensor(firsts)[:, None] + torch.arange(u.k)).reshape(-1), self.device)
+            for layer, node in zip(self.cache.layers, nodes[u.key]):
+                k, v = (t[0, :, None, : u.k].expand(-1, len(firsts), -1, -1).reshape(t.shape[1], -1, t.shape[3]) for t in node)
+                layer.write(into, k, v)
+
+    def prefill(self, at: torch.Tensor) -> None:
+        """The next forward is a packed prefill: token i's key and value go to column at[i]."""
+        for layer in self.cache.layers:
+            layer.read(at)
+
+    def join(self, a: int, lengths: list[int], needs: list[int], seeds: list[int], starts: list[int], prefixes: list | None = None) -> None:
+        """Rows whose keys and values are in their extents (from `starts`) join in slots [a, a + len(lengths))."""
+        rows, b = len(lengths), a + len(lengths)
         self.state[[POS, SEED, START, LIMIT], a:b] = to_device(
             torch.tensor([lengths, seeds, starts, [need - 1 for need in needs]], dtype=torch.long), self.device)
         self.state[COUNT, a:b] = 0

@@ -130,8 +130,8 @@ def test_every_row_decodes_as_alone_reading_its_own_keys(variant):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_on_a_gpu_pytorchs_kernel_reads_each_rows_own_keys(capsys):
     """PyTorch's kernel passes the check in bf16 and float32, and the tiny model on the GPU (float32)
-    decodes with it, eagerly and replayed as graphs, from a cache of extents and of slots, the tokens
-    of the sdpa steps."""
+    decodes with it, eagerly and replayed as graphs, from a cache of extents (prefilled packed) and of
+    slots, the tokens of the sdpa steps."""
     from batch.config import GenerationSettings
     from batch.loading import load_model
     from tests.test_exactness import model_config
@@ -148,9 +148,11 @@ def test_on_a_gpu_pytorchs_kernel_reads_each_rows_own_keys(capsys):
         for extents in (None, False):  # (the default: each row in its own extent of one buffer; slots)
             engine = Engine(model, tokenizer, settings, cuda_graphs=graphs, extents=extents)
             assert engine.step.rows_kernel is decode_attention.efficient_attention_kernel and engine.extents == (extents is None)
+            assert engine.packed_prefill == (extents is None)  # (the kernel's causal prefill checked too)
             assert streamed(engine, ids, 8, 10**9, shuffle=True) == expected
             assert streamed(engine, ids, 6, 700, shuffle=True) == expected  # (a budget that binds)
-    assert "decode attention: each row reads its own keys only" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "decode attention: each row reads its own keys only" in err and "prefill: the rows packed, none padded" in err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

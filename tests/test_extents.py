@@ -1,20 +1,22 @@
 """A KV cache of extents (batch.kv_cache.ExtentCache): each row holds only its own need, a range of
 one buffer's columns, where decode attention reads each row's own keys (a GPU's kernel; on the CPU
-its contract, reference_kernel).
+its contract, reference_kernel); and the packed prefill into it (the joining rows' tokens in one
+sequence, none padded: batch.decode_attention.packed_attention).
 
-Rows still decode exactly as alone (float32 and NF4 + LoRA, both kinds of decode step, refills,
-budgets that bind, shuffled widths, the generation options, shared prefixes, sampling); a row
-computed past its end and padding rows write only their own columns; and a token budget holds the
-rows' needs, not rows x the widest need: more rows in flight and fewer steps where a wide row runs.
+Rows still decode exactly as alone (float32 and NF4 + LoRA, both kinds of decode step, packed or
+padded prefill, refills, budgets that bind, shuffled widths, the generation options, shared
+prefixes, sampling); a row computed past its end and padding rows write only their own columns;
+and a token budget holds the rows' needs, not rows x the widest need: more rows in flight and fewer
+steps where a wide row runs.
 """
 
 import pytest
 import torch
 
 from batch.config import GenerationSettings
-from batch.decode_attention import reference_kernel
+from batch.decode_attention import check_packed, reference_kernel
 from batch.decode_step import DecodeStep
-from batch.engine import Engine, Request, Requests
+from batch.engine import PREFILL_GROUP_TOKENS, Engine, Request, Requests, packed_chunks
 from batch.kv_cache import COUNT, LIMIT, POS, START, ExtentCache, Extents
 from batch.prefix import Prefixes
 from tests.test_engine_parts import EndsAt
@@ -22,9 +24,10 @@ from tests.test_exactness import MAX_NEW, OPTIONS, load, prompts_40, reference, 
 from tests.test_prefix import shared_prompts
 
 
-def extents_of(engine: Engine, fixed_shapes: bool) -> Engine:
+def extents_of(engine: Engine, fixed_shapes: bool, packed: bool | None = None) -> Engine:
     """The same model and settings, decoding through a cache of extents (attention: the kernel's contract)."""
-    return Engine(engine.model, engine.tokenizer, engine.settings, fixed_shapes=fixed_shapes, rows_kernel=reference_kernel, extents=True)
+    return Engine(engine.model, engine.tokenizer, engine.settings, fixed_shapes=fixed_shapes, rows_kernel=reference_kernel, extents=True,
+                  packed_prefill=packed)
 
 
 @pytest.mark.parametrize("steps, holes", [
@@ -103,25 +106,28 @@ def test_every_row_decodes_as_alone_from_its_own_extent(variant, options, monkey
     monkeypatch.setattr(ExtentCache, "place", counted)
     # unbounded; shuffled (wider rows come later) within a budget under 2 of the longest rows, and under 1
     streams = [(8, 10**9, False), (6, 2 * longest - 1, True), (4, longest - 5, True)]
-    for fixed in (False, True):
-        e = extents_of(engine, fixed)
-        for max_rows, budget, shuffle in streams[1:] if fixed and variant != "float32" else streams:
+    for fixed, packed in [(False, True), (True, True), (False, False), (True, False)]:
+        e = extents_of(engine, fixed, packed)
+        for max_rows, budget, shuffle in streams[1:] if (fixed or not packed) and variant != "float32" else streams:
             got = streamed(e, ids, max_rows, budget, shuffle)
             mismatches = [(i, x, y) for i, (x, y) in enumerate(zip(expected, got)) if x != y]
-            assert not mismatches, (fixed, max_rows, budget, mismatches[:3])
+            assert not mismatches, (fixed, packed, max_rows, budget, mismatches[:3])
+        if packed:  # (nothing shared in these prompts) every prompt token computed once, none padded
+            assert e.padded_prompt_tokens == e.prefilled_prompt_tokens
     assert any(r is None for r, _ in placed)  # rows waited for room
     assert any(remade for _, remade in placed)  # a row wider than the budget, alone
 
 
 @pytest.mark.parametrize("variant", ["float32", "nf4+lora"])
-def test_shared_prefixes_copied_into_extents_give_the_reference_outputs(variant):
+@pytest.mark.parametrize("packed", [True, False])
+def test_shared_prefixes_copied_into_extents_give_the_reference_outputs(variant, packed):
     engine = load(variant)
     ids = engine.tokenize(shared_prompts())
     expected = [reference(engine, p) for p in ids]
     longest = max(map(len, ids))
     for fixed, (max_rows, budget, shuffle) in [(False, (8, 10**9, False)), (True, (5, 4 * (longest + MAX_NEW), True)),
                                                 (False, (3, 3 * (longest + MAX_NEW), False))]:
-        e = extents_of(engine, fixed)
+        e = extents_of(engine, fixed, packed)
         e.prefixes = Prefixes(min_saved=0, saved_share=0)  # the document too: two levels
         got = streamed(e, ids, max_rows, budget, shuffle)
         mismatches = [(i, x, y) for i, (x, y) in enumerate(zip(expected, got)) if x != y]
@@ -134,7 +140,8 @@ def test_sampled_rows_draw_the_tokens_they_draw_alone():
     ids = engine.tokenize(prompts_40()[:16])
     seeds = [7 * i + 1 for i in range(len(ids))]
     alone = [result(engine.generate([p], [s])[0]) for p, s in zip(ids, seeds)]
-    assert streamed(extents_of(engine, True), ids, 6, 700, shuffle=True, seeds=seeds) == alone
+    for packed in (True, False):
+        assert streamed(extents_of(engine, True, packed), ids, 6, 700, shuffle=True, seeds=seeds) == alone
 
 
 def test_a_token_budget_holds_the_rows_needs_not_rows_times_the_widest():
@@ -153,3 +160,26 @@ def test_a_token_budget_holds_the_rows_needs_not_rows_times_the_widest():
         figures[extents] = (engine.row_steps / engine.steps, engine.steps)
     (slot_rows, slot_steps), (extent_rows, extent_steps) = figures[False], figures[True]
     assert slot_rows <= 4 < extent_rows and extent_steps < slot_steps, figures
+
+
+def test_a_packed_prefill_is_checked_against_sdpa():
+    """The kernel's contract gives sdpa's causal prefill (grouped query heads too: 4 over 2); a kernel
+    that ignores the causal order, or that does not run here (PyTorch's on the CPU), is not used."""
+    assert check_packed(torch.device("cpu"), torch.float32, kernel=reference_kernel) == (True, "its causal prefill is 0.00% from sdpa's")
+    assert check_packed(torch.device("cpu"), torch.bfloat16, kernel=reference_kernel)[0]
+    unordered = lambda *args, causal=False: reference_kernel(*args)  # noqa: E731
+    ok, why = check_packed(torch.device("cpu"), torch.float32, kernel=unordered)
+    assert not ok and why.startswith("its causal prefill is ") and why.endswith("from sdpa's (at most 2% allowed)"), why
+    ok, why = check_packed(torch.device("cpu"), torch.float32)
+    assert not ok and why.startswith("its kernel does not run a causal prefill here (NotImplementedError"), why
+
+
+@pytest.mark.parametrize("counts, tokens, chunks", [
+    ([3, 3, 3], 8, [(0, 2), (2, 3)]),
+    ([9, 1, 1], 8, [(0, 1), (1, 3)]),  # a row longer than the chunk goes alone
+    ([4, 4], 8, [(0, 2)]),  # exactly full
+    ([5], 0, [(0, 1)]),
+])
+def test_packed_chunks_hold_at_most_their_tokens(counts, tokens, chunks):
+    assert packed_chunks(counts, tokens) == chunks
+    assert packed_chunks([PREFILL_GROUP_TOKENS // 2] * 3) == [(0, 2), (2, 3)]

@@ -1,6 +1,6 @@
 """The engine's scheduling without a GPU: decode steps, rows in flight and prefills for a workload.
 
-    python tools/schedule_sim.py [--prompts 1024] [--rows 512] [--tokens 212992] [--shared 400 --median 60] [--no-share] [--slots]
+    python tools/schedule_sim.py [--prompts 1024] [--rows 512] [--tokens 212992] [--shared 400 --median 60] [--no-share] [--slots | --padded]
 
 Runs the real Engine.stream and its KV cache (joining, prefill groups, buffers made, rows leaving) on
 the CPU with the tiny model's prefill, but a stand-in decode step (tests/test_engine_parts.EndsAt) whose rows end at answer lengths
@@ -8,8 +8,9 @@ drawn like those of the H200 bench run (jobs/bench-gpu.yaml's tilted 7B model: m
 a few at 128), and prompts drawn like the bench's (lognormal, median 120, max 1,000; random token ids,
 after a head of `--shared` tokens that every prompt starts with: the annotation shape). The cache is
 a GPU's where decode attention reads each row's own keys: each row in its own extent of one buffer
-(ExtentCache), or with `--slots` every slot as wide as the widest running row (SlotCache, the CPU's
-and a GPU's without the kernel). It prints the decode steps, the rows in flight on average, the
+(ExtentCache) and prefilled packed (the joining rows' tokens in one sequence, none padded; `--padded`:
+in groups of near-equal length, padded), or with `--slots` every slot as wide as the widest running
+row and padded prefill (SlotCache, the CPU's and a GPU's without the kernel). It prints the decode steps, the rows in flight on average, the
 prefill forwards, the keys a decode step's attention reads (each row's own; with --slots also sdpa
 with the mask over the whole buffer), the prompt tokens shared (batch.prefix) and prefilled, and the
 buffers made: the figures the scheduling decides, not the speed of any device.
@@ -44,13 +45,15 @@ def main() -> None:
     p.add_argument("--shared", type=int, default=0)  # tokens of a head every prompt starts with
     p.add_argument("--no-share", action="store_true")  # batching.share_prefix: false
     p.add_argument("--slots", action="store_true")  # every row as wide as the widest (SlotCache), not its own extent (ExtentCache)
+    p.add_argument("--padded", action="store_true")  # extents filled by prefill groups of near-equal length, padded (not packed)
     args = p.parse_args()
     rng = np.random.default_rng(0)
     prompt_lengths = args.shared + np.clip(np.round(rng.lognormal(math.log(args.median), 0.9, args.prompts)), 8, 1000).astype(int)
     answers = np.clip(np.round(rng.lognormal(math.log(19), 1.1, args.prompts)), 1, args.max_new).astype(int)
     model, tokenizer = load_model(model_config("float32"))
     engine = Engine(model, tokenizer, GenerationSettings(max_new_tokens=args.max_new, do_sample=False, stop=[]), fixed_shapes=True,
-                    share_prefix=not args.no_share, rows_kernel=reference_kernel, extents=not args.slots)
+                    share_prefix=not args.no_share, rows_kernel=reference_kernel, extents=not args.slots,
+                    packed_prefill=not (args.slots or args.padded))
     engine.step = EndsAt(answers.tolist())  # row i (seed i) ends after answers[i] tokens
     cache_class = kv_cache.SlotCache if args.slots else kv_cache.ExtentCache
     buffers = []
