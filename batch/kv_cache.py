@@ -210,9 +210,7 @@ class SlotCache:
         moves = [(src, dst) for dst, src in enumerate(order) if src != dst]
         if moves:
             src, dst = to_device(torch.tensor([[s for s, _ in moves], [d for _, d in moves]], dtype=torch.long), self.device)
-            columns = max(self.pos[s] for s, _ in moves)
-            for layer in self.cache.layers:
-                layer.move(src, dst, columns)
+            self._move_keys(src, dst, max(self.pos[s] for s, _ in moves))
             self.state[:, dst] = self.state[:, src]
             if self.seen is not None:
                 self.seen[dst] = self.seen[src]
@@ -220,6 +218,10 @@ class SlotCache:
         self.need = [self.need[s] for s in order]
         self.prefix = [self.prefix[s] for s in order]
         self.n = len(order)
+
+    def _move_keys(self, src: torch.Tensor, dst: torch.Tensor, columns: int) -> None:
+        for layer in self.cache.layers:
+            layer.move(src, dst, columns)
 
     def step(self, rows: int, whole: bool) -> StepInputs:
         """Set up the next decode step over slots [0, rows) (rows >= n: those beyond n are padding).
@@ -427,18 +429,12 @@ class ExtentCache(SlotCache):
         for slot in range(self.n):
             if slot not in kept:
                 self.extents.give(self.start[slot], self.need[slot])
-        moves = [(src, dst) for dst, src in enumerate(order) if src != dst]
-        if moves:
-            src, dst = to_device(torch.tensor([[s for s, _ in moves], [d for _, d in moves]], dtype=torch.long), self.device)
-            self.state[:, dst] = self.state[:, src]
-            if self.seen is not None:
-                self.seen[dst] = self.seen[src]
+        super().select(order)
         self.start = [self.start[s] for s in order]
-        self.pos = [self.pos[s] for s in order]
-        self.need = [self.need[s] for s in order]
-        self.prefix = [self.prefix[s] for s in order]
-        self.n = len(order)
         self._scratch(self.n)
+
+    def _move_keys(self, src: torch.Tensor, dst: torch.Tensor, columns: int) -> None:
+        pass  # (a row's keys stay in its extent: its state says where)
 
     def step(self, rows: int, whole: bool) -> StepInputs:
         """The next decode step over slots [0, rows): every layer hands attention its whole buffer;
