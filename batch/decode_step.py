@@ -122,9 +122,13 @@ class DecodeStep:
         return self._chosen(logits, inputs)
 
     def _chosen(self, logits: torch.Tensor, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.pick(logits, inputs.state, inputs.seen)
-        inputs.state[POS].add_(1)
-        return out, logits
+        return self.pick_and_advance(logits, inputs.state, inputs.seen), logits
+
+    def pick_and_advance(self, logits: torch.Tensor, state: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
+        """A decode step's end: pick, and every row's next token goes one position further."""
+        out = self.pick(logits, state, seen)
+        state[POS].add_(1)
+        return out
 
     def _capture(self, inputs: StepInputs, batch: SlotCache, rows: int) -> torch.Tensor:
         """Capture this shape's step and replay it once (that is the step). The warm-up runs are real

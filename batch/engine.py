@@ -53,7 +53,7 @@ from transformers import DynamicCache
 from batch.config import BatchingConfig, GenerationSettings, ModelConfig
 from batch.decode_attention import RowKeys, SharedColumns, check, check_packed, efficient_attention_kernel, planless_sdpa, reading_rows, reads_once
 from batch.decode_step import DecodeStep, row_bucket
-from batch.kv_cache import ExtentCache, SlotCache, compact_order, front_first, left_aligned, to_device
+from batch.kv_cache import IDS, LIMIT, POS, START, ExtentCache, SlotCache, compact_order, front_first, left_aligned, to_device
 from batch.loading import first_line, load_model
 from batch.memory import is_out_of_memory, running_limits
 from batch.prefix import Prefixes, Sharing, Use, aligned_columns, past_inputs, prefill_mask
@@ -223,6 +223,7 @@ class Engine:
         self.shared_prompt_tokens = 0  # rows' prompt tokens whose keys and values were copied from a shared prefix
         self.prefilled_prompt_tokens = 0  # prompt tokens computed: rows' own suffixes and shared prefixes, once each
         self.shared_reads = 0  # decode steps that read their rows' common prefix once (batch.decode_attention.shared_attention)
+        self.mixed_steps = 0  # decode steps the running rows took in a packed prefill's forward (timed as prefill)
         # ... an eager step's with sdpa's boolean mask and no kernel of its own (the CPU's way)
         self.read_once = share_prefix and not self.fixed_shapes and rows_kernel is None and mask_dtype is None
         self.between_steps: Callable[[], None] | None = None  # called on the host before each step (the runner's CPU watch)
@@ -239,8 +240,8 @@ class Engine:
 
     @property
     def decode_steps(self) -> int:
-        """The decode steps whose time is in decode_seconds."""
-        return self.steps - self.step.captures
+        """The decode steps whose time is in decode_seconds (not those taken in a packed prefill's forward)."""
+        return self.steps - self.step.captures - self.mixed_steps
 
     @property
     def capture_seconds(self) -> float:
@@ -299,7 +300,9 @@ class Engine:
                 rows_budget = self._rows_budget(requests, batch, budget)
                 joining = self._joining(requests, batch, max_rows, rows_budget)
                 if joining:
-                    report = self._join(batch, joining, requests, max_rows, budget)
+                    step, report = self._join(batch, joining, requests, max_rows, budget, running)
+                    if step is not None:  # (the running rows decoded a token in the join's first forward)
+                        pending.append(step)
                     running += report.rows
                     pending.append(report)
                     joining = []
@@ -425,12 +428,14 @@ class Engine:
             held = 0
         return max(1, budget - held)
 
-    def _join(self, batch: SlotCache, joining: list[Request], requests: Requests, max_rows: int, budget: int) -> Report:
+    def _join(self, batch: SlotCache, joining: list[Request], requests: Requests, max_rows: int, budget: int,
+              running: list[Running]) -> tuple[Report | None, Report]:
         """Prefill the joining rows into the batch's cache and choose their first tokens. Prefixes they
         share are computed once first (batch.prefix), then each row prefills only its own suffix
         after its prefix's columns (in groups of near-equal length, or packed into a cache of
         extents), and its slot gets both, left-aligned. The prefixes are kept for the next rows if
-        the slots leave room for them in `budget`."""
+        the slots leave room for them in `budget`. Returns the running rows' decode step where they
+        took it in the join's first forward (a packed prefill's), and the joining rows' first tokens."""
         sharing = self._sharing(joining, requests)
         kept = sorted(sharing.used(), key=len)  # the prefixes held after this join, if the budget has room for them
         n, room = batch.n, self.settings.max_new_tokens
@@ -447,11 +452,14 @@ class Engine:
         uses = sorted(zip(joining, sharing.rows), key=lambda ru: -(len(ru[0].ids) - (ru[1].k if ru[1] else 0)))
         joining[:] = [r for r, _ in uses]
         uses = [u for _, u in uses]
-        prefill = self._prefill_packed if self.packed_prefill else self._prefill_groups
-        chosen = prefill(batch, joining, uses, n, budget - sum(map(len, kept)), max_rows)
+        step = None
+        if self.packed_prefill:
+            step, chosen = self._prefill_packed(batch, joining, uses, running, budget - sum(map(len, kept)), max_rows)
+        else:
+            chosen = self._prefill_groups(batch, joining, uses, n, budget - sum(map(len, kept)), max_rows)
         spare = budget - batch.tokens
         self.prefixes.keep({key for key, total in zip(kept, itertools.accumulate(map(len, kept))) if total <= spare})  # (shortest first)
-        return self._report([Running(r) for r in joining], torch.cat(chosen, dim=1))
+        return step, self._report([Running(r) for r in joining], torch.cat(chosen, dim=1))
 
     def _prefill_groups(self, batch: SlotCache, joining: list[Request], uses: list[Use | None], n: int, budget: int, max_rows: int) -> list[torch.Tensor]:
         """Prefill joining rows (longest suffix first) in groups of near-equal length, left-padded, each
@@ -473,46 +481,68 @@ class Engine:
             chosen.append(self.step.pick(logits, batch.state[:, n + a : n + b], None if batch.seen is None else batch.seen[n + a : n + b]))
         return chosen
 
-    def _prefill_packed(self, batch: ExtentCache, joining: list[Request], uses: list[Use | None], n: int, budget: int, max_rows: int) -> list[torch.Tensor]:
+    def _prefill_packed(self, batch: ExtentCache, joining: list[Request], uses: list[Use | None], running: list[Running], budget: int,
+                        max_rows: int) -> tuple[Report | None, list[torch.Tensor]]:
         """Prefill joining rows into a cache of extents: each row's shared prefix is copied into its
         extent, then the rows' own suffixes, their tokens packed into one sequence (none padded) in
         forwards of at most PREFILL_GROUP_TOKENS tokens, write their keys and values straight into
-        their extents (batch.decode_attention.packed_attention). Returns each forward's first tokens."""
-        room = self.settings.max_new_tokens
+        their extents (batch.decode_attention.packed_attention). The running rows ride along in the
+        first forward, one token each: that is their decode step (the weights read once for both).
+        Returns that step's report (None with no row running) and each forward's first tokens."""
+        room, n = self.settings.max_new_tokens, batch.n
         lengths = [len(r.ids) for r in joining]
         shared = [u.k if u else 0 for u in uses]
         starts = [batch.waiting.pop(id(r)) for r in joining]
         batch.reserve(n + len(joining), max(max(batch.need, default=0), max(lengths) + room), self._like, budget, max_rows)
         batch.write_prefixes(starts, uses, self.prefixes.nodes)
         self.shared_prompt_tokens += sum(shared)
-        chosen = []
+        step, chosen = None, []
         for a, b in packed_chunks([length - k for length, k in zip(lengths, shared)]):
-            logits = self._packed_forward(batch, [r.ids for r in joining[a:b]], shared[a:b], starts[a:b])
+            decode = n if a == 0 else 0
+            logits = self._packed_forward(batch, [r.ids for r in joining[a:b]], shared[a:b], starts[a:b], decode)
+            if decode:
+                self.steps += 1
+                self.mixed_steps += 1
+                self.row_steps += n
+                seen = None if batch.seen is None else batch.seen[:n]
+                step = self._report(list(running), self.step.pick_and_advance(logits[:n], batch.state[:, :n], seen))
+                batch.advance()
             batch.join(n + a, lengths[a:b], [length + room for length in lengths[a:b]], [r.seed for r in joining[a:b]], starts[a:b],
                        [self.prefixes.tag(u) for u in uses[a:b]])
             batch.see(n + a, [r.ids for r in joining[a:b]])
-            chosen.append(self.step.pick(logits, batch.state[:, n + a : n + b], None if batch.seen is None else batch.seen[n + a : n + b]))
-        return chosen
+            chosen.append(self.step.pick(logits[decode:], batch.state[:, n + a : n + b], None if batch.seen is None else batch.seen[n + a : n + b]))
+        return step, chosen
 
-    def _packed_forward(self, batch: ExtentCache, prompts: list[list[int]], shared: list[int], starts: list[int]) -> torch.Tensor:
+    def _packed_forward(self, batch: ExtentCache, prompts: list[list[int]], shared: list[int], starts: list[int], decode: int = 0) -> torch.Tensor:
         """One forward of the rows' suffixes (after their first `shared` tokens, in their extents
         already) packed into one sequence: each token at its row's position, its key and value
-        written at its row's column of that position. Returns each row's last logits [rows, vocab]."""
+        written at its row's column of that position. `decode`: running rows [0, decode) go first,
+        one token each (their next input, at their position: a decode step's). Returns each row's
+        last logits [decode + rows, vocab]."""
         counts = [len(p) - k for p, k in zip(prompts, shared)]
-        ids = torch.tensor([[t for p, k in zip(prompts, shared) for t in p[k:]]], dtype=torch.long)
+        ids = torch.tensor([t for p, k in zip(prompts, shared) for t in p[k:]], dtype=torch.long)
         positions = torch.cat([torch.arange(k, len(p)) for p, k in zip(prompts, shared)])
         columns = torch.repeat_interleave(torch.tensor(starts), torch.tensor(counts)) + positions
-        ends = torch.tensor(counts).cumsum(0)
+        ends = torch.tensor(counts).cumsum(0) + decode
         lengths = [len(p) for p in prompts]
-        sequences = torch.tensor([[0, *ends.tolist()], [*starts, batch.extents.capacity], [*lengths, 0]], dtype=torch.int32)
-        ids, positions, columns, last, sequences = (to_device(t, self.device) for t in (ids, positions[None], columns, ends - 1, sequences))
+        sequences = torch.tensor([[*range(decode), decode, *ends.tolist()], [0] * decode + [*starts, batch.extents.capacity],
+                                  [0] * decode + [*lengths, 0]], dtype=torch.int32)
+        last = torch.cat([torch.arange(decode), ends - 1])
+        ids, positions, columns, last, sequences = (to_device(t, self.device) for t in (ids, positions, columns, last, sequences))
+        if decode:  # (from the device state: the running rows' next inputs may not have reached the host yet)
+            state = batch.state[:, :decode]
+            position = torch.minimum(state[POS], state[LIMIT])  # (a row computed past its end stays in its extent)
+            ids, positions = torch.cat([state[IDS], ids]), torch.cat([position, positions])
+            columns = torch.cat([state[START] + position, columns])
+            sequences[1, :decode], sequences[2, :decode] = state[START], position + 1
         batch.prefill(columns)
-        keys = RowKeys(sequences[2, :-1], self.rows_kernel, sequences[1], max(lengths), sequences[0], max(counts))
-        self.padded_prompt_tokens += ids.numel()
+        widest = max(lengths + ([batch.columns] if decode else []))
+        keys = RowKeys(sequences[2, :-1], self.rows_kernel, sequences[1], widest, sequences[0], max(counts))
+        self.padded_prompt_tokens += sum(counts)
         self.prefills += 1
         self.prefilled_prompt_tokens += sum(counts)
         with self._timed("prefill"):
-            return self._logits(ids, torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device), positions, batch.cache, keys, keep=last)
+            return self._logits(ids[None], torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device), positions[None], batch.cache, keys, keep=last)
 
     def _sharing(self, joining: list[Request], requests: Requests) -> Sharing:
         """The prefixes the joining rows share (batch.prefix), and what they extend of those held. The

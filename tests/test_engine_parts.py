@@ -141,6 +141,11 @@ class EndsAt:
         ends = torch.tensor([self.answers[s] if s < len(self.answers) else 1 for s in state[SEED].tolist()])
         return torch.stack([torch.zeros_like(ends), (state[COUNT] >= ends).long()])
 
+    def pick_and_advance(self, logits, state, seen=None):
+        out = self.pick(logits, state)
+        state[POS].add_(1)
+        return out
+
     def __call__(self, batch, rows, whole):
         return self.pick(None, batch.step(rows, whole).state)
 

@@ -114,6 +114,7 @@ def test_every_row_decodes_as_alone_from_its_own_extent(variant, options, monkey
             assert not mismatches, (fixed, packed, max_rows, budget, mismatches[:3])
         if packed:  # (nothing shared in these prompts) every prompt token computed once, none padded
             assert e.padded_prompt_tokens == e.prefilled_prompt_tokens
+            assert 0 < e.mixed_steps < e.steps  # rows that ran took some decode steps in a join's prefill forward
     assert any(r is None for r, _ in placed)  # rows waited for room
     assert any(remade for _, remade in placed)  # a row wider than the budget, alone
 
@@ -141,7 +142,9 @@ def test_sampled_rows_draw_the_tokens_they_draw_alone():
     seeds = [7 * i + 1 for i in range(len(ids))]
     alone = [result(engine.generate([p], [s])[0]) for p, s in zip(ids, seeds)]
     for packed in (True, False):
-        assert streamed(extents_of(engine, True, packed), ids, 6, 700, shuffle=True, seeds=seeds) == alone
+        e = extents_of(engine, True, packed)
+        assert streamed(e, ids, 6, 700, shuffle=True, seeds=seeds) == alone
+        assert (e.mixed_steps > 0) == packed
 
 
 def test_a_token_budget_holds_the_rows_needs_not_rows_times_the_widest():

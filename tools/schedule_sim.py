@@ -67,17 +67,28 @@ def main() -> None:
 
     cache_class.reserve = counted
     keys_read = {"whole buffer": 0, "own keys": 0}  # keys the decode steps' attention reads, all rows together
-    held = [0]
+    held = [0]  # the cache tokens the running rows of each decode step may take (their prompts + max_new_tokens)
     step = cache_class.step
+
+    def count(cache, rows, columns):
+        keys_read["whole buffer"] += rows * columns  # sdpa with the mask: every column read, for every row computed
+        keys_read["own keys"] += sum(p + 1 for p in cache.pos[: cache.n]) + (rows - cache.n)  # batch.decode_attention
+        held[0] += sum(cache.need[: cache.n])
 
     def reading(cache, rows, whole):
         inputs = step(cache, rows, whole)
-        keys_read["whole buffer"] += rows * inputs.columns  # sdpa with the mask: every column read, for every row computed
-        keys_read["own keys"] += sum(p + 1 for p in cache.pos[: cache.n]) + (rows - cache.n)  # batch.decode_attention
-        held[0] += sum(cache.need[: cache.n])  # the cache tokens the running rows may take (their prompts + max_new_tokens)
+        count(cache, rows, inputs.columns)
         return inputs
 
     cache_class.step = reading
+    packed_forward = engine._packed_forward
+
+    def mixed(batch, prompts, shared, starts, decode=0):  # a decode step taken in a packed prefill's forward
+        if decode:
+            count(batch, decode, 0)
+        return packed_forward(batch, prompts, shared, starts, decode)
+
+    engine._packed_forward = mixed
     order = [i for batch in plan_batches(prompt_lengths.tolist(), args.max_new, 32, 65536) for i in batch]
     head = [1] + rng.integers(5, len(tokenizer), args.shared).tolist()
     requests = (Request(i, head + rng.integers(5, len(tokenizer), int(prompt_lengths[i]) - len(head)).tolist(), i) for i in order)
@@ -85,7 +96,7 @@ def main() -> None:
     assert len(done) == args.prompts and not any(c.error for _, c in done)
     print(f"{args.prompts} prompts ({prompt_lengths.sum()} tokens), answers: median {np.median(answers):.0f}, mean {answers.mean():.1f}, "
           f"{(answers == args.max_new).mean():.1%} at {args.max_new}; running batch: {args.rows} rows within {args.tokens} tokens")
-    print(f"decode steps {engine.steps}, rows in flight {engine.row_steps / engine.steps:.1f} (their needs {held[0] / engine.steps / args.tokens:.0%} "
+    print(f"decode steps {engine.steps} ({engine.mixed_steps} in a packed prefill's forward), rows in flight {engine.row_steps / engine.steps:.1f} (their needs {held[0] / engine.steps / args.tokens:.0%} "
           f"of the token budget), prefill forwards {engine.prefills} "
           f"({engine.padded_prompt_tokens / engine.prefills:.0f} positions each); prompt tokens shared {engine.shared_prompt_tokens}, "
           f"prefilled {engine.prefilled_prompt_tokens} ({engine.prefilled_prompt_tokens / prompt_lengths.sum():.1%})")

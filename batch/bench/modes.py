@@ -217,6 +217,7 @@ def run_engine(mode: str, model, tokenizer, prompts: list[str], cfg: BenchConfig
                         shared_prompt_tokens=engine.shared_prompt_tokens, prefilled_prompt_tokens=engine.prefilled_prompt_tokens,
                         shared_reads=engine.shared_reads,  # decode steps that read their rows' shared prefix once
                         kv_cache="extents" if engine.extents else "slots",  # each row its own need, or slots as wide as the widest row
+                        packed_prefill=engine.packed_prefill, mixed_steps=engine.mixed_steps,  # decode steps taken in a packed prefill's forward
                         prefilled_share=engine.prefilled_prompt_tokens / sum(lengths) if lengths else None,
                         running_rows=getattr(generator, "max_rows", None), running_tokens=getattr(generator, "budget", None),
                         batches=len(batches), batch_sizes=quantiles([len(b) for b in batches]),
