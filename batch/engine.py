@@ -274,7 +274,9 @@ class Engine:
         requests = Requests(Request(i, p, seed) for i, (p, seed) in enumerate(zip(prompts, seeds)))
         out: list[Completion] = [None] * len(prompts)  # type: ignore[list-item]
         try:
-            for i, completion in self.stream(requests, max_rows=len(prompts), budget=sys.maxsize):
+            # (all rows at once: as many slots, or extents, of the widest need as there are prompts, and their prefixes)
+            budget = len(prompts) * (max(map(len, prompts), default=0) + self.settings.max_new_tokens) + sum(map(len, prompts))
+            for i, completion in self.stream(requests, max_rows=len(prompts), budget=budget):
                 out[i] = completion
         except BatchFailed as failed:
             raise failed.cause from None
@@ -300,10 +302,8 @@ class Engine:
                 rows_budget = self._rows_budget(requests, batch, budget)
                 joining = self._joining(requests, batch, max_rows, rows_budget)
                 if joining:
-                    step, report = self._join(batch, joining, requests, max_rows, budget, running)
-                    if step is not None:  # (the running rows decoded a token in the join's first forward)
-                        pending.append(step)
-                    running += report.rows
+                    report = self._join(batch, joining, requests, max_rows, budget, running)
+                    running += report.rows[-len(joining) :]  # (the report's first rows are the running ones where they took a step in the join)
                     pending.append(report)
                     joining = []
                     continue  # (with no step ahead, their first tokens are read before they decode: one may end a row)
@@ -429,13 +429,13 @@ class Engine:
         return max(1, budget - held)
 
     def _join(self, batch: SlotCache, joining: list[Request], requests: Requests, max_rows: int, budget: int,
-              running: list[Running]) -> tuple[Report | None, Report]:
+              running: list[Running]) -> Report:
         """Prefill the joining rows into the batch's cache and choose their first tokens. Prefixes they
         share are computed once first (batch.prefix), then each row prefills only its own suffix
         after its prefix's columns (in groups of near-equal length, or packed into a cache of
         extents), and its slot gets both, left-aligned. The prefixes are kept for the next rows if
-        the slots leave room for them in `budget`. Returns the running rows' decode step where they
-        took it in the join's first forward (a packed prefill's), and the joining rows' first tokens."""
+        the slots leave room for them in `budget`. Returns the joining rows' first tokens, after the
+        running rows' next ones where they took a decode step in the join's first forward (packed)."""
         sharing = self._sharing(joining, requests)
         kept = sorted(sharing.used(), key=len)  # the prefixes held after this join, if the budget has room for them
         n, room = batch.n, self.settings.max_new_tokens
@@ -447,19 +447,34 @@ class Engine:
             del joining[fit - n :]
             sharing = self._sharing(joining, requests)
             kept = sorted(sharing.used(), key=len)
+        elif kept and self.extents and not n and batch.tokens > budget - sum(map(len, kept)):
+            self._leave_room(batch, joining, requests, budget - sum(map(len, kept)), max_rows)
+            sharing = self._sharing(joining, requests)
+            kept = sorted(sharing.used(), key=len)
         for level in sharing.levels:
             self._make_prefixes(level)
         uses = sorted(zip(joining, sharing.rows), key=lambda ru: -(len(ru[0].ids) - (ru[1].k if ru[1] else 0)))
         joining[:] = [r for r, _ in uses]
         uses = [u for _, u in uses]
-        step = None
+        decoded: list[Running] = []  # the running rows, where they took a decode step in the join's first forward
         if self.packed_prefill:
-            step, chosen = self._prefill_packed(batch, joining, uses, running, budget - sum(map(len, kept)), max_rows)
+            decoded, chosen = self._prefill_packed(batch, joining, uses, running, budget - sum(map(len, kept)), max_rows)
         else:
             chosen = self._prefill_groups(batch, joining, uses, n, budget - sum(map(len, kept)), max_rows)
         spare = budget - batch.tokens
         self.prefixes.keep({key for key, total in zip(kept, itertools.accumulate(map(len, kept))) if total <= spare})  # (shortest first)
-        return step, self._report([Running(r) for r in joining], torch.cat(chosen, dim=1))
+        return self._report(decoded + [Running(r) for r in joining], torch.cat(chosen, dim=1))
+
+    def _leave_room(self, batch: ExtentCache, joining: list[Request], requests: Requests, room: int, max_rows: int) -> None:
+        """With no row running: a buffer of extents of `room` columns, so that the prefixes to keep for
+        the next rows fit in the budget beside it. The joining rows (placed from its first column, in
+        order) that fit it are placed anew; the others are put back (at least one stays)."""
+        needs = [len(r.ids) + self.settings.max_new_tokens for r in joining]
+        fit = max(1, sum(total <= room for total in itertools.accumulate(needs)))
+        requests.put_back(joining[fit:])
+        del joining[fit:]
+        batch.extents = None
+        batch.waiting = dict(zip(map(id, joining), batch.place(needs[:fit], room, max_rows)))
 
     def _prefill_groups(self, batch: SlotCache, joining: list[Request], uses: list[Use | None], n: int, budget: int, max_rows: int) -> list[torch.Tensor]:
         """Prefill joining rows (longest suffix first) in groups of near-equal length, left-padded, each
@@ -482,13 +497,15 @@ class Engine:
         return chosen
 
     def _prefill_packed(self, batch: ExtentCache, joining: list[Request], uses: list[Use | None], running: list[Running], budget: int,
-                        max_rows: int) -> tuple[Report | None, list[torch.Tensor]]:
+                        max_rows: int) -> tuple[list[Running], list[torch.Tensor]]:
         """Prefill joining rows into a cache of extents: each row's shared prefix is copied into its
         extent, then the rows' own suffixes, their tokens packed into one sequence (none padded) in
         forwards of at most PREFILL_GROUP_TOKENS tokens, write their keys and values straight into
         their extents (batch.decode_attention.packed_attention). The running rows ride along in the
         first forward, one token each: that is their decode step (the weights read once for both).
-        Returns that step's report (None with no row running) and each forward's first tokens."""
+        Returns the rows that took that step (none with no row running), and that step's tokens (if
+        any) and each forward's first tokens -- one report with the join's: a step launched ahead of
+        the host is then the next decode step, not this one."""
         room, n = self.settings.max_new_tokens, batch.n
         lengths = [len(r.ids) for r in joining]
         shared = [u.k if u else 0 for u in uses]
@@ -496,7 +513,7 @@ class Engine:
         batch.reserve(n + len(joining), max(max(batch.need, default=0), max(lengths) + room), self._like, budget, max_rows)
         batch.write_prefixes(starts, uses, self.prefixes.nodes)
         self.shared_prompt_tokens += sum(shared)
-        step, chosen = None, []
+        decoded, chosen = [], []
         for a, b in packed_chunks([length - k for length, k in zip(lengths, shared)]):
             decode = n if a == 0 else 0
             logits = self._packed_forward(batch, [r.ids for r in joining[a:b]], shared[a:b], starts[a:b], decode)
@@ -504,14 +521,14 @@ class Engine:
                 self.steps += 1
                 self.mixed_steps += 1
                 self.row_steps += n
-                seen = None if batch.seen is None else batch.seen[:n]
-                step = self._report(list(running), self.step.pick_and_advance(logits[:n], batch.state[:, :n], seen))
+                decoded = list(running)
+                chosen.append(self.step.pick_and_advance(logits[:n], batch.state[:, :n], None if batch.seen is None else batch.seen[:n]))
                 batch.advance()
             batch.join(n + a, lengths[a:b], [length + room for length in lengths[a:b]], [r.seed for r in joining[a:b]], starts[a:b],
                        [self.prefixes.tag(u) for u in uses[a:b]])
             batch.see(n + a, [r.ids for r in joining[a:b]])
             chosen.append(self.step.pick(logits[decode:], batch.state[:, n + a : n + b], None if batch.seen is None else batch.seen[n + a : n + b]))
-        return step, chosen
+        return decoded, chosen
 
     def _packed_forward(self, batch: ExtentCache, prompts: list[list[int]], shared: list[int], starts: list[int], decode: int = 0) -> torch.Tensor:
         """One forward of the rows' suffixes (after their first `shared` tokens, in their extents

@@ -110,7 +110,7 @@ class SlotLayer(DynamicLayer):
 class StepInputs:
     """What a decode step over slots [0, rows) reads and advances, all views of the cache's buffers."""
 
-    state: torch.Tensor  # [4, rows] int64: next input id, position, seed, tokens generated
+    state: torch.Tensor  # [4, rows] int64: next input id, position, seed, tokens generated (an ExtentCache's: [6, rows], + START, LIMIT)
     at: torch.Tensor  # [rows] int64: the column each row writes (the step sets it from the positions)
     columns: int  # the columns read: [0, columns)
     seen: torch.Tensor | None = None  # [rows, vocab] bool: the tokens of each row's prompt and answer (SlotCache.seen)
@@ -328,7 +328,7 @@ class ExtentCache(SlotCache):
 
     @property
     def tokens(self) -> int:
-        return self.extents.capacity if self.extents else 0
+        return self.extents.capacity if self.extents else 0  # (and a scratch column per slot)
 
     def place(self, needs: list[int], budget: int, max_rows: int) -> list[int] | None:
         """Take an extent for each of rows of these needs, in order (all or none): their first
