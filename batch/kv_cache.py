@@ -322,6 +322,9 @@ class ExtentCache(SlotCache):
     def __init__(self, model_config, device, vocab: int = 0):
         super().__init__(model_config, device, vocab)
         self.longest = getattr(model_config, "max_position_embeddings", None) or 4096  # bounds the capacity of an unbounded budget
+        heads = model_config.num_attention_heads
+        dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+        self.most = 2**31 // dim - 2**16  # ... and this: the kernel's strides are 32-bit (a kv head is capacity x dim elements)
         self.extents: Extents | None = None
         self.start: list[int] = []  # slot -> its row's first column
         self.waiting: dict[int, int] = {}  # rows placed, not joined yet (the engine's key) -> their first columns
@@ -335,7 +338,7 @@ class ExtentCache(SlotCache):
         columns. The capacity is the token budget (at most max_rows of the model's longest sequence),
         made anew for a row wider than it when no row is running or placed."""
         if self.extents is None or (not self.n and self.extents.free == self.extents.capacity < needs[0]):
-            self.extents = Extents(max(min(budget, max_rows * self.longest), needs[0]))
+            self.extents = Extents(max(min(budget, max_rows * self.longest, self.most), needs[0]))
         starts = []
         for need in needs:
             start = self.extents.take(need)

@@ -57,6 +57,9 @@ def test_the_capacity_is_the_budget_and_is_remade_only_with_no_row_placed():
     unbounded = ExtentCache(load("float32").model.config, "cpu")
     unbounded.place([5], budget=10**12, max_rows=8)
     assert unbounded.tokens == 8 * 2048  # at most max_rows of the model's longest sequence
+    huge = ExtentCache(load("float32").model.config, "cpu")
+    huge.place([5], budget=10**12, max_rows=10**6)
+    assert huge.tokens == 2**31 // 32 - 2**16  # ... and within the kernel's 32-bit strides (a kv head: columns x 32 elements)
 
 
 def test_a_row_computed_past_its_end_and_padding_rows_write_only_their_own_columns():
