@@ -542,19 +542,22 @@ class Engine:
         columns = torch.repeat_interleave(torch.tensor(starts), torch.tensor(counts)) + positions
         ends = torch.tensor(counts).cumsum(0) + decode
         lengths = [len(p) for p in prompts]
+        # the kernel's sequences (one copy to the device): where each row's queries start in the packed
+        # tokens, where its keys start in the buffer, and how many keys it reads (the running rows': below)
         sequences = torch.tensor([[*range(decode), decode, *ends.tolist()], [0] * decode + [*starts, batch.extents.capacity],
                                   [0] * decode + [*lengths, 0]], dtype=torch.int32)
         last = torch.cat([torch.arange(decode), ends - 1])
         ids, positions, columns, last, sequences = (to_device(t, self.device) for t in (ids, positions, columns, last, sequences))
+        query_starts, key_starts, key_counts = sequences
         if decode:  # (from the device state: the running rows' next inputs may not have reached the host yet)
             state = batch.state[:, :decode]
             position = torch.minimum(state[POS], state[LIMIT])  # (a row computed past its end stays in its extent)
             ids, positions = torch.cat([state[IDS], ids]), torch.cat([position, positions])
             columns = torch.cat([state[START] + position, columns])
-            sequences[1, :decode], sequences[2, :decode] = state[START], position + 1
+            key_starts[:decode], key_counts[:decode] = state[START], position + 1
         batch.prefill(columns)
         widest = max(lengths + ([batch.columns] if decode else []))
-        keys = RowKeys(sequences[2, :-1], self.rows_kernel, sequences[1], widest, sequences[0], max(counts))
+        keys = RowKeys(key_counts[:-1], self.rows_kernel, key_starts, widest, query_starts, max(counts))
         self.padded_prompt_tokens += sum(counts)
         self.prefills += 1
         self.prefilled_prompt_tokens += sum(counts)
