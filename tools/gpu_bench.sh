@@ -51,11 +51,11 @@ fi
 
 # Where the time goes: a short eager stream of the bench model under torch.profiler (kernels, and the
 # engine's prefill / decode regions), if time is left.
-# Then the decode step's attention, A/B: each row's own keys (batch.decode_attention) vs sdpa's mask.
+# Then the decode step's attention, A/B: each row's own keys from extents (the default), from slots, and sdpa's mask.
 if [ "${PROFILE:-1}" = 1 ] && [ "$SECONDS" -lt 430 ] && [ -d /tmp/komt-bench-7b/base ]; then  # (PROFILE=0: skipped)
   timeout 110 python3 tools/gpu_profile.py --prefill-rate --prompts 128 --max-new 16 --attention-ab 128 --ab-max-new 32 > "$OUT/profile.txt" 2>&1 \
     && head -n 5 "$OUT/profile.txt" || echo "gpu_bench: profile failed or ran out of time (see profile.txt)"
-  grep "attention A/B\|decode attention" "$OUT/profile.txt" || true
+  grep "attention A/B\|decode attention\|prefill: " "$OUT/profile.txt" || true
 fi
 
 # Greedy agreement, batched vs alone, on the tiny trained model in bf16 (random 7B weights are full of
