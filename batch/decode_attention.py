@@ -152,7 +152,7 @@ def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     q = query[0].view(kv_heads, group, tokens, dim)
     out = [keys.kernel(q[:, g].transpose(0, 1).reshape(1, tokens, kv_heads, dim), packed_k, packed_v, keys.queries, keys.starts, keys.max_q,
                        keys.columns, keys.lengths, scale, causal=True) for g in range(group)]  # each [1, T, Hk, D]: query heads h * group + g
-    return torch.stack(out, dim=3).reshape(1, tokens, heads, dim)
+    return (out[0] if group == 1 else torch.stack(out, dim=3)).reshape(1, tokens, heads, dim)  # (Llama-2-7B: one, nothing to stack)
 
 
 def rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keys: RowKeys, scale: float) -> torch.Tensor:

@@ -538,8 +538,11 @@ class Engine:
         last logits [decode + rows, vocab]."""
         counts = [len(p) - k for p, k in zip(prompts, shared)]
         ids = torch.tensor([t for p, k in zip(prompts, shared) for t in p[k:]], dtype=torch.long)
-        positions = torch.cat([torch.arange(k, len(p)) for p, k in zip(prompts, shared)])
-        columns = torch.repeat_interleave(torch.tensor(starts), torch.tensor(counts)) + positions
+        # token i of the packed suffixes, row r's j-th: position shared[r] + j, column starts[r] + that
+        # (a handful of ops whatever the rows: the host's work per forward grows with layers, not rows)
+        firsts = list(itertools.accumulate(counts, initial=0))[:-1]
+        offsets = torch.tensor([[k - f for k, f in zip(shared, firsts)], [s + k - f for s, k, f in zip(starts, shared, firsts)]])
+        positions, columns = torch.arange(len(ids)) + torch.repeat_interleave(offsets, torch.tensor(counts), dim=1)
         ends = torch.tensor(counts).cumsum(0) + decode
         lengths = [len(p) for p in prompts]
         # the kernel's sequences (one copy to the device): where each row's queries start in the packed

@@ -237,8 +237,9 @@ class SlotCache:
         if self.seen is None:
             return
         self.seen[a : a + len(prompts)] = False
-        for i, ids in enumerate(prompts):
-            self.seen[a + i, to_device(torch.tensor(ids, dtype=torch.long), self.device)] = True
+        rows = torch.repeat_interleave(torch.arange(a, a + len(prompts)), torch.tensor([len(ids) for ids in prompts]))
+        tokens = torch.tensor([t for ids in prompts for t in ids], dtype=torch.long)
+        self.seen[tuple(to_device(torch.stack([rows, tokens]), self.device))] = True  # (one copy to the device, one write)
 
     def advance(self) -> None:
         """The step has been launched: every running row's next token goes one column further."""
@@ -387,7 +388,9 @@ class ExtentCache(SlotCache):
         # Row i's column j < lengths[i] goes to column starts[i] + j of the buffer, from column j of its
         # keys for j < fixed, else from column fixed + source[i, j - fixed]: indexes made on the host
         # (no device sync: the rows' lengths are known there), the source columns on the device.
-        row, column = torch.cat([torch.stack([torch.full((n,), i), torch.arange(n)]) for i, n in enumerate(lengths)], dim=1)
+        counts = torch.tensor(lengths)
+        row = torch.repeat_interleave(torch.arange(rows), counts)
+        column = torch.arange(len(row)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
         into = to_device(torch.tensor(starts)[row] + column, self.device)
         row, column = to_device(row, self.device), to_device(column, self.device)
         whence = torch.cat([torch.arange(fixed, device=source.device).expand(rows, fixed), source + fixed], dim=1)[row, column]

@@ -13,10 +13,11 @@ steps where a wide row runs.
 import pytest
 import torch
 
+from batch.bench.measuring import OpCounter
 from batch.config import GenerationSettings
 from batch.decode_attention import check_packed, reference_kernel
 from batch.decode_step import DecodeStep
-from batch.engine import PREFILL_GROUP_TOKENS, Engine, Request, Requests, packed_chunks
+from batch.engine import PREFILL_GROUP_TOKENS, Engine, Request, Requests, SafeGenerator, packed_chunks
 from batch.kv_cache import COUNT, LIMIT, POS, START, ExtentCache, Extents
 from batch.prefix import Prefixes
 from tests.test_engine_parts import EndsAt
@@ -190,3 +191,37 @@ def test_a_packed_prefill_is_checked_against_sdpa():
 def test_packed_chunks_hold_at_most_their_tokens(counts, tokens, chunks):
     assert packed_chunks(counts, tokens) == chunks
     assert packed_chunks([PREFILL_GROUP_TOKENS // 2] * 3) == [(0, 2), (2, 3)]
+
+
+def test_a_packed_join_dispatches_as_many_ops_whatever_its_rows():
+    """The host's work for a packed prefill grows with the model's layers, not with the rows it packs:
+    on a GPU one host thread launches each op (issue 24's H200 profile: prefill host-bound, one core
+    at 100%). Counted with OpCounter (the kernel: the one launch it is on a GPU), with a repetition
+    penalty (each row's prompt tokens marked seen): a stream's first join, of 12 rows or of 3, and
+    every later join -- 1 to 8 rows joining 4 to 11 running, the running rows' decode step in its
+    forward -- each dispatch one count of ops."""
+    engine = load("float32", **OPTIONS)
+    ids = sorted(engine.tokenize(prompts_40()), key=len, reverse=True)
+    joins = []  # (rows joining, rows running, ops dispatched) of each join
+
+    for max_rows in (12, 3):
+        counter = OpCounter()
+        e = Engine(engine.model, engine.tokenizer, engine.settings, fixed_shapes=True, rows_kernel=counter.one_kernel(reference_kernel),
+                   extents=True, packed_prefill=True, share_prefix=False)
+        join = e._join
+
+        def counted(batch, joining, *args, join=join, counter=counter, e=e):
+            running, before, prefills = batch.n, counter.total, e.prefills
+            with counter:
+                report = join(batch, joining, *args)
+            assert e.prefills == prefills + 1  # (one forward each: PREFILL_GROUP_TOKENS not reached)
+            joins.append((len(joining), running, counter.total - before))
+            return report
+
+        e._join = counted
+        assert len(list(SafeGenerator(e, max_rows, 10**9, MAX_NEW).stream(Request(i, p, i) for i, p in enumerate(ids)))) == len(ids)
+    first = {ops for _, running, ops in joins if not running}
+    later = {ops for _, running, ops in joins if running}
+    assert len(first) == 1 and len(later) == 1, joins
+    assert {rows for rows, running, _ in joins if not running} == {12, 3}
+    assert len({rows for rows, running, _ in joins if running}) > 2 and len({running for _, running, _ in joins if running}) > 2, joins

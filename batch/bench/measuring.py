@@ -1,4 +1,4 @@
-"""What the bench measures with: clocks around forward calls, peak memory, the CPU used by other processes, the machine, the memory-bandwidth roof."""
+"""What the bench measures with: clocks around forward calls, ops dispatched, peak memory, the CPU used by other processes, the machine, the memory-bandwidth roof."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import platform
 import resource
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # --- measuring -----------------------------------------------------------------------------------
 
@@ -81,6 +83,54 @@ class ForwardTimer:
     def close(self) -> None:
         for h in self._handles:
             h.remove()
+
+
+# ops that only make or reshape a tensor's metadata (no kernel on a GPU), beside the views
+_NO_KERNEL = {"empty", "empty_strided", "_unsafe_view", "lift_fresh", "_reshape_alias", "set_", "resize_", "_local_scalar_dense"}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while it is on, by name: what the host issues one by one (on a
+    GPU, a kernel launch each, near enough), whatever the device. Views and ops that only make a
+    tensor's metadata are left out (`_NO_KERNEL`). Code run inside `one_kernel()` counts as one op:
+    a stand-in for a kernel that is one launch on a GPU (batch.decode_attention.reference_kernel for
+    efficient_attention_kernel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter = Counter()
+        self._inside = 0
+        self._on = 0  # (entered: `one_kernel`'s calls count only then)
+
+    def __enter__(self):
+        self._on += 1
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self._on -= 1
+        return super().__exit__(*exc)
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not self._inside and not func.is_view and name not in _NO_KERNEL:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+    def one_kernel(self, kernel):
+        """`kernel`, counted as one op however many it dispatches."""
+        def counted(*args, **kwargs):
+            if self._on and not self._inside:
+                self.ops[getattr(kernel, "__name__", "kernel")] += 1
+            self._inside += 1
+            try:
+                return kernel(*args, **kwargs)
+            finally:
+                self._inside -= 1
+        return counted
 
 
 def busy_cpu_seconds() -> float | None:
