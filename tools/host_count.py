@@ -1,0 +1,155 @@
+"""What the host issues for prefill, counted on the CPU: ops dispatched per prefill forward (on a GPU
+each is a kernel launch from the one host thread) and the host's time per forward, engine by engine.
+
+    python tools/host_count.py [--prompts 512] [--max-new 16] [--threads 1]
+
+Issue 24's H200 profile found prefill host-bound: one core at 100%, the GPU waiting on launches. What
+the host issues does not depend on the widths, so this counts it on a model of Llama-2-7B's structure
+(32 layers, 7 LoRA targets a layer, r 8) and tiny widths (hidden 64, 4 heads, vocab of the tiny
+tokenizer), built in a temporary folder and loaded through batch.loading.load_model (float32, no
+quantization: the 7B job dequantizes its NF4 weights, so its linear layers are these). The stream is
+the bench's shape: `--prompts` random prompts, lognormal lengths (median 120, sigma 0.9, 8..1000),
+longest first, `--max-new` tokens each (min_new_tokens as many: every row runs to the end), 512 rows
+and 200,000 tokens at most. Engines:
+
+  slots, padded groups  the engine of the H200 profile: rows in slots as wide as the widest, prefill in
+                        left-padded groups of near-equal length (sdpa with a mask)
+  extents, packed       each row in its own extent, the joining rows' tokens packed into one forward
+                        (the running rows' decode step in it), attention by the kernel over each row's
+                        own keys -- counted as the one launch it is on a GPU (OpCounter.one_kernel)
+  ... adapter merged    the same with the LoRA adapter merged into the weights
+
+Counted inside the engine's joins only (decode steps are replayed CUDA graphs on a GPU): the model's
+forwards (hooks around it) and the engine's own ops around them (inputs, cache writes, token choice).
+Views and ops that only make a tensor are left out (batch.bench.measuring.OpCounter). Then the host's
+milliseconds per prefill forward: a stream of 64 prompts of 4 tokens (arithmetic negligible at these
+widths), `--threads` threads, the attention kernel a one-op stand-in. That is this CPU's dispatch
+time -- an upper bound for a fast host's, and not a GPU figure.
+"""
+
+import argparse
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from batch.bench.measuring import OpCounter  # noqa: E402
+from batch.bench.settings import LORA_TARGETS  # noqa: E402
+from batch.config import GenerationSettings, ModelConfig  # noqa: E402
+from batch.engine import Engine, Request, SafeGenerator  # noqa: E402
+from batch.loading import load_model  # noqa: E402
+
+TOKENIZER = Path(__file__).resolve().parents[1] / "models/tiny-komt/base"
+ROWS, TOKENS = 512, 200_000  # the bench's running budget (jobs/bench-gpu.yaml)
+
+
+def build(root: Path) -> None:
+    """Llama-2-7B's structure at tiny widths, with a LoRA adapter on its 7 targets (B random: it computes)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=172, num_hidden_layers=32, num_attention_heads=4,
+                         num_key_value_heads=4, max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    lora = LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=LORA_TARGETS, init_lora_weights=False)
+    get_peft_model(model, lora).save_pretrained(root / "adapter")
+
+
+def stand_in(query, *args, **kwargs):
+    """The attention kernel's shape, one op (for timing the host: the kernel is one launch on a GPU)."""
+    return torch.zeros_like(query)
+
+
+def engine_for(variant: str, models: dict, settings: GenerationSettings, kernel) -> Engine:
+    model, tokenizer = models["merged" if "merged" in variant else "unmerged"]
+    if variant.startswith("slots"):
+        return Engine(model, tokenizer, settings, fixed_shapes=True, extents=False, packed_prefill=False)
+    return Engine(model, tokenizer, settings, fixed_shapes=True, rows_kernel=kernel, extents=True, packed_prefill=True)
+
+
+def count(engine: Engine, counter: OpCounter, requests: list[Request], max_new: int) -> dict:
+    """Stream the requests, counting ops inside the joins: the model's forwards apart from the engine's own."""
+    model_ops = [0]
+    join = engine._join
+
+    def counted_join(*args):
+        with counter:
+            return join(*args)
+
+    def before(module, args, kwargs):
+        model_ops.append(counter.total)
+
+    def after(module, args, kwargs, output):
+        model_ops[0] += counter.total - model_ops.pop()
+
+    engine._join = counted_join
+    hooks = [engine.model.register_forward_pre_hook(before, with_kwargs=True), engine.model.register_forward_hook(after, with_kwargs=True)]
+    try:
+        done = list(SafeGenerator(engine, ROWS, TOKENS, max_new).stream(requests))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(done) == len(requests)
+    return {"forwards": engine.prefills, "positions": engine.padded_prompt_tokens, "model": model_ops[0], "engine": counter.total - model_ops[0]}
+
+
+def host_ms_per_forward(engine: Engine, vocab: int, repeats: int = 5) -> float:
+    """Milliseconds of prefill per forward over streams of 64 prompts of 4 tokens (one new token each)."""
+    rng = np.random.default_rng(1)
+    best = math.inf
+    for _ in range(repeats):
+        requests = [Request(i, [1] + rng.integers(3, vocab, 3).tolist(), i) for i in range(64)]
+        before, forwards = engine.prefill_seconds, engine.prefills
+        list(SafeGenerator(engine, 64, TOKENS, 1).stream(requests))
+        best = min(best, (engine.prefill_seconds - before) / (engine.prefills - forwards))
+    return 1000 * best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--prompts", type=int, default=512)
+    p.add_argument("--max-new", type=int, default=16)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    variants = ["slots, padded groups", "extents, packed", "extents, packed, merged"]
+    with tempfile.TemporaryDirectory() as root:
+        build(Path(root))
+        models = {name: load_model(ModelConfig(base=f"{root}/base", adapter=f"{root}/adapter", quantization="none", compute_dtype="float32",
+                                               device_map="cpu", merge_adapter=name == "merged"), "<host_count>")
+                  for name in ("unmerged", "merged")}
+    vocab = len(models["merged"][1])
+    rng = np.random.default_rng(0)
+    lengths = np.clip(np.round(rng.lognormal(math.log(120), 0.9, args.prompts)), 8, 1000).astype(int)
+    requests = [Request(i, [1] + rng.integers(3, vocab, n - 1).tolist(), i) for i, n in enumerate(sorted(lengths, reverse=True))]
+    settings = GenerationSettings(max_new_tokens=args.max_new, min_new_tokens=args.max_new, do_sample=False, stop=[])
+    tokens = int(lengths.sum())
+    print(f"host_count: {args.prompts} prompts, {tokens:,} prompt tokens, {args.max_new} new tokens; a model of Llama-2-7B's structure "
+          f"(32 layers, LoRA r8 on 7 targets) at width 64; {args.threads} thread(s)")
+    print("| engine | prefill forwards | positions computed | ops per forward: model | engine | all | ops per 1k prompt tokens | host ms per forward |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    rows = {}
+    for variant in variants:
+        counter = OpCounter()
+        c = count(engine_for(variant, models, settings, counter.one_kernel(stand_in)), counter, requests, args.max_new)
+        ms = host_ms_per_forward(engine_for(variant, models, GenerationSettings(max_new_tokens=1, do_sample=False, stop=[]), stand_in), vocab)
+        rows[variant] = c
+        ops = c["model"] + c["engine"]
+        print(f"| {variant} | {c['forwards']} | {c['positions']:,} | {c['model'] / c['forwards']:,.0f} | {c['engine'] / c['forwards']:,.0f} "
+              f"| {ops / c['forwards']:,.0f} | {1000 * ops / tokens:,.0f} | {ms:.1f} |", flush=True)
+    unmerged, merged = rows["extents, packed"], rows["extents, packed, merged"]
+    print(f"host_count: the unmerged adapter's share of the model's ops: {1 - merged['model'] / unmerged['model']:.0%}")
+
+
+if __name__ == "__main__":
+    main()
