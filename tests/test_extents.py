@@ -17,7 +17,7 @@ from batch.bench.measuring import OpCounter
 from batch.config import GenerationSettings
 from batch.decode_attention import check_packed, reference_kernel
 from batch.decode_step import DecodeStep
-from batch.engine import PREFILL_GROUP_TOKENS, Engine, Request, Requests, SafeGenerator, packed_chunks
+from batch.engine import PREFILL_GROUP_TOKENS, Engine, Request, Requests, packed_chunks
 from batch.kv_cache import COUNT, LIMIT, POS, START, ExtentCache, Extents
 from batch.prefix import Prefixes
 from tests.test_engine_parts import EndsAt
@@ -199,7 +199,7 @@ def test_a_packed_join_dispatches_as_many_ops_whatever_its_rows():
     at 100%). Counted with OpCounter (the kernel: the one launch it is on a GPU), with a repetition
     penalty (each row's prompt tokens marked seen): a stream's first join, of 12 rows or of 3, and
     every later join -- 1 to 8 rows joining 4 to 11 running, the running rows' decode step in its
-    forward -- each dispatch one count of ops."""
+    forward -- each dispatch one count of ops, and none reads a value on the host."""
     engine = load("float32", **OPTIONS)
     ids = sorted(engine.tokenize(prompts_40()), key=len, reverse=True)
     joins = []  # (rows joining, rows running, ops dispatched) of each join
@@ -215,11 +215,12 @@ def test_a_packed_join_dispatches_as_many_ops_whatever_its_rows():
             with counter:
                 report = join(batch, joining, *args)
             assert e.prefills == prefills + 1  # (one forward each: PREFILL_GROUP_TOKENS not reached)
+            assert counter.reads == 0  # no value read on the host: a GPU's join never waits for the device
             joins.append((len(joining), running, counter.total - before))
             return report
 
         e._join = counted
-        assert len(list(SafeGenerator(e, max_rows, 10**9, MAX_NEW).stream(Request(i, p, i) for i, p in enumerate(ids)))) == len(ids)
+        assert len(list(e.stream(Requests(Request(i, p, i) for i, p in enumerate(ids)), max_rows, 10**9))) == len(ids)  # (a failed assert raises)
     first = {ops for _, running, ops in joins if not running}
     later = {ops for _, running, ops in joins if running}
     assert len(first) == 1 and len(later) == 1, joins

@@ -99,6 +99,7 @@ class OpCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.ops: Counter = Counter()
+        self.reads = 0  # a tensor's value read on the host (item(), bool(), int()): on a GPU, the host waits for the device
         self._inside = 0
         self._on = 0  # (entered: `one_kernel`'s calls count only then)
 
@@ -118,6 +119,7 @@ class OpCounter(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if not self._inside and not func.is_view and name not in _NO_KERNEL:
             self.ops[name] += 1
+        self.reads += name == "_local_scalar_dense" and not self._inside
         return func(*args, **(kwargs or {}))
 
     def one_kernel(self, kernel):
