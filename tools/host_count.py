@@ -24,7 +24,8 @@ forwards (hooks around it) and the engine's own ops around them (inputs, cache w
 Views and ops that only make a tensor are left out (batch.bench.measuring.OpCounter). Then the host's
 milliseconds per prefill forward: a stream of 64 prompts of 4 tokens (arithmetic negligible at these
 widths), `--threads` threads, the attention kernel a one-op stand-in. That is this CPU's dispatch
-time -- an upper bound for a fast host's, and not a GPU figure.
+time -- an upper bound for a fast host's, and not a GPU figure; per 1k prompt tokens, that times the
+stream's forwards.
 """
 
 import argparse
@@ -136,8 +137,9 @@ def main() -> None:
     tokens = int(lengths.sum())
     print(f"host_count: {args.prompts} prompts, {tokens:,} prompt tokens, {args.max_new} new tokens; a model of Llama-2-7B's structure "
           f"(32 layers, LoRA r8 on 7 targets) at width 64; {args.threads} thread(s)")
-    print("| engine | prefill forwards | positions computed | ops per forward: model | engine | all | ops per 1k prompt tokens | host ms per forward |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| engine | prefill forwards | positions computed | ops per forward: model | engine | all | ops per 1k prompt tokens "
+          "| host ms per forward | host ms per 1k prompt tokens |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = {}
     for variant in variants:
         counter = OpCounter()
@@ -146,7 +148,7 @@ def main() -> None:
         rows[variant] = c
         ops = c["model"] + c["engine"]
         print(f"| {variant} | {c['forwards']} | {c['positions']:,} | {c['model'] / c['forwards']:,.0f} | {c['engine'] / c['forwards']:,.0f} "
-              f"| {ops / c['forwards']:,.0f} | {1000 * ops / tokens:,.0f} | {ms:.1f} |", flush=True)
+              f"| {ops / c['forwards']:,.0f} | {1000 * ops / tokens:,.0f} | {ms:.1f} | {1000 * ms * c['forwards'] / tokens:.1f} |", flush=True)
     unmerged, merged = rows["extents, packed"], rows["extents, packed, merged"]
     print(f"host_count: the unmerged adapter's share of the model's ops: {1 - merged['model'] / unmerged['model']:.0%}")
 
