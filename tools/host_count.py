@@ -19,8 +19,10 @@ and 200,000 tokens at most. Engines:
                         own keys -- counted as the one launch it is on a GPU (OpCounter.one_kernel)
   ... adapter merged    the same with the LoRA adapter merged into the weights
 
-Counted inside the engine's joins only (decode steps are replayed CUDA graphs on a GPU): the model's
-forwards (hooks around it) and the engine's own ops around them (inputs, cache writes, token choice).
+Counted inside the engine's joins: the model's forwards (hooks around it) and the engine's own ops
+around them (inputs, cache writes, token choice); and apart, the ops of a decode step (not a join's
+mixed one): on a GPU a step is one CUDA graph replay for the host, but its kernels still run one by
+one on the device, each a few microseconds at least.
 Views and ops that only make a tensor are left out (batch.bench.measuring.OpCounter). Then the host's
 milliseconds per prefill forward: a stream of 64 prompts of 4 tokens (arithmetic negligible at these
 widths), `--threads` threads, the attention kernel a one-op stand-in. That is this CPU's dispatch
@@ -80,12 +82,20 @@ def engine_for(variant: str, models: dict, settings: GenerationSettings, kernel)
 
 def count(engine: Engine, counter: OpCounter, requests: list[Request], max_new: int) -> dict:
     """Stream the requests, counting ops inside the joins: the model's forwards apart from the engine's own."""
-    model_ops = [0]
-    join = engine._join
+    model_ops, decode_ops = [0], [0]
+    join, decode = engine._join, engine._decode
 
     def counted_join(*args):
         with counter:
             return join(*args)
+
+    def counted_decode(*args):  # (apart: a step is one graph replay on a GPU, but its kernels still run one by one there)
+        before, model = counter.total, model_ops[0]
+        with counter:
+            report = decode(*args)
+        decode_ops[0] += counter.total - before
+        model_ops[0] = model  # (the joins' model ops only)
+        return report
 
     def before(module, args, kwargs):
         model_ops.append(counter.total)
@@ -93,7 +103,7 @@ def count(engine: Engine, counter: OpCounter, requests: list[Request], max_new: 
     def after(module, args, kwargs, output):
         model_ops[0] += counter.total - model_ops.pop()
 
-    engine._join = counted_join
+    engine._join, engine._decode = counted_join, counted_decode
     hooks = [engine.model.register_forward_pre_hook(before, with_kwargs=True), engine.model.register_forward_hook(after, with_kwargs=True)]
     try:
         done = list(SafeGenerator(engine, ROWS, TOKENS, max_new).stream(requests))
@@ -101,7 +111,8 @@ def count(engine: Engine, counter: OpCounter, requests: list[Request], max_new: 
         for h in hooks:
             h.remove()
     assert len(done) == len(requests)
-    return {"forwards": engine.prefills, "positions": engine.padded_prompt_tokens, "model": model_ops[0], "engine": counter.total - model_ops[0]}
+    return {"forwards": engine.prefills, "positions": engine.padded_prompt_tokens, "model": model_ops[0],
+            "engine": counter.total - decode_ops[0] - model_ops[0], "step": decode_ops[0] / (engine.steps - engine.mixed_steps)}
 
 
 def host_ms_per_forward(engine: Engine, vocab: int, repeats: int = 5) -> float:
@@ -138,8 +149,8 @@ def main() -> None:
     print(f"host_count: {args.prompts} prompts, {tokens:,} prompt tokens, {args.max_new} new tokens; a model of Llama-2-7B's structure "
           f"(32 layers, LoRA r8 on 7 targets) at width 64; {args.threads} thread(s)")
     print("| engine | prefill forwards | positions computed | ops per forward: model | engine | all | ops per 1k prompt tokens "
-          "| host ms per forward | host ms per 1k prompt tokens |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| host ms per forward | host ms per 1k prompt tokens | ops per decode step |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = {}
     for variant in variants:
         counter = OpCounter()
@@ -148,7 +159,7 @@ def main() -> None:
         rows[variant] = c
         ops = c["model"] + c["engine"]
         print(f"| {variant} | {c['forwards']} | {c['positions']:,} | {c['model'] / c['forwards']:,.0f} | {c['engine'] / c['forwards']:,.0f} "
-              f"| {ops / c['forwards']:,.0f} | {1000 * ops / tokens:,.0f} | {ms:.1f} | {1000 * ms * c['forwards'] / tokens:.1f} |", flush=True)
+              f"| {ops / c['forwards']:,.0f} | {1000 * ops / tokens:,.0f} | {ms:.1f} | {1000 * ms * c['forwards'] / tokens:.1f} | {c['step']:,.0f} |", flush=True)
     unmerged, merged = rows["extents, packed"], rows["extents, packed, merged"]
     print(f"host_count: the unmerged adapter's share of the model's ops: {1 - merged['model'] / unmerged['model']:.0%}")
 
