@@ -236,9 +236,12 @@ def tilt_output_rows(model, hidden: torch.Tensor, best: torch.Tensor, eos_id: in
         diff = hidden[:half].reshape(-1, hidden.shape[-1]).mean(0) - hidden[half:].reshape(-1, hidden.shape[-1]).mean(0)
         d = diff - (diff @ u) * u
         d = d / d.norm()
-    along, across = hidden @ u, hidden @ d  # [rows, steps]
+    # the tuning in float64: every CPU then takes the same bisection steps to the same plateau (in float32
+    # a CPU's own rounding could end it on another, as narrow as 3e-8 logits: the 2-core Xeon, 2026-12-06)
+    hidden, best = hidden.double(), best.double()
+    along, across = hidden @ u.double(), hidden @ d.double()  # [rows, steps]
     ids = [eos_id] + ([stop_id] if stop_id is not None else [])
-    own = torch.stack([hidden @ w[i].float().cpu() for i in ids], -1)  # the rows' random parts
+    own = torch.stack([hidden @ w[i].double().cpu() for i in ids], -1)  # the rows' random parts
 
     def lengths(alpha: float, beta: float) -> tuple[np.ndarray, np.ndarray]:
         logits = (alpha * along + beta * across)[..., None] + own  # [rows, steps, len(ids)]

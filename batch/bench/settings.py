@@ -36,7 +36,7 @@ MODE_LABELS = {
 }
 ON_DEQUANTIZED = ("dequantized", "sampling", "generate_batch", "unshared")  # for NF4 variants: after the model is dequantized
 GREEDY = ("single", "fixed", "engine", "dequantized", "generate_batch", "unshared", "vllm")
-BUILD_VERSION = 4  # bump when the way the model is built changes (forces a rebuild of model.dir)
+BUILD_VERSION = 5  # bump when the way the model is built changes (forces a rebuild of model.dir)
 
 
 # --- settings ------------------------------------------------------------------------------------
