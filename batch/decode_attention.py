@@ -54,21 +54,35 @@ CAUSAL_FROM_BOTTOM_RIGHT = 2  # the kernel's custom_mask_type (torch.nn.attentio
 
 
 def efficient_attention_kernel(query, key, value, seqstart_q, seqstart_k, max_q: int, max_k: int, seqlen_k, scale: float,
-                               causal: bool = False) -> torch.Tensor:
+                               causal: bool = False, lse: bool = False):
     """PyTorch's memory-efficient attention over variable-length sequences (CUDA): query [1, Q, H, D]
     packed, key and value [1, K, H, D]; sequence b is queries seqstart_q[b]:seqstart_q[b+1] over keys
     seqstart_k[b] : seqstart_k[b] + seqlen_k[b] (int32 device tensors), in each of the H heads.
     `causal`: a sequence's last query attends to all its keys, the one before to all but the last,
     and so on (causal from the bottom right: a prefill's queries after the keys of its past).
-    Returns [1, Q, H, D]."""
+    Returns [1, Q, H, D]; with `lse`, also each query's log-sum-exp of its scores [Q, H] in float32
+    (packed_lse; check_read_once holds the result against sdpa before it is used)."""
     mask_type = CAUSAL_FROM_BOTTOM_RIGHT if causal else 0
-    return torch.ops.aten._efficient_attention_forward(
-        query, key, value, None, seqstart_q, seqstart_k, max_q, max_k, 0.0, mask_type, False, scale=scale, seqlen_k=seqlen_k
-    )[0]
+    out, logsumexp, *_ = torch.ops.aten._efficient_attention_forward(
+        query, key, value, None, seqstart_q, seqstart_k, max_q, max_k, 0.0, mask_type, lse, scale=scale, seqlen_k=seqlen_k
+    )
+    return (out, packed_lse(logsumexp, seqstart_q, query.shape[1])) if lse else out
+
+
+def packed_lse(logsumexp: torch.Tensor, seqstart_q: torch.Tensor, queries: int) -> torch.Tensor:
+    """The kernel's log-sum-exps by packed query [Q, H], from its tensor: [sequences, H, the most
+    queries of one, rounded up to 32] (query j of sequence b at [b, :, j]: PyTorch's attention.cu
+    for sequences of their own lengths), or [1, H, Q rounded up] (by packed query). Device ops only,
+    no wait for the device (a graph's capture takes them)."""
+    if logsumexp.shape[0] == 1:
+        return logsumexp[0, :, :queries].transpose(0, 1)
+    starts = seqstart_q.long()
+    sequence = torch.repeat_interleave(torch.arange(len(starts) - 1, device=starts.device), starts[1:] - starts[:-1], output_size=queries)
+    return logsumexp[sequence, :, torch.arange(queries, device=starts.device) - starts[sequence]]
 
 
 def reference_kernel(query, key, value, seqstart_q, seqstart_k, max_q: int, max_k: int, seqlen_k, scale: float,
-                     causal: bool = False) -> torch.Tensor:
+                     causal: bool = False, lse: bool = False):
     """efficient_attention_kernel's contract in plain torch (any device; for the tests). It refuses
     what the kernel would read out of bounds: a sequence's keys past the tensor, or more than max_k."""
     starts_q, starts_k, lengths = seqstart_q.long(), seqstart_k.long(), seqlen_k.long()
@@ -89,7 +103,11 @@ def reference_kernel(query, key, value, seqstart_q, seqstart_k, max_q: int, max_
     packed = torch.zeros(query.shape[1:], dtype=torch.float32, device=query.device)
     valid = torch.arange(max_q, device=query.device) < counts[:, None]
     packed[rows[valid]] = out[valid]
-    return packed.to(query.dtype)[None]
+    if not lse:
+        return packed.to(query.dtype)[None]
+    sums = torch.full(query.shape[1:3], float("-inf"), device=query.device)  # [Q, H]
+    sums[rows[valid]] = torch.logsumexp(scores, -1).transpose(1, 2)[valid]
+    return packed.to(query.dtype)[None], sums
 
 
 @dataclass
@@ -106,6 +124,8 @@ class RowKeys:
     columns: int = 0
     queries: torch.Tensor | None = None  # a packed prefill's: where each row's queries start (int32 [rows + 1]), causal
     max_q: int = 0  # ... and the most queries of a row
+    shared: SharedColumns | None = None  # (with `starts`) the first columns every row shares, read once from here;
+    # `starts` and `lengths` are then those of each row's own columns after them (read_once_attention)
     _sequences: dict = field(default_factory=dict, repr=False)
 
     def sequences(self, group: int, row_stride: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -120,6 +140,15 @@ class RowKeys:
                 self.lengths,
             )
         return self._sequences[group, row_stride]
+
+    def one_sequence(self, queries: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """seqstart_q, seqstart_k and seqlen_k of one sequence: `queries` queries over the shared columns
+        (made on the device: inside a graph's capture too)."""
+        if "one" not in self._sequences:
+            device = self.lengths.device
+            self._sequences["one"] = (torch.arange(2, dtype=torch.int32, device=device) * queries, torch.zeros(2, dtype=torch.int32, device=device),
+                                      torch.full((1,), self.shared.columns, dtype=torch.int32, device=device))
+        return self._sequences["one"]
 
 
 def fits(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
@@ -155,7 +184,7 @@ def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return (out[0] if group == 1 else torch.stack(out, dim=3)).reshape(1, tokens, heads, dim)  # (Llama-2-7B: one, nothing to stack)
 
 
-def rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keys: RowKeys, scale: float) -> torch.Tensor:
+def rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keys: RowKeys, scale: float, layer: int = 0) -> torch.Tensor:
     """Attention of one position per row over its first keys.lengths[i] columns. query [B, Hq, 1, D];
     key and value [B, Hk, C, D]: views of the slot cache's buffer (`fits`). Returns [B, 1, Hq, D], as
     transformers' attention functions do.
@@ -166,7 +195,10 @@ def rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     transformers' repeat_kv has it). The grid is rows x heads, as sdpa's.
 
     With keys.starts, key and value are an extent buffer [1, Hk, C, D] (fits_extents): row b's keys
-    start at starts[b] of the same view, whatever the other rows'."""
+    start at starts[b] of the same view, whatever the other rows'. With keys.shared too, the columns
+    every row shares are read once, from the shared prefix's own keys and values (`layer`'s), as one
+    sequence of all the rows' queries; then each row's own columns after them (from starts[b], its
+    lengths[b]); and the two parts make one softmax (one_softmax: the kernel's log-sum-exps)."""
     rows, heads, _, dim = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads
@@ -184,8 +216,23 @@ def rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         size, strides = (1, (rows - 1) * kv_heads * width + width, kv_heads, dim), (rows * kv_heads * width * dim, dim, width * dim, 1)
         packed_k, packed_v = (torch.as_strided(t, size, strides) for t in (key, value))
     packed_q = query.reshape(rows, kv_heads, group, dim).transpose(1, 2).reshape(1, rows * group, kv_heads, dim)
-    out = keys.kernel(packed_q, packed_k, packed_v, seqstart_q, seqstart_k, group, columns, seqlen_k, scale)
+    if keys.shared is None:
+        out = keys.kernel(packed_q, packed_k, packed_v, seqstart_q, seqstart_k, group, columns, seqlen_k, scale)
+    else:
+        width = keys.shared.columns
+        shared_k, shared_v = (t[0, :, :width].transpose(0, 1)[None] for t in keys.shared.layers[layer])  # [1, P, Hk, D]
+        starts_q, starts_k, lengths = keys.one_sequence(rows * group)
+        common = keys.kernel(packed_q, shared_k, shared_v, starts_q, starts_k, rows * group, width, lengths, scale, lse=True)
+        out = one_softmax(*common, *keys.kernel(packed_q, packed_k, packed_v, seqstart_q, seqstart_k, group, columns, seqlen_k, scale, lse=True))
     return out.reshape(rows, group, kv_heads, dim).transpose(1, 2).reshape(rows, 1, heads, dim)
+
+
+def one_softmax(first: torch.Tensor, first_lse: torch.Tensor, second: torch.Tensor, second_lse: torch.Tensor) -> torch.Tensor:
+    """Attention over two parts of each query's keys, from each part's: output [1, Q, H, D] and
+    log-sum-exp of its scores [Q, H]. The first part's share of the one softmax over both is
+    sigmoid(lse1 - lse2); computed in float32."""
+    share = torch.sigmoid(first_lse - second_lse)[None, :, :, None]
+    return torch.lerp(second.float(), first.float(), share).to(first.dtype)
 
 
 # Reading a shared prefix once pays where its copies are many and most of what a step reads: measured
@@ -209,6 +256,7 @@ class SharedColumns:
 
     layers: list[tuple[torch.Tensor, torch.Tensor]]
     columns: int
+    key: object = None  # which computation of the prefix (a CUDA graph's step reads its tensors: batch.prefix.Prefixes.tag)
 
 
 def shared_attention(query, key, value, mask, shared_key, shared_value, scale: float) -> torch.Tensor:
@@ -250,7 +298,7 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     if row_keys is not None and row_keys.queries is not None:
         return packed_attention(query, key, value, row_keys, scale), None
     if row_keys is not None and (row_keys.starts is not None or fits(query, key, value)):
-        return rows_attention(query, key, value, row_keys, scale), None
+        return rows_attention(query, key, value, row_keys, scale, module.layer_idx), None
     if row_keys is not None and not _warned:
         _warned.append(1)
         print("komt-batch: decode attention: a step's keys are not slot-cache views; sdpa with the mask instead", file=sys.stderr, flush=True)
@@ -337,3 +385,37 @@ def check_packed(device: torch.device, dtype: torch.dtype, heads: int = 4, kv_he
     if not distance <= CHECK_TOLERANCE:
         return False, f"its causal prefill is {distance:.2%} from sdpa's (at most {CHECK_TOLERANCE:.0%} allowed)"
     return True, f"its causal prefill is {distance:.2%} from sdpa's"
+
+
+@torch.no_grad()
+def check_read_once(device: torch.device, dtype: torch.dtype, heads: int = 4, kv_heads: int = 2, dim: int = 128,
+                    kernel: Callable = efficient_attention_kernel) -> tuple[bool, str]:
+    """Does `kernel` give a decode step over extents that reads the rows' shared prefix once
+    (rows_attention with RowKeys.shared: two calls, their log-sum-exps merged) sdpa's output over each
+    row's prefix and own columns together? Rows of mixed own lengths, the prefix's node longer than
+    the columns shared. Returns (use it, why), as check."""
+    gen = torch.Generator(device="cpu").manual_seed(2)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    rows, width = 5, 24
+    own, starts = [1, 9, 3, 17, 5], [60, 0, 40, 20, 80]
+    query, node_k, node_v = rand(rows, heads, 1, dim), rand(1, kv_heads, width + 3, dim), rand(1, kv_heads, width + 3, dim)
+    buffer_k, buffer_v = rand(1, kv_heads, 100, dim), rand(1, kv_heads, 100, dim)
+    expected = []
+    for i, (n, start) in enumerate(zip(own, starts)):
+        k, v = (torch.cat([node[:, :, :width], buffer[:, :, start : start + n]], dim=2).repeat_interleave(heads // kv_heads, 1)
+                for node, buffer in ((node_k, buffer_k), (node_v, buffer_v)))
+        expected.append(torch.nn.functional.scaled_dot_product_attention(query[i : i + 1], k, v).transpose(1, 2))
+    expected = torch.cat(expected)
+    as_int = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
+    keys = RowKeys(as_int(own), kernel, as_int(starts + [100]), max(own), shared=SharedColumns([(node_k, node_v)], width))
+    try:
+        got = rows_attention(query, buffer_k, buffer_v, keys, dim**-0.5)
+    except Exception as e:  # noqa: BLE001 -- a private op: absent, or other arguments or outputs in this torch
+        return False, f"its kernel does not read a shared prefix once here ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]})"
+    distance = ((got.float() - expected.float()).norm() / expected.float().norm()).item()
+    if not distance <= CHECK_TOLERANCE:
+        return False, f"its steps that read a shared prefix once are {distance:.2%} from sdpa's (at most {CHECK_TOLERANCE:.0%} allowed)"
+    return True, f"its steps that read a shared prefix once are {distance:.2%} from sdpa's"

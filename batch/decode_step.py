@@ -86,9 +86,10 @@ class DecodeStep:
         if batch.buffer != self._buffer:  # new buffers: the old graphs point at freed memory
             self.release()
             self._buffer = batch.buffer
-        if rows not in self._graphs:
-            return self._capture(inputs, batch, rows)
-        graph, out = self._graphs[rows]
+        shape = rows, inputs.shared and (inputs.shared.key, inputs.shared.columns)  # (a step that reads a shared prefix once: a graph of its own)
+        if shape not in self._graphs:
+            return self._capture(inputs, batch, shape)
+        graph, out = self._graphs[shape]
         graph.replay()
         return out
 
@@ -108,8 +109,11 @@ class DecodeStep:
         if inputs.extents:  # each row in its own columns of one buffer (ExtentCache), read by the kernel only
             position = torch.minimum(state[POS], state[LIMIT])  # (a row computed a step ahead of its end, and padding, stay in their own columns)
             torch.add(state[START], position, out=inputs.at)
-            starts = torch.nn.functional.pad(state[START].int(), (0, 1))
-            keys = RowKeys((position + 1).int(), self.rows_kernel, starts, inputs.columns)
+            # with a shared prefix read once: each row's own columns after it (a padding row's: its one scratch column)
+            first = torch.clamp(position, max=inputs.shared.columns) if inputs.shared is not None else torch.zeros_like(position)
+            starts = torch.nn.functional.pad((state[START] + first).int(), (0, 1))
+            own = max(inputs.columns - inputs.shared.columns, 1) if inputs.shared is not None else inputs.columns
+            keys = RowKeys((position + 1 - first).int(), self.rows_kernel, starts, own, shared=inputs.shared)
             logits = self.forward(state[IDS][:, None], torch.ones((len(position), 1, 1, 1), dtype=torch.bool, device=position.device),
                                   position[:, None], batch.cache, keys, None)
             return self._chosen(logits, inputs)
@@ -130,7 +134,7 @@ class DecodeStep:
         state[POS].add_(1)
         return out
 
-    def _capture(self, inputs: StepInputs, batch: SlotCache, rows: int) -> torch.Tensor:
+    def _capture(self, inputs: StepInputs, batch: SlotCache, shape: tuple) -> torch.Tensor:
         """Capture this shape's step and replay it once (that is the step). The warm-up runs are real
         steps: they write the keys and values the replay writes again, and the rows' state is put
         back after each, so that only the replay advances it."""
@@ -157,7 +161,7 @@ class DecodeStep:
             if not distance <= REPLAY_TOLERANCE:
                 raise RuntimeError(f"its replay does not give the eager step: {compared}")
             if not self._told:  # once: what the check saw, for the log
-                print(f"komt-batch: CUDA graphs: the decode step of {rows} rows captured; {compared}", file=sys.stderr)
+                print(f"komt-batch: CUDA graphs: the decode step of {shape[0]} rows captured; {compared}", file=sys.stderr)
                 self._told = True
         except Exception as e:  # noqa: BLE001 -- any failure to capture: decode eagerly, as on the CPU
             self.release()
@@ -168,7 +172,7 @@ class DecodeStep:
             self.graphs = False
             return run()[0]
         self._pool = graph.pool()  # the next captures share it: graphs of one stream never run at once
-        self._graphs[rows] = (graph, out)
+        self._graphs[shape] = (graph, out)
         return out
 
 

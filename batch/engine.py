@@ -51,7 +51,8 @@ import torch
 from transformers import DynamicCache
 
 from batch.config import BatchingConfig, GenerationSettings, ModelConfig
-from batch.decode_attention import RowKeys, SharedColumns, check, check_packed, efficient_attention_kernel, planless_sdpa, reading_rows, reads_once
+from batch.decode_attention import (RowKeys, SharedColumns, check, check_packed, check_read_once, efficient_attention_kernel, planless_sdpa, reading_rows,
+                                    reads_once)
 from batch.decode_step import DecodeStep, row_bucket
 from batch.kv_cache import IDS, LIMIT, POS, START, ExtentCache, SlotCache, compact_order, front_first, left_aligned, to_device
 from batch.loading import first_line, load_model
@@ -169,7 +170,8 @@ class Engine:
     and the host reads its tokens before the next step (the CPU's way, and a GPU's without graphs)."""
 
     def __init__(self, model, tokenizer, settings: GenerationSettings, cuda_graphs: bool = True, fixed_shapes: bool | None = None,
-                 rows_kernel: Callable | None = None, share_prefix: bool = True, extents: bool | None = None, packed_prefill: bool | None = None):
+                 rows_kernel: Callable | None = None, share_prefix: bool = True, extents: bool | None = None, packed_prefill: bool | None = None,
+                 read_once: bool | None = None):
         self.model = model
         self.share_prefix = share_prefix  # joining rows' shared token prefixes prefilled once (batch.prefix)
         self.prefixes = Prefixes()
@@ -222,10 +224,14 @@ class Engine:
         self.prefills = 0  # prefill forwards (padded_prompt_tokens / prefills: the positions of one)
         self.shared_prompt_tokens = 0  # rows' prompt tokens whose keys and values were copied from a shared prefix
         self.prefilled_prompt_tokens = 0  # prompt tokens computed: rows' own suffixes and shared prefixes, once each
-        self.shared_reads = 0  # decode steps that read their rows' common prefix once (batch.decode_attention.shared_attention)
+        self.shared_reads = 0  # decode steps that read their rows' common prefix once (decode_attention: shared_attention, rows_attention)
         self.mixed_steps = 0  # decode steps the running rows took in a packed prefill's forward (timed as prefill)
-        # ... an eager step's with sdpa's boolean mask and no kernel of its own (the CPU's way)
-        self.read_once = share_prefix and not self.fixed_shapes and rows_kernel is None and mask_dtype is None
+        # ... an eager step's with sdpa's boolean mask and no kernel of its own (the CPU's way), or a step over
+        # extents whose kernel gives each part's log-sum-exp (a GPU's, graph or not)
+        if self.extents:
+            self.read_once = share_prefix and (read_once if read_once is not None else _checked_read_once(rows_kernel, model))
+        else:
+            self.read_once = share_prefix and not self.fixed_shapes and rows_kernel is None and mask_dtype is None
         self.between_steps: Callable[[], None] | None = None  # called on the host before each step (the runner's CPU watch)
 
     @property
@@ -355,7 +361,9 @@ class Engine:
         self.row_steps += n
         captures = self.step.captures
         shared = self.prefixes.read_once(batch.prefix[:n]) if self.read_once else None
-        batch.shared = SharedColumns(*shared) if shared and reads_once(n, shared[1], batch.used + 1) else None
+        # (the columns a row reads: in slots, every row the widest's; in extents, its own: on average)
+        columns = sum(batch.pos[:n]) / n + 1 if self.extents else batch.used + 1
+        batch.shared = SharedColumns(*shared, key=batch.prefix[0][1]) if shared and reads_once(n, shared[1], columns) else None
         self.shared_reads += batch.shared is not None
         with self._timed("decode") as timing:
             values = self.step(batch, row_bucket(n, batch.slots) if self.fixed_shapes else n, whole=self.fixed_shapes)
@@ -732,6 +740,17 @@ def _checked_rows_kernel(device, dtype, config) -> Callable | None:
         return efficient_attention_kernel
     print(f"komt-batch: decode attention: sdpa over the columns read ({why})", file=sys.stderr, flush=True)
     return None
+
+
+def _checked_read_once(kernel: Callable, model) -> bool:
+    """Does the decode attention's kernel also read a shared prefix once in a step over extents, giving
+    sdpa's output with the model's head shapes (batch.decode_attention.check_read_once)? Logged on a GPU."""
+    kv_heads, dim = _kv_shape(model.config)
+    ok, why = check_read_once(model.device, model.get_input_embeddings().weight.dtype, model.config.num_attention_heads, kv_heads, dim, kernel)
+    if model.device.type == "cuda":
+        print(f"komt-batch: decode attention: {'a prefix every row shares is read once' if ok else 'each row reads its own copy of a shared prefix'} "
+              f"({why})", file=sys.stderr, flush=True)
+    return ok
 
 
 def _kv_shape(config) -> tuple[int, int]:

@@ -449,4 +449,4 @@ class ExtentCache(SlotCache):
         at = self.at[:rows]
         for layer in self.cache.layers:
             layer.read(at)
-        return StepInputs(self.state[:, :rows], at, columns, None if self.seen is None else self.seen[:rows], None, extents=True)
+        return StepInputs(self.state[:, :rows], at, columns, None if self.seen is None else self.seen[:rows], self.shared, extents=True)

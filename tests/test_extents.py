@@ -15,11 +15,14 @@ import torch
 
 from batch.bench.measuring import OpCounter
 from batch.config import GenerationSettings
-from batch.decode_attention import check_packed, reference_kernel
+from batch import decode_step
+from batch import engine as engine_module
+from batch.decode_attention import READ_ONCE_ROWS, check_packed, check_read_once, packed_lse, reference_kernel
 from batch.decode_step import DecodeStep
 from batch.engine import PREFILL_GROUP_TOKENS, Engine, Request, Requests, packed_chunks
 from batch.kv_cache import COUNT, LIMIT, POS, START, ExtentCache, Extents
 from batch.prefix import Prefixes
+from tests.test_decode_step import StandInGraph, stand_in_cuda
 from tests.test_engine_parts import EndsAt
 from tests.test_exactness import MAX_NEW, OPTIONS, load, prompts_40, reference, result, streamed
 from tests.test_prefix import shared_prompts
@@ -141,6 +144,73 @@ def test_shared_prefixes_copied_into_extents_give_the_reference_outputs(variant,
         assert e.shared_prompt_tokens > 0.6 * total and e.prefilled_prompt_tokens < 0.4 * total, (e.shared_prompt_tokens, e.prefilled_prompt_tokens, total)
 
 
+@pytest.mark.parametrize("variant", ["float32", "nf4+lora"])
+def test_steps_over_extents_that_read_the_shared_prefix_once_give_the_reference_outputs(variant, monkeypatch):
+    """Where every running row starts from one shared prefix still held, a decode step over extents
+    reads its columns once for all rows, from the prefix's own keys and values, then each row's own
+    columns after them; the kernel's log-sum-exps make one softmax of the two (on the CPU its
+    contract, reference_kernel). By the rule (16 rows and more of the instruction alone), and at
+    every step it can (the rule forced): eager and fixed-shape steps, packed and padded prefill,
+    refills, budgets that drop the prefix, rows of another prefix beside them (those steps read
+    every row's copy)."""
+    engine = load(variant)
+    ids = engine.tokenize(shared_prompts())
+    expected = [reference(engine, p) for p in ids]
+    longest = max(map(len, ids))
+    one_prefix = list(range(24))  # the rows of the instruction alone
+    for max_rows, reads in ((24, True), (READ_ONCE_ROWS - 1, False)):
+        e = extents_of(engine, True)
+        assert streamed(e, [ids[i] for i in one_prefix], max_rows, 10**9) == [expected[i] for i in one_prefix]
+        assert (e.shared_reads > 0) == reads, (max_rows, e.shared_reads, e.steps)
+    monkeypatch.setattr(engine_module, "reads_once", lambda rows, shared, columns: True)
+    counts = []  # (steps that read the prefix once, steps) of each stream
+    for fixed, packed in [(False, True), (True, True), (True, False)]:
+        for max_rows, budget, shuffle in [(8, 10**9, False), (5, 4 * (longest + MAX_NEW), True), (3, 3 * (longest + MAX_NEW), False)]:
+            e = extents_of(engine, fixed, packed)
+            e.prefixes = Prefixes(min_saved=0, saved_share=0)  # the document too: rows of two prefixes
+            got = streamed(e, ids, max_rows, budget, shuffle)
+            mismatches = [(i, x, y) for i, (x, y) in enumerate(zip(expected, got)) if x != y]
+            assert not mismatches, (fixed, packed, max_rows, budget, mismatches[:3])
+            counts.append((e.shared_reads, e.steps))
+    assert all(reads > 0 for reads, _ in counts) and any(reads < steps for reads, steps in counts), counts
+
+
+def test_a_step_that_reads_a_shared_prefix_once_replays_only_its_own_graph(monkeypatch):
+    """On a GPU a step is captured once per shape and replayed: a step that reads a shared prefix
+    once reads that computation's tensors, so it has graphs of its own, one per prefix (and columns
+    shared), apart from the steps that read every row's copy. Replayed (StandInGraph: a replay
+    recomputes what was captured, with the captured prefix), every row still answers as alone."""
+    monkeypatch.setattr(engine_module, "reads_once", lambda rows, shared, columns: True)
+    engine = load("float32")
+    ids = engine.tokenize(shared_prompts())
+    expected = [reference(engine, p) for p in ids]
+    e = extents_of(engine, True)
+    e.step.graphs = True  # (on a GPU: Engine(cuda_graphs=True))
+    e.prefixes = Prefixes(min_saved=0, saved_share=0)
+    states = {}
+
+    def capture(run, pool, stream):
+        graph = StandInGraph(run, states["state"], states["seen"])
+        return graph, graph.outputs
+
+    stand_in_cuda(monkeypatch, capture)
+    step_call = decode_step.DecodeStep.__call__
+
+    def remember_state(self, batch, rows, whole):
+        states["state"], states["seen"] = batch.state[:, :rows], None
+        return step_call(self, batch, rows, whole)
+
+    shapes = []  # the shape of every step captured
+    step_capture = decode_step.DecodeStep._capture
+    monkeypatch.setattr(decode_step.DecodeStep, "__call__", remember_state)
+    monkeypatch.setattr(decode_step.DecodeStep, "_capture", lambda self, inputs, batch, shape: (shapes.append(shape), step_capture(self, inputs, batch, shape))[1])
+    StandInGraph.captures = 0
+    assert streamed(e, ids, 6, 10**9, shuffle=True) == expected
+    prefixes = {prefix for _, prefix in shapes}
+    assert None in prefixes and len(prefixes - {None}) >= 2, shapes  # the copies' steps; the instruction's, the document's
+    assert e.shared_reads > StandInGraph.captures == len(shapes)
+
+
 def test_sampled_rows_draw_the_tokens_they_draw_alone():
     engine = load("float32+lora", do_sample=True, temperature=0.9, top_p=0.7, top_k=100)
     ids = engine.tokenize(prompts_40()[:16])
@@ -180,6 +250,39 @@ def test_a_packed_prefill_is_checked_against_sdpa():
     assert not ok and why.startswith("its causal prefill is ") and why.endswith("from sdpa's (at most 2% allowed)"), why
     ok, why = check_packed(torch.device("cpu"), torch.float32)
     assert not ok and why.startswith("its kernel does not run a causal prefill here (NotImplementedError"), why
+
+
+def test_reading_a_shared_prefix_once_is_checked_against_sdpa():
+    """The kernel's contract, its log-sum-exps merging the two parts, gives sdpa's output over each
+    row's prefix and own columns (grouped query heads too: 4 over 2); a kernel whose log-sum-exps
+    come in another layout, or that does not run here (PyTorch's on the CPU), is not used: each row
+    then reads its own copy of the prefix."""
+    assert check_read_once(torch.device("cpu"), torch.float32, kernel=reference_kernel) == (True, "its steps that read a shared prefix once are 0.00% from sdpa's")
+    assert check_read_once(torch.device("cpu"), torch.bfloat16, kernel=reference_kernel)[0]
+
+    def other_layout(*args, lse=False, **kwargs):  # each query's log-sum-exp at another query's place
+        out = reference_kernel(*args, lse=lse, **kwargs)
+        return (out[0], out[1].flip(0)) if lse else out
+
+    ok, why = check_read_once(torch.device("cpu"), torch.float32, kernel=other_layout)
+    assert not ok and why.startswith("its steps that read a shared prefix once are ") and why.endswith("from sdpa's (at most 2% allowed)"), why
+    ok, why = check_read_once(torch.device("cpu"), torch.float32)
+    assert not ok and why.startswith("its kernel does not read a shared prefix once here (NotImplementedError"), why
+
+
+def test_the_kernels_log_sum_exps_are_read_by_packed_query():
+    """PyTorch's kernel gives its log-sum-exps per sequence ([sequences, heads, the most queries of
+    one rounded up to 32], its attention.cu), or by packed query where there is one sequence: either
+    way each packed query gets its own ([queries, heads])."""
+    lse = torch.arange(10 * 3, dtype=torch.float32).view(10, 3)  # query q, head h: 3q + h
+    starts = torch.tensor([0, 2, 3, 7, 10], dtype=torch.int32)
+    by_sequence = torch.full((4, 3, 32), float("inf"))
+    for b in range(4):
+        by_sequence[b, :, : starts[b + 1] - starts[b]] = lse[starts[b] : starts[b + 1]].T
+    assert torch.equal(packed_lse(by_sequence, starts, 10), lse)
+    one = torch.full((1, 3, 32), float("inf"))
+    one[0, :, :10] = lse.T
+    assert torch.equal(packed_lse(one, torch.tensor([0, 10], dtype=torch.int32), 10), lse)
 
 
 @pytest.mark.parametrize("counts, tokens, chunks", [

@@ -1,6 +1,6 @@
 """The engine's scheduling without a GPU: decode steps, rows in flight and prefills for a workload.
 
-    python tools/schedule_sim.py [--prompts 1024] [--rows 512] [--tokens 212992] [--shared 400 --median 60] [--no-share] [--slots | --padded]
+    python tools/schedule_sim.py [--prompts 1024] [--rows 512] [--tokens 212992] [--shared 400 --median 60] [--no-share] [--slots | --padded] [--copies]
 
 Runs the real Engine.stream and its KV cache (joining, prefill groups, buffers made, rows leaving) on
 the CPU with the tiny model's prefill, but a stand-in decode step (tests/test_engine_parts.EndsAt) whose rows end at answer lengths
@@ -11,8 +11,9 @@ a GPU's where decode attention reads each row's own keys: each row in its own ex
 (ExtentCache) and prefilled packed (the joining rows' tokens in one sequence, none padded; `--padded`:
 in groups of near-equal length, padded), or with `--slots` every slot as wide as the widest running
 row and padded prefill (SlotCache, the CPU's and a GPU's without the kernel). It prints the decode steps, the rows in flight on average, the
-prefill forwards, the keys a decode step's attention reads (each row's own; with --slots also sdpa
-with the mask over the whole buffer), the prompt tokens shared (batch.prefix) and prefilled, and the
+prefill forwards, the keys a decode step's attention reads (each row's own, a prefix every row
+shares once where the step reads it once; with --slots also sdpa with the mask over the whole
+buffer), the prompt tokens shared (batch.prefix) and prefilled, the steps that read a prefix once, and the
 buffers made: the figures the scheduling decides, not the speed of any device.
 """
 
@@ -46,6 +47,7 @@ def main() -> None:
     p.add_argument("--no-share", action="store_true")  # batching.share_prefix: false
     p.add_argument("--slots", action="store_true")  # every row as wide as the widest (SlotCache), not its own extent (ExtentCache)
     p.add_argument("--padded", action="store_true")  # extents filled by prefill groups of near-equal length, padded (not packed)
+    p.add_argument("--copies", action="store_true")  # decode steps over extents read every row's copy of a shared prefix (not it once)
     args = p.parse_args()
     rng = np.random.default_rng(0)
     prompt_lengths = args.shared + np.clip(np.round(rng.lognormal(math.log(args.median), 0.9, args.prompts)), 8, 1000).astype(int)
@@ -53,7 +55,7 @@ def main() -> None:
     model, tokenizer = load_model(model_config("float32"))
     engine = Engine(model, tokenizer, GenerationSettings(max_new_tokens=args.max_new, do_sample=False, stop=[]), fixed_shapes=True,
                     share_prefix=not args.no_share, rows_kernel=reference_kernel, extents=not args.slots,
-                    packed_prefill=not (args.slots or args.padded))
+                    packed_prefill=not (args.slots or args.padded), read_once=False if args.copies else None)
     engine.step = EndsAt(answers.tolist())  # row i (seed i) ends after answers[i] tokens
     cache_class = kv_cache.SlotCache if args.slots else kv_cache.ExtentCache
     buffers = []
@@ -70,14 +72,15 @@ def main() -> None:
     held = [0]  # the cache tokens the running rows of each decode step may take (their prompts + max_new_tokens)
     step = cache_class.step
 
-    def count(cache, rows, columns):
+    def count(cache, rows, columns, shared=0):
         keys_read["whole buffer"] += rows * columns  # sdpa with the mask: every column read, for every row computed
-        keys_read["own keys"] += sum(p + 1 for p in cache.pos[: cache.n]) + (rows - cache.n)  # batch.decode_attention
+        # batch.decode_attention: each row's own keys (a shared prefix's columns once, where the step reads them once)
+        keys_read["own keys"] += shared + sum(p + 1 - shared for p in cache.pos[: cache.n]) + (rows - cache.n)
         held[0] += sum(cache.need[: cache.n])
 
     def reading(cache, rows, whole):
         inputs = step(cache, rows, whole)
-        count(cache, rows, inputs.columns)
+        count(cache, rows, inputs.columns, inputs.shared.columns if inputs.shared is not None else 0)
         return inputs
 
     cache_class.step = reading
@@ -99,7 +102,8 @@ def main() -> None:
     print(f"decode steps {engine.steps} ({engine.mixed_steps} in a packed prefill's forward), rows in flight {engine.row_steps / engine.steps:.1f} (their needs {held[0] / engine.steps / args.tokens:.0%} "
           f"of the token budget), prefill forwards {engine.prefills} "
           f"({engine.padded_prompt_tokens / engine.prefills:.0f} positions each); prompt tokens shared {engine.shared_prompt_tokens}, "
-          f"prefilled {engine.prefilled_prompt_tokens} ({engine.prefilled_prompt_tokens / prompt_lengths.sum():.1%})")
+          f"prefilled {engine.prefilled_prompt_tokens} ({engine.prefilled_prompt_tokens / prompt_lengths.sum():.1%}); "
+          f"decode steps that read a shared prefix once {engine.shared_reads}")
     per_step = {k: v / engine.steps for k, v in keys_read.items() if args.slots or k == "own keys"}
     print("keys read by a decode step's attention, on average: " + ", ".join(f"{k} {v:,.0f}" for k, v in per_step.items())
           + (f" ({per_step['whole buffer'] / per_step['own keys']:.1f}x)" if args.slots else "")
