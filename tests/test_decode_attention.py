@@ -156,6 +156,34 @@ def test_on_a_gpu_pytorchs_kernel_reads_each_rows_own_keys(capsys):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_a_gpu_a_prefix_every_row_shares_is_read_once(capsys, monkeypatch):
+    """PyTorch's kernel, its log-sum-exps read by packed query (batch.decode_attention.packed_lse),
+    passes the read-once check in bf16 and float32; the tiny model on the GPU (float32) then decodes
+    the annotation shape reading the instruction once, eagerly and replayed as graphs, with the
+    tokens of the steps that read every row's copy."""
+    from batch import engine as engine_module
+    from batch.config import GenerationSettings
+    from batch.decode_attention import check_read_once
+    from batch.loading import load_model
+    from tests.test_exactness import model_config
+    from tests.test_prefix import shared_prompts
+
+    device = torch.device("cuda:0")
+    assert check_read_once(device, torch.bfloat16)[0] and check_read_once(device, torch.float32)[0]
+    monkeypatch.setattr(engine_module, "reads_once", lambda rows, shared, columns: True)  # (8 rows: under the rule)
+    model, tokenizer = load_model(model_config("float32+lora", device_map="cuda:0"))
+    settings = GenerationSettings(max_new_tokens=MAX_NEW, do_sample=False)
+    copies = Engine(model, tokenizer, settings, cuda_graphs=False, read_once=False)
+    ids = copies.tokenize(shared_prompts())
+    expected = streamed(copies, ids, 8, 10**9, shuffle=True)
+    for graphs in (False, True):
+        engine = Engine(model, tokenizer, settings, cuda_graphs=graphs)
+        assert engine.extents and engine.read_once
+        assert streamed(engine, ids, 8, 10**9, shuffle=True) == expected and engine.shared_reads > 0
+    assert "decode attention: a prefix every row shares is read once" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_on_a_gpu_prefill_attention_builds_no_cudnn_plans(capsys):
     """An engine on a GPU turns sdpa's cuDNN backend off (a host-side plan for every prefill group's
     shape): a prefill of groups of new shapes runs no cuDNN attention kernel."""

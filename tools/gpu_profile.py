@@ -8,6 +8,11 @@ median 120) through Engine.stream, and prints: the prefill / decode / capture re
 time (record_function around the engine's own timed regions), and the kernels with the most CUDA
 time. Without `--graphs` the decode steps run eagerly at fixed shapes (every kernel visible).
 
+With `--read-once-ab N`, it only streams N prompts of the annotation shape (a 400-token head every
+prompt shares, then ~60 of its own; 32 new tokens) twice, steps replayed as graphs over extents: the
+shared prefix read once (batch.decode_attention.rows_attention), then every row's copy of it read,
+and prints each one's milliseconds per replayed decode step.
+
 With `--attention-ab N`, it then streams the first N prompts (`--ab-max-new` new tokens) twice more,
 decode steps replayed as CUDA graphs, without the profiler: attention over each row's own keys
 (batch.decode_attention, where its check passes) and sdpa with the mask over the whole buffer, and
@@ -45,6 +50,7 @@ def main() -> None:
     p.add_argument("--prefill-rate", action="store_true", help="time prefill forwards of fixed shapes first (GPU rate vs host time)")
     p.add_argument("--rate-only", action="store_true", help="with --prefill-rate: only that (no profiled stream)")
     p.add_argument("--merge", action="store_true", help="merge the adapter into the dequantized weights (model.merge_adapter)")
+    p.add_argument("--read-once-ab", type=int, default=0, help="only this: N annotation-shaped prompts, a shared prefix read once vs every copy")
     args = p.parse_args()
     cfg = ModelConfig(base=f"{args.model}/base", adapter=f"{args.model}/adapter", quantization="nf4", compute_dtype="bfloat16",
                       device_map=args.device, weights="dequantized" if args.merge else "nf4",
@@ -53,6 +59,9 @@ def main() -> None:
     if not args.merge:
         dequantize_model(model, torch.bfloat16)
     settings = GenerationSettings(max_new_tokens=args.max_new, do_sample=False, stop=[])
+    if args.read_once_ab:
+        read_once_ab(model, tokenizer, args)
+        return
     engine = Engine(model, tokenizer, settings, cuda_graphs=args.graphs, fixed_shapes=True)
     if args.prefill_rate:
         prefill_rate(engine, len(tokenizer), args.merge)
@@ -155,6 +164,24 @@ def attention_ab(model, tokenizer, requests, args) -> None:
         print(f"attention A/B: {label:<15}: {len(out)} rows, {engine.steps} decode steps ({engine.decode_steps} replayed, "
               f"{1000 * engine.decode_seconds / steps:.2f} ms each), {engine.row_steps / max(engine.steps, 1):.1f} rows in flight, "
               f"{engine.step.captures} captures ({engine.capture_seconds:.1f}s), prefill {engine.prefill_seconds:.2f}s", flush=True)
+
+
+def read_once_ab(model, tokenizer, args, shared: int = 400, median: int = 60, max_new: int = 32) -> None:
+    """The annotation shape (a `shared`-token head every prompt starts with, then its own tokens,
+    lognormal around `median`), decode steps replayed as graphs over extents: a prefix every row
+    shares read once (the default, where the kernel's check passes), then every row's copy read."""
+    rng = np.random.default_rng(1)
+    head = [1] + rng.integers(3, len(tokenizer), shared - 1).tolist()
+    own = np.clip(np.round(rng.lognormal(math.log(median), 0.6, args.read_once_ab)), 8, 600).astype(int)
+    requests = [Request(i, head + rng.integers(3, len(tokenizer), n).tolist(), i) for i, n in enumerate(sorted(own, reverse=True))]
+    settings = GenerationSettings(max_new_tokens=max_new, do_sample=False, stop=[])
+    for label, read_once in (("read once", None), ("every copy", False)):
+        engine = Engine(model, tokenizer, settings, fixed_shapes=True, read_once=read_once)
+        out = list(SafeGenerator(engine, args.rows, args.tokens, max_new).stream(requests))
+        steps = max(engine.decode_steps, 1)
+        print(f"read-once A/B: {label:<10}: {len(out)} rows, {engine.steps} decode steps ({engine.shared_reads} reading the prefix once; "
+              f"{engine.decode_steps} replayed, {1000 * engine.decode_seconds / steps:.2f} ms each), {engine.row_steps / max(engine.steps, 1):.1f} "
+              f"rows in flight, {engine.step.captures} captures ({engine.capture_seconds:.1f}s), prefill {engine.prefill_seconds:.2f}s", flush=True)
 
 
 if __name__ == "__main__":

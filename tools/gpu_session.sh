@@ -10,9 +10,12 @@
 #                 padded prefill syncs the host (tools/gpu_profile.py --prefill-rate) -> rates.txt
 #     annotation  jobs/bench-annotation.yaml's workload (a shared 400-token instruction, items of median 60, 32 new) on the
 #                 7B-shaped model: shared prefixes on (mode 4) against off (mode 7) -> annotation.txt, annotation.json
+#     readonce    after bench (its 7B-shaped model): 256 annotation-shaped prompts, decode steps replayed as graphs
+#                 over extents, a shared prefix read once against every row's copy (tools/gpu_profile.py
+#                 --read-once-ab) -> read-once.txt
 #     resume      tools/gpu_resume_check.sh: bf16 resume and 2-shard agreement -> resume-check.txt
 #     tests       the GPU tests -> pytest-gpu.txt
-#   e.g. STEPS="bench merged annotation" LIMIT=360 bash tools/gpu_session.sh "modes=[dequantized]"
+#   e.g. STEPS="tests bench merged readonce annotation" LIMIT=340 PROFILE=1 bash tools/gpu_session.sh "modes=[dequantized]"
 set -uo pipefail
 OUT=${OUT:-out}
 LIMIT=${LIMIT:-590}
@@ -53,6 +56,10 @@ for step in $STEPS; do
       install_wheels
       bench annotation $(( $(left) - 5 )) prompts=512 shared_instruction=400 prompt_median=60 prompt_sigma=0.6 prompt_max=600 \
         max_new_tokens=32 "modes=[dequantized, unshared]" model.dir=/tmp/komt-bench-7b-annotation ;;
+    readonce)
+      install_wheels
+      timeout $(( $(left) < 120 ? $(left) - 5 : 120 )) python3 tools/gpu_profile.py --read-once-ab 256 > "$OUT/read-once.txt" 2>&1
+      echo "gpu_session: read-once A/B exit $? at ${SECONDS}s"; grep -E "read-once A/B|decode attention" "$OUT/read-once.txt" ;;
     resume)
       install_wheels
       timeout $(( $(left) - 25 )) bash tools/gpu_resume_check.sh > "$OUT/resume-check.txt" 2>&1
