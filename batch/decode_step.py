@@ -88,6 +88,8 @@ class DecodeStep:
             self._buffer = batch.buffer
         shape = rows, inputs.shared and (inputs.shared.key, inputs.shared.columns)  # (a step that reads a shared prefix once: a graph of its own)
         if shape not in self._graphs:
+            if shape[1]:
+                self._forget_other_prefixes(shape[1][0])
             return self._capture(inputs, batch, shape)
         graph, out = self._graphs[shape]
         graph.replay()
@@ -99,6 +101,16 @@ class DecodeStep:
             torch.cuda.synchronize()  # none of them may still be running
         self._graphs.clear()
         self._buffer = self._pool = None
+
+    def _forget_other_prefixes(self, key) -> None:
+        """Drop the graphs of steps that read another shared prefix once: the steps now read this one
+        (the others' rows are gone or read their copies), and a prefix dropped and made again is
+        another computation -- kept, its graphs would pile up."""
+        stale = [shape for shape in self._graphs if shape[1] and shape[1][0] != key]
+        if stale and torch.cuda.is_available():
+            torch.cuda.synchronize()  # none of them may still be running
+        for shape in stale:
+            del self._graphs[shape]
 
     def _run(self, inputs: StepInputs, batch: SlotCache) -> tuple[torch.Tensor, torch.Tensor]:
         state = inputs.state

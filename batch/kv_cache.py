@@ -234,7 +234,7 @@ class SlotCache:
 
     def see(self, a: int, prompts: list[list[int]]) -> None:
         """Rows joining in slots [a, a + len(prompts)) have seen their prompts' tokens (with `seen` kept)."""
-        if self.seen is None:
+        if self.seen is None or not prompts:
             return
         self.seen[a : a + len(prompts)] = False
         rows = torch.repeat_interleave(torch.arange(a, a + len(prompts)), torch.tensor([len(ids) for ids in prompts]))

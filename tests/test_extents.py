@@ -178,8 +178,9 @@ def test_steps_over_extents_that_read_the_shared_prefix_once_give_the_reference_
 def test_a_step_that_reads_a_shared_prefix_once_replays_only_its_own_graph(monkeypatch):
     """On a GPU a step is captured once per shape and replayed: a step that reads a shared prefix
     once reads that computation's tensors, so it has graphs of its own, one per prefix (and columns
-    shared), apart from the steps that read every row's copy. Replayed (StandInGraph: a replay
-    recomputes what was captured, with the captured prefix), every row still answers as alone."""
+    shared), apart from the steps that read every row's copy; those of one prefix computation only
+    are held. Replayed (StandInGraph: a replay recomputes what was captured, with the captured prefix), every
+    row still answers as alone."""
     monkeypatch.setattr(engine_module, "reads_once", lambda rows, shared, columns: True)
     engine = load("float32")
     ids = engine.tokenize(shared_prompts())
@@ -209,6 +210,10 @@ def test_a_step_that_reads_a_shared_prefix_once_replays_only_its_own_graph(monke
     prefixes = {prefix for _, prefix in shapes}
     assert None in prefixes and len(prefixes - {None}) >= 2, shapes  # the copies' steps; the instruction's, the document's
     assert e.shared_reads > StandInGraph.captures == len(shapes)
+    # when steps read another prefix computation once, the graphs of the one before go (they would pile up)
+    e.step._graphs = {shape: "graph" for shape in [(4, None), (4, (0, 10)), (8, (0, 12)), (4, (1, 10))]}
+    e.step._forget_other_prefixes(1)
+    assert set(e.step._graphs) == {(4, None), (4, (1, 10))}
 
 
 def test_sampled_rows_draw_the_tokens_they_draw_alone():
