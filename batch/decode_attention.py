@@ -76,9 +76,9 @@ def packed_lse(logsumexp: torch.Tensor, seqstart_q: torch.Tensor, queries: int) 
     no wait for the device (a graph's capture takes them)."""
     if logsumexp.shape[0] == 1:
         return logsumexp[0, :, :queries].transpose(0, 1)
-    starts = seqstart_q.long()
-    sequence = torch.repeat_interleave(torch.arange(len(starts) - 1, device=starts.device), starts[1:] - starts[:-1], output_size=queries)
-    return logsumexp[sequence, :, torch.arange(queries, device=starts.device) - starts[sequence]]
+    starts, query = seqstart_q.long(), torch.arange(queries, device=seqstart_q.device)
+    sequence = torch.searchsorted(starts[1:], query, right=True)  # (a shape known on the host: nothing to wait for)
+    return logsumexp[sequence, :, query - starts[sequence]]
 
 
 def reference_kernel(query, key, value, seqstart_q, seqstart_k, max_q: int, max_k: int, seqlen_k, scale: float,

@@ -3,6 +3,8 @@ its capture / replay / fallback logic with a stand-in for torch.cuda's graphs.""
 
 import re
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -60,6 +62,49 @@ def test_a_fixed_shape_step_reads_nothing_on_the_host(variant, options, monkeypa
     assert not seen & HOST_READS, seen & HOST_READS
 
 
+def test_a_fixed_shape_step_over_extents_that_reads_a_prefix_once_reads_nothing_on_the_host(monkeypatch):
+    """The same for a step over a cache of extents that reads the rows' shared prefix once (its
+    sequences made on the device, the kernel's log-sum-exps by packed query: packed_lse). The kernel
+    is a GPU's launch: its contract (reference_kernel, which checks its bounds on the host) runs
+    unseen."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    from batch import engine as engine_module
+    from batch.decode_attention import packed_lse, reference_kernel
+    from batch.prefix import Prefixes
+    from tests.test_prefix import shared_prompts
+
+    def kernel(*args, **kwargs):
+        with _disable_current_modes():
+            return reference_kernel(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "reads_once", lambda rows, shared, columns: True)
+    card = load("float32+lora", **CARD)
+    engine = Engine(card.model, card.tokenizer, card.settings, fixed_shapes=True, rows_kernel=kernel, extents=True, packed_prefill=True)
+    engine.prefixes = Prefixes(min_saved=0, saved_share=0)
+    ops = []
+    run = decode_step.DecodeStep._run
+
+    def spy(self, inputs, batch):
+        with Ops() as mode:
+            out = run(self, inputs, batch)
+        ops.append((inputs.shared is not None, mode.seen))
+        return out
+
+    monkeypatch.setattr(decode_step.DecodeStep, "_run", spy)
+    ids = engine.tokenize(shared_prompts()[:8])
+    list(engine.stream(Requests(Request(i, p, row_seed(0, str(i))) for i, p in enumerate(ids)), 8, 10**6))
+    read_once = [seen for shared, seen in ops if shared]
+    assert len(read_once) > 5
+    seen = set().union(*read_once)
+    assert "aten::sigmoid" in seen and "aten::lerp" in seen  # the two parts' merge is in it
+    assert not seen & HOST_READS, seen & HOST_READS
+    lse, starts = torch.randn(3, 2, 32), torch.tensor([0, 2, 3, 7], dtype=torch.int32)
+    with Ops() as mode:
+        packed_lse(lse, starts, 7)
+    assert "aten::searchsorted" in mode.seen and not mode.seen & HOST_READS, mode.seen & HOST_READS
+
+
 def test_padding_rows_compute_finite_values(monkeypatch):
     """A padding row attends at least to its own column, so nothing it writes is NaN (a NaN key or
     value would reach running rows that later take its slot, even under their mask)."""
@@ -112,14 +157,9 @@ def stand_in_cuda(monkeypatch, capture):
     monkeypatch.setattr(decode_step, "_capture_graph", capture)
 
 
-@pytest.mark.parametrize("options", [{}, OPTIONS], ids=["card", "options"])
-def test_replayed_steps_give_the_eager_steps_tokens(options, monkeypatch):
-    card = load("float32+lora", **CARD, **options)
-    ids = card.tokenize(prompts_40())
-    seeds = [row_seed(0, str(i)) for i in range(len(ids))]
-    expected = streamed(card, ids, 6, 700, shuffle=True, seeds=seeds)  # buffer remade with rows running
-    engine = Engine(card.model, card.tokenizer, card.settings, fixed_shapes=True)
-    engine.step.graphs = True  # (on a GPU: Engine(cuda_graphs=True))
+def replayed_by_stand_ins(monkeypatch, on_step: Callable | None = None) -> None:
+    """Decode steps with graphs on take the graph path on the CPU (stand_in_cuda): StandInGraph
+    captures over each step's rows' state and seen tokens; `on_step(step, batch, rows)` before each."""
     states = {}
 
     def capture(run, pool, stream):
@@ -128,15 +168,27 @@ def test_replayed_steps_give_the_eager_steps_tokens(options, monkeypatch):
 
     stand_in_cuda(monkeypatch, capture)
     step_call = decode_step.DecodeStep.__call__
-    replays = []
 
     def remember_state(self, batch, rows, whole):
         states["state"] = batch.state[:, :rows]
         states["seen"] = None if batch.seen is None else batch.seen[:rows]
-        replays.append((rows, None) in self._graphs and batch.buffer == self._buffer)  # (slots: no step reads a shared prefix once)
+        if on_step is not None:
+            on_step(self, batch, rows)
         return step_call(self, batch, rows, whole)
 
     monkeypatch.setattr(decode_step.DecodeStep, "__call__", remember_state)
+
+
+@pytest.mark.parametrize("options", [{}, OPTIONS], ids=["card", "options"])
+def test_replayed_steps_give_the_eager_steps_tokens(options, monkeypatch):
+    card = load("float32+lora", **CARD, **options)
+    ids = card.tokenize(prompts_40())
+    seeds = [row_seed(0, str(i)) for i in range(len(ids))]
+    expected = streamed(card, ids, 6, 700, shuffle=True, seeds=seeds)  # buffer remade with rows running
+    engine = Engine(card.model, card.tokenizer, card.settings, fixed_shapes=True)
+    engine.step.graphs = True  # (on a GPU: Engine(cuda_graphs=True))
+    replays = []  # (slots: no step reads a shared prefix once, so its graph's shape is (rows, None))
+    replayed_by_stand_ins(monkeypatch, lambda step, batch, rows: replays.append((rows, None) in step._graphs and batch.buffer == step._buffer))
     StandInGraph.captures = 0
     assert streamed(engine, ids, 6, 700, shuffle=True, seeds=seeds) == expected
     assert engine.step.graphs and 2 <= StandInGraph.captures < 20 and sum(replays) > 10 * StandInGraph.captures

@@ -22,7 +22,7 @@ from batch.decode_step import DecodeStep
 from batch.engine import PREFILL_GROUP_TOKENS, Engine, Request, Requests, packed_chunks
 from batch.kv_cache import COUNT, LIMIT, POS, START, ExtentCache, Extents
 from batch.prefix import Prefixes
-from tests.test_decode_step import StandInGraph, stand_in_cuda
+from tests.test_decode_step import StandInGraph, replayed_by_stand_ins
 from tests.test_engine_parts import EndsAt
 from tests.test_exactness import MAX_NEW, OPTIONS, load, prompts_40, reference, result, streamed
 from tests.test_prefix import shared_prompts
@@ -188,22 +188,9 @@ def test_a_step_that_reads_a_shared_prefix_once_replays_only_its_own_graph(monke
     e = extents_of(engine, True)
     e.step.graphs = True  # (on a GPU: Engine(cuda_graphs=True))
     e.prefixes = Prefixes(min_saved=0, saved_share=0)
-    states = {}
-
-    def capture(run, pool, stream):
-        graph = StandInGraph(run, states["state"], states["seen"])
-        return graph, graph.outputs
-
-    stand_in_cuda(monkeypatch, capture)
-    step_call = decode_step.DecodeStep.__call__
-
-    def remember_state(self, batch, rows, whole):
-        states["state"], states["seen"] = batch.state[:, :rows], None
-        return step_call(self, batch, rows, whole)
-
+    replayed_by_stand_ins(monkeypatch)
     shapes = []  # the shape of every step captured
     step_capture = decode_step.DecodeStep._capture
-    monkeypatch.setattr(decode_step.DecodeStep, "__call__", remember_state)
     monkeypatch.setattr(decode_step.DecodeStep, "_capture", lambda self, inputs, batch, shape: (shapes.append(shape), step_capture(self, inputs, batch, shape))[1])
     StandInGraph.captures = 0
     assert streamed(e, ids, 6, 10**9, shuffle=True) == expected
