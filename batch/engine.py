@@ -228,7 +228,7 @@ class Engine:
         self.mixed_steps = 0  # decode steps the running rows took in a packed prefill's forward (timed as prefill)
         # ... an eager step's with sdpa's boolean mask and no kernel of its own (the CPU's way), or a step over
         # extents whose kernel gives each part's log-sum-exp (a GPU's, graph or not)
-        if self.extents:
+        if self.extents:  # (`read_once`: None, where the kernel's check passes; only a cache of extents takes it)
             self.read_once = share_prefix and (read_once if read_once is not None else _checked_read_once(rows_kernel, model))
         else:
             self.read_once = share_prefix and not self.fixed_shapes and rows_kernel is None and mask_dtype is None
