@@ -121,11 +121,12 @@ class DecodeStep:
         if inputs.extents:  # each row in its own columns of one buffer (ExtentCache), read by the kernel only
             position = torch.minimum(state[POS], state[LIMIT])  # (a row computed a step ahead of its end, and padding, stay in their own columns)
             torch.add(state[START], position, out=inputs.at)
-            # with a shared prefix read once: each row's own columns after it (a padding row's: its one scratch column)
-            first = torch.clamp(position, max=inputs.shared.columns) if inputs.shared is not None else torch.zeros_like(position)
-            starts = torch.nn.functional.pad((state[START] + first).int(), (0, 1))
-            own = max(inputs.columns - inputs.shared.columns, 1) if inputs.shared is not None else inputs.columns
-            keys = RowKeys((position + 1 - first).int(), self.rows_kernel, starts, own, shared=inputs.shared)
+            if inputs.shared is None:  # each row's keys from the first column of its extent
+                starts, lengths, columns = state[START], position + 1, inputs.columns
+            else:  # a shared prefix read once: each row's own columns after it (a padding row's: its one scratch column)
+                first = torch.clamp(position, max=inputs.shared.columns)
+                starts, lengths, columns = state[START] + first, position + 1 - first, max(inputs.columns - inputs.shared.columns, 1)
+            keys = RowKeys(lengths.int(), self.rows_kernel, torch.nn.functional.pad(starts.int(), (0, 1)), columns, shared=inputs.shared)
             logits = self.forward(state[IDS][:, None], torch.ones((len(position), 1, 1, 1), dtype=torch.bool, device=position.device),
                                   position[:, None], batch.cache, keys, None)
             return self._chosen(logits, inputs)
