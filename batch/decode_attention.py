@@ -125,7 +125,7 @@ class RowKeys:
     queries: torch.Tensor | None = None  # a packed prefill's: where each row's queries start (int32 [rows + 1]), causal
     max_q: int = 0  # ... and the most queries of a row
     shared: SharedColumns | None = None  # (with `starts`) the first columns every row shares, read once from here;
-    # `starts` and `lengths` are then those of each row's own columns after them (read_once_attention)
+    # `starts` and `lengths` are then those of each row's own columns after them (rows_attention)
     _sequences: dict = field(default_factory=dict, repr=False)
 
     def sequences(self, group: int, row_stride: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -361,9 +361,10 @@ class Engine:
         self.row_steps += n
         captures = self.step.captures
         shared = self.prefixes.read_once(batch.prefix[:n]) if self.read_once else None
-        # (the columns a row reads: in slots, every row the widest's; in extents, its own: on average)
-        columns = sum(batch.pos[:n]) / n + 1 if self.extents else batch.used + 1
-        batch.shared = SharedColumns(*shared, key=batch.prefix[0][1]) if shared and reads_once(n, shared[1], columns) else None
+        if shared:  # (the columns a row reads: in slots, every row the widest's; in extents, its own: on average)
+            columns = sum(batch.pos[:n]) / n + 1 if self.extents else batch.used + 1
+            shared = shared if reads_once(n, shared[1], columns) else None
+        batch.shared = SharedColumns(*shared, key=batch.prefix[0][1]) if shared else None
         self.shared_reads += batch.shared is not None
         with self._timed("decode") as timing:
             values = self.step(batch, row_bucket(n, batch.slots) if self.fixed_shapes else n, whole=self.fixed_shapes)
