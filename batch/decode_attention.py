@@ -343,15 +343,23 @@ def check(device: torch.device, dtype: torch.dtype, heads: int = 4, kv_heads: in
     flat_k, flat_v = rand(1, kv_heads, 300, dim), rand(1, kv_heads, 300, dim)
     for i, start in enumerate(starts.tolist()):
         flat_k[0, :, start : start + columns], flat_v[0, :, start : start + columns] = key[i], value[i]
+    return _verdict(lambda: (rows_attention(query, key, value, RowKeys(lengths.to(device), kernel), dim**-0.5),
+                             rows_attention(query, flat_k, flat_v, RowKeys(lengths.to(device), kernel, torch.cat([starts, starts[-1:]]).to(device), columns),
+                                            dim**-0.5)),
+                    expected, "run", "its kernel's output is")
+
+
+def _verdict(outputs: Callable[[], tuple[torch.Tensor, ...]], expected: torch.Tensor, runs: str, result: str) -> tuple[bool, str]:
+    """A check's (use it, why): `outputs()` (the kernel's, one or more) against sdpa's `expected`,
+    each within CHECK_TOLERANCE (relative L2); `runs` and `result` word the why."""
     try:
-        got = rows_attention(query, key, value, RowKeys(lengths.to(device), kernel), dim**-0.5)
-        got_extents = rows_attention(query, flat_k, flat_v, RowKeys(lengths.to(device), kernel, torch.cat([starts, starts[-1:]]).to(device), columns), dim**-0.5)
-    except Exception as e:  # noqa: BLE001 -- a private op: absent, or other arguments in this torch
-        return False, f"its kernel does not run here ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]})"
-    distance = max(((g.float() - expected.float()).norm() / expected.float().norm()).item() for g in (got, got_extents))
+        got = outputs()
+    except Exception as e:  # noqa: BLE001 -- a private op: absent, or other arguments or outputs in this torch
+        return False, f"its kernel does not {runs} here ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]})"
+    distance = max(((g.float() - expected.float()).norm() / expected.float().norm()).item() for g in got)
     if not distance <= CHECK_TOLERANCE:
-        return False, f"its kernel's output is {distance:.2%} from sdpa's (at most {CHECK_TOLERANCE:.0%} allowed)"
-    return True, f"its kernel's output is {distance:.2%} from sdpa's"
+        return False, f"{result} {distance:.2%} from sdpa's (at most {CHECK_TOLERANCE:.0%} allowed)"
+    return True, f"{result} {distance:.2%} from sdpa's"
 
 
 @torch.no_grad()
@@ -377,14 +385,7 @@ def check_packed(device: torch.device, dtype: torch.dtype, heads: int = 4, kv_he
     as_int = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
     keys = RowKeys(as_int([p + n for p, n in zip(pasts, lengths)]), kernel, as_int(starts + [100]), max(p + n for p, n in zip(pasts, lengths)),
                    as_int([0, 7, 8, 17]), max(lengths))
-    try:
-        got = packed_attention(query, buffer_k, buffer_v, keys, dim**-0.5)
-    except Exception as e:  # noqa: BLE001 -- a private op: absent, or other arguments in this torch
-        return False, f"its kernel does not run a causal prefill here ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]})"
-    distance = ((got.float() - expected.float()).norm() / expected.float().norm()).item()
-    if not distance <= CHECK_TOLERANCE:
-        return False, f"its causal prefill is {distance:.2%} from sdpa's (at most {CHECK_TOLERANCE:.0%} allowed)"
-    return True, f"its causal prefill is {distance:.2%} from sdpa's"
+    return _verdict(lambda: (packed_attention(query, buffer_k, buffer_v, keys, dim**-0.5),), expected, "run a causal prefill", "its causal prefill is")
 
 
 @torch.no_grad()
@@ -411,11 +412,5 @@ def check_read_once(device: torch.device, dtype: torch.dtype, heads: int = 4, kv
     expected = torch.cat(expected)
     as_int = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
     keys = RowKeys(as_int(own), kernel, as_int(starts + [100]), max(own), shared=SharedColumns([(node_k, node_v)], width))
-    try:
-        got = rows_attention(query, buffer_k, buffer_v, keys, dim**-0.5)
-    except Exception as e:  # noqa: BLE001 -- a private op: absent, or other arguments or outputs in this torch
-        return False, f"its kernel does not read a shared prefix once here ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]})"
-    distance = ((got.float() - expected.float()).norm() / expected.float().norm()).item()
-    if not distance <= CHECK_TOLERANCE:
-        return False, f"its steps that read a shared prefix once are {distance:.2%} from sdpa's (at most {CHECK_TOLERANCE:.0%} allowed)"
-    return True, f"its steps that read a shared prefix once are {distance:.2%} from sdpa's"
+    return _verdict(lambda: (rows_attention(query, buffer_k, buffer_v, keys, dim**-0.5),), expected, "read a shared prefix once",
+                    "its steps that read a shared prefix once are")

@@ -743,31 +743,30 @@ def _checked_rows_kernel(device, dtype, config) -> Callable | None:
     return None
 
 
-def _checked_read_once(kernel: Callable, model) -> bool:
-    """Does the decode attention's kernel also read a shared prefix once in a step over extents, giving
-    sdpa's output with the model's head shapes (batch.decode_attention.check_read_once)? Logged on a GPU."""
-    kv_heads, dim = _kv_shape(model.config)
-    ok, why = check_read_once(model.device, model.get_input_embeddings().weight.dtype, model.config.num_attention_heads, kv_heads, dim, kernel)
-    if model.device.type == "cuda":
-        print(f"komt-batch: decode attention: {'a prefix every row shares is read once' if ok else 'each row reads its own copy of a shared prefix'} "
-              f"({why})", file=sys.stderr, flush=True)
-    return ok
-
-
 def _kv_shape(config) -> tuple[int, int]:
     """The model's kv heads and head size."""
     heads = config.num_attention_heads
     return getattr(config, "num_key_value_heads", None) or heads, getattr(config, "head_dim", None) or config.hidden_size // heads
 
 
-def _checked_packed_prefill(kernel: Callable, model) -> bool:
-    """Does the decode attention's kernel also run a packed prefill here, giving sdpa's output with the
-    model's head shapes (batch.decode_attention.check_packed)? Logged on a GPU."""
+def _kernel_also(check: Callable, kernel: Callable, model, what: str, used: str, unused: str) -> bool:
+    """Does the decode attention's kernel also do what `check` asks (batch.decode_attention:
+    check_packed, check_read_once), giving sdpa's output with the model's head shapes? Logged on a
+    GPU: "komt-batch: WHAT: USED or UNUSED (why)"."""
     kv_heads, dim = _kv_shape(model.config)
-    ok, why = check_packed(model.device, model.get_input_embeddings().weight.dtype, model.config.num_attention_heads, kv_heads, dim, kernel)
+    ok, why = check(model.device, model.get_input_embeddings().weight.dtype, model.config.num_attention_heads, kv_heads, dim, kernel)
     if model.device.type == "cuda":
-        print(f"komt-batch: prefill: {'the rows packed, none padded' if ok else 'groups of near-equal length, padded'} ({why})", file=sys.stderr, flush=True)
+        print(f"komt-batch: {what}: {used if ok else unused} ({why})", file=sys.stderr, flush=True)
     return ok
+
+
+def _checked_packed_prefill(kernel: Callable, model) -> bool:
+    return _kernel_also(check_packed, kernel, model, "prefill", "the rows packed, none padded", "groups of near-equal length, padded")
+
+
+def _checked_read_once(kernel: Callable, model) -> bool:
+    return _kernel_also(check_read_once, kernel, model, "decode attention", "a prefix every row shares is read once",
+                        "each row reads its own copy of a shared prefix")
 
 
 def packed_chunks(counts: list[int], tokens: int = 0) -> list[tuple[int, int]]:
