@@ -269,6 +269,7 @@ def _apply_adapter(model, adapter: str, where: str, dtype: torch.dtype | None = 
             for name, weight in model.named_parameters():
                 if ".lora_" in name:
                     weight.data = weight.data.to(dtype)
+            return lean_lora_layers(model)
         return model
     except (OSError, ValueError, TypeError) as e:  # (TypeError: a malformed adapter_config.json, e.g. "r": "x")
         raise JobError(f"{where}: model.adapter: cannot load {adapter}: {first_line(e)}") from None
@@ -281,6 +282,48 @@ def _apply_adapter(model, adapter: str, where: str, dtype: torch.dtype | None = 
             + (f"; it was trained on {base}" if base else "")
             + ")"
         ) from None
+
+
+class LoraLinear(torch.nn.Module):
+    """A linear layer and its LoRA adapter, unmerged, for generating: base(x) + scaling * (x A^T) B^T
+    in three kernels -- the base's product, x A^T, and one addmm that multiplies by B, scales and adds
+    the base's output in its epilogue. peft's layer, written for training too, spends five (six around
+    a 4-bit layer, whose output it clones for backprop): the base's, A's and B's products, the
+    scaling, the sum, each a launch of its own in every step on a GPU, for each of the 7B model's 224
+    LoRA layers. The rounding differs from peft's in its last bits (one rounding of the sum, where
+    peft rounds B's product, its scaling and the sum): the same function, like the merged adapter."""
+
+    def __init__(self, base_layer: torch.nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float):
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_A = torch.nn.Parameter(lora_A, requires_grad=False)  # [r, in]
+        self.lora_B = torch.nn.Parameter(lora_B, requires_grad=False)  # [out, r]
+        self.scaling = scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        h = torch.nn.functional.linear(x, self.lora_A)
+        return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.t(), alpha=self.scaling).view(out.shape)
+
+
+def lean_lora_layers(model):
+    """The model under a PeftModel with each of peft's plain LoRA layers (one adapter, no dropout
+    at inference, no DoRA or other variant, no LoRA bias) replaced by a LoraLinear around the same
+    base layer, holding the same weights; any other layer stays peft's. Returns the transformers
+    model (what peft's merge_and_unload returns too)."""
+    from peft.tuners.lora import LoraLayer
+
+    for parent in list(model.modules()):
+        for name, layer in list(parent.named_children()):
+            if not isinstance(layer, LoraLayer) or layer.merged or layer.disable_adapters:
+                continue
+            (adapter,) = layer.active_adapters
+            plain = (set(layer.lora_A) == {adapter} and not layer.lora_variant and not layer.lora_bias.get(adapter)
+                     and isinstance(layer.lora_A[adapter], torch.nn.Linear) and not layer.lora_embedding_A)
+            if plain:
+                setattr(parent, name, LoraLinear(layer.base_layer, layer.lora_A[adapter].weight.data,
+                                                 layer.lora_B[adapter].weight.data, layer.scaling[adapter]))
+    return model.get_base_model()
 
 
 def _adapter_base(adapter: str) -> str | None:

@@ -3,6 +3,9 @@ adapter stays as peft computes it, and the outputs equal the NF4 model's (bitwis
 dequantizes and multiplies: float32 on every CPU, bfloat16 without its fused AVX512-BF16 kernel);
 the log line says which weights and why."""
 
+import dataclasses
+import json
+
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -10,7 +13,7 @@ import torch
 from batch import loading
 from batch.config import GenerationSettings, ModelConfig
 from batch.engine import Engine
-from batch.loading import dequantize_model, load_model
+from batch.loading import LoraLinear, dequantize_model, load_model
 from tests.conftest import TINY
 from batch.plan import plan_batches
 from tests.test_exactness import MAX_NEW, prompts_40
@@ -30,6 +33,7 @@ def test_dequantized_weights_are_dequantize_4bit_of_the_nf4_weights(tokenizer):
     model, _ = load_model(config("nf4"), tokenizer=tokenizer)
     expected = {name: bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).to(torch.float32)
                 for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert all(name.endswith("_proj.base_layer") for name in expected)
     assert len(expected) == 2 * 7  # two layers, seven projections each
     dequantize_model(model, torch.float32)
     modules = dict(model.named_modules())
@@ -38,10 +42,10 @@ def test_dequantized_weights_are_dequantize_4bit_of_the_nf4_weights(tokenizer):
         assert type(dense) is torch.nn.Linear and dense.weight.dtype == torch.float32
         assert torch.equal(dense.weight, weight), name
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
-    # the adapter is still peft's, unmerged, around the dense layer
-    q = model.base_model.model.model.layers[0].self_attn.q_proj
-    assert "default" in q.lora_A and not q.merged and q.base_layer is modules[next(n for n in expected if n.endswith("0.self_attn.q_proj.base_layer"))]
-    assert getattr(model.get_base_model(), "hf_quantizer", None) is None  # an ordinary model now
+    # the adapter is still unmerged, around the dense layer
+    q = model.model.layers[0].self_attn.q_proj
+    assert type(q) is LoraLinear and q.base_layer is modules["model.layers.0.self_attn.q_proj.base_layer"]
+    assert getattr(model, "hf_quantizer", None) is None  # an ordinary model now
 
 
 def fused_kernel_used(model) -> bool:
@@ -144,10 +148,11 @@ def test_a_merged_adapter_is_folded_into_the_dequantized_weights(tokenizer, caps
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
 
     nf4, _ = load_model(config("nf4"), tokenizer=tokenizer)
-    base = nf4.get_base_model().model.layers[1].mlp.down_proj.base_layer
+    base = nf4.model.layers[1].mlp.down_proj.base_layer
     adapter = load_file(str(TINY / "adapter" / "adapter_model.safetensors"))
     a, b = (adapter[f"base_model.model.model.layers.1.mlp.down_proj.lora_{x}.weight"] for x in "AB")
-    scaling = nf4.peft_config["default"].lora_alpha / nf4.peft_config["default"].r
+    peft = json.loads((TINY / "adapter" / "adapter_config.json").read_text())
+    scaling = peft["lora_alpha"] / peft["r"]
     expected = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state) + scaling * b @ a
     assert torch.allclose(merged.model.layers[1].mlp.down_proj.weight, expected, atol=1e-6)
 
@@ -233,3 +238,57 @@ def test_the_bench_says_nothing_of_bitsandbytes_hub_kernel():
     code = "import batch.bench; from batch.bench.measuring import machine_info; machine_info('cpu')"
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and p.stderr == "", p.stderr
+
+
+def peft_reference(adapter=TINY / "adapter"):
+    """The tiny model in float32 with its adapter as peft computes it: the model card's way."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(TINY / "base", dtype=torch.float32)
+    return PeftModel.from_pretrained(base, str(adapter)).eval()
+
+
+def forward_ops(model, tokenizer) -> int:
+    from batch.bench.measuring import OpCounter
+
+    enc = tokenizer(prompts_40()[:1], return_tensors="pt")
+    with torch.no_grad(), OpCounter() as ops:
+        model(**enc)
+    return ops.total
+
+
+def test_the_unmerged_adapter_is_peft_s_function_in_two_kernels_a_layer(tokenizer):
+    """Each of peft's 14 LoRA layers is a LoraLinear: the same weights, base(x) + scaling * (x A^T) B^T
+    as peft computes it up to float32 rounding, in two ops more than the base layer's (x A^T and one
+    addmm) where peft's takes four (A, B, the scaling, the sum)."""
+    plain = ModelConfig(base=str(TINY / "base"), quantization="none", compute_dtype="float32", device_map="cpu")
+    model, _ = load_model(dataclasses.replace(plain, adapter=str(TINY / "adapter")), tokenizer=tokenizer)
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    assert len(layers) == 2 * 7 and not any("lora" in type(m).__module__ for m in model.modules())
+    reference = peft_reference()
+    peft_q = reference.base_model.model.model.layers[0].self_attn.q_proj
+    q = model.model.layers[0].self_attn.q_proj
+    assert torch.equal(q.lora_A, peft_q.lora_A["default"].weight) and torch.equal(q.lora_B, peft_q.lora_B["default"].weight)
+    assert q.scaling == peft_q.scaling["default"] != 1
+
+    ours, theirs = logits(model, tokenizer), logits(reference, tokenizer)
+    assert torch.allclose(ours, theirs, rtol=0, atol=1e-5), (ours - theirs).abs().max()
+    base, _ = load_model(plain, tokenizer=tokenizer)
+    assert forward_ops(model, tokenizer) - forward_ops(base, tokenizer) == 2 * len(layers)
+    assert forward_ops(reference, tokenizer) - forward_ops(base, tokenizer) == 4 * len(layers)
+
+
+def test_a_lora_variant_stays_peft_s(tokenizer, tmp_path):
+    """A layer that is not plain LoRA (here DoRA) is left to peft, which computes it as it does alone."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(TINY / "base", dtype=torch.float32)
+    dora = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True, init_lora_weights=False))
+    dora.save_pretrained(tmp_path / "dora")
+    model, _ = load_model(ModelConfig(base=str(TINY / "base"), adapter=str(tmp_path / "dora"), quantization="none",
+                                      compute_dtype="float32", device_map="cpu"), tokenizer=tokenizer)
+    q = model.model.layers[0].self_attn.q_proj
+    assert type(q).__module__.startswith("peft.") and q.lora_variant and not any(isinstance(m, LoraLinear) for m in model.modules())
+    assert torch.equal(logits(model, tokenizer), logits(peft_reference(tmp_path / "dora"), tokenizer))
