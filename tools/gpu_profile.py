@@ -160,10 +160,15 @@ def attention_ab(model, tokenizer, requests, args) -> None:
             print("attention A/B: the kernel over each row's own keys is not used here (see its line above)")
             return
         out = list(SafeGenerator(engine, args.rows, args.tokens, args.ab_max_new).stream(requests))
-        steps = max(engine.decode_steps, 1)
-        print(f"attention A/B: {label:<15}: {len(out)} rows, {engine.steps} decode steps ({engine.decode_steps} replayed, "
-              f"{1000 * engine.decode_seconds / steps:.2f} ms each), {engine.row_steps / max(engine.steps, 1):.1f} rows in flight, "
-              f"{engine.step.captures} captures ({engine.capture_seconds:.1f}s), prefill {engine.prefill_seconds:.2f}s", flush=True)
+        print(f"attention A/B: {label:<15}: {ab_figures(engine, out)}", flush=True)
+
+
+def ab_figures(engine: Engine, out: list, note: str = "") -> str:
+    """One side of an A/B, from its engine's counters: rows, steps, ms a replayed step, rows in flight,
+    captures, prefill time."""
+    return (f"{len(out)} rows, {engine.steps} decode steps ({note}{engine.decode_steps} replayed, "
+            f"{1000 * engine.decode_seconds / max(engine.decode_steps, 1):.2f} ms each), {engine.row_steps / max(engine.steps, 1):.1f} "
+            f"rows in flight, {engine.step.captures} captures ({engine.capture_seconds:.1f}s), prefill {engine.prefill_seconds:.2f}s")
 
 
 def read_once_ab(model, tokenizer, args, shared: int = 400, median: int = 60, max_new: int = 32) -> None:
@@ -178,10 +183,7 @@ def read_once_ab(model, tokenizer, args, shared: int = 400, median: int = 60, ma
     for label, read_once in (("read once", None), ("every copy", False)):
         engine = Engine(model, tokenizer, settings, fixed_shapes=True, read_once=read_once)
         out = list(SafeGenerator(engine, args.rows, args.tokens, max_new).stream(requests))
-        steps = max(engine.decode_steps, 1)
-        print(f"read-once A/B: {label:<10}: {len(out)} rows, {engine.steps} decode steps ({engine.shared_reads} reading the prefix once; "
-              f"{engine.decode_steps} replayed, {1000 * engine.decode_seconds / steps:.2f} ms each), {engine.row_steps / max(engine.steps, 1):.1f} "
-              f"rows in flight, {engine.step.captures} captures ({engine.capture_seconds:.1f}s), prefill {engine.prefill_seconds:.2f}s", flush=True)
+        print(f"read-once A/B: {label:<10}: {ab_figures(engine, out, f'{engine.shared_reads} reading the prefix once; ')}", flush=True)
 
 
 if __name__ == "__main__":
