@@ -203,10 +203,9 @@ def dequantize_model(model, dtype: torch.dtype) -> None:
     (dequantize, then F.linear) multiplies by, so outputs equal that path. The 4-bit storage is freed
     layer by layer.
 
-    A 4-bit layer wrapped by peft keeps its LoRA wrapper (peft's lora.bnb.Linear4bit, whose forward
-    calls its base layer and adds the adapter): only the base layer is swapped, so the adapter stays
-    unmerged and peft computes it as before, in the same dtypes (peft's plain lora.Linear would add
-    the float32 LoRA output before rounding to the compute dtype, bnb's wrapper after)."""
+    A 4-bit layer inside an adapter's layer (LoraLinear, or peft's for a LoRA variant) keeps it: only
+    the base layer is swapped, so the adapter stays unmerged and is computed as it is around the
+    4-bit layer."""
     import bitsandbytes as bnb
 
     for parent in list(model.modules()):

@@ -1,5 +1,5 @@
 """model.weights: the NF4 layers dequantized once are bitsandbytes' own dequantized values, the LoRA
-adapter stays as peft computes it, and the outputs equal the NF4 model's (bitwise where bitsandbytes
+adapter stays unmerged (peft's function, in two kernels a layer), and the outputs equal the NF4 model's (bitwise where bitsandbytes
 dequantizes and multiplies: float32 on every CPU, bfloat16 without its fused AVX512-BF16 kernel);
 the log line says which weights and why."""
 
