@@ -28,6 +28,10 @@ milliseconds per prefill forward: a stream of 64 prompts of 4 tokens (arithmetic
 widths), `--threads` threads, the attention kernel a one-op stand-in. That is this CPU's dispatch
 time -- an upper bound for a fast host's, and not a GPU figure; per 1k prompt tokens, that times the
 stream's forwards.
+
+Last, the adapter's own ops and memory traffic at Llama-2-7B's real widths (adapter_traffic: one
+layer's seven projections on the meta device, shapes only): peft's LoRA layer, batch.loading's
+LoraLinear and the base projections alone, for a 2,048-token prefill and a decode step of 128 rows.
 """
 
 import argparse
@@ -42,11 +46,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from batch.bench.measuring import OpCounter  # noqa: E402
+from batch.bench.measuring import _NO_KERNEL, OpCounter  # noqa: E402
 from batch.bench.settings import LORA_TARGETS  # noqa: E402
 from batch.config import GenerationSettings, ModelConfig  # noqa: E402
 from batch.engine import Engine, Request, SafeGenerator  # noqa: E402
-from batch.loading import load_model  # noqa: E402
+from batch.loading import lean_lora_layers, load_model  # noqa: E402
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "models/tiny-komt/base"
 ROWS, TOKENS = 512, 200_000  # the bench's running budget (jobs/bench-gpu.yaml)
@@ -127,6 +131,61 @@ def host_ms_per_forward(engine: Engine, vocab: int, repeats: int = 5) -> float:
     return 1000 * best
 
 
+class ByteCounter(OpCounter):
+    """OpCounter that also adds up the bytes of the tensors each counted op reads and writes: the
+    memory traffic it asks for, with no reuse through caches (an upper bound of what it moves)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if not func.is_view and func.overloadpacket.__name__ not in _NO_KERNEL:
+            tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+            self.bytes += sum(t.numel() * t.element_size() for t in tensors)
+        return out
+
+
+def adapter_traffic(shapes=((1, 2048), (128, 1))) -> None:
+    """The adapter's own ops and bytes per token at Llama-2-7B's widths, bf16: one layer's 7 LoRA
+    targets (r 8) built on the meta device (no memory, no arithmetic: shapes only), as peft's layer,
+    as batch.loading.LoraLinear, and the base projections alone (a merged adapter's cost), for a
+    prefill of one 2,048-token row and a decode step of 128 rows; the model has 32 such layers."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32)
+
+    class Layer(torch.nn.Module):  # (peft wraps the targets by name under any module)
+        def __init__(self):
+            super().__init__()
+            self.layer = LlamaDecoderLayer(config, 0)
+
+    with torch.device("meta"):
+        peft = get_peft_model(Layer().to(torch.bfloat16), LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS)).to(torch.bfloat16)
+    def projections(model):  # (name, module) for the 7 targets
+        return [(n.rpartition(".")[2], m) for n, m in model.named_modules() if n.endswith(tuple(LORA_TARGETS))]
+
+    targets = {"peft's LoRA layer": projections(peft)}
+    targets["LoraLinear"] = projections(lean_lora_layers(peft))
+    targets["base projections alone (merged)"] = [(n, m.base_layer) for n, m in targets["LoraLinear"]]
+    assert all(len(t) == 7 for t in targets.values())
+    print("| one layer's 7 projections, 7B widths, bf16 | " + " | ".join(f"ops, {r} x {t} | MB per 1k tokens, {r} x {t}" for r, t in shapes) + " |")
+    print("|---|" + "---:|---:|" * len(shapes))
+    for name, modules in targets.items():
+        cells = []
+        for rows, tokens in shapes:
+            counter = ByteCounter()
+            with torch.no_grad(), counter:
+                for target, m in modules:
+                    width = config.intermediate_size if target == "down_proj" else config.hidden_size
+                    m(torch.empty(rows, tokens, width, dtype=torch.bfloat16, device="meta"))
+            cells += [f"{counter.total}", f"{1000 * counter.bytes / (rows * tokens) / 2**20:,.1f}"]
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--prompts", type=int, default=512)
@@ -162,6 +221,7 @@ def main() -> None:
               f"| {ops / c['forwards']:,.0f} | {1000 * ops / tokens:,.0f} | {ms:.1f} | {1000 * ms * c['forwards'] / tokens:.1f} | {c['step']:,.0f} |", flush=True)
     unmerged, merged = rows["extents, packed"], rows["extents, packed, merged"]
     print(f"host_count: the unmerged adapter's share of the model's ops: {1 - merged['model'] / unmerged['model']:.0%}")
+    adapter_traffic()
 
 
 if __name__ == "__main__":
