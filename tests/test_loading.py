@@ -292,3 +292,45 @@ def test_a_lora_variant_stays_peft_s(tokenizer, tmp_path):
     q = model.model.layers[0].self_attn.q_proj
     assert type(q).__module__.startswith("peft.") and q.lora_variant and not any(isinstance(m, LoraLinear) for m in model.modules())
     assert torch.equal(logits(model, tokenizer), logits(peft_reference(tmp_path / "dora"), tokenizer))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_norms_are_torch_s_rms_norm_with_transformers_outputs(tokenizer, dtype):
+    """Every LlamaRMSNorm is torch's nn.RMSNorm holding the same weight (one fused kernel on a GPU: the
+    GPU test below): logits bitwise transformers' own in float32; in bf16 the same function with one
+    rounding fewer, no farther from the float32 logits than transformers' bf16 ones (1.5x the mean
+    error, 2x the largest, as for bitsandbytes' fused kernel above)."""
+    from transformers import AutoModelForCausalLM
+
+    name = str(dtype).removeprefix("torch.")
+    model, _ = load_model(ModelConfig(base=str(TINY / "base"), quantization="none", compute_dtype=name, device_map="cpu"), tokenizer=tokenizer)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.RMSNorm)]
+    assert len(norms) == 2 * 2 + 1 and not any("RMSNorm" in type(m).__name__ and type(m) is not torch.nn.RMSNorm for m in model.modules())
+    assert norms[0].weight.dtype == dtype
+    transformers_own = AutoModelForCausalLM.from_pretrained(TINY / "base", dtype=dtype).eval()
+    ours, theirs = logits(model, tokenizer), logits(transformers_own, tokenizer)
+    if dtype == torch.float32:
+        assert torch.equal(ours, theirs)
+    else:
+        exact = logits(AutoModelForCausalLM.from_pretrained(TINY / "base", dtype=torch.float32).eval(), tokenizer)
+        err, err_theirs = (ours - exact).abs(), (theirs - exact).abs()
+        assert err.max() <= 2 * err_theirs.max() and err.mean() <= 1.5 * err_theirs.mean(), (err.max(), err_theirs.max(), err.mean(), err_theirs.mean())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_a_gpu_a_norm_is_one_kernel():
+    """What fused_norms is for: on a GPU torch's rms_norm is one op (its fused kernel), transformers'
+    LlamaRMSNorm six or more, at the 7B model's width in bf16."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from batch.bench.measuring import OpCounter
+
+    x = torch.randn(128, 1, 4096, device="cuda", dtype=torch.bfloat16)
+    theirs = LlamaRMSNorm(4096, eps=1e-5).to("cuda", torch.bfloat16)
+    ours = torch.nn.RMSNorm(4096, eps=1e-5, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad(), OpCounter() as fused:
+        ours(x)
+    with torch.no_grad(), OpCounter() as plain:
+        theirs(x)
+    assert fused.total == 1 and plain.total >= 6, (fused.ops, plain.ops)
+    assert torch.allclose(ours(x).float(), theirs(x).float(), atol=2e-2)
