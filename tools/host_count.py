@@ -16,7 +16,9 @@ and 200,000 tokens at most. Engines:
                         left-padded groups of near-equal length (sdpa with a mask)
   extents, packed       each row in its own extent, the joining rows' tokens packed into one forward
                         (the running rows' decode step in it), attention by the kernel over each row's
-                        own keys -- counted as the one launch it is on a GPU (OpCounter.one_kernel)
+                        own keys -- counted as the one launch it is on a GPU (OpCounter.one_kernel), as
+                        are the norms (torch's rms_norm: batch.loading.fused_norms; a fused kernel on a
+                        GPU, the same ops as transformers' on the CPU)
   ... adapter merged    the same with the LoRA adapter merged into the weights
 
 Counted inside the engine's joins: the model's forwards (hooks around it) and the engine's own ops
@@ -40,6 +42,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -213,7 +216,8 @@ def main() -> None:
     rows = {}
     for variant in variants:
         counter = OpCounter()
-        c = count(engine_for(variant, models, settings, counter.one_kernel(stand_in)), counter, requests, args.max_new)
+        with mock.patch.object(torch.nn.functional, "rms_norm", counter.one_kernel(torch.nn.functional.rms_norm)):
+            c = count(engine_for(variant, models, settings, counter.one_kernel(stand_in)), counter, requests, args.max_new)
         ms = host_ms_per_forward(engine_for(variant, models, GenerationSettings(max_new_tokens=1, do_sample=False, stop=[]), stand_in), vocab)
         rows[variant] = c
         ops = c["model"] + c["engine"]
