@@ -23,6 +23,7 @@ from transformers.utils import logging as hf_logging
 
 from batch.config import ModelConfig
 from batch.errors import JobError
+from batch.layers import fused_norms, lean_lora_layers, packed_projections
 from batch.memory import dequantizing_fits, free_memory, size
 
 # Keep the job's log readable: no per-tensor loading bar, no deprecation chatter from peft, and none
@@ -149,6 +150,7 @@ def load_model(cfg: ModelConfig, where: str = "<job>", tokenizer=None):
             print(f"komt-batch: {choose_weights(model, cfg.weights, dtype)}", file=sys.stderr, flush=True)
             if line := cpu_kernel_line(model):
                 print(f"komt-batch: {line}", file=sys.stderr, flush=True)
+    packed_projections(model)
     fused_norms(model, dtype)
     model.eval()
     return model, tokenizer
@@ -283,65 +285,6 @@ def _apply_adapter(model, adapter: str, where: str, dtype: torch.dtype | None = 
             + (f"; it was trained on {base}" if base else "")
             + ")"
         ) from None
-
-
-def fused_norms(model, dtype: torch.dtype) -> None:
-    """Each of transformers' LlamaRMSNorm layers (in `dtype`) replaced by torch's nn.RMSNorm holding the
-    same weight: the same function, one kernel on a GPU (torch's fused rms_norm) where transformers'
-    forward takes six to eight (casts, square, mean, add, rsqrt, two products), on the 7B model 65 norms
-    in every forward and every decode step. In float32 the outputs are bitwise transformers'; in bf16
-    the weight's product is taken before the one rounding to bf16 (transformers rounds before it and
-    after), so answers may differ by rounding. On the CPU torch computes it as those same ops."""
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-    for parent in list(model.modules()):
-        for name, norm in list(parent.named_children()):
-            if type(norm) is LlamaRMSNorm and norm.weight.dtype == dtype:
-                fused = torch.nn.RMSNorm(norm.weight.shape, eps=norm.variance_epsilon, device="meta")
-                fused.weight = norm.weight
-                setattr(parent, name, fused)
-
-
-class LoraLinear(torch.nn.Module):
-    """A linear layer and its LoRA adapter, unmerged, for generating: base(x) + scaling * (x A^T) B^T
-    in three kernels -- the base's product, x A^T, and one addmm that multiplies by B, scales and adds
-    the base's output in its epilogue. peft's layer, written for training too, spends five (six around
-    a 4-bit layer, whose output it clones for backprop): the base's, A's and B's products, the
-    scaling, the sum, each a launch of its own in every step on a GPU, for each of the 7B model's 224
-    LoRA layers. The rounding differs from peft's in its last bits (one rounding of the sum, where
-    peft rounds B's product, its scaling and the sum): the same function, like the merged adapter."""
-
-    def __init__(self, base_layer: torch.nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float):
-        super().__init__()
-        self.base_layer = base_layer
-        self.lora_A = torch.nn.Parameter(lora_A, requires_grad=False)  # [r, in]
-        self.lora_B = torch.nn.Parameter(lora_B, requires_grad=False)  # [out, r]
-        self.scaling = scaling
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
-        h = torch.nn.functional.linear(x, self.lora_A)
-        return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.t(), alpha=self.scaling).view(out.shape)
-
-
-def lean_lora_layers(model):
-    """The model under a PeftModel with each of peft's plain LoRA layers (one adapter, no dropout
-    at inference, no DoRA or other variant, no LoRA bias) replaced by a LoraLinear around the same
-    base layer, holding the same weights; any other layer stays peft's. Returns the transformers
-    model (what peft's merge_and_unload returns too)."""
-    from peft.tuners.lora import LoraLayer
-
-    for parent in list(model.modules()):
-        for name, layer in list(parent.named_children()):
-            if not isinstance(layer, LoraLayer) or layer.merged or layer.disable_adapters:
-                continue
-            (adapter,) = layer.active_adapters
-            plain = (set(layer.lora_A) == {adapter} and not layer.lora_variant and not layer.lora_bias.get(adapter)
-                     and isinstance(layer.lora_A[adapter], torch.nn.Linear) and not layer.lora_embedding_A)
-            if plain:
-                setattr(parent, name, LoraLinear(layer.base_layer, layer.lora_A[adapter].weight.data,
-                                                 layer.lora_B[adapter].weight.data, layer.scaling[adapter]))
-    return model.get_base_model()
 
 
 def _adapter_base(adapter: str) -> str | None:

@@ -13,7 +13,8 @@ import torch
 from batch import loading
 from batch.config import GenerationSettings, ModelConfig
 from batch.engine import Engine
-from batch.loading import LoraLinear, dequantize_model, load_model
+from batch.layers import LoraLinear
+from batch.loading import dequantize_model, load_model
 from tests.conftest import TINY
 from batch.plan import plan_batches
 from tests.test_exactness import MAX_NEW, prompts_40
@@ -132,7 +133,8 @@ def test_unquantized_models_are_left_alone(tokenizer, capsys):
     model, _ = load_model(ModelConfig(base=str(TINY / "base"), quantization="none", compute_dtype="float32",
                                       device_map="cpu", weights="dequantized"), tokenizer=tokenizer)
     assert capsys.readouterr().err == ""
-    assert all(type(m) is torch.nn.Linear for n, m in model.named_modules() if n.endswith("q_proj"))
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    assert all(type(m.weight) is torch.nn.Parameter and m.weight.dtype == torch.float32 for m in model.modules() if hasattr(m, "weight"))
 
 
 def test_a_merged_adapter_is_folded_into_the_dequantized_weights(tokenizer, capsys):
@@ -198,7 +200,10 @@ def test_the_unmerged_adapter_computes_in_the_compute_dtype(tokenizer, weights):
     product of a forward are bf16. A merged adapter is still folded in float32 (peft's merge)."""
     model, _ = load_model(config(weights, "bfloat16"), tokenizer=tokenizer)
     lora = {name: w.dtype for name, w in model.named_parameters() if ".lora_" in name}
-    assert len(lora) == 2 * 7 * 2 and set(lora.values()) == {torch.bfloat16}
+    # NF4 resident: 7 LoraLinears a layer, A and B each; dequantized: 4 packed layers a layer, each
+    # adapter's A stacked in its layer's weight (bf16: the set of all dtypes below)
+    assert len(lora) == (2 * 7 * 2 if weights == "nf4" else 2 * 4) and set(lora.values()) == {torch.bfloat16}
+    assert {w.dtype for w in model.parameters() if w.is_floating_point()} == {torch.bfloat16}
     enc = tokenizer(prompts_40()[:2], return_tensors="pt", padding=True)
     with torch.no_grad(), _MatmulDtypes() as products:
         model(**enc)
@@ -238,99 +243,3 @@ def test_the_bench_says_nothing_of_bitsandbytes_hub_kernel():
     code = "import batch.bench; from batch.bench.measuring import machine_info; machine_info('cpu')"
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and p.stderr == "", p.stderr
-
-
-def peft_reference(adapter=TINY / "adapter"):
-    """The tiny model in float32 with its adapter as peft computes it: the model card's way."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(TINY / "base", dtype=torch.float32)
-    return PeftModel.from_pretrained(base, str(adapter)).eval()
-
-
-def forward_ops(model, tokenizer) -> int:
-    from batch.bench.measuring import OpCounter
-
-    enc = tokenizer(prompts_40()[:1], return_tensors="pt")
-    with torch.no_grad(), OpCounter() as ops:
-        model(**enc)
-    return ops.total
-
-
-def test_the_unmerged_adapter_is_peft_s_function_in_two_kernels_a_layer(tokenizer):
-    """Each of peft's 14 LoRA layers is a LoraLinear: the same weights, base(x) + scaling * (x A^T) B^T
-    as peft computes it up to float32 rounding, in two ops more than the base layer's (x A^T and one
-    addmm) where peft's takes four (A, B, the scaling, the sum)."""
-    plain = ModelConfig(base=str(TINY / "base"), quantization="none", compute_dtype="float32", device_map="cpu")
-    model, _ = load_model(dataclasses.replace(plain, adapter=str(TINY / "adapter")), tokenizer=tokenizer)
-    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
-    assert len(layers) == 2 * 7 and not any("lora" in type(m).__module__ for m in model.modules())
-    reference = peft_reference()
-    peft_q = reference.base_model.model.model.layers[0].self_attn.q_proj
-    q = model.model.layers[0].self_attn.q_proj
-    assert torch.equal(q.lora_A, peft_q.lora_A["default"].weight) and torch.equal(q.lora_B, peft_q.lora_B["default"].weight)
-    assert q.scaling == peft_q.scaling["default"] != 1
-
-    ours, theirs = logits(model, tokenizer), logits(reference, tokenizer)
-    assert torch.allclose(ours, theirs, rtol=0, atol=1e-5), (ours - theirs).abs().max()
-    base, _ = load_model(plain, tokenizer=tokenizer)
-    assert forward_ops(model, tokenizer) - forward_ops(base, tokenizer) == 2 * len(layers)
-    assert forward_ops(reference, tokenizer) - forward_ops(base, tokenizer) == 4 * len(layers)
-
-
-def test_a_lora_variant_stays_peft_s(tokenizer, tmp_path):
-    """A layer that is not plain LoRA (here DoRA) is left to peft, which computes it as it does alone."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(TINY / "base", dtype=torch.float32)
-    dora = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True, init_lora_weights=False))
-    dora.save_pretrained(tmp_path / "dora")
-    model, _ = load_model(ModelConfig(base=str(TINY / "base"), adapter=str(tmp_path / "dora"), quantization="none",
-                                      compute_dtype="float32", device_map="cpu"), tokenizer=tokenizer)
-    q = model.model.layers[0].self_attn.q_proj
-    assert type(q).__module__.startswith("peft.") and q.lora_variant and not any(isinstance(m, LoraLinear) for m in model.modules())
-    assert torch.equal(logits(model, tokenizer), logits(peft_reference(tmp_path / "dora"), tokenizer))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_norms_are_torch_s_rms_norm_with_transformers_outputs(tokenizer, dtype):
-    """Every LlamaRMSNorm is torch's nn.RMSNorm holding the same weight (one fused kernel on a GPU: the
-    GPU test below): logits bitwise transformers' own in float32; in bf16 the same function with one
-    rounding fewer, no farther from the float32 logits than transformers' bf16 ones (1.5x the mean
-    error, 2x the largest, as for bitsandbytes' fused kernel above)."""
-    from transformers import AutoModelForCausalLM
-
-    name = str(dtype).removeprefix("torch.")
-    model, _ = load_model(ModelConfig(base=str(TINY / "base"), quantization="none", compute_dtype=name, device_map="cpu"), tokenizer=tokenizer)
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.RMSNorm)]
-    assert len(norms) == 2 * 2 + 1 and not any("RMSNorm" in type(m).__name__ and type(m) is not torch.nn.RMSNorm for m in model.modules())
-    assert norms[0].weight.dtype == dtype
-    transformers_own = AutoModelForCausalLM.from_pretrained(TINY / "base", dtype=dtype).eval()
-    ours, theirs = logits(model, tokenizer), logits(transformers_own, tokenizer)
-    if dtype == torch.float32:
-        assert torch.equal(ours, theirs)
-    else:
-        exact = logits(AutoModelForCausalLM.from_pretrained(TINY / "base", dtype=torch.float32).eval(), tokenizer)
-        err, err_theirs = (ours - exact).abs(), (theirs - exact).abs()
-        assert err.max() <= 2 * err_theirs.max() and err.mean() <= 1.5 * err_theirs.mean(), (err.max(), err_theirs.max(), err.mean(), err_theirs.mean())
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_on_a_gpu_a_norm_is_one_kernel():
-    """What fused_norms is for: on a GPU torch's rms_norm is one op (its fused kernel), transformers'
-    LlamaRMSNorm six or more, at the 7B model's width in bf16."""
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-    from batch.bench.measuring import OpCounter
-
-    x = torch.randn(128, 1, 4096, device="cuda", dtype=torch.bfloat16)
-    theirs = LlamaRMSNorm(4096, eps=1e-5).to("cuda", torch.bfloat16)
-    ours = torch.nn.RMSNorm(4096, eps=1e-5, device="cuda", dtype=torch.bfloat16)
-    with torch.no_grad(), OpCounter() as fused:
-        ours(x)
-    with torch.no_grad(), OpCounter() as plain:
-        theirs(x)
-    assert fused.total == 1 and plain.total >= 6, (fused.ops, plain.ops)
-    assert torch.allclose(ours(x).float(), theirs(x).float(), atol=2e-2)

@@ -66,7 +66,7 @@ for step in $STEPS; do
       echo "gpu_session: resume check exit $? at ${SECONDS}s"; grep "resume check" "$OUT/resume-check.txt" ;;
     tests)
       install_wheels
-      timeout $(left) python3 -m pytest -q -p no:cacheprovider tests/test_decode_attention.py tests/test_decode_step.py tests/test_loading.py -k gpu > "$OUT/pytest-gpu.txt" 2>&1
+      timeout $(left) python3 -m pytest -q -p no:cacheprovider tests/test_decode_attention.py tests/test_decode_step.py tests/test_layers.py -k gpu > "$OUT/pytest-gpu.txt" 2>&1
       echo "gpu_session: GPU tests exit $? at ${SECONDS}s"; tail -n 2 "$OUT/pytest-gpu.txt" ;;
     *) echo "gpu_session: unknown step $step" ;;
   esac

@@ -32,8 +32,9 @@ time -- an upper bound for a fast host's, and not a GPU figure; per 1k prompt to
 stream's forwards.
 
 Last, the adapter's own ops and memory traffic at Llama-2-7B's real widths (adapter_traffic: one
-layer's seven projections on the meta device, shapes only): peft's LoRA layer, batch.loading's
-LoraLinear and the base projections alone, for a 2,048-token prefill and a decode step of 128 rows.
+layer's seven projections on the meta device, shapes only): peft's LoRA layer, batch.layers'
+LoraLinear, the base projections alone, and both packed as the job runs them (PackedLinear), for a
+2,048-token prefill and a decode step of 128 rows.
 """
 
 import argparse
@@ -53,7 +54,8 @@ from batch.bench.measuring import _NO_KERNEL, OpCounter  # noqa: E402
 from batch.bench.settings import LORA_TARGETS  # noqa: E402
 from batch.config import GenerationSettings, ModelConfig  # noqa: E402
 from batch.engine import Engine, Request, SafeGenerator  # noqa: E402
-from batch.loading import lean_lora_layers, load_model  # noqa: E402
+from batch.layers import PackedLinear, lean_lora_layers  # noqa: E402
+from batch.loading import load_model  # noqa: E402
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "models/tiny-komt/base"
 ROWS, TOKENS = 512, 200_000  # the bench's running budget (jobs/bench-gpu.yaml)
@@ -153,7 +155,8 @@ class ByteCounter(OpCounter):
 def adapter_traffic(shapes=((1, 2048), (128, 1))) -> None:
     """The adapter's own ops and bytes per token at Llama-2-7B's widths, bf16: one layer's 7 LoRA
     targets (r 8) built on the meta device (no memory, no arithmetic: shapes only), as peft's layer,
-    as batch.loading.LoraLinear, and the base projections alone (a merged adapter's cost), for a
+    as batch.layers.LoraLinear, the base projections alone (a merged adapter's cost), and both packed
+    as the job runs them (batch.layers.PackedLinear: q, k and v one, gate and up one), for a
     prefill of one 2,048-token row and a decode step of 128 rows; the model has 32 such layers."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig
@@ -174,7 +177,11 @@ def adapter_traffic(shapes=((1, 2048), (128, 1))) -> None:
     targets = {"peft's LoRA layer": projections(peft)}
     targets["LoraLinear"] = projections(lean_lora_layers(peft))
     targets["base projections alone (merged)"] = [(n, m.base_layer) for n, m in targets["LoraLinear"]]
-    assert all(len(t) == 7 for t in targets.values())
+    for name, source in (("PackedLinear: qkv, o, gate_up, down", "LoraLinear"), ("the same, merged", "base projections alone (merged)")):
+        layers = dict(targets[source])
+        targets[name] = [(group[-1], PackedLinear([layers[t] for t in group])) for group in
+                         (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))]
+    assert [len(t) for t in targets.values()] == [7, 7, 7, 4, 4]
     print("| one layer's 7 projections, 7B widths, bf16 | " + " | ".join(f"ops, {r} x {t} | MB per 1k tokens, {r} x {t}" for r, t in shapes) + " |")
     print("|---|" + "---:|---:|" * len(shapes))
     for name, modules in targets.items():

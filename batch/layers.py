@@ -1,0 +1,210 @@
+"""The model's layers as the job runs them: the same weights and the same function as transformers'
+and peft's layers, in fewer kernels. On a GPU every kernel of a forward is a launch the host issues
+(the H200 profile of 2026-12-04: prefill host-bound, one core at 100%), so each one saved is host time
+saved in every prefill forward and every decode step. load_model applies them where they fit; any
+layer they do not fit (4-bit, a LoRA variant, another architecture) stays as it was.
+
+- LoraLinear: an unmerged adapter's layer in three kernels, where peft's takes five or six;
+- PackedLinear: layers that read one input (q, k, v; gate, up) as one GEMM, their adapters' A below
+  the weights, and one addmm for every adapter's B;
+- PackedAttention, PackedMLP: Llama's attention and MLP over packed projections, the rotary embedding
+  applied to q and k at once;
+- torch's nn.RMSNorm for transformers' LlamaRMSNorm."""
+
+from __future__ import annotations
+
+import torch
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, eager_attention_forward, rotate_half
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+
+class LoraLinear(torch.nn.Module):
+    """A linear layer and its LoRA adapter, unmerged, for generating: base(x) + scaling * (x A^T) B^T
+    in three kernels -- the base's product, x A^T, and one addmm that multiplies by B, scales and adds
+    the base's output in its epilogue. peft's layer, written for training too, spends five (six around
+    a 4-bit layer, whose output it clones for backprop): the base's, A's and B's products, the
+    scaling, the sum, each a launch of its own in every step on a GPU, for each of the 7B model's 224
+    LoRA layers. The rounding differs from peft's in its last bits (one rounding of the sum, where
+    peft rounds B's product, its scaling and the sum): the same function, like the merged adapter."""
+
+    def __init__(self, base_layer: torch.nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float):
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_A = torch.nn.Parameter(lora_A, requires_grad=False)  # [r, in]
+        self.lora_B = torch.nn.Parameter(lora_B, requires_grad=False)  # [out, r]
+        self.scaling = scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        h = torch.nn.functional.linear(x, self.lora_A)
+        return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.t(), alpha=self.scaling).view(out.shape)
+
+
+def lean_lora_layers(model):
+    """The model under a PeftModel with each of peft's plain LoRA layers (one adapter, no dropout
+    at inference, no DoRA or other variant, no LoRA bias) replaced by a LoraLinear around the same
+    base layer, holding the same weights; any other layer stays peft's. Returns the transformers
+    model (what peft's merge_and_unload returns too)."""
+    from peft.tuners.lora import LoraLayer
+
+    for parent in list(model.modules()):
+        for name, layer in list(parent.named_children()):
+            if not isinstance(layer, LoraLayer) or layer.merged or layer.disable_adapters:
+                continue
+            (adapter,) = layer.active_adapters
+            plain = (set(layer.lora_A) == {adapter} and not layer.lora_variant and not layer.lora_bias.get(adapter)
+                     and isinstance(layer.lora_A[adapter], torch.nn.Linear) and not layer.lora_embedding_A)
+            if plain:
+                setattr(parent, name, LoraLinear(layer.base_layer, layer.lora_A[adapter].weight.data,
+                                                 layer.lora_B[adapter].weight.data, layer.scaling[adapter]))
+    return model.get_base_model()
+
+
+class PackedLinear(torch.nn.Module):
+    """Linear layers that read one input, as one: their weights stacked, with their adapters' A matrices
+    (LoraLinear's) below them, so that one GEMM gives every layer's output and every x A^T; then one
+    addmm, in place, adds scaling * (x A^T) B^T (B block-diagonal: each adapter's B in its layer's rows).
+    Two kernels for q, k and v with their adapters, where three LoraLinears take nine; one without an
+    adapter (merged), where three take three. Returns [..., the layers' outputs side by side] (a view,
+    with adapters). The adapters must share one scaling (`packs`)."""
+
+    def __init__(self, layers: list[torch.nn.Module]):
+        super().__init__()
+        bases = [layer.base_layer if isinstance(layer, LoraLinear) else layer for layer in layers]
+        adapters = [layer for layer in layers if isinstance(layer, LoraLinear)]
+        self.outputs = sum(base.out_features for base in bases)
+        rank = sum(adapter.lora_A.shape[0] for adapter in adapters)
+        weight = torch.cat([base.weight for base in bases] + [adapter.lora_A for adapter in adapters])
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.bias = None
+        if any(base.bias is not None for base in bases):
+            biases = [base.bias if base.bias is not None else weight.new_zeros(base.out_features) for base in bases]
+            self.bias = torch.nn.Parameter(torch.cat(biases + [weight.new_zeros(rank)]), requires_grad=False)
+        self.lora_B = None
+        self.scaling = adapters[0].scaling if adapters else 1.0
+        if adapters:
+            lora_B = weight.new_zeros(self.outputs, rank)
+            row = column = 0
+            for layer, base in zip(layers, bases):
+                if isinstance(layer, LoraLinear):
+                    r = layer.lora_A.shape[0]
+                    lora_B[row : row + base.out_features, column : column + r] = layer.lora_B
+                    column += r
+                row += base.out_features
+            self.lora_B = torch.nn.Parameter(lora_B, requires_grad=False)
+
+    @staticmethod
+    def packs(layers: list[torch.nn.Module]) -> bool:
+        """Plain linear layers (or LoraLinears around them), on one device in one dtype, with one input
+        width and, where adapted, one scaling: what PackedLinear can stack."""
+        weights, inputs = [], set()
+        for layer in layers:
+            base = layer.base_layer if isinstance(layer, LoraLinear) else layer
+            if type(base) is not torch.nn.Linear:
+                return False
+            weights += [base.weight, layer.lora_A, layer.lora_B] if isinstance(layer, LoraLinear) else [base.weight]
+            inputs.add(base.in_features)
+        scalings = {layer.scaling for layer in layers if isinstance(layer, LoraLinear)}
+        return len({(w.device, w.dtype) for w in weights}) == 1 and len(inputs) == 1 and len(scalings) <= 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.linear(x, self.weight, self.bias)
+        if self.lora_B is None:
+            return y
+        flat = y.view(-1, y.shape[-1])
+        flat[:, : self.outputs].addmm_(flat[:, self.outputs :], self.lora_B.t(), alpha=self.scaling)
+        return y[..., : self.outputs]
+
+
+class PackedAttention(torch.nn.Module):
+    """transformers' LlamaAttention (its forward, 5.x) over one PackedLinear for q, k and v, the rotary
+    embedding applied to q and k in one pass over both (five kernels where transformers' takes ten),
+    and o_proj packed with its adapter's A. q and k are computed by the same expressions in the same
+    order, so a float32 forward equals transformers' up to the GEMMs' own rounding."""
+
+    def __init__(self, attention: LlamaAttention, qkv: PackedLinear, o_proj: torch.nn.Module):
+        super().__init__()
+        for name in ("config", "layer_idx", "head_dim", "num_key_value_groups", "scaling", "attention_dropout", "is_causal"):
+            setattr(self, name, getattr(attention, name))
+        self.heads = attention.config.num_attention_heads
+        self.kv_heads = attention.config.num_key_value_heads
+        self.qkv_proj = qkv
+        self.o_proj = o_proj
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                attention_mask: torch.Tensor | None = None, cache=None, **kwargs) -> tuple[torch.Tensor, None]:
+        input_shape = hidden_states.shape[:-1]
+        qkv = self.qkv_proj(hidden_states).view(*input_shape, -1, self.head_dim)  # [B, T, Hq + 2 Hk, D]
+        cos, sin = (t.unsqueeze(2) for t in position_embeddings)  # [B, T, 1, D]
+        rotated = self.heads + self.kv_heads
+        qk = qkv[..., :rotated, :]
+        qk = (qk * cos) + (rotate_half(qk) * sin)  # transformers' apply_rotary_pos_emb, over q and k at once
+        query, key, value = (t.transpose(1, 2) for t in (qk[..., : self.heads, :], qk[..., self.heads :, :], qkv[..., rotated:, :]))
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        output, weights = attention(self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
+        return self.o_proj(output.reshape(*input_shape, -1).contiguous()), weights
+
+
+class PackedMLP(torch.nn.Module):
+    """transformers' LlamaMLP over one PackedLinear for gate and up (down_proj packed with its
+    adapter's A): down(act(gate(x)) * up(x)), the same expression."""
+
+    def __init__(self, mlp: LlamaMLP, gate_up: PackedLinear, down_proj: torch.nn.Module):
+        super().__init__()
+        self.gate_up_proj = gate_up
+        self.down_proj = down_proj
+        self.act_fn = mlp.act_fn
+        self.intermediate = gate_up.outputs // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)
+        return self.down_proj(self.act_fn(gate_up[..., : self.intermediate]) * gate_up[..., self.intermediate :])
+
+
+@torch.no_grad()
+def packed_projections(model) -> int:
+    """Each of transformers' LlamaAttention and LlamaMLP modules whose projections are plain linear
+    layers (dequantized, merged or unquantized; with or without LoraLinear adapters) replaced by a
+    PackedAttention or PackedMLP holding the same weights, stacked. Layers left 4-bit or holding a
+    LoRA variant stay as they are. Returns how many modules were replaced."""
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, module in list(parent.named_children()):
+            if type(module) is LlamaAttention and PackedLinear.packs([module.q_proj, module.k_proj, module.v_proj]) and _packs_alone(module.o_proj):
+                qkv = PackedLinear([module.q_proj, module.k_proj, module.v_proj])
+                setattr(parent, name, PackedAttention(module, qkv, _alone(module.o_proj)))
+            elif type(module) is LlamaMLP and PackedLinear.packs([module.gate_proj, module.up_proj]) and _packs_alone(module.down_proj):
+                setattr(parent, name, PackedMLP(module, PackedLinear([module.gate_proj, module.up_proj]), _alone(module.down_proj)))
+            else:
+                continue
+            replaced += 1
+    if replaced and torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the unstacked weights' memory, for the KV cache
+    return replaced
+
+
+def _packs_alone(layer: torch.nn.Module) -> bool:
+    return type(layer) is torch.nn.Linear or PackedLinear.packs([layer])
+
+
+def _alone(layer: torch.nn.Module) -> torch.nn.Module:
+    """A LoraLinear as a PackedLinear of one (its A below its weight: two kernels, not three); a plain
+    layer as it is."""
+    return PackedLinear([layer]) if isinstance(layer, LoraLinear) else layer
+
+
+def fused_norms(model, dtype: torch.dtype) -> None:
+    """Each of transformers' LlamaRMSNorm layers (in `dtype`) replaced by torch's nn.RMSNorm holding the
+    same weight: the same function, one kernel on a GPU (torch's fused rms_norm) where transformers'
+    forward takes six to eight (casts, square, mean, add, rsqrt, two products), on the 7B model 65 norms
+    in every forward and every decode step. In float32 the outputs are bitwise transformers'; in bf16
+    the weight's product is taken before the one rounding to bf16 (transformers rounds before it and
+    after), so answers may differ by rounding. On the CPU torch computes it as those same ops."""
+    for parent in list(model.modules()):
+        for name, norm in list(parent.named_children()):
+            if type(norm) is LlamaRMSNorm and norm.weight.dtype == dtype:
+                fused = torch.nn.RMSNorm(norm.weight.shape, eps=norm.variance_epsilon, device="meta")
+                fused.weight = norm.weight
+                setattr(parent, name, fused)
