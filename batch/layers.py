@@ -74,7 +74,10 @@ class PackedLinear(torch.nn.Module):
         adapters = [layer for layer in layers if isinstance(layer, LoraLinear)]
         self.outputs = sum(base.out_features for base in bases)
         rank = sum(adapter.lora_A.shape[0] for adapter in adapters)
-        weight = torch.cat([base.weight for base in bases] + [adapter.lora_A for adapter in adapters])
+        pad = -(self.outputs + rank) % 8 if adapters else 0  # rows of 8 elements' multiple: cuBLAS's aligned kernels
+        rank += pad
+        some = bases[0].weight
+        weight = torch.cat([base.weight for base in bases] + [adapter.lora_A for adapter in adapters] + [some.new_zeros(pad, some.shape[1])])
         self.weight = torch.nn.Parameter(weight, requires_grad=False)
         self.bias = None
         if any(base.bias is not None for base in bases):
@@ -105,13 +108,15 @@ class PackedLinear(torch.nn.Module):
             weights += [base.weight, layer.lora_A, layer.lora_B] if isinstance(layer, LoraLinear) else [base.weight]
             inputs.add(base.in_features)
         scalings = {layer.scaling for layer in layers if isinstance(layer, LoraLinear)}
-        return len({(w.device, w.dtype) for w in weights}) == 1 and len(inputs) == 1 and len(scalings) <= 1
+        devices = {(w.device, w.dtype) for w in weights}
+        offloaded = any(w.device.type == "meta" for w in weights)  # (accelerate's offload restores weights by their names)
+        return len(devices) == 1 and not offloaded and len(inputs) == 1 and len(scalings) <= 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.nn.functional.linear(x, self.weight, self.bias)
         if self.lora_B is None:
             return y
-        flat = y.view(-1, y.shape[-1])
+        flat = y.view(-1, y.shape[-1])  # (view, not reshape: the sum goes into y itself)
         flat[:, : self.outputs].addmm_(flat[:, self.outputs :], self.lora_B.t(), alpha=self.scaling)
         return y[..., : self.outputs]
 
@@ -132,17 +137,18 @@ class PackedAttention(torch.nn.Module):
         self.o_proj = o_proj
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                attention_mask: torch.Tensor | None = None, cache=None, **kwargs) -> tuple[torch.Tensor, None]:
+                attention_mask: torch.Tensor | None = None, cache=None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         qkv = self.qkv_proj(hidden_states).view(*input_shape, -1, self.head_dim)  # [B, T, Hq + 2 Hk, D]
         cos, sin = (t.unsqueeze(2) for t in position_embeddings)  # [B, T, 1, D]
-        rotated = self.heads + self.kv_heads
-        qk = qkv[..., :rotated, :]
+        qk, value = qkv.split([self.heads + self.kv_heads, self.kv_heads], dim=2)
         qk = (qk * cos) + (rotate_half(qk) * sin)  # transformers' apply_rotary_pos_emb, over q and k at once
-        query, key, value = (t.transpose(1, 2) for t in (qk[..., : self.heads, :], qk[..., self.heads :, :], qkv[..., rotated:, :]))
+        query, key = qk.split([self.heads, self.kv_heads], dim=2)
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, H, T, D], as transformers'
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        # (dropout 0: the job only generates)
         output, weights = attention(self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
         return self.o_proj(output.reshape(*input_shape, -1).contiguous()), weights
 
@@ -156,7 +162,7 @@ class PackedMLP(torch.nn.Module):
         self.gate_up_proj = gate_up
         self.down_proj = down_proj
         self.act_fn = mlp.act_fn
-        self.intermediate = gate_up.outputs // 2
+        self.intermediate = mlp.intermediate_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
@@ -169,24 +175,21 @@ def packed_projections(model) -> int:
     layers (dequantized, merged or unquantized; with or without LoraLinear adapters) replaced by a
     PackedAttention or PackedMLP holding the same weights, stacked. Layers left 4-bit or holding a
     LoRA variant stay as they are. Returns how many modules were replaced."""
+    modules = [(parent, name) for parent in model.modules() for name, child in parent.named_children() if type(child) in (LlamaAttention, LlamaMLP)]
     replaced = 0
-    for parent in list(model.modules()):
-        for name, module in list(parent.named_children()):
-            if type(module) is LlamaAttention and PackedLinear.packs([module.q_proj, module.k_proj, module.v_proj]) and _packs_alone(module.o_proj):
-                qkv = PackedLinear([module.q_proj, module.k_proj, module.v_proj])
-                setattr(parent, name, PackedAttention(module, qkv, _alone(module.o_proj)))
-            elif type(module) is LlamaMLP and PackedLinear.packs([module.gate_proj, module.up_proj]) and _packs_alone(module.down_proj):
-                setattr(parent, name, PackedMLP(module, PackedLinear([module.gate_proj, module.up_proj]), _alone(module.down_proj)))
-            else:
-                continue
-            replaced += 1
+    for parent, name in modules:  # one at a time: each module's unstacked weights are freed before the next is stacked
+        module = getattr(parent, name)
+        if type(module) is LlamaAttention and PackedLinear.packs([module.q_proj, module.k_proj, module.v_proj]) and PackedLinear.packs([module.o_proj]):
+            setattr(parent, name, PackedAttention(module, PackedLinear([module.q_proj, module.k_proj, module.v_proj]), _alone(module.o_proj)))
+        elif type(module) is LlamaMLP and PackedLinear.packs([module.gate_proj, module.up_proj]) and PackedLinear.packs([module.down_proj]):
+            setattr(parent, name, PackedMLP(module, PackedLinear([module.gate_proj, module.up_proj]), _alone(module.down_proj)))
+        else:
+            continue
+        del module
+        replaced += 1
     if replaced and torch.cuda.is_available():
         torch.cuda.empty_cache()  # the unstacked weights' memory, for the KV cache
     return replaced
-
-
-def _packs_alone(layer: torch.nn.Module) -> bool:
-    return type(layer) is torch.nn.Linear or PackedLinear.packs([layer])
 
 
 def _alone(layer: torch.nn.Module) -> torch.nn.Module:

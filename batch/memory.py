@@ -80,8 +80,9 @@ class ModelShape:
     @property
     def activation_bytes_per_token(self) -> int:
         """One layer's live activations for one position: hidden-sized tensors (residual, norm,
-        q/k/v, attention output, ...) and the MLP's three intermediate-sized ones."""
-        return (8 * self.hidden + 3 * self.intermediate) * self.dtype_bytes
+        q/k/v, attention output, ...) and the MLP's four intermediate-sized ones (gate and up side by
+        side from one GEMM, batch.layers.PackedMLP; the activation; its product)."""
+        return (8 * self.hidden + 4 * self.intermediate) * self.dtype_bytes
 
 
 def kv_bytes_remade(shape: ModelShape) -> float:

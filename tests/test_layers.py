@@ -2,6 +2,7 @@
 peft's function with the same weights (float32 logits within rounding; bitwise where said), in the
 number of ops counted here (OpCounter: ops the host dispatches, views left out)."""
 
+import copy
 import dataclasses
 
 import bitsandbytes as bnb
@@ -118,7 +119,65 @@ def test_what_a_packed_linear_cannot_stack_is_refused():
     assert not PackedLinear.packs([_layer(16, rank=2, scaling=0.5), _layer(16, rank=2, scaling=2.0)])
     assert not PackedLinear.packs([_layer(16), _layer(16, dtype=torch.bfloat16)])
     assert not PackedLinear.packs([_layer(16), _layer(16, inputs=32)])
+    with torch.device("meta"):  # weights offloaded by accelerate: it restores them by their names
+        assert not PackedLinear.packs([_layer(16), _layer(16)])
     assert PackedLinear.packs([_layer(16, rank=2), _layer(16)])
+
+
+def test_grouped_kv_heads_biases_and_a_kv_cache():
+    """What the tiny model does not have: 4 query heads over 2 kv heads, biases on every projection,
+    an adapter of rank 3 (rows padded to 8 elements), and generation through transformers' own KV
+    cache. A prefill and two decode steps give peft's logits (float32 rounding)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    from batch.layers import packed_projections
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, attention_bias=True, mlp_bias=True)
+    lora = LoraConfig(r=3, lora_alpha=6, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                      init_lora_weights=False)
+    reference = get_peft_model(LlamaForCausalLM(config), lora).eval()
+    with torch.no_grad():
+        for module in reference.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(std=0.1)  # (transformers initialises them to zeros)
+    model = lean_lora_layers(copy.deepcopy(reference))
+    assert torch.equal(model.model.layers[1].mlp.down_proj.lora_B, reference.base_model.model.model.layers[1].mlp.down_proj.lora_B["default"].weight)
+    assert packed_projections(model) == 4
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    assert qkv.bias.abs().sum() > 0 and qkv.outputs == 64 + 2 * 32 and qkv.lora_B.shape[1] == 3 * 3 + 7  # 137 columns padded to 144
+    ids = torch.randint(0, 128, (2, 7))
+    caches = DynamicCache(config=config), DynamicCache(config=config)
+    with torch.no_grad():
+        for step in range(3):
+            inputs = ids if step == 0 else ids[:, -1:]
+            ours, theirs = (m(input_ids=inputs, past_key_values=c, use_cache=True).logits for m, c in zip((model, reference), caches))
+            assert torch.allclose(ours, theirs, rtol=0, atol=1e-5), (step, (ours - theirs).abs().max())
+            ids = torch.cat([ids, theirs[:, -1:].argmax(-1)], dim=1)
+
+
+def test_each_module_s_weights_are_freed_before_the_next_is_packed(monkeypatch):
+    """Packing holds one module's weights twice at most, not the model's (the 7B model's projections
+    are 12 GiB in bf16): once layer 0's attention is packed, its unstacked q_proj weight is gone
+    before the next module is."""
+    import weakref
+
+    from batch import layers
+
+    model = transformers_model()
+    first = weakref.ref(model.model.layers[0].self_attn.q_proj.weight)
+    seen = []
+
+    class Watched(PackedLinear):
+        def __init__(self, group):
+            seen.append(first() is None)
+            super().__init__(group)
+
+    monkeypatch.setattr(layers, "PackedLinear", Watched)
+    assert layers.packed_projections(model) == 4
+    assert seen == [False, True, True, True]  # layer 0: attention, MLP; layer 1: attention, MLP
 
 
 def unpacked(monkeypatch, cfg: ModelConfig, tokenizer):

@@ -3,7 +3,6 @@ adapter stays unmerged (peft's function, in two kernels a layer), and the output
 dequantizes and multiplies: float32 on every CPU, bfloat16 without its fused AVX512-BF16 kernel);
 the log line says which weights and why."""
 
-import dataclasses
 import json
 
 import bitsandbytes as bnb

@@ -46,13 +46,13 @@ def test_the_running_batch_fits_in_free_memory_less_headroom(free_gib):
 
 def test_an_h100_and_an_h200_hold_hundreds_of_rows():
     # 7B dequantized to bf16: about 66 of 80 GiB free on an H100, 125 of 141 on an H200
-    assert size_running_batch(66 * GiB, LLAMA_7B, 128, 0.1) == (512, 107539)  # 248-token rows: 433 at once
-    assert size_running_batch(125 * GiB, LLAMA_7B, 128, 0.1) == (512, 212992)  # 858 rows of 248 tokens
-    assert size_running_batch(20 * GiB, LLAMA_7B, 512, 0.1) == (49, 25321)  # a 24 GB card, long answers
+    assert size_running_batch(66 * GiB, LLAMA_7B, 128, 0.1) == (512, 107184)  # 248-token rows: 432 at once
+    assert size_running_batch(125 * GiB, LLAMA_7B, 128, 0.1) == (512, 212638)  # 857 rows of 248 tokens
+    assert size_running_batch(20 * GiB, LLAMA_7B, 512, 0.1) == (48, 24966)  # a 24 GB card, long answers
 
 
 def test_explicit_rows_and_tokens_win():
-    assert size_running_batch(125 * GiB, LLAMA_7B, 128, 0.1, rows=64) == (64, 213419)  # fewer rows' logits reserved
+    assert size_running_batch(125 * GiB, LLAMA_7B, 128, 0.1, rows=64) == (64, 213083)  # fewer rows' logits reserved
     assert size_running_batch(125 * GiB, LLAMA_7B, 128, 0.1, tokens=20000) == (155, 20000)
     assert size_running_batch(125 * GiB, LLAMA_7B, 128, 0.1, rows=7, tokens=100) == (7, 100)
     # too little memory: one row of max_new_tokens still gets its place (out-of-memory handling does the rest)
@@ -79,8 +79,8 @@ def test_on_a_gpu_the_running_batch_is_sized_from_its_free_memory(monkeypatch):
     )
     monkeypatch.setattr(memory, "free_memory", lambda device: (125 * GiB, "cuda:0 (NVIDIA H200)"))
     rows, tokens, line = running_limits(BatchingConfig(), model, 128)
-    assert (rows, tokens) == (512, 212992)
-    assert line == ("komt-batch: running batch: up to 512 rows within 212992 tokens of KV cache (107.2 GiB with one layer's copy "
+    assert (rows, tokens) == (512, 212638)
+    assert line == ("komt-batch: running batch: up to 512 rows within 212638 tokens of KV cache (107.1 GiB with one layer's copy "
                     "while it is remade; 125.0 GiB free on cuda:0 (NVIDIA H200), headroom 10%; sized)")
     rows, tokens, line = running_limits(BatchingConfig(running_rows=64, memory_headroom=0.2), model, 128)
-    assert rows == 64 and tokens < 212992 and line.endswith("headroom 20%; batching.running_rows set)")
+    assert rows == 64 and tokens < 212638 and line.endswith("headroom 20%; batching.running_rows set)")

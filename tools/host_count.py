@@ -17,7 +17,7 @@ and 200,000 tokens at most. Engines:
   extents, packed       each row in its own extent, the joining rows' tokens packed into one forward
                         (the running rows' decode step in it), attention by the kernel over each row's
                         own keys -- counted as the one launch it is on a GPU (OpCounter.one_kernel), as
-                        are the norms (torch's rms_norm: batch.loading.fused_norms; a fused kernel on a
+                        are the norms (torch's rms_norm: batch.layers.fused_norms; a fused kernel on a
                         GPU, the same ops as transformers' on the CPU)
   ... adapter merged    the same with the LoRA adapter merged into the weights
 
