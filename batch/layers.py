@@ -9,12 +9,21 @@ layer they do not fit (4-bit, a LoRA variant, another architecture) stays as it 
   the weights, and one addmm for every adapter's B;
 - PackedAttention, PackedMLP: Llama's attention and MLP over packed projections, the rotary embedding
   applied to q and k at once;
+- PackedDecoderLayer: Llama's decoder layer over them, its residual sums in o_proj's and down_proj's
+  GEMMs where they have no adapter (merged);
 - torch's nn.RMSNorm for transformers' LlamaRMSNorm."""
 
 from __future__ import annotations
 
 import torch
-from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, eager_attention_forward, rotate_half
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaMLP,
+    LlamaRMSNorm,
+    eager_attention_forward,
+    rotate_half,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 
@@ -77,7 +86,8 @@ class PackedLinear(torch.nn.Module):
         pad = -(self.outputs + rank) % 8 if adapters else 0  # rows of 8 elements' multiple: cuBLAS's aligned kernels
         rank += pad
         some = bases[0].weight
-        weight = torch.cat([base.weight for base in bases] + [adapter.lora_A for adapter in adapters] + [some.new_zeros(pad, some.shape[1])])
+        stacked = [base.weight for base in bases] + [adapter.lora_A for adapter in adapters] + ([some.new_zeros(pad, some.shape[1])] if pad else [])
+        weight = torch.cat(stacked) if len(stacked) > 1 else some  # (one plain layer: its own weight, not a copy)
         self.weight = torch.nn.Parameter(weight, requires_grad=False)
         self.bias = None
         if any(base.bias is not None for base in bases):
@@ -112,13 +122,17 @@ class PackedLinear(torch.nn.Module):
         offloaded = any(w.device.type == "meta" for w in weights)  # (accelerate's offload restores weights by their names)
         return len(devices) == 1 and not offloaded and len(inputs) == 1 and len(scalings) <= 1
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The layers' outputs side by side; with `residual`, residual + them (a decoder layer's sum)."""
+        if residual is not None and self.lora_B is None and self.bias is None:
+            # the sum in the GEMM's epilogue (beta = 1): one kernel where the product and the sum take two
+            return torch.addmm(residual.reshape(-1, self.outputs), x.reshape(-1, x.shape[-1]), self.weight.t()).view(residual.shape)
         y = torch.nn.functional.linear(x, self.weight, self.bias)
-        if self.lora_B is None:
-            return y
-        flat = y.view(-1, y.shape[-1])  # (view, not reshape: the sum goes into y itself)
-        flat[:, : self.outputs].addmm_(flat[:, self.outputs :], self.lora_B.t(), alpha=self.scaling)
-        return y[..., : self.outputs]
+        if self.lora_B is not None:
+            flat = y.view(-1, y.shape[-1])  # (view, not reshape: the sum goes into y itself)
+            flat[:, : self.outputs].addmm_(flat[:, self.outputs :], self.lora_B.t(), alpha=self.scaling)
+            y = y[..., : self.outputs]
+        return y if residual is None else residual + y
 
 
 class PackedAttention(torch.nn.Module):
@@ -127,7 +141,7 @@ class PackedAttention(torch.nn.Module):
     and o_proj packed with its adapter's A. q and k are computed by the same expressions in the same
     order, so a float32 forward equals transformers' up to the GEMMs' own rounding."""
 
-    def __init__(self, attention: LlamaAttention, qkv: PackedLinear, o_proj: torch.nn.Module):
+    def __init__(self, attention: LlamaAttention, qkv: PackedLinear, o_proj: PackedLinear):
         super().__init__()
         for name in ("config", "layer_idx", "head_dim", "num_key_value_groups", "scaling", "attention_dropout", "is_causal"):
             setattr(self, name, getattr(attention, name))
@@ -137,7 +151,8 @@ class PackedAttention(torch.nn.Module):
         self.o_proj = o_proj
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                attention_mask: torch.Tensor | None = None, cache=None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+                attention_mask: torch.Tensor | None = None, cache=None, residual: torch.Tensor | None = None,
+                **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         qkv = self.qkv_proj(hidden_states).view(*input_shape, -1, self.head_dim)  # [B, T, Hq + 2 Hk, D]
         cos, sin = (t.unsqueeze(2) for t in position_embeddings)  # [B, T, 1, D]
@@ -150,31 +165,49 @@ class PackedAttention(torch.nn.Module):
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         # (dropout 0: the job only generates)
         output, weights = attention(self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
-        return self.o_proj(output.reshape(*input_shape, -1).contiguous()), weights
+        return self.o_proj(output.reshape(*input_shape, -1).contiguous(), residual), weights
 
 
 class PackedMLP(torch.nn.Module):
     """transformers' LlamaMLP over one PackedLinear for gate and up (down_proj packed with its
     adapter's A): down(act(gate(x)) * up(x)), the same expression."""
 
-    def __init__(self, mlp: LlamaMLP, gate_up: PackedLinear, down_proj: torch.nn.Module):
+    def __init__(self, mlp: LlamaMLP, gate_up: PackedLinear, down_proj: PackedLinear):
         super().__init__()
         self.gate_up_proj = gate_up
         self.down_proj = down_proj
         self.act_fn = mlp.act_fn
         self.intermediate = mlp.intermediate_size
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        return self.down_proj(self.act_fn(gate_up[..., : self.intermediate]) * gate_up[..., self.intermediate :])
+        return self.down_proj(self.act_fn(gate_up[..., : self.intermediate]) * gate_up[..., self.intermediate :], residual)
+
+
+class PackedDecoderLayer(torch.nn.Module):
+    """transformers' LlamaDecoderLayer over a PackedAttention and a PackedMLP, each residual sum handed
+    to o_proj and down_proj: without an adapter (merged) or a bias, the sum is their GEMM's epilogue,
+    two kernels a layer fewer; otherwise the same sum after them."""
+
+    def __init__(self, layer: LlamaDecoderLayer):
+        super().__init__()
+        self.self_attn, self.mlp = layer.self_attn, layer.mlp
+        self.input_layernorm, self.post_attention_layernorm = layer.input_layernorm, layer.post_attention_layernorm
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, position_embeddings=None, cache=None,
+                **kwargs) -> torch.Tensor:
+        attended, _ = self.self_attn(self.input_layernorm(hidden_states), position_embeddings=position_embeddings, attention_mask=attention_mask,
+                                     cache=cache, residual=hidden_states, **kwargs)
+        return self.mlp(self.post_attention_layernorm(attended), residual=attended)
 
 
 @torch.no_grad()
 def packed_projections(model) -> int:
     """Each of transformers' LlamaAttention and LlamaMLP modules whose projections are plain linear
     layers (dequantized, merged or unquantized; with or without LoraLinear adapters) replaced by a
-    PackedAttention or PackedMLP holding the same weights, stacked. Layers left 4-bit or holding a
-    LoRA variant stay as they are. Returns how many modules were replaced."""
+    PackedAttention or PackedMLP holding the same weights, stacked, and each decoder layer whose
+    attention and MLP both are by a PackedDecoderLayer. Layers left 4-bit or holding a LoRA variant
+    stay as they are. Returns how many attention and MLP modules were replaced."""
     modules = [(parent, name) for parent in model.modules() for name, child in parent.named_children() if type(child) in (LlamaAttention, LlamaMLP)]
     replaced = 0
     for parent, name in modules:  # one at a time: each module's unstacked weights are freed before the next is stacked
@@ -187,15 +220,19 @@ def packed_projections(model) -> int:
             continue
         del module
         replaced += 1
+    for parent in list(model.modules()):
+        for name, layer in list(parent.named_children()):
+            if type(layer) is LlamaDecoderLayer and type(layer.self_attn) is PackedAttention and type(layer.mlp) is PackedMLP:
+                setattr(parent, name, PackedDecoderLayer(layer))
     if replaced and torch.cuda.is_available():
         torch.cuda.empty_cache()  # the unstacked weights' memory, for the KV cache
     return replaced
 
 
-def _alone(layer: torch.nn.Module) -> torch.nn.Module:
-    """A LoraLinear as a PackedLinear of one (its A below its weight: two kernels, not three); a plain
-    layer as it is."""
-    return PackedLinear([layer]) if isinstance(layer, LoraLinear) else layer
+def _alone(layer: torch.nn.Module) -> PackedLinear:
+    """A layer as a PackedLinear of one: a LoraLinear's A below its weight (two kernels, not three); a
+    plain layer's weight itself, to take the decoder layer's residual sum."""
+    return PackedLinear([layer])
 
 
 def fused_norms(model, dtype: torch.dtype) -> None:

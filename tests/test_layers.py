@@ -9,12 +9,12 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
-from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP
 
 from batch import loading
 from batch.bench.measuring import OpCounter
 from batch.config import ModelConfig
-from batch.layers import LoraLinear, PackedAttention, PackedLinear, PackedMLP, fused_norms, lean_lora_layers
+from batch.layers import LoraLinear, PackedAttention, PackedDecoderLayer, PackedLinear, PackedMLP, fused_norms, lean_lora_layers
 from batch.loading import load_model
 from tests.conftest import TINY
 from tests.test_exactness import prompts_40
@@ -177,7 +177,7 @@ def test_each_module_s_weights_are_freed_before_the_next_is_packed(monkeypatch):
 
     monkeypatch.setattr(layers, "PackedLinear", Watched)
     assert layers.packed_projections(model) == 4
-    assert seen == [False, True, True, True]  # layer 0: attention, MLP; layer 1: attention, MLP
+    assert seen == [False, False] + [True] * 6  # layer 0's attention (qkv, o), its MLP (gate-up, down); layer 1's
 
 
 def unpacked(monkeypatch, cfg: ModelConfig, tokenizer):
@@ -204,13 +204,15 @@ PACKED_CASES = {
 def test_packed_projections_are_the_model_s_function_in_fewer_kernels(tokenizer, monkeypatch, case):
     """Every attention and MLP of a model whose projections are plain linear layers is packed: q, k and
     v one GEMM and gate and up one, each adapter's A inside its layer's GEMM and its B one addmm, the
-    rotary embedding over q and k at once. The logits are the unpacked model's up to float32 rounding;
-    the GEMMs and the rotary embedding's kernels are counted."""
+    rotary embedding over q and k at once, and without an adapter the decoder layer's residual sums in
+    o_proj's and down_proj's GEMMs. The logits are the unpacked model's up to float32 rounding; the
+    GEMMs, the rotary embedding's kernels and the sums are counted."""
     cfg, before, after = PACKED_CASES[case]
     model, _ = load_model(cfg, tokenizer=tokenizer)
     reference = unpacked(monkeypatch, cfg, tokenizer)
     assert sum(isinstance(m, PackedAttention) for m in model.modules()) == 2 and sum(isinstance(m, PackedMLP) for m in model.modules()) == 2
-    assert not any(isinstance(m, (LoraLinear, LlamaAttention, LlamaMLP)) for m in model.modules())
+    assert not any(isinstance(m, (LoraLinear, LlamaAttention, LlamaMLP, LlamaDecoderLayer)) for m in model.modules())
+    assert sum(isinstance(m, PackedDecoderLayer) for m in model.modules()) == 2
     adapters = sum(isinstance(m, PackedLinear) and m.lora_B is not None for m in model.modules())
     assert adapters == (2 * 4 if cfg.adapter and not cfg.merge_adapter else 0)
 
@@ -218,8 +220,10 @@ def test_packed_projections_are_the_model_s_function_in_fewer_kernels(tokenizer,
     assert torch.allclose(ours, theirs, rtol=0, atol=1e-5), (ours - theirs).abs().max()
     packed, plain = forward_ops(model, tokenizer), forward_ops(reference, tokenizer)
     assert (gemms(plain), gemms(packed)) == (before, after)
-    for name, fewer in (("mul", 2), ("neg", 1), ("cat", 1), ("add", 1)):  # transformers' rotary: 4, 2, 2, 2 a layer
+    sums = 0 if adapters else 2  # without an adapter, both residual sums a layer in o_proj's and down_proj's GEMM
+    for name, fewer in (("mul", 2), ("neg", 1), ("cat", 1), ("add", 1 + sums)):  # transformers' rotary: 4, 2, 2, 2 a layer
         assert plain.ops[name] - packed.ops[name] == 2 * fewer, (name, plain.ops[name], packed.ops[name])
+    assert plain.total - packed.total == (before - after) + 2 * (5 + sums)  # and no op more anywhere
 
 
 def test_packed_projections_in_bfloat16_are_no_farther_from_float32(tokenizer, monkeypatch):
@@ -249,6 +253,7 @@ def test_layers_that_do_not_pack_stay_as_they_are(tokenizer, tmp_path):
     q = model.model.layers[0].self_attn.q_proj
     assert type(q).__module__.startswith("peft.") and q.lora_variant and not any(isinstance(m, LoraLinear) for m in model.modules())
     assert type(model.model.layers[0].self_attn) is LlamaAttention and type(model.model.layers[0].mlp) is PackedMLP
+    assert type(model.model.layers[0]) is LlamaDecoderLayer  # (its sums stay its own)
     ours, theirs = logits(model, tokenizer), logits(peft_reference(tmp_path / "dora"), tokenizer)
     assert torch.allclose(ours, theirs, rtol=0, atol=1e-5), (ours - theirs).abs().max()
 
