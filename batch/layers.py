@@ -210,12 +210,14 @@ def packed_projections(model) -> int:
     stay as they are. Returns how many attention and MLP modules were replaced."""
     modules = [(parent, name) for parent in model.modules() for name, child in parent.named_children() if type(child) in (LlamaAttention, LlamaMLP)]
     replaced = 0
+    # o_proj and down_proj: PackedLinears of one (a LoraLinear's A below its weight, two kernels not three;
+    # a plain layer's own weight), so that they can take the decoder layer's residual sum
     for parent, name in modules:  # one at a time: each module's unstacked weights are freed before the next is stacked
         module = getattr(parent, name)
         if type(module) is LlamaAttention and PackedLinear.packs([module.q_proj, module.k_proj, module.v_proj]) and PackedLinear.packs([module.o_proj]):
-            setattr(parent, name, PackedAttention(module, PackedLinear([module.q_proj, module.k_proj, module.v_proj]), _alone(module.o_proj)))
+            setattr(parent, name, PackedAttention(module, PackedLinear([module.q_proj, module.k_proj, module.v_proj]), PackedLinear([module.o_proj])))
         elif type(module) is LlamaMLP and PackedLinear.packs([module.gate_proj, module.up_proj]) and PackedLinear.packs([module.down_proj]):
-            setattr(parent, name, PackedMLP(module, PackedLinear([module.gate_proj, module.up_proj]), _alone(module.down_proj)))
+            setattr(parent, name, PackedMLP(module, PackedLinear([module.gate_proj, module.up_proj]), PackedLinear([module.down_proj])))
         else:
             continue
         del module
@@ -227,12 +229,6 @@ def packed_projections(model) -> int:
     if replaced and torch.cuda.is_available():
         torch.cuda.empty_cache()  # the unstacked weights' memory, for the KV cache
     return replaced
-
-
-def _alone(layer: torch.nn.Module) -> PackedLinear:
-    """A layer as a PackedLinear of one: a LoraLinear's A below its weight (two kernels, not three); a
-    plain layer's weight itself, to take the decoder layer's residual sum."""
-    return PackedLinear([layer])
 
 
 def fused_norms(model, dtype: torch.dtype) -> None:

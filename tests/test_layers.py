@@ -17,6 +17,7 @@ from batch.config import ModelConfig
 from batch.layers import LoraLinear, PackedAttention, PackedDecoderLayer, PackedLinear, PackedMLP, fused_norms, lean_lora_layers
 from batch.loading import load_model
 from tests.conftest import TINY
+from tests.test_loading import logits  # (the real tokens' logits of 8 prompts, left-padded)
 from tests.test_exactness import prompts_40
 
 GEMMS = ("mm", "addmm", "addmm_", "bmm")
@@ -30,12 +31,6 @@ def tokenizer():
     tokenizer.pad_token = tokenizer.unk_token
     tokenizer.padding_side = "left"
     return tokenizer
-
-
-def logits(model, tokenizer) -> torch.Tensor:
-    enc = tokenizer(prompts_40()[:8], return_tensors="pt", padding=True)
-    with torch.no_grad():
-        return model(**enc).logits[enc["attention_mask"].bool()].float()  # the real tokens' logits
 
 
 def forward_ops(model, tokenizer) -> OpCounter:
