@@ -8,7 +8,8 @@ layer they do not fit (4-bit, a LoRA variant, another architecture) stays as it 
 - PackedLinear: layers that read one input (q, k, v; gate, up) as one GEMM, their adapters' A below
   the weights, and one addmm for every adapter's B;
 - PackedAttention, PackedMLP: Llama's attention and MLP over packed projections, the rotary embedding
-  applied to q and k at once;
+  applied to q and k at once, in four kernels (FoldedRotary: rotate_half's sign in the sin, once a
+  forward);
 - PackedDecoderLayer: Llama's decoder layer over them, its residual sums in o_proj's and down_proj's
   GEMMs where they have no adapter (merged);
 - torch's nn.RMSNorm for transformers' LlamaRMSNorm."""
@@ -21,6 +22,7 @@ from transformers.models.llama.modeling_llama import (
     LlamaDecoderLayer,
     LlamaMLP,
     LlamaRMSNorm,
+    LlamaRotaryEmbedding,
     eager_attention_forward,
     rotate_half,
 )
@@ -137,9 +139,12 @@ class PackedLinear(torch.nn.Module):
 
 class PackedAttention(torch.nn.Module):
     """transformers' LlamaAttention (its forward, 5.x) over one PackedLinear for q, k and v, the rotary
-    embedding applied to q and k in one pass over both (five kernels where transformers' takes ten),
-    and o_proj packed with its adapter's A. q and k are computed by the same expressions in the same
-    order, so a float32 forward equals transformers' up to the GEMMs' own rounding."""
+    embedding applied to q and k in one pass over both, and o_proj packed with its adapter's A. The
+    rotary embedding takes five kernels where transformers' takes ten (its expression over q and k at
+    once), four where the model's sin comes folded (FoldedRotary): the halves swapped in one cat, not
+    a negation and a cat. The same products and sum in the same order, so a float32 forward equals
+    transformers' up to the GEMMs' own rounding. (An addcmul would take three, but it rounds its
+    product and sum once: float32 logits then move by up to 8e-6 on the tiny model.)"""
 
     def __init__(self, attention: LlamaAttention, qkv: PackedLinear, o_proj: PackedLinear):
         super().__init__()
@@ -149,6 +154,7 @@ class PackedAttention(torch.nn.Module):
         self.kv_heads = attention.config.num_key_value_heads
         self.qkv_proj = qkv
         self.o_proj = o_proj
+        self.folded = False  # the model's rotary embedding is a FoldedRotary (packed_projections)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | None = None, cache=None, residual: torch.Tensor | None = None,
@@ -157,7 +163,11 @@ class PackedAttention(torch.nn.Module):
         qkv = self.qkv_proj(hidden_states).view(*input_shape, -1, self.head_dim)  # [B, T, Hq + 2 Hk, D]
         cos, sin = (t.unsqueeze(2) for t in position_embeddings)  # [B, T, 1, D]
         qk, value = qkv.split([self.heads + self.kv_heads, self.kv_heads], dim=2)
-        qk = (qk * cos) + (rotate_half(qk) * sin)  # transformers' apply_rotary_pos_emb, over q and k at once
+        if self.folded:  # sin is [-sin_1, sin_2] (FoldedRotary): rotate_half(x) * sin == [x_2, x_1] * folded sin
+            half = self.head_dim // 2
+            qk = (qk * cos) + (torch.cat((qk[..., half:], qk[..., :half]), dim=-1) * sin)
+        else:
+            qk = (qk * cos) + (rotate_half(qk) * sin)  # transformers' apply_rotary_pos_emb, over q and k at once
         query, key = qk.split([self.heads, self.kv_heads], dim=2)
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, H, T, D], as transformers'
         if cache is not None:
@@ -201,6 +211,25 @@ class PackedDecoderLayer(torch.nn.Module):
         return self.mlp(self.post_attention_layernorm(attended), residual=attended)
 
 
+class FoldedRotary(torch.nn.Module):
+    """The model's rotary embedding, its sin handed to every layer with rotate_half's sign folded in:
+    [-sin_1, sin_2] for halves sin_1, sin_2. rotate_half(x) * sin is then [x_2, x_1] * the folded sin,
+    so that a PackedAttention rotates q and k in four kernels, not five: one product a forward, where
+    each layer would take a negation. Only for a model whose every attention is a PackedAttention."""
+
+    def __init__(self, rotary: torch.nn.Module):
+        super().__init__()
+        self.rotary = rotary
+        half = rotary.inv_freq.shape[0]
+        self.register_buffer("signs", torch.cat([-torch.ones(half), torch.ones(half)]).to(rotary.inv_freq.device), persistent=False)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.rotary(x, position_ids)
+        if self.signs.dtype != sin.dtype or self.signs.device != sin.device:  # (once: the compute dtype's signs)
+            self.signs = self.signs.to(sin)
+        return cos, sin * self.signs  # (the sign: exact in any dtype)
+
+
 @torch.no_grad()
 def packed_projections(model) -> int:
     """Each of transformers' LlamaAttention and LlamaMLP modules whose projections are plain linear
@@ -226,9 +255,23 @@ def packed_projections(model) -> int:
         for name, layer in list(parent.named_children()):
             if type(layer) is LlamaDecoderLayer and type(layer.self_attn) is PackedAttention and type(layer.mlp) is PackedMLP:
                 setattr(parent, name, PackedDecoderLayer(layer))
+    fold_rotary(model)
     if replaced and torch.cuda.is_available():
         torch.cuda.empty_cache()  # the unstacked weights' memory, for the KV cache
     return replaced
+
+
+def fold_rotary(model) -> bool:
+    """The model's rotary embedding made a FoldedRotary, where every attention is a PackedAttention
+    (each told so). Returns whether it was."""
+    attentions = [m for m in model.modules() if isinstance(m, (PackedAttention, LlamaAttention))]
+    owners = [m for m in model.modules() if type(getattr(m, "rotary_emb", None)) is LlamaRotaryEmbedding]
+    if not attentions or not all(type(m) is PackedAttention for m in attentions) or len(owners) != 1:
+        return False
+    owners[0].rotary_emb = FoldedRotary(owners[0].rotary_emb)
+    for attention in attentions:
+        attention.folded = True
+    return True
 
 
 def fused_norms(model, dtype: torch.dtype) -> None:

@@ -9,12 +9,12 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
-from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP, LlamaRotaryEmbedding
 
 from batch import loading
 from batch.bench.measuring import OpCounter
 from batch.config import ModelConfig
-from batch.layers import LoraLinear, PackedAttention, PackedDecoderLayer, PackedLinear, PackedMLP, fused_norms, lean_lora_layers
+from batch.layers import FoldedRotary, LoraLinear, PackedAttention, PackedDecoderLayer, PackedLinear, PackedMLP, fused_norms, lean_lora_layers
 from batch.loading import load_model
 from tests.conftest import TINY
 from tests.test_loading import logits  # (the real tokens' logits of 8 prompts, left-padded)
@@ -216,9 +216,29 @@ def test_packed_projections_are_the_model_s_function_in_fewer_kernels(tokenizer,
     packed, plain = forward_ops(model, tokenizer), forward_ops(reference, tokenizer)
     assert (gemms(plain), gemms(packed)) == (before, after)
     sums = 0 if adapters else 2  # without an adapter, both residual sums a layer in o_proj's and down_proj's GEMM
-    for name, fewer in (("mul", 2), ("neg", 1), ("cat", 1), ("add", 1 + sums)):  # transformers' rotary: 4, 2, 2, 2 a layer
-        assert plain.ops[name] - packed.ops[name] == 2 * fewer, (name, plain.ops[name], packed.ops[name])
-    assert plain.total - packed.total == (before - after) + 2 * (5 + sums)  # and no op more anywhere
+    # transformers' rotary embedding takes mul 4, neg 2, cat 2, add 2 a layer; the folded one mul 2, cat 1
+    # and add 1 a layer, and one mul a forward (FoldedRotary's sign)
+    for name, fewer in (("mul", 2 * 2 - 1), ("neg", 2 * 2), ("cat", 2 * 1), ("add", 2 * (1 + sums))):
+        assert plain.ops[name] - packed.ops[name] == fewer, (name, plain.ops[name], packed.ops[name])
+    assert plain.total - packed.total == (before - after) + 2 * (6 + sums) - 1  # and no op more anywhere
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_the_folded_rotary_embedding_gives_the_unfolded_logits_bitwise(tokenizer, monkeypatch, compute_dtype):
+    """With the rotary embedding's sin folded (FoldedRotary: rotate_half's sign once a forward), the
+    packed model's logits are bitwise those of the same model unfolded, in float32 and in bf16 (the
+    same products and sum; the sign is exact), in one op fewer a layer and one more a forward."""
+    from batch import layers
+
+    cfg = dataclasses.replace(NF4, compute_dtype=compute_dtype)
+    folded = load_model(cfg, tokenizer=tokenizer)[0]
+    assert type(folded.model.rotary_emb) is FoldedRotary and all(m.folded for m in folded.modules() if isinstance(m, PackedAttention))
+    monkeypatch.setattr(layers, "fold_rotary", lambda model: False)
+    unfolded = load_model(cfg, tokenizer=tokenizer)[0]
+    assert type(unfolded.model.rotary_emb) is LlamaRotaryEmbedding and not any(getattr(m, "folded", False) for m in unfolded.modules())
+    ours, theirs = logits(folded, tokenizer), logits(unfolded, tokenizer)
+    assert ours.dtype == theirs.dtype and torch.equal(ours, theirs), (ours - theirs).abs().max()
+    assert forward_ops(unfolded, tokenizer).total - forward_ops(folded, tokenizer).total == 2 - 1
 
 
 def test_packed_projections_in_bfloat16_are_no_farther_from_float32(tokenizer, monkeypatch):
@@ -239,6 +259,7 @@ def test_layers_that_do_not_pack_stay_as_they_are(tokenizer, tmp_path):
     nf4, _ = load_model(dataclasses.replace(NF4, weights="nf4"), tokenizer=tokenizer)
     assert not any(isinstance(m, (PackedAttention, PackedMLP, PackedLinear)) for m in nf4.modules())
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in nf4.modules()) == 2 * 7
+    assert type(nf4.model.rotary_emb) is LlamaRotaryEmbedding  # (its sin is transformers' attention's: not folded)
 
     from peft import LoraConfig, get_peft_model
 
@@ -249,6 +270,7 @@ def test_layers_that_do_not_pack_stay_as_they_are(tokenizer, tmp_path):
     assert type(q).__module__.startswith("peft.") and q.lora_variant and not any(isinstance(m, LoraLinear) for m in model.modules())
     assert type(model.model.layers[0].self_attn) is LlamaAttention and type(model.model.layers[0].mlp) is PackedMLP
     assert type(model.model.layers[0]) is LlamaDecoderLayer  # (its sums stay its own)
+    assert type(model.model.rotary_emb) is LlamaRotaryEmbedding
     ours, theirs = logits(model, tokenizer), logits(peft_reference(tmp_path / "dora"), tokenizer)
     assert torch.allclose(ours, theirs, rtol=0, atol=1e-5), (ours - theirs).abs().max()
 
