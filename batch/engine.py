@@ -308,9 +308,9 @@ class Engine:
                 rows_budget = self._rows_budget(requests, batch, budget)
                 joining = self._joining(requests, batch, max_rows, rows_budget)
                 if joining:
-                    report = self._join(batch, joining, requests, max_rows, budget, running)
-                    running += report.rows[-len(joining) :]  # (the report's first rows are the running ones where they took a step in the join)
-                    pending.append(report)
+                    reports = self._join(batch, joining, requests, max_rows, budget, running)
+                    running += reports[-1].rows[-len(joining) :]  # (the last report's rows end with all the joining rows)
+                    pending += reports
                     joining = []
                     continue  # (with no step ahead, their first tokens are read before they decode: one may end a row)
                 if running:
@@ -438,13 +438,15 @@ class Engine:
         return max(1, budget - held)
 
     def _join(self, batch: SlotCache, joining: list[Request], requests: Requests, max_rows: int, budget: int,
-              running: list[Running]) -> Report:
+              running: list[Running]) -> list[Report]:
         """Prefill the joining rows into the batch's cache and choose their first tokens. Prefixes they
         share are computed once first (batch.prefix), then each row prefills only its own suffix
         after its prefix's columns (in groups of near-equal length, or packed into a cache of
         extents), and its slot gets both, left-aligned. The prefixes are kept for the next rows if
-        the slots leave room for them in `budget`. Returns the joining rows' first tokens, after the
-        running rows' next ones where they took a decode step in the join's first forward (packed)."""
+        the slots leave room for them in `budget`. Returns the reports of its forwards, in order: the
+        joining rows' first tokens, after the next ones of the rows that took a decode step in that
+        forward (packed: the running rows and those joined in the forwards before); the last report's
+        rows end with all the joining rows."""
         sharing = self._sharing(joining, requests)
         kept = sorted(sharing.used(), key=len)  # the prefixes held after this join, if the budget has room for them
         n, room = batch.n, self.settings.max_new_tokens
@@ -465,14 +467,15 @@ class Engine:
         uses = sorted(zip(joining, sharing.rows), key=lambda ru: -(len(ru[0].ids) - (ru[1].k if ru[1] else 0)))
         joining[:] = [r for r, _ in uses]
         uses = [u for _, u in uses]
-        decoded: list[Running] = []  # the running rows, where they took a decode step in the join's first forward
+        joined = [Running(r) for r in joining]
         if self.packed_prefill:
-            decoded, chosen = self._prefill_packed(batch, joining, uses, running, budget - sum(map(len, kept)), max_rows)
+            reports = self._prefill_packed(batch, joining, joined, uses, running, budget - sum(map(len, kept)), max_rows)
         else:
             chosen = self._prefill_groups(batch, joining, uses, n, budget - sum(map(len, kept)), max_rows)
+            reports = [self._report(joined, torch.cat(chosen, dim=1))]
         spare = budget - batch.tokens
         self.prefixes.keep({key for key, total in zip(kept, itertools.accumulate(map(len, kept))) if total <= spare})  # (shortest first)
-        return self._report(decoded + [Running(r) for r in joining], torch.cat(chosen, dim=1))
+        return reports
 
     def _leave_room(self, batch: ExtentCache, joining: list[Request], requests: Requests, room: int, max_rows: int) -> None:
         """With no row running: a buffer of extents of `room` columns, so that the prefixes to keep for
@@ -505,16 +508,18 @@ class Engine:
             chosen.append(self.step.pick(logits, batch.state[:, n + a : n + b], None if batch.seen is None else batch.seen[n + a : n + b]))
         return chosen
 
-    def _prefill_packed(self, batch: ExtentCache, joining: list[Request], uses: list[Use | None], running: list[Running], budget: int,
-                        max_rows: int) -> tuple[list[Running], list[torch.Tensor]]:
+    def _prefill_packed(self, batch: ExtentCache, joining: list[Request], joined: list[Running], uses: list[Use | None],
+                        running: list[Running], budget: int, max_rows: int) -> list[Report]:
         """Prefill joining rows into a cache of extents: each row's shared prefix is copied into its
         extent, then the rows' own suffixes, their tokens packed into one sequence (none padded) in
         forwards of at most PREFILL_GROUP_TOKENS tokens, write their keys and values straight into
-        their extents (batch.decode_attention.packed_attention). The running rows ride along in the
-        first forward, one token each: that is their decode step (the weights read once for both).
-        Returns the rows that took that step (none with no row running), and that step's tokens (if
-        any) and each forward's first tokens -- one report with the join's: a step launched ahead of
-        the host is then the next decode step, not this one."""
+        their extents (batch.decode_attention.packed_attention). The rows in the batch ride along in
+        each forward, one token each: the running rows and those joined in the forwards before (their
+        first token chosen): that is their decode step (the weights read once for both), so that no
+        row waits for the rest of the join (chunked prefill). Returns each forward's report: the
+        tokens of that step (if any rows took it) and the forward's rows' first tokens (`joined`:
+        the joining rows' Running). Each is one report, so a step launched ahead of the host is the
+        next decode step, not one of these."""
         room, n = self.settings.max_new_tokens, batch.n
         lengths = [len(r.ids) for r in joining]
         shared = [u.k if u else 0 for u in uses]
@@ -522,22 +527,22 @@ class Engine:
         batch.reserve(n + len(joining), max(max(batch.need, default=0), max(lengths) + room), self._like, budget, max_rows)
         batch.write_prefixes(starts, uses, self.prefixes.nodes)
         self.shared_prompt_tokens += sum(shared)
-        decoded, chosen = [], []
+        reports = []
         for a, b in packed_chunks([length - k for length, k in zip(lengths, shared)]):
-            decode = n if a == 0 else 0
+            decode, chosen = n + a, []  # the rows in slots [0, n + a) take a decode step in this forward
             logits = self._packed_forward(batch, [r.ids for r in joining[a:b]], shared[a:b], starts[a:b], decode)
             if decode:
                 self.steps += 1
                 self.mixed_steps += 1
-                self.row_steps += n
-                decoded = list(running)
-                chosen.append(self.step.pick_and_advance(logits[:n], batch.state[:, :n], None if batch.seen is None else batch.seen[:n]))
+                self.row_steps += decode
+                chosen.append(self.step.pick_and_advance(logits[:decode], batch.state[:, :decode], None if batch.seen is None else batch.seen[:decode]))
                 batch.advance()
             batch.join(n + a, lengths[a:b], [length + room for length in lengths[a:b]], [r.seed for r in joining[a:b]], starts[a:b],
                        [self.prefixes.tag(u) for u in uses[a:b]])
             batch.see(n + a, [r.ids for r in joining[a:b]])
             chosen.append(self.step.pick(logits[decode:], batch.state[:, n + a : n + b], None if batch.seen is None else batch.seen[n + a : n + b]))
-        return decoded, chosen
+            reports.append(self._report([*running, *joined[:b]], torch.cat(chosen, dim=1)))
+        return reports
 
     def _packed_forward(self, batch: ExtentCache, prompts: list[list[int]], shared: list[int], starts: list[int], decode: int = 0) -> torch.Tensor:
         """One forward of the rows' suffixes (after their first `shared` tokens, in their extents

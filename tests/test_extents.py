@@ -203,6 +203,49 @@ def test_a_step_that_reads_a_shared_prefix_once_replays_only_its_own_graph(monke
     assert set(e.step._graphs) == {(4, None), (4, (1, 10))}
 
 
+@pytest.mark.parametrize("options", [{}, OPTIONS], ids=["greedy", "options"])
+@pytest.mark.parametrize("fixed", [False, True], ids=["eager", "fixed-shapes"])
+def test_a_join_in_several_forwards_takes_a_decode_step_for_the_rows_in_the_batch_in_each(fixed, options, monkeypatch):
+    """Chunked prefill: a join whose rows' tokens pass PREFILL_GROUP_TOKENS (12 here) takes several
+    forwards, and in each every row already in the batch takes a decode step, one token each: the
+    running rows and those that joined in the join's forwards before (their first token chosen), so
+    that no row waits for the rest of the join. Every row still decodes as alone, rows that end
+    inside a join included (computed past their end until the host reads their tokens)."""
+    monkeypatch.setattr(engine_module, "PREFILL_GROUP_TOKENS", 12)
+    engine = load("float32", **options)
+    ids = engine.tokenize(prompts_40())
+    expected = [reference(engine, p) for p in ids]
+    e = extents_of(engine, fixed, True)
+    joins = []  # of each join, (rows in the batch, rows decoding, rows prefilled) of each of its forwards
+    join, forward = e._join, e._packed_forward
+
+    def counted_join(*args):
+        joins.append([])
+        return join(*args)
+
+    def counted_forward(batch, prompts, shared, starts, decode=0):
+        joins[-1].append((batch.n, decode, len(prompts)))
+        return forward(batch, prompts, shared, starts, decode)
+
+    past_end = []  # of each report the host reads, its rows that had ended at an earlier one
+    settle = e._settle
+
+    def counted_settle(report, *args):
+        past_end.append(sum(row.done for row in report.rows))
+        return settle(report, *args)
+
+    e._join, e._packed_forward, e._settle = counted_join, counted_forward, counted_settle
+    assert streamed(e, ids, 16, 10**9) == expected
+    assert all(decode == n for forwards in joins for n, decode, _ in forwards), joins  # every row in the batch, in every forward
+    for forwards in joins:  # the rows that joined in a forward decode in the next
+        assert [n for n, _, _ in forwards[1:]] == [n + rows for n, _, rows in forwards[:-1]], forwards
+    several = [forwards for forwards in joins if len(forwards) > 1]
+    assert several and any(forwards[0][0] for forwards in several), joins  # with no row running and with rows running
+    assert e.mixed_steps == sum(decode > 0 for forwards in joins for _, decode, _ in forwards)
+    if not fixed:  # (no step launched ahead of the host: only rows that ended in a join's forward are computed past their end)
+        assert any(past_end), past_end
+
+
 def test_sampled_rows_draw_the_tokens_they_draw_alone():
     engine = load("float32+lora", do_sample=True, temperature=0.9, top_p=0.7, top_k=100)
     ids = engine.tokenize(prompts_40()[:16])

@@ -99,7 +99,7 @@ def main() -> None:
     assert len(done) == args.prompts and not any(c.error for _, c in done)
     print(f"{args.prompts} prompts ({prompt_lengths.sum()} tokens), answers: median {np.median(answers):.0f}, mean {answers.mean():.1f}, "
           f"{(answers == args.max_new).mean():.1%} at {args.max_new}; running batch: {args.rows} rows within {args.tokens} tokens")
-    print(f"decode steps {engine.steps} ({engine.mixed_steps} in a packed prefill's forward), rows in flight {engine.row_steps / engine.steps:.1f} (their needs {held[0] / engine.steps / args.tokens:.0%} "
+    print(f"decode steps {engine.steps} ({engine.mixed_steps} in a packed prefill's forward, {engine.steps - engine.mixed_steps} alone), rows in flight {engine.row_steps / engine.steps:.1f} (their needs {held[0] / engine.steps / args.tokens:.0%} "
           f"of the token budget), prefill forwards {engine.prefills} "
           f"({engine.padded_prompt_tokens / engine.prefills:.0f} positions each); prompt tokens shared {engine.shared_prompt_tokens}, "
           f"prefilled {engine.prefilled_prompt_tokens} ({engine.prefilled_prompt_tokens / prompt_lengths.sum():.1%}); "
