@@ -14,7 +14,9 @@
   a row writes the column of its own position), so the batch stays full until the stream runs dry;
   where decode attention reads each row's own keys (a GPU's kernel), each row holds only its own
   need, a free range of one buffer (ExtentCache), so the token budget holds the rows' needs rather
-  than rows x the widest need;
+  than rows x the widest need; there the joining rows' tokens are packed, none padded, into forwards
+  of at most PREFILL_GROUP_TOKENS, and in each forward every row already in the batch takes its
+  decode step (chunked prefill: Engine._prefill_packed);
 - prompt prefixes that joining rows share (the template's head, a document asked several questions)
   are prefilled once and kept while the next rows use them (batch.prefix): a row prefills only its
   own suffix, attending to the prefix's columns, and its slot gets both (batching.share_prefix); an
