@@ -28,7 +28,9 @@
   bucket of rows over the whole cache buffer -- is replayed as a CUDA graph, and runs one step ahead
   of the host: step n+1 is launched before the host reads step n's tokens (a row that finished at
   step n computed one token for nothing). On the CPU (and a GPU without graphs) the step computes
-  exactly the running rows over the columns they fill, and its tokens are read before the next step.
+  exactly the running rows over the columns they fill, and its tokens are read before the next step
+  (but in a join's forwards, whose rows are read after the join: a row that ends in one of them is
+  computed in the next ones for nothing, within its own extent).
   On a GPU a step's attention reads each row's own keys only (batch.decode_attention), where the
   kernel for it checks out;
 - sampling is counter-based (sampling.choose): a row's k-th token depends only on its logits, its
@@ -227,7 +229,7 @@ class Engine:
         self.shared_prompt_tokens = 0  # rows' prompt tokens whose keys and values were copied from a shared prefix
         self.prefilled_prompt_tokens = 0  # prompt tokens computed: rows' own suffixes and shared prefixes, once each
         self.shared_reads = 0  # decode steps that read their rows' common prefix once (decode_attention: shared_attention, rows_attention)
-        self.mixed_steps = 0  # decode steps the running rows took in a packed prefill's forward (timed as prefill)
+        self.mixed_steps = 0  # decode steps the rows in the batch took in a packed prefill's forward (timed as prefill)
         # ... an eager step's with sdpa's boolean mask and no kernel of its own (the CPU's way), or a step over
         # extents whose kernel gives each part's log-sum-exp (a GPU's, graph or not)
         if self.extents:  # (`read_once`: None, where the kernel's check passes; only a cache of extents takes it)
@@ -314,7 +316,7 @@ class Engine:
                     running += reports[-1].rows[-len(joining) :]  # (the last report's rows end with all the joining rows)
                     pending += reports
                     joining = []
-                    continue  # (with no step ahead, their first tokens are read before they decode: one may end a row)
+                    continue  # (with no step ahead, the last forward's rows' first tokens are read before they decode: one may end a row)
                 if running:
                     pending.append(self._decode(batch, running))
                 elif requests.peek() is None:

@@ -219,9 +219,12 @@ def test_a_join_in_several_forwards_takes_a_decode_step_for_the_rows_in_the_batc
     joins = []  # of each join, (rows in the batch, rows decoding, rows prefilled) of each of its forwards
     join, forward = e._join, e._packed_forward
 
+    reports = []  # of each join, the reports it returned
+
     def counted_join(*args):
         joins.append([])
-        return join(*args)
+        reports.append(join(*args))
+        return reports[-1]
 
     def counted_forward(batch, prompts, shared, starts, decode=0):
         joins[-1].append((batch.n, decode, len(prompts)))
@@ -240,7 +243,8 @@ def test_a_join_in_several_forwards_takes_a_decode_step_for_the_rows_in_the_batc
     for forwards in joins:  # the rows that joined in a forward decode in the next
         assert [n for n, _, _ in forwards[1:]] == [n + rows for n, _, rows in forwards[:-1]], forwards
     several = [forwards for forwards in joins if len(forwards) > 1]
-    assert several and any(forwards[0][0] for forwards in several), joins  # with no row running and with rows running
+    assert several and {bool(forwards[0][0]) for forwards in several} == {False, True}, joins  # with no row running and with rows running
+    assert [len(r) for r in reports] == [len(forwards) for forwards in joins]  # a report each forward, read in order
     assert e.mixed_steps == sum(decode > 0 for forwards in joins for _, decode, _ in forwards)
     if not fixed:  # (no step launched ahead of the host: only rows that ended in a join's forward are computed past their end)
         assert any(past_end), past_end
