@@ -217,9 +217,8 @@ def test_a_join_in_several_forwards_takes_a_decode_step_for_the_rows_in_the_batc
     expected = [reference(engine, p) for p in ids]
     e = extents_of(engine, fixed, True)
     joins = []  # of each join, (rows in the batch, rows decoding, rows prefilled) of each of its forwards
-    join, forward = e._join, e._packed_forward
-
     reports = []  # of each join, the reports it returned
+    join, forward = e._join, e._packed_forward
 
     def counted_join(*args):
         joins.append([])
