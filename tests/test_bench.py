@@ -14,7 +14,7 @@ from batch.bench import main as bench_main
 from batch.bench.measuring import peak_bandwidth, roof_share
 from batch.bench.model import tilt_output_rows
 from batch.bench.modes import OverBudget, run_generate_batch, run_mode, run_vllm
-from batch.bench.run import cross_targets
+from batch.bench.run import check_targets, cross_targets
 from batch.bench.settings import DEFAULT_JOB, MODE_LABELS, MODES, VLLM_PYTHON_ENV, load_bench
 from batch.errors import JobError
 
@@ -74,6 +74,34 @@ def test_report_has_every_mode_and_field(report):
     assert "only NF4 weights are dequantized" in variant(report, "float32")["modes"]["dequantized"]["skipped"]
     assert list(report["targets"]) == ["nf4+lora dequantized vs float32 engine (tok/s)", "nf4+lora vs float32: generated tokens"]
     assert report["targets"]["nf4+lora dequantized vs float32 engine (tok/s)"]["goal"] == ">= 0.9"
+
+
+def test_the_engine_modes_give_their_prefill_pace_and_rows_in_flight_of_the_running_rows(report):
+    """The issue's GPU targets beside tok/s: prompt tokens computed a second of prefill forwards, and
+    the rows in flight as a share of the running batch's rows (here max_batch_size: the CPU's limit)."""
+    for v in report["variants"]:
+        for name in ("engine", "dequantized", "sampling", "unshared"):
+            m = v["modes"][name]
+            if "skipped" in m:
+                continue
+            assert m["prefill_tokens_per_second"] == pytest.approx(m["prefilled_prompt_tokens"] / m["prefill_seconds"])
+            assert m["running_rows"] == 8 and m["rows_in_flight_share"] == pytest.approx(m["rows_in_flight"] / 8)
+            assert 0 < m["rows_in_flight_share"] <= 1
+    targets = variant(report, "nf4+lora")["targets"]  # on the CPU: reported, no goal
+    for name in ("dequantized prefill >= 40000 prompt tok/s", "dequantized rows in flight >= 60% of the running rows"):
+        assert targets[name]["goal"] == "report" and targets[name]["value"] > 0
+
+
+def test_the_gpu_targets_of_the_dequantized_mode():
+    d = {"mode": 4, "tokens_per_second": 3100.0, "prefill_tokens_per_second": 38_000.0, "rows_in_flight_share": 0.65}
+    targets = check_targets({"dequantized": d}, "cuda", "nf4")
+    assert {name: (t["goal"], t["pass"]) for name, t in targets.items()} == {
+        "dequantized >= 3000 tok/s": (">= 3000", True),
+        "dequantized prefill >= 40000 prompt tok/s": (">= 40000", False),
+        "dequantized rows in flight >= 60% of the running rows": (">= 0.6", True),
+    }
+    d["prefill_tokens_per_second"] = None  # (no prefill timed: not a pass)
+    assert check_targets({"dequantized": d}, "cuda", "nf4")["dequantized prefill >= 40000 prompt tok/s"]["pass"] is False
 
 
 def test_nf4_variants_run_modes_1_to_3_resident_and_4_to_6_dequantized(report):

@@ -205,12 +205,14 @@ def run_engine(mode: str, model, tokenizer, prompts: list[str], cfg: BenchConfig
     else:
         decode_seconds, prefill_seconds, decode_steps = engine.decode_seconds, engine.prefill_seconds, engine.decode_steps
     errors = [c.error for c in completions if c.error]
+    in_flight = engine.row_steps / engine.steps if engine.steps else None
+    running_rows = getattr(generator, "max_rows", None)
     return _mode_result(mode, rows=len(prompts), wall=wall, kept=[c.completion_tokens for c in completions],
                         responses=[c.response for c in completions], reasons=[c.finish_reason for c in completions],
                         prompt_tokens=sum(lengths), padded_prompt_tokens=engine.padded_prompt_tokens,
                         # the engine counts rows in its decode steps; each row's first token came from its prefill
                         row_steps=engine.row_steps + len(prompts), steps=engine.steps, forward_seconds=engine.forward_seconds,
-                        rows_in_flight=engine.row_steps / engine.steps if engine.steps else None,
+                        rows_in_flight=in_flight,
                         decode_seconds=decode_seconds, prefill_seconds=prefill_seconds, decode_steps=decode_steps,
                         peak=peak_memory(device), sampled=sample, graph_captures=engine.step.captures, capture_seconds=engine.capture_seconds,
                         prefill_forwards=engine.prefills, share_prefix=share_prefix,
@@ -219,7 +221,11 @@ def run_engine(mode: str, model, tokenizer, prompts: list[str], cfg: BenchConfig
                         kv_cache="extents" if engine.extents else "slots",  # each row its own need, or slots as wide as the widest row
                         packed_prefill=engine.packed_prefill, mixed_steps=engine.mixed_steps,  # decode steps taken in a packed prefill's forward
                         prefilled_share=engine.prefilled_prompt_tokens / sum(lengths) if lengths else None,
-                        running_rows=getattr(generator, "max_rows", None), running_tokens=getattr(generator, "budget", None),
+                        running_rows=running_rows, running_tokens=getattr(generator, "budget", None),
+                        # the pace of prefill: prompt tokens computed a second of prefill forwards (the
+                        # decode rows that ride along in a join's forwards are in that time, not in the tokens)
+                        prefill_tokens_per_second=engine.prefilled_prompt_tokens / prefill_seconds if prefill_seconds else None,
+                        rows_in_flight_share=in_flight / running_rows if in_flight and running_rows else None,  # of the running batch's rows
                         batches=len(batches), batch_sizes=quantiles([len(b) for b in batches]),
                         oom_splits=generator.oom_splits, errors=errors[:5], error_rows=len(errors), cpu=cpu)
 

@@ -48,7 +48,7 @@ def format_report(report: dict) -> str:
         f"max_new_tokens {cfg.max_new_tokens}, stop {cfg.stop}; greedy except mode 5",
         "",
     ]
-    header = ["variant", "mode", "weights", "rows", "tok/s", "in flight", "ms/step", "prefill", "prefill eff", "prefilled", "decode eff",
+    header = ["variant", "mode", "weights", "rows", "tok/s", "in flight", "ms/step", "prefill", "prefill tok/s", "prefill eff", "prefilled", "decode eff",
               "overhead", "peak mem", "BW roof", "equal", "x single", "x fixed", "others"]
     table = [header]
     notes, busy, sampled = [], [], set()
@@ -66,7 +66,7 @@ def format_report(report: dict) -> str:
             equal = f"{m['equal_rows']}/{m['checked_rows']}" if "equal_rows" in m else "ref" if name == "single" else "-"
             table.append([
                 r["variant"], m["label"], m.get("weights", "-"), rows, f"{m['tokens_per_second']:.1f}", _num(m.get("rows_in_flight"), ".1f"),
-                _num(m.get("ms_per_decode_step"), ".1f"), _pct(m.get("prefill_share")),
+                _num(m.get("ms_per_decode_step"), ".1f"), _pct(m.get("prefill_share")), _num(m.get("prefill_tokens_per_second"), ",.0f"),
                 _num(m["prefill_efficiency"], ".3f"), _pct(m.get("prefilled_share")), _num(m["decode_efficiency"], ".3f"),
                 _pct(m["overhead"]), _mem(m["peak_memory_bytes"]), _pct(m.get("bandwidth_share")), equal,
                 _num(m.get("vs_single"), ".2f"), _num(m.get("vs_fixed"), ".2f"), _others(m),
@@ -88,7 +88,7 @@ def format_report(report: dict) -> str:
         lines.append(f"* mode {MODES.index(name) + 1} timed on the first {rows} of {report['prompts']['count']} prompts "
                      f"({'single' if name == 'single' else 'fixed'}_limit; a rate); 'equal' compares the rows both modes ran")
     lines.append("in flight: rows per step on average; ms/step: per decode step; prefill: the share of the wall time in "
-                 "prefill forwards; BW roof: bytes a decode step must read / its time / the GPU's peak bandwidth")
+                 "prefill forwards; prefill tok/s: prompt tokens computed a second of them; BW roof: bytes a decode step must read / its time / the GPU's peak bandwidth")
     lines.append("prefilled: the share of the prompt tokens computed in prefills (the rest: shared prefixes' keys and values, "
                  "computed once and copied; komt-batch modes)")
     lines.append("others: the share of the machine's CPU that other processes used during the mode")

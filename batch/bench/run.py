@@ -188,6 +188,8 @@ def check_targets(modes: dict[str, dict], device: str, quantization: str, shared
         gpu = device == "cuda"
         if gpu:
             check("dequantized >= 3000 tok/s", d["tokens_per_second"], ">=", 3000)
+        check("dequantized prefill >= 40000 prompt tok/s", d.get("prefill_tokens_per_second"), ">=", 40_000 if gpu else None)
+        check("dequantized rows in flight >= 60% of the running rows", d.get("rows_in_flight_share"), ">=", 0.6 if gpu else None)
         if fixed:
             check("dequantized >= 10x fixed (tok/s)", d["vs_fixed"], ">=", 10.0 if gpu else None)
         if gb:
