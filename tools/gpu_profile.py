@@ -13,6 +13,10 @@ prompt shares, then ~60 of its own; 32 new tokens) twice, steps replayed as grap
 shared prefix read once (batch.decode_attention.rows_attention), then every row's copy of it read,
 and prints each one's milliseconds per replayed decode step.
 
+With `--prefill-rate`, it first times prefill forwards of fixed shapes (rows x length, padded
+batches), then the engine's own prefill of 32k prompt tokens in rows of 128 and of 512 (packed into
+forwards of up to 8,192 tokens where the kernel over each row's own keys is used).
+
 With `--attention-ab N`, it then streams the first N prompts (`--ab-max-new` new tokens) twice more,
 decode steps replayed as CUDA graphs, without the profiler: attention over each row's own keys
 (batch.decode_attention, where its check passes) and sdpa with the mask over the whole buffer, and
@@ -47,7 +51,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda")  # (cpu: a check of this script, e.g. --model models/tiny-komt)
     p.add_argument("--attention-ab", type=int, default=0)
     p.add_argument("--ab-max-new", type=int, default=64)
-    p.add_argument("--prefill-rate", action="store_true", help="time prefill forwards of fixed shapes first (GPU rate vs host time)")
+    p.add_argument("--prefill-rate", action="store_true", help="time prefill forwards of fixed shapes first (GPU rate vs host time), then the engine's own prefill")
     p.add_argument("--rate-only", action="store_true", help="with --prefill-rate: only that (no profiled stream)")
     p.add_argument("--merge", action="store_true", help="merge the adapter into the dequantized weights (model.merge_adapter)")
     p.add_argument("--read-once-ab", type=int, default=0, help="only this: N annotation-shaped prompts, a shared prefix read once vs every copy")
@@ -65,6 +69,7 @@ def main() -> None:
     engine = Engine(model, tokenizer, settings, cuda_graphs=args.graphs, fixed_shapes=True)
     if args.prefill_rate:
         prefill_rate(engine, len(tokenizer), args.merge)
+        engine_prefill_rate(model, tokenizer, args)
         if args.rate_only:
             return
     rng = np.random.default_rng(0)
@@ -146,6 +151,31 @@ def prefill_rate(engine: Engine, vocab: int, merged: bool = False, shapes=((8, 1
             print(f"prefill rate{' (merged)' if merged else ''}: {rows:>4} x {length:<5} {'mask' if masked else 'no mask (causal)'}: "
                   f"{5 * rows * length / wall:>9,.0f} prompt tok/s, {1000 * wall / 5:7.1f} ms per forward, "
                   f"host {1000 * host / 5:6.1f} ms to launch it", flush=True)
+
+
+@torch.inference_mode()
+def engine_prefill_rate(model, tokenizer, args, lengths=(128, 512), tokens: int = 4 * 8192) -> None:
+    """The engine's own prefill, as a stream runs it: `tokens` prompt tokens in rows of one length,
+    each row's one new token chosen in its prefill (max_new_tokens 1), so that the stream is its joins'
+    forwards (packed where the kernel over each row's own keys is used, else padded groups). Its
+    prompt tokens a second of those forwards (the rows that ride along in a join's later forwards are in
+    their time), and over the stream's wall time."""
+    settings = GenerationSettings(max_new_tokens=1, do_sample=False, stop=[])
+    rng = np.random.default_rng(2)
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    for length in lengths:
+        requests = [Request(i, [1] + rng.integers(3, len(tokenizer), length - 1).tolist(), i) for i in range(max(tokens // length, 1))]
+        list(SafeGenerator(Engine(model, tokenizer, settings), args.rows, args.tokens, 1).stream(requests[:8]))  # (warm-up)
+        engine = Engine(model, tokenizer, settings)
+        sync()
+        start = time.perf_counter()
+        out = list(SafeGenerator(engine, args.rows, args.tokens, 1).stream(requests))
+        sync()
+        wall = time.perf_counter() - start
+        print(f"prefill rate{' (merged)' if args.merge else ''}: engine, {len(out)} rows x {length}: "
+              f"{engine.prefilled_prompt_tokens / max(engine.prefill_seconds, 1e-9):>9,.0f} prompt tok/s in its {engine.prefills} "
+              f"forwards ({'packed' if engine.packed_prefill else 'padded groups'}, {engine.padded_prompt_tokens / max(engine.prefills, 1):,.0f} "
+              f"positions each), {engine.prefilled_prompt_tokens / wall:,.0f} over the wall ({wall:.2f}s)", flush=True)
 
 
 def attention_ab(model, tokenizer, requests, args) -> None:

@@ -6,8 +6,9 @@
 #   STEPS (default "bench resume tests"):
 #     bench       tools/gpu_bench.sh: jobs/bench-gpu.yaml (modes 1-6), then the profile in its time left -> bench-gpu.*, profile.txt
 #     merged      the same workload, the adapter merged (model.merge_adapter), mode 4 -> merged.txt, merged.json
-#     rates       prefill forwards of fixed shapes, adapter unmerged (RATES="unmerged merged": and merged), and where a
-#                 padded prefill syncs the host (tools/gpu_profile.py --prefill-rate) -> rates.txt
+#     rates       prefill forwards of fixed shapes, then the engine's own (packed) prefill of 32k tokens in rows of 128 and
+#                 512, adapter unmerged (RATES="unmerged merged": and merged), and where a padded prefill syncs the host
+#                 (tools/gpu_profile.py --prefill-rate) -> rates.txt
 #     annotation  jobs/bench-annotation.yaml's workload (a shared 400-token instruction, items of median 60, 32 new) on the
 #                 7B-shaped model: shared prefixes on (mode 4) against off (mode 7) -> annotation.txt, annotation.json
 #     readonce    after bench (its 7B-shaped model): 256 annotation-shaped prompts, decode steps replayed as graphs
