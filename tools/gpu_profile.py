@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from batch.config import GenerationSettings, ModelConfig  # noqa: E402
+from batch.decode_attention import reference_kernel  # noqa: E402
 from batch.engine import Engine, Request, SafeGenerator  # noqa: E402
 from batch.loading import dequantize_model, load_model  # noqa: E402
 
@@ -55,6 +56,9 @@ def main() -> None:
     p.add_argument("--rate-only", action="store_true", help="with --prefill-rate: only that (no profiled stream)")
     p.add_argument("--merge", action="store_true", help="merge the adapter into the dequantized weights (model.merge_adapter)")
     p.add_argument("--read-once-ab", type=int, default=0, help="only this: N annotation-shaped prompts, a shared prefix read once vs every copy")
+    p.add_argument("--reference-kernel", action="store_true",
+                   help="attention over each row's own keys by batch.decode_attention.reference_kernel: the GPU's paths (extents, packed prefill, "
+                        "a prefix read once) on the CPU, a check of this script")
     args = p.parse_args()
     cfg = ModelConfig(base=f"{args.model}/base", adapter=f"{args.model}/adapter", quantization="nf4", compute_dtype="bfloat16",
                       device_map=args.device, weights="dequantized" if args.merge else "nf4",
@@ -66,7 +70,7 @@ def main() -> None:
     if args.read_once_ab:
         read_once_ab(model, tokenizer, args)
         return
-    engine = Engine(model, tokenizer, settings, cuda_graphs=args.graphs, fixed_shapes=True)
+    engine = make_engine(model, tokenizer, settings, args, cuda_graphs=args.graphs, fixed_shapes=True)
     if args.prefill_rate:
         prefill_rate(engine, len(tokenizer), args.merge)
         engine_prefill_rate(model, tokenizer, args)
@@ -84,7 +88,7 @@ def main() -> None:
             yield tag
 
     list(SafeGenerator(engine, args.rows, args.tokens, args.max_new).stream(requests[:8]))  # lazy initialisation, outside the profile
-    engine = Engine(model, tokenizer, settings, cuda_graphs=args.graphs, fixed_shapes=True)  # (counters from 0)
+    engine = make_engine(model, tokenizer, settings, args, cuda_graphs=args.graphs, fixed_shapes=True)  # (counters from 0)
     timed = engine._timed
     engine._timed = labelled
     cuda = args.device.startswith("cuda")
@@ -165,8 +169,8 @@ def engine_prefill_rate(model, tokenizer, args, lengths=(128, 512), tokens: int 
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     for length in lengths:
         requests = [Request(i, [1] + rng.integers(3, len(tokenizer), length - 1).tolist(), i) for i in range(max(tokens // length, 1))]
-        list(SafeGenerator(Engine(model, tokenizer, settings), args.rows, args.tokens, 1).stream(requests[:8]))  # (warm-up)
-        engine = Engine(model, tokenizer, settings)
+        list(SafeGenerator(make_engine(model, tokenizer, settings, args), args.rows, args.tokens, 1).stream(requests[:8]))  # (warm-up)
+        engine = make_engine(model, tokenizer, settings, args)
         sync()
         start = time.perf_counter()
         out = list(SafeGenerator(engine, args.rows, args.tokens, 1).stream(requests))
@@ -178,12 +182,17 @@ def engine_prefill_rate(model, tokenizer, args, lengths=(128, 512), tokens: int 
               f"positions each), {engine.prefilled_prompt_tokens / wall:,.0f} over the wall ({wall:.2f}s)", flush=True)
 
 
+def make_engine(model, tokenizer, settings: GenerationSettings, args, **options) -> Engine:
+    """An Engine; with --reference-kernel, its attention over each row's own keys is the reference kernel."""
+    return Engine(model, tokenizer, settings, rows_kernel=reference_kernel if args.reference_kernel else None, **options)
+
+
 def attention_ab(model, tokenizer, requests, args) -> None:
     """The same stream, steps replayed as graphs: each row's own keys from a cache of extents (the
     default), from slots as wide as the widest row, then sdpa over the whole buffer of slots."""
     settings = GenerationSettings(max_new_tokens=args.ab_max_new, do_sample=False, stop=[])
     for label in ("own keys", "own keys, slots", "sdpa mask"):
-        engine = Engine(model, tokenizer, settings, fixed_shapes=True, extents=None if label == "own keys" else False)
+        engine = make_engine(model, tokenizer, settings, args, fixed_shapes=True, extents=None if label == "own keys" else False)
         if label == "sdpa mask":
             engine.step.rows_kernel = None
         elif engine.step.rows_kernel is None:
@@ -211,7 +220,7 @@ def read_once_ab(model, tokenizer, args, shared: int = 400, median: int = 60, ma
     requests = [Request(i, head + rng.integers(3, len(tokenizer), n).tolist(), i) for i, n in enumerate(sorted(own, reverse=True))]
     settings = GenerationSettings(max_new_tokens=max_new, do_sample=False, stop=[])
     for label, read_once in (("read once", None), ("every copy", False)):
-        engine = Engine(model, tokenizer, settings, fixed_shapes=True, read_once=read_once)
+        engine = make_engine(model, tokenizer, settings, args, fixed_shapes=True, read_once=read_once)
         out = list(SafeGenerator(engine, args.rows, args.tokens, max_new).stream(requests))
         print(f"read-once A/B: {label:<10}: {ab_figures(engine, out, f'{engine.shared_reads} reading the prefix once; ')}", flush=True)
 
