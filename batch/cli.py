@@ -42,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def job_command(name: str, help: str) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help, description=help)
+        c.set_defaults(command_parser=c)  # (its usage for an unknown option, not the top level's)
         c.add_argument("job", help="the YAML job file")
-        c.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+        c.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help=OVERRIDES_HELP)  # (a default: optional in the usage)
         c.add_argument("--date", help="the value of {date} in paths (default: today, YYYY-MM-DD)")
         c.add_argument("--time", help="the value of {time} in paths (default: now, HHMMSS)")
         c.add_argument("--run-id", help="the value of {job_id} in paths (default: SLURM_ARRAY_JOB_ID or SLURM_JOB_ID, else 'local')")
@@ -61,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     mg = job_command("merge", "write the final file once every chunk of every shard is done")
     mg.add_argument("--shards", help="the number of shards, to name the missing ones")
     bench = sub.add_parser("bench", help="benchmark: one-at-a-time vs fixed batches vs this job's engine (vs vLLM)")
+    bench.set_defaults(command_parser=bench)
     bench.add_argument("job", nargs="?", default=None, help="a bench job file (default: jobs/bench.yaml)")
-    bench.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the bench settings")
+    bench.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of the bench settings")
     return p
 
 
@@ -139,7 +141,7 @@ def _main(argv: list[str] | None, stop: StopFlag) -> int:
     # overrides may also come after options (`run job.yaml --restart key=value`)
     stray = [a for a in extra if a.startswith("-") or not hasattr(args, "overrides")]
     if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+        getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
     args.resume = None  # the command that resumes, once the job is known
@@ -155,7 +157,9 @@ def _main(argv: list[str] | None, stop: StopFlag) -> int:
         print(f"komt-batch: error: {e}. Rows committed before it are kept; free space.{_resume_hint(args)}", file=sys.stderr)
         return e.exit_code
     except JobError as e:
-        print(f"komt-batch: error: {e}", file=sys.stderr)
+        from batch.config import blame_overrides
+
+        print(f"komt-batch: error: {blame_overrides(str(e), getattr(args, 'overrides', []))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"komt-batch: interrupted; rows since the last checkpoint will be redone on resume.{_resume_hint(args)}", file=sys.stderr)

@@ -278,7 +278,7 @@ def load_job(path: str | Path, overrides: list[str] = (), fill: dict[str, str] |
                 setattr(section, name, expand_home(value, where, key))
         job.validate()
     except JobError as e:
-        raise JobError(_blame_overrides(str(e), overrides)) from None
+        raise JobError(blame_overrides(str(e), overrides)) from None
     return job
 
 
@@ -296,11 +296,21 @@ def shown_name(name: str) -> str:
     return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
-def _blame_overrides(message: str, overrides: list[str]) -> str:
-    """A job-file error about a key that a command-line override set says so (the file is not at fault)."""
-    keys = [item.partition("=")[0] for item in overrides]
-    named = [item for item, key in zip(overrides, keys) if re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", message)]
+def blame_overrides(message: str, overrides: list[str]) -> str:
+    """A job-file error about a key that a command-line override set says so (the file is not at fault):
+    one that names the key, or an unknown section the override's key starts with. load_job blames
+    the errors of the job file; the CLI those found later (the input, the model)."""
+    if "(set on the command line: " in message:
+        return message
+
+    def names(key: str) -> bool:
+        sections = [".".join(key.split(".")[:i]) for i in range(1, key.count(".") + 1)]
+        return bool(re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", message)) or any(
+            re.search(rf"unknown key {re.escape(s)}(?![\w.])", message) for s in sections)
+
+    named = [item for item in overrides if names(item.partition("=")[0])]
     return message + (f" (set on the command line: {shown_name(named[-1])})" if named else "")
+
 
 
 def expand_home(value: str, where: str, key: str) -> str:
@@ -485,7 +495,8 @@ def _coerce(tp: Any, value: Any, where: str, key: str) -> Any:
             value = [(v.text if item is str else v.value) if isinstance(v, _Plain) else v for v in value]
             if all(isinstance(v, item) and not isinstance(v, bool) for v in value):
                 return [item(v) for v in value]
-        raise JobError(f"{where}: {key}: expected a list of {'strings' if item is str else 'integers'}, got {_kind(value)}")
+        shown = "" if value is None or isinstance(value, (list, dict)) else f" {value!r}"
+        raise JobError(f"{where}: {key}: expected a list of {'strings' if item is str else 'integers'}, got {_kind(value)}{shown}")
     raise JobError(f"{where}: {key}: expected {_type_name(tp)}, got {_kind(value)}{'' if value is None else f' {value!r}'}")
 
 
@@ -496,6 +507,8 @@ def _type_name(tp: Any) -> str:
 
 
 def _kind(value: Any) -> str:
+    if isinstance(value, _Plain):  # a plain YAML scalar: its kind and its text as written
+        return "nothing" if value.value is None else f"{_kind(value.value)} {value.text}"
     return {dict: "a mapping", list: "a list", type(None): "nothing"}.get(type(value), type(value).__name__)
 
 

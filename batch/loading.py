@@ -19,6 +19,7 @@ from transformers import (
     AutoTokenizer,
     BitsAndBytesConfig,
 )
+from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 from transformers.utils import logging as hf_logging
 
 from batch.config import ModelConfig
@@ -59,10 +60,14 @@ def load_tokenizer(cfg: ModelConfig, where: str = "<job>"):
         tokenizer = AutoTokenizer.from_pretrained(cfg.base, trust_remote_code=cfg.trust_remote_code)
         config = AutoConfig.from_pretrained(cfg.base, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise JobError(f"{where}: model.base: cannot load the tokenizer of {cfg.base}: {first_line(e)}") from None
+        what = "" if _looks_local(cfg.base) else " (not a local directory: read as a Hugging Face Hub id)"
+        raise JobError(f"{where}: model.base: cannot load the tokenizer of {cfg.base}{what}: {first_line(e)}") from None
     if cfg.adapter and Path(cfg.adapter).is_dir():
         check_adapter_fits(config, cfg.adapter, where)
     context = getattr(config, "max_position_embeddings", None) or tokenizer.model_max_length
+    # the job measures every prompt against the context itself (input.too_long): the tokenizer's own
+    # warning about a long prompt ("Token indices sequence length is longer than ...") would only repeat it
+    tokenizer.model_max_length = VERY_LARGE_INTEGER
     return tokenizer, int(context)
 
 
@@ -120,7 +125,10 @@ def _check_device(device_map: str, where: str) -> None:
 
 
 def _looks_local(name: str) -> bool:
-    return Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") != 1
+    """A path, not a Hub id (`org/name`): it exists, starts like a path, has not one `/`, or its first
+    part is a folder here (`models/nope`: a typo of a local path, not the Hub's org `models`)."""
+    return (Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") != 1
+            or Path(name.split("/")[0]).expanduser().is_dir())
 
 
 def load_model(cfg: ModelConfig, where: str = "<job>", tokenizer=None):

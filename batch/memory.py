@@ -126,7 +126,7 @@ def running_limits(batching, model, max_new_tokens: int) -> tuple[int, int, str]
     if device.type != "cuda":
         rows = batching.running_rows or batching.max_batch_size
         tokens = batching.running_tokens or batching.max_batch_tokens
-        return rows, tokens, f"komt-batch: running batch: {rows} rows within {tokens} tokens (the job's batch limits on the {device.type})"
+        return rows, tokens, f"komt-batch: running batch: up to {rows} rows within {tokens} tokens (the job's batch limits on the {device.type})"
     dtype = model.get_input_embeddings().weight.dtype
     shape = ModelShape.of(model.config, dtype)
     free, where = free_memory(device)

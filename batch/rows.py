@@ -106,7 +106,7 @@ def row_ids(table: pa.Table, id_column: str | None, source: str, release: Callab
         return RowIds(None, table.num_rows)
     if id_column not in table.column_names:
         raise JobError(
-            f"{source}: input.id_column: column {id_column!r} is not in the input (columns: {table.column_names})"
+            f"{source}: input.id_column: column {id_column!r} is not in the input (columns: {', '.join(table.column_names)})"
         )
     col = table.column(id_column)
     if col.null_count:
@@ -218,8 +218,7 @@ def read_rows(job: JobConfig) -> Rows:
     template.check_columns(table.column_names, where)
     for name in [job.output.response_column, *GENERATED_COLUMNS]:
         if name in table.column_names:
-            raise JobError(
-                f"{where}: output: the input already has a column {name!r}; the output would repeat it"
-                + (" (set output.response_column to another name)" if name == job.output.response_column else "")
-            )
+            if name == job.output.response_column:
+                raise JobError(f"{where}: output.response_column: the input already has a column {name!r}; choose another name for the responses")
+            raise JobError(f"{where}: output: the input already has a column {name!r}, one the output adds; rename it in the input")
     return Rows(data.files, table, row_ids(table, job.input.id_column, where, data.release), template, data.release)

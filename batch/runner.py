@@ -124,6 +124,7 @@ def run(job: JobConfig, shard: int, shards: int, stop: StopFlag, restart: bool =
         if len(todo) and stop.received is None:
             watch = threads.Watch.start(threads.apply(job.cpu))  # (None: the threads stay as chosen)
             engine = Engine.load(job.model, job.generation, job.source, opened.tokenizer, share_prefix=job.batching.share_prefix)
+            stop.check(f"while the model loaded, before any row was generated ({stats.resumed_rows} rows done before)")
             if engine.device.type != "cpu":
                 watch = None  # a GPU's steps do not wait on the CPU's threads
             engine.between_steps = watch

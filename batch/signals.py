@@ -77,4 +77,5 @@ class StopFlag:
         if not self.working:
             print(f"\nkomt-batch: got {self.name} during start-up: stopping before any work", file=sys.stderr, flush=True)
             return
-        print(f"\nkomt-batch: got {self.name}: {self.working} (press Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        again = " (press Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
+        print(f"\nkomt-batch: got {self.name}: {self.working}{again}", file=sys.stderr, flush=True)

@@ -13,6 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+# offline in this process too: huggingface_hub reads HF_HUB_OFFLINE once, when the test modules import it
+# (set later, a Hub id not in the cache would wait on the network's retries, about a minute)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "models" / "tiny-komt"
 SEED = ROOT / "data" / "seed_examples.jsonl"
@@ -176,9 +182,6 @@ def read_output(path: Path) -> list[dict]:
 def _offline(tmp_path_factory):
     # the job's caches (converted inputs, weight hashes) go to a fresh folder, not the user's
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # torch on one thread in this process too (the processes started get OMP_NUM_THREADS=1 from cli_env)
     import torch
 

@@ -11,7 +11,7 @@ import torch
 
 from batch import engine as engine_module
 from batch.cli import main
-from tests.conftest import ROOT, TINY, cli_env, make_job, read_output, seed_rows, write_jsonl
+from tests.conftest import ROOT, TINY, cli_env, komt, make_job, read_output, seed_rows, write_jsonl
 
 GOOD = [{"id": s["id"], "instruction": s["instruction"]} for s in seed_rows()[:3]]
 
@@ -83,11 +83,14 @@ CASES = {
     "output is an input": (("sections", lambda t: {"output": {"path": str(t / "in.jsonl")}}), "output.path", "is also the input file"),
     "output not writable": (("sections", not_writable_output), "output.path", "cannot write under"),
     "missing model": (("args", ["model.base=/nonexistent/model"]), "model.base", "no such directory"),
+    # a relative path whose first folder is here is a local path, not a Hub id (`org/name`) to look up
+    "missing model under a folder here": (("args", ["model.base=tests/no-model-here"]), "model.base: tests/no-model-here", "no such directory"),
     "missing adapter": (("args", ["model.adapter=./no-adapter-here"]), "model.adapter", "no such directory"),
     "adapter for another base": (("sections", mismatched_adapter), "model.adapter", "does not fit model.base"),
     "duplicate ids": (("input_file", b'{"id": "a", "instruction": "q"}\n{"id": "a", "instruction": "r"}\n'), "input.id_column", "duplicate ids in the input (1), e.g. 'a'"),
-    "missing id column": (("args", ["input.id_column=key"]), "input.id_column", "'key' is not in the input"),
-    "response column clash": (("args", ["output.response_column=instruction"]), "output", "already has a column 'instruction'"),
+    "missing id column": (("args", ["input.id_column=key"]), "input.id_column", "'key' is not in the input (columns: id, instruction)"),
+    "response column clash": (("args", ["output.response_column=instruction"]), "output.response_column", "already has a column 'instruction'"),
+    "unknown section": (("args", ["nosuch.key=1"]), "job.yaml", "unknown key nosuch; valid keys"),
     "bad quantization": (("args", ["model.quantization=fp8"]), "model.quantization", "must be one of nf4, int8, none"),
     "bad override": (("args", ["generation"]), "override", "expected dotted.key=value"),
     "temperature not a number": (("args", ["generation.temperature=.nan"]), "generation.temperature", "must be a number > 0"),
@@ -107,6 +110,8 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, capsys, name):
     assert code == 2
     assert len(err) == 1 and err[0].startswith("komt-batch: error: ")
     assert where in err[0] and fragment in err[0], err[0]
+    if case[0] == "args" and "=" in args[-1]:  # found in the job file or later (the input, the model): the override is named
+        assert err[0].endswith(f" (set on the command line: {args[-1]})"), err[0]
     assert sorted(p.name for p in out.parent.iterdir()) == ["result.parquet"]
     assert out.read_bytes() == b"an earlier output"
 
@@ -116,6 +121,18 @@ def test_a_real_process_prints_no_traceback(tmp_path):
     p = subprocess.run([sys.executable, "-m", "batch", "run", str(job)], capture_output=True, text=True, cwd=ROOT, env=cli_env())
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip() == f"komt-batch: error: {job}: input.path: {tmp_path / 'missing.jsonl'}: no such file"
+
+
+def test_a_hub_id_not_in_the_cache_is_one_line_offline(tmp_path):
+    """(a real process: huggingface_hub reads HF_HUB_OFFLINE when it is imported)"""
+    src = write_jsonl(tmp_path / "in.jsonl", GOOD)
+    job = make_job(tmp_path, src)
+    p = subprocess.run([sys.executable, "-m", "batch", "validate", str(job), "model.base=no-such-org-komt/no-model"],
+                       capture_output=True, text=True, cwd=ROOT, env=cli_env())
+    assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert p.stderr.startswith(f"komt-batch: error: {job}: model.base: cannot load the tokenizer of no-such-org-komt/no-model "
+                               "(not a local directory: read as a Hugging Face Hub id): "), p.stderr
+    assert p.stderr.strip().endswith("(set on the command line: model.base=no-such-org-komt/no-model)")
 
 
 def test_empty_input_gives_an_empty_file_with_the_schema(tmp_path, capsys):
@@ -159,11 +176,14 @@ def test_non_string_field_is_an_error_row(tmp_path, capsys):
     assert [r["error"] for r in rows] == ["bad_input: template field 'n' is int, not a string"] * 2
 
 
-def test_too_long_truncate_keeps_the_template(tmp_path, capsys):
+def test_too_long_truncate_keeps_the_template(tmp_path):
+    """(a real process: its log holds no warning of the tokenizer's about the long prompt; the row says what was cut)"""
     rows = [{"id": "long", "instruction": "질문 " * 3000 + "끝"}]
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     job = make_job(tmp_path, src, input={"too_long": "truncate"}, generation={"max_new_tokens": 8})
-    assert main(["run", str(job), "--no-progress"]) == 0
+    done = komt("run", job, "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert "Token indices sequence length" not in done.stderr and "Traceback" not in done.stderr, done.stderr
     (row,) = read_output(tmp_path / "out" / "result.parquet")
     assert row["finish_reason"] == "length" and row["completion_tokens"] == 8
     assert row["prompt_tokens"] <= 2048 - 8 and row["prompt_tokens"] > 1900

@@ -80,6 +80,16 @@ def test_every_command_has_help(command):
     assert p.returncode == 0 and "usage: komt-batch" in p.stdout
 
 
+@pytest.mark.parametrize("args, error", [
+    (["run", "jobs/demo.yaml", "--shards", "2"], "komt-batch run: error: unrecognized arguments: --shards"),  # (run takes --shard)
+    (["run"], "komt-batch run: error: the following arguments are required: job"),  # (overrides are optional)
+    (["bench", "--shard", "0/1"], "komt-batch bench: error: unrecognized arguments: --shard"),
+])
+def test_a_wrong_argument_shows_its_commands_usage(args, error):
+    p = komt(*args)
+    assert p.returncode == 2 and p.stderr.startswith(f"usage: komt-batch {args[0]} ") and p.stderr.strip().endswith(error), p.stderr
+
+
 def test_console_script_is_installed():
     import subprocess
     import sys

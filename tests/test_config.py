@@ -54,7 +54,8 @@ def test_overrides_are_yaml_scalars(tmp_path):
         ("", ["model.quantization=fp4"], "model.quantization: must be one of nf4, int8, none"),
         ("", ["generation.do_sample=maybe"], "generation.do_sample: expected true/false"),
         ("", ["nonsense"], "expected dotted.key=value"),
-        ("batching: 3\n", [], "batching: expected a mapping"),
+        ("batching: 3\n", [], "batching: expected a mapping, got int 3"),
+        ("generation:\n  stop_token_ids: yes\n", [], "generation.stop_token_ids: expected a list of integers, got bool True"),
         ("", ["model.merge_adapter=true"], "model.merge_adapter: needs model.adapter"),
         ("", ["model.merge_adapter=true", "model.adapter=a", "model.weights=nf4"], "model.merge_adapter: the adapter merges into dequantized weights; set model.weights to dequantized or auto"),
         ("", ["model.merge_adapter=true", "model.adapter=a", "model.quantization=int8"], "model.merge_adapter: not with quantization int8"),
@@ -93,6 +94,8 @@ def test_an_error_in_a_value_set_on_the_command_line_says_so(tmp_path):
         "generation.max_new_tokens=abc": "generation.max_new_tokens: expected an integer, got str 'abc' "
                                          "(set on the command line: generation.max_new_tokens=abc)",
         "generation.top_k=-1": "generation.top_k: must be >= 0, got -1 (set on the command line: generation.top_k=-1)",
+        "nosuch.key=1": "unknown key nosuch; valid keys: model, input, prompt, generation, batching, output, checkpoint, cpu "
+                        "(set on the command line: nosuch.key=1)",
     }
     for item, message in cases.items():
         with pytest.raises(JobError) as e:

@@ -222,3 +222,29 @@ def test_the_resume_command_of_a_full_disk_is_the_one_of_a_signal(tmp_path, caps
     hint = shlex.split(err.split("To resume, run: ")[1])
     assert hint[:2] == ["komt-batch", "run"] and "--shard" in hint and "1/2" in hint and "2026-11-27" in hint
     assert os.path.basename(hint[-1]) == "{date}.parquet"
+
+
+def test_a_signal_while_the_model_loads_stops_before_any_row(tmp_path, capsys, monkeypatch, job8):
+    """A scheduler's SIGTERM while the weights load (minutes for the 7B model): the run stops as soon
+    as they are loaded, before the first batch, and says so (not `generating ...`); the next run
+    generates every row."""
+    job, reference = job8
+    from batch import runner
+
+    load = runner.Engine.load
+
+    def loading_when_signalled(*args, **kwargs):
+        engine = load(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # (the handler runs in this thread, before the call returns)
+        return engine
+
+    monkeypatch.setattr(runner.Engine, "load", loading_when_signalled)
+    assert main(["run", str(job), "--no-progress"]) == 75
+    err = capsys.readouterr().err
+    assert "got SIGTERM: no new batch starts" in err and "Ctrl-C" not in err  # (a scheduler's signal: no key to press)
+    assert "stopped by SIGTERM while the model loaded, before any row was generated (0 rows done before)" in err
+    assert "komt-batch: generating" not in err and "Traceback" not in err and "To resume, run: " in err
+    monkeypatch.setattr(runner.Engine, "load", load)
+    assert main(["run", str(job), "--no-progress"]) == 0
+    assert "generated_rows            8" in capsys.readouterr().out
+    assert pq.read_table(tmp_path / "out" / "result.parquet").equals(reference)

@@ -66,7 +66,7 @@ def test_the_prefill_scratch_is_sized_for_the_engines_largest_prefill():
 def test_on_the_cpu_the_running_batch_keeps_the_jobs_limits():
     model = torch.nn.Linear(2, 2)  # running_limits reads only the device on the CPU
     batching = BatchingConfig(max_batch_size=32, max_batch_tokens=65536)
-    assert running_limits(batching, model, 128) == (32, 65536, "komt-batch: running batch: 32 rows within 65536 tokens (the job's batch limits on the cpu)")
+    assert running_limits(batching, model, 128) == (32, 65536, "komt-batch: running batch: up to 32 rows within 65536 tokens (the job's batch limits on the cpu)")
     batching.running_rows, batching.running_tokens = 48, 9000
     assert running_limits(batching, model, 128)[:2] == (48, 9000)
 
