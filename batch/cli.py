@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help, description=help)
         c.set_defaults(command_parser=c)  # (its usage for an unknown option, not the top level's)
         c.add_argument("job", help="the YAML job file")
-        c.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help=OVERRIDES_HELP)  # (a default: optional in the usage)
+        # (a default, so that argparse does not list KEY=VALUE among "the following arguments are required")
+        c.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help=OVERRIDES_HELP)
         c.add_argument("--date", help="the value of {date} in paths (default: today, YYYY-MM-DD)")
         c.add_argument("--time", help="the value of {time} in paths (default: now, HHMMSS)")
         c.add_argument("--run-id", help="the value of {job_id} in paths (default: SLURM_ARRAY_JOB_ID or SLURM_JOB_ID, else 'local')")
@@ -139,7 +140,7 @@ def _main(argv: list[str] | None, stop: StopFlag) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # overrides may also come after options (`run job.yaml --restart key=value`)
-    stray = [a for a in extra if a.startswith("-") or not hasattr(args, "overrides")]
+    stray = [a for a in extra if a.startswith("-")]
     if stray:
         getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
@@ -159,7 +160,7 @@ def _main(argv: list[str] | None, stop: StopFlag) -> int:
     except JobError as e:
         from batch.config import blame_overrides
 
-        print(f"komt-batch: error: {blame_overrides(str(e), getattr(args, 'overrides', []))}", file=sys.stderr)
+        print(f"komt-batch: error: {blame_overrides(str(e), args.overrides)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"komt-batch: interrupted; rows since the last checkpoint will be redone on resume.{_resume_hint(args)}", file=sys.stderr)

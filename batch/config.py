@@ -297,18 +297,22 @@ def shown_name(name: str) -> str:
 
 
 def blame_overrides(message: str, overrides: list[str]) -> str:
-    """A job-file error about a key that a command-line override set says so (the file is not at fault):
-    one that names the key, or an unknown section the override's key starts with. load_job blames
-    the errors of the job file; the CLI those found later (the input, the model)."""
+    """An error about a setting that a command-line override set says so (the file is not at fault).
+    The setting is the message's own, `FILE: KEY: ...` or `FILE: unknown key KEY; ...`; an override
+    sets it when its key is that key or a section holding it (`model={base: m}` for model.base), or,
+    for an unknown key, a key under it (`nosuch.key=1` for `unknown key nosuch`). load_job blames the
+    errors of the job file; the CLI those found later (the input, the model)."""
     if "(set on the command line: " in message:
         return message
+    m = re.match(r"(unknown key )?([A-Za-z_]\w*(?:\.\w+)*)(?=[:;,( ]|$)", message.partition(": ")[2])
+    if not m:
+        return message
+    unknown, setting = m.groups()
 
-    def names(key: str) -> bool:
-        sections = [".".join(key.split(".")[:i]) for i in range(1, key.count(".") + 1)]
-        return bool(re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", message)) or any(
-            re.search(rf"unknown key {re.escape(s)}(?![\w.])", message) for s in sections)
+    def sets(key: str) -> bool:
+        return bool(key) and (setting == key or setting.startswith(key + ".") or bool(unknown) and key.startswith(setting + "."))
 
-    named = [item for item in overrides if names(item.partition("=")[0])]
+    named = [item for item in overrides if "=" in item and sets(item.partition("=")[0])]
     return message + (f" (set on the command line: {shown_name(named[-1])})" if named else "")
 
 
@@ -473,6 +477,7 @@ def _coerce(tp: Any, value: Any, where: str, key: str) -> Any:
     tp, optional = _optional(tp)
     if optional and value is None:
         return None
+    written = value  # (for a message: a plain scalar's text as written)
     if isinstance(value, _Plain):  # a text setting takes the text as written; others YAML's value
         value = value.text if tp is str or typing.get_args(tp) == (str,) else value.value
     if tp is bool:
@@ -495,8 +500,7 @@ def _coerce(tp: Any, value: Any, where: str, key: str) -> Any:
             value = [(v.text if item is str else v.value) if isinstance(v, _Plain) else v for v in value]
             if all(isinstance(v, item) and not isinstance(v, bool) for v in value):
                 return [item(v) for v in value]
-        shown = "" if value is None or isinstance(value, (list, dict)) else f" {value!r}"
-        raise JobError(f"{where}: {key}: expected a list of {'strings' if item is str else 'integers'}, got {_kind(value)}{shown}")
+        raise JobError(f"{where}: {key}: expected a list of {'strings' if item is str else 'integers'}, got {_kind(written)}")
     raise JobError(f"{where}: {key}: expected {_type_name(tp)}, got {_kind(value)}{'' if value is None else f' {value!r}'}")
 
 

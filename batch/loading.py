@@ -60,8 +60,13 @@ def load_tokenizer(cfg: ModelConfig, where: str = "<job>"):
         tokenizer = AutoTokenizer.from_pretrained(cfg.base, trust_remote_code=cfg.trust_remote_code)
         config = AutoConfig.from_pretrained(cfg.base, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
-        what = "" if _looks_local(cfg.base) else " (not a local directory: read as a Hugging Face Hub id)"
-        raise JobError(f"{where}: model.base: cannot load the tokenizer of {cfg.base}{what}: {first_line(e)}") from None
+        if _looks_local(cfg.base):
+            raise JobError(f"{where}: model.base: cannot load the tokenizer of {cfg.base}: {first_line(e)}") from None
+        # an `org/name` that is not here: read as a Hub id, which neither the Hub nor its cache has
+        # (`models/typo`, under a folder in the current directory, is more likely a local path mistyped)
+        folder = cfg.base.split("/")[0]
+        local = f"no such directory (./{folder} is a folder here), and " if Path(folder).is_dir() else "not a local directory, and "
+        raise JobError(f"{where}: model.base: {cfg.base}: {local}not found as a Hugging Face Hub id: {first_line(e)}") from None
     if cfg.adapter and Path(cfg.adapter).is_dir():
         check_adapter_fits(config, cfg.adapter, where)
     context = getattr(config, "max_position_embeddings", None) or tokenizer.model_max_length
@@ -125,10 +130,8 @@ def _check_device(device_map: str, where: str) -> None:
 
 
 def _looks_local(name: str) -> bool:
-    """A path, not a Hub id (`org/name`): it exists, starts like a path, has not one `/`, or its first
-    part is a folder here (`models/nope`: a typo of a local path, not the Hub's org `models`)."""
-    return (Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") != 1
-            or Path(name.split("/")[0]).expanduser().is_dir())
+    """A path, not a Hub id (`org/name`): it exists, starts like a path, or has not one `/`."""
+    return Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") != 1
 
 
 def load_model(cfg: ModelConfig, where: str = "<job>", tokenizer=None):

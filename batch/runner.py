@@ -123,8 +123,10 @@ def run(job: JobConfig, shard: int, shards: int, stop: StopFlag, restart: bool =
         stats = Stats(resumed_rows=len(mine) - len(todo))
         if len(todo) and stop.received is None:
             watch = threads.Watch.start(threads.apply(job.cpu))  # (None: the threads stay as chosen)
+            stop.start_work("the model is loading: the run stops once it is loaded, before any row")
             engine = Engine.load(job.model, job.generation, job.source, opened.tokenizer, share_prefix=job.batching.share_prefix)
             stop.check(f"while the model loaded, before any row was generated ({stats.resumed_rows} rows done before)")
+            stop.start_work()
             if engine.device.type != "cpu":
                 watch = None  # a GPU's steps do not wait on the CPU's threads
             engine.between_steps = watch

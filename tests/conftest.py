@@ -179,7 +179,7 @@ def read_output(path: Path) -> list[dict]:
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _offline(tmp_path_factory):
+def _fresh_caches(tmp_path_factory):
     # the job's caches (converted inputs, weight hashes) go to a fresh folder, not the user's
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
     # torch on one thread in this process too (the processes started get OMP_NUM_THREADS=1 from cli_env)

@@ -1,6 +1,6 @@
 import pytest
 
-from batch.config import load_job
+from batch.config import blame_overrides, load_job
 from batch.errors import JobError
 
 BASE = """
@@ -55,7 +55,7 @@ def test_overrides_are_yaml_scalars(tmp_path):
         ("", ["generation.do_sample=maybe"], "generation.do_sample: expected true/false"),
         ("", ["nonsense"], "expected dotted.key=value"),
         ("batching: 3\n", [], "batching: expected a mapping, got int 3"),
-        ("generation:\n  stop_token_ids: yes\n", [], "generation.stop_token_ids: expected a list of integers, got bool True"),
+        ("generation:\n  stop_token_ids: yes\n", [], "generation.stop_token_ids: expected a list of integers, got bool yes"),
         ("", ["model.merge_adapter=true"], "model.merge_adapter: needs model.adapter"),
         ("", ["model.merge_adapter=true", "model.adapter=a", "model.weights=nf4"], "model.merge_adapter: the adapter merges into dequantized weights; set model.weights to dequantized or auto"),
         ("", ["model.merge_adapter=true", "model.adapter=a", "model.quantization=int8"], "model.merge_adapter: not with quantization int8"),
@@ -104,6 +104,23 @@ def test_an_error_in_a_value_set_on_the_command_line_says_so(tmp_path):
     with pytest.raises(JobError) as e:  # the file's own error: no override named
         load_job(write(tmp_path, BASE + "generation:\n  max_new_tokens: lots\n"), ["generation.top_p=0.5"])
     assert "command line" not in str(e.value)
+
+
+@pytest.mark.parametrize("message, overrides, blamed", [
+    ("j.yaml: generation.top_k: must be >= 0, got -1", ["generation.top_p=0.5", "generation.top_k=-1"], "generation.top_k=-1"),
+    ("j.yaml: model.adapter: a does not fit model.base (x)", ["model.adapter=a", "model.base=b"], "model.adapter=a"),  # the message's own key
+    ("j.yaml: model.base: x: no such directory", ["model={base: m}"], "model={base: m}"),  # a whole section set
+    ("j.yaml: unknown key nosuch; valid keys: model", ["nosuch.key=1"], "nosuch.key=1"),
+    ("j.yaml: unknown key model.bse; did you mean model.base?", ["model={bse: m}"], "model={bse: m}"),
+    # not about the key an override sets: a word, a path or a column that only looks like it
+    ("j.yaml: input.path: data/model/in.jsonl: no such file", ["model={base: m}"], None),
+    ("j.yaml: output: the input already has a column 'input', one the output adds; rename it in the input", ["input={path: a.jsonl}"], None),
+    ("/x/checkpoint: the checkpoint is damaged", ["checkpoint={every_rows: 4}"], None),
+    ("override 'generation': expected dotted.key=value", ["generation"], None),  # (the override's own form: not a setting)
+    ("--date: expected a date as YYYY-MM-DD", ["=5"], None),
+])
+def test_an_error_names_the_override_that_set_its_key_and_no_other(message, overrides, blamed):
+    assert blame_overrides(message, overrides) == message + (f" (set on the command line: {blamed})" if blamed else "")
 
 
 def test_yaml_syntax_error_has_line(tmp_path):

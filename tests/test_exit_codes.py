@@ -241,7 +241,7 @@ def test_a_signal_while_the_model_loads_stops_before_any_row(tmp_path, capsys, m
     monkeypatch.setattr(runner.Engine, "load", loading_when_signalled)
     assert main(["run", str(job), "--no-progress"]) == 75
     err = capsys.readouterr().err
-    assert "got SIGTERM: no new batch starts" in err and "Ctrl-C" not in err  # (a scheduler's signal: no key to press)
+    assert "got SIGTERM: the model is loading: the run stops once it is loaded, before any row\n" in err  # (no Ctrl-C: a scheduler's signal)
     assert "stopped by SIGTERM while the model loaded, before any row was generated (0 rows done before)" in err
     assert "komt-batch: generating" not in err and "Traceback" not in err and "To resume, run: " in err
     monkeypatch.setattr(runner.Engine, "load", load)

@@ -8,12 +8,10 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "models" / "tiny-komt"
+from tests.conftest import ROOT, TINY
 
 
 def profile(*args: str) -> list[str]:
@@ -38,7 +36,7 @@ def test_the_read_once_ab_reads_the_prefix_once_on_one_side_only():
 
 
 def test_the_prefill_rate_times_the_engines_packed_prefill():
-    lines = [line for line in profile("--prefill-rate", "--rate-only") if line.startswith("prefill rate: engine")]
+    lines = [line for line in profile("--engine-rate", "--rate-only") if line.startswith("prefill rate: engine")]
     assert [re.search(r"engine, (\d+) rows x (\d+):", line).groups() for line in lines] == [("256", "128"), ("64", "512")]
     for line in lines:
         forwards, positions = re.search(r"in its (\d+) forwards \(packed, ([\d,]+) positions each\)", line).groups()

@@ -14,8 +14,8 @@ shared prefix read once (batch.decode_attention.rows_attention), then every row'
 and prints each one's milliseconds per replayed decode step.
 
 With `--prefill-rate`, it first times prefill forwards of fixed shapes (rows x length, padded
-batches), then the engine's own prefill of 32k prompt tokens in rows of 128 and of 512 (packed into
-forwards of up to 8,192 tokens where the kernel over each row's own keys is used).
+batches); with `--engine-rate`, the engine's own prefill of 32k prompt tokens in rows of 128 and of
+512 (packed into forwards of up to 8,192 tokens where the kernel over each row's own keys is used).
 
 With `--attention-ab N`, it then streams the first N prompts (`--ab-max-new` new tokens) twice more,
 decode steps replayed as CUDA graphs, without the profiler: attention over each row's own keys
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from batch.config import GenerationSettings, ModelConfig  # noqa: E402
 from batch.decode_attention import reference_kernel  # noqa: E402
-from batch.engine import Engine, Request, SafeGenerator  # noqa: E402
+from batch.engine import PREFILL_GROUP_TOKENS, Engine, Request, SafeGenerator  # noqa: E402
 from batch.loading import dequantize_model, load_model  # noqa: E402
 
 
@@ -52,8 +52,9 @@ def main() -> None:
     p.add_argument("--device", default="cuda")  # (cpu: a check of this script, e.g. --model models/tiny-komt)
     p.add_argument("--attention-ab", type=int, default=0)
     p.add_argument("--ab-max-new", type=int, default=64)
-    p.add_argument("--prefill-rate", action="store_true", help="time prefill forwards of fixed shapes first (GPU rate vs host time), then the engine's own prefill")
-    p.add_argument("--rate-only", action="store_true", help="with --prefill-rate: only that (no profiled stream)")
+    p.add_argument("--prefill-rate", action="store_true", help="time prefill forwards of fixed shapes first (GPU rate vs host time)")
+    p.add_argument("--engine-rate", action="store_true", help="time the engine's own prefill (packed where it can be) first")
+    p.add_argument("--rate-only", action="store_true", help="with --prefill-rate or --engine-rate: only that (no profiled stream)")
     p.add_argument("--merge", action="store_true", help="merge the adapter into the dequantized weights (model.merge_adapter)")
     p.add_argument("--read-once-ab", type=int, default=0, help="only this: N annotation-shaped prompts, a shared prefix read once vs every copy")
     p.add_argument("--reference-kernel", action="store_true",
@@ -73,9 +74,10 @@ def main() -> None:
     engine = make_engine(model, tokenizer, settings, args, cuda_graphs=args.graphs, fixed_shapes=True)
     if args.prefill_rate:
         prefill_rate(engine, len(tokenizer), args.merge)
+    if args.engine_rate:
         engine_prefill_rate(model, tokenizer, args)
-        if args.rate_only:
-            return
+    if args.rate_only and (args.prefill_rate or args.engine_rate):
+        return
     rng = np.random.default_rng(0)
     lengths = np.clip(np.round(rng.lognormal(math.log(120), 0.9, args.prompts)), 8, 1000).astype(int)
     requests = [Request(i, [1] + rng.integers(3, len(tokenizer), n - 1).tolist(), i) for i, n in enumerate(sorted(lengths, reverse=True))]
@@ -169,7 +171,8 @@ def engine_prefill_rate(model, tokenizer, args, lengths=(128, 512), tokens: int 
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     for length in lengths:
         requests = [Request(i, [1] + rng.integers(3, len(tokenizer), length - 1).tolist(), i) for i in range(max(tokens // length, 1))]
-        list(SafeGenerator(make_engine(model, tokenizer, settings, args), args.rows, args.tokens, 1).stream(requests[:8]))  # (warm-up)
+        warm = requests[: max(PREFILL_GROUP_TOKENS // length, 1)]  # (a forward of the timed shape first)
+        list(SafeGenerator(make_engine(model, tokenizer, settings, args), args.rows, args.tokens, 1).stream(warm))
         engine = make_engine(model, tokenizer, settings, args)
         sync()
         start = time.perf_counter()

@@ -8,7 +8,7 @@
 #     merged      the same workload, the adapter merged (model.merge_adapter), mode 4 -> merged.txt, merged.json
 #     rates       prefill forwards of fixed shapes, then the engine's own (packed) prefill of 32k tokens in rows of 128 and
 #                 512, adapter unmerged (RATES="unmerged merged": and merged), and where a padded prefill syncs the host
-#                 (tools/gpu_profile.py --prefill-rate) -> rates.txt
+#                 (tools/gpu_profile.py --prefill-rate --engine-rate) -> rates.txt
 #     annotation  jobs/bench-annotation.yaml's workload (a shared 400-token instruction, items of median 60, 32 new) on the
 #                 7B-shaped model: shared prefixes on (mode 4) against off (mode 7) -> annotation.txt, annotation.json
 #     readonce    after bench (its 7B-shaped model): 256 annotation-shaped prompts, decode steps replayed as graphs
@@ -49,7 +49,7 @@ for step in $STEPS; do
       install_wheels
       for merge in ${RATES:-unmerged}; do  # (RATES="unmerged merged": both)
         [ "$merge" = merged ] && merge=--merge || merge='' 
-        timeout 60 python3 tools/gpu_profile.py --prefill-rate --rate-only $merge >> "$OUT/rates.txt" 2>&1
+        timeout 90 python3 tools/gpu_profile.py --prefill-rate --engine-rate --rate-only $merge >> "$OUT/rates.txt" 2>&1
         echo "gpu_session: rates $merge exit $? at ${SECONDS}s"
       done
       grep "prefill rate" "$OUT/rates.txt" ;;
