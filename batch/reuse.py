@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -22,6 +23,8 @@ def load_reusable(job: JobConfig) -> dict[str, Completion]:
     found: dict[str, Completion] = {}
     # a path that exists is taken as named, even when it looks like a glob (`old[v2].parquet`)
     paths = [job.input.reuse] if Path(job.input.reuse).is_file() else sorted(glob.glob(job.input.reuse))
+    if not [p for p in paths if Path(p).resolve() != out]:  # (a first night, or a mistyped pattern: said, not refused)
+        print(f"komt-batch: input.reuse: no earlier output matches {job.input.reuse}; every row is generated", file=sys.stderr, flush=True)
     for path in paths:
         if Path(path).resolve() == out:
             continue

@@ -31,7 +31,10 @@
 # current directory: SLURM starts the jobs there (sbatch's default --chdir).
 set -euo pipefail
 
-usage() { echo "usage: $0 JOB.yaml N [extra sbatch options...]" >&2; exit 2; }
+usage() { echo "usage: $0 JOB.yaml N [extra sbatch options...]   ($0 --help: the environment knobs)" >&2; exit 2; }
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then  # this file's header, the usage and the knobs
+    sed -n '2,/^$/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; exit 0
+fi
 (($# >= 2)) || usage
 job_file=$1
 n=$2
@@ -55,7 +58,10 @@ if ((procs > 1)); then
 fi
 
 array_range="0-$((n - 1))"
-[[ -n ${KOMT_ARRAY_LIMIT:-} ]] && array_range+="%$KOMT_ARRAY_LIMIT"
+if [[ -n ${KOMT_ARRAY_LIMIT:-} ]]; then
+    [[ $KOMT_ARRAY_LIMIT =~ ^[1-9][0-9]*$ ]] || { echo "KOMT_ARRAY_LIMIT must be a positive integer, got '$KOMT_ARRAY_LIMIT'" >&2; exit 2; }
+    array_range+="%$KOMT_ARRAY_LIMIT"
+fi
 
 # Passed through the environment, not --export=ALL,KOMT_JOB=...: that form
 # splits on commas, so a path or an override with a comma would break it.
@@ -72,6 +78,8 @@ export KOMT_TIME=${KOMT_TIME:-$now_time}
 export KOMT_BATCH=${KOMT_BATCH:-komt-batch}
 export KOMT_ARGS=${KOMT_ARGS:-}
 export KOMT_MAX_REQUEUES=${KOMT_MAX_REQUEUES:-20}
+[[ $KOMT_MAX_REQUEUES =~ ^[0-9]+$ ]] || { echo "KOMT_MAX_REQUEUES must be a whole number, got '$KOMT_MAX_REQUEUES'" >&2; exit 2; }
+command -v sbatch >/dev/null || { echo "sbatch not found: run this where SLURM's commands are (a login node), or put them on PATH" >&2; exit 2; }
 unset KOMT_SHARDS  # (for reruns of single shards by hand: the array's tasks take their shards from the array)
 
 # The jobs open logs/... before running a single line of the script; a

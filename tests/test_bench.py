@@ -266,6 +266,21 @@ def test_bad_settings_are_one_line_errors():
         load_bench(None, ["mode_budget=0"])
 
 
+@pytest.mark.parametrize("overrides, error", [  # each crashed (or was silently taken) after the model was built
+    (["prompt_median=0"], "prompt_median: must be >= 1, got 0"),
+    (["prompt_sigma=-1"], "prompt_sigma: must be a number >= 0, got -1"),
+    (["prompt_sigma=.nan"], "prompt_sigma: must be a number >= 0, got nan"),
+    (["threads=-2"], "threads: must be >= 1 (or null for torch's default, one per core), got -2"),
+    (["threads=0"], "threads: must be >= 1"),  # (was taken as torch's default)
+    (["quiet_wait=-5"], "quiet_wait: must be a number of seconds >= 0, got -5"),
+    (["prompt_max=100", "prompt_median=500"], "prompt_median: must be within [prompt_min, prompt_max] ([8, 100]), got 500"),  # (all clipped)
+])
+def test_bad_workload_settings_are_one_line_errors_before_the_model_is_built(overrides, error):
+    with pytest.raises(JobError) as e:
+        load_bench(None, overrides)
+    assert error in str(e.value)
+
+
 @pytest.mark.parametrize("in_file, in_env, used", [
     (None, None, None),  # neither: mode 7 is skipped (no machine's path as a default)
     (None, "env-python", "env-python"),

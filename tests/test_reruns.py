@@ -18,6 +18,7 @@ import pytest
 from batch import runner
 from batch.cli import main
 from tests.conftest import (
+    ROOT,
     cli_env,
     input_rows,
     komt,
@@ -58,6 +59,28 @@ def test_a_finished_job_is_left_alone_until_restart(tmp_path, capsys):
     assert main(["run", str(job), "--no-progress", "--restart"]) == 0  # regenerates on purpose
     assert summary(capsys.readouterr().out)["generated_rows"] == "4"
     assert out.stat().st_mtime_ns != before[1] and pq.read_table(out).equals(pq.read_table(pa.BufferReader(before[0])))
+
+
+def test_the_nightly_entrys_overrides_generate_only_each_nights_new_rows(tmp_path, capsys, monkeypatch):
+    """slurm/nightly.scrontab's KOMT_ARGS (as submit.sh and the array hand them to komt-batch), two
+    nights, the input grown by two rows: the second night generates those two only."""
+    line = next(x for x in (ROOT / "slurm" / "nightly.scrontab").read_text().splitlines() if x.startswith("0 2 "))
+    overrides = shlex.split(line.split("KOMT_ARGS=", 1)[1])[0].split()
+    assert [o.partition("=")[0] for o in overrides] == ["output.path", "input.reuse"]
+    monkeypatch.chdir(tmp_path)  # (the entry's paths are relative: SLURM starts the jobs in the repository)
+    src = write_jsonl(tmp_path / "in.jsonl", rows(4))
+    job = make_job(tmp_path, src, **OPTS)
+    done, said = {}, {}
+    for night, n in (("2026-12-01", 4), ("2026-12-02", 6)):
+        write_jsonl(src, rows(n))
+        assert main(["run", str(job), "--no-progress", "--date", night, *overrides]) == 0
+        captured = capsys.readouterr()
+        done[night], said[night] = summary(captured.out), "input.reuse: no earlier output matches out/*/annotated.parquet" in captured.err
+        assert pq.read_table(tmp_path / "out" / night / "annotated.parquet").column("id").to_pylist() == [r["id"] for r in rows(n)]
+    assert (done["2026-12-01"]["generated_rows"], done["2026-12-02"]["generated_rows"], done["2026-12-02"]["reused_rows"]) == ("4", "2", "4")
+    assert said == {"2026-12-01": True, "2026-12-02": False}  # (the first night's notice: nothing to reuse yet)
+    first, second = (pq.read_table(tmp_path / "out" / night / "annotated.parquet") for night in ("2026-12-01", "2026-12-02"))
+    assert second.slice(0, 4).column("response").equals(first.column("response"))
 
 
 def test_a_finished_job_with_other_input_or_settings_is_refused_until_restart(tmp_path, capsys):

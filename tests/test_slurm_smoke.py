@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import stat
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -381,3 +382,31 @@ def test_submit_sh_usage_errors(tmp_path: Path):
     (tmp_path / "j.yaml").write_text("x: 1\n")
     assert "N must be a positive integer" in run("j.yaml", "0").stderr
     assert not (tmp_path / "logs").exists()
+    help = run("--help")
+    assert help.returncode == 0 and "Environment knobs:" in help.stdout and "KOMT_MAX_REQUEUES" in help.stdout
+
+
+@pytest.mark.parametrize("env, error", [
+    ({"KOMT_ARRAY_LIMIT": "abc"}, "KOMT_ARRAY_LIMIT must be a positive integer, got 'abc'"),
+    ({"KOMT_MAX_REQUEUES": "abc"}, "KOMT_MAX_REQUEUES must be a whole number, got 'abc'"),
+    ({"PATH": "TOOLS"}, "sbatch not found"),  # (a PATH of the script's other tools only)
+])
+def test_submit_sh_refuses_a_bad_setting_before_any_sbatch_call(tmp_path: Path, env, error):
+    """No cluster needed; nothing made (not even logs/)."""
+    (tmp_path / "j.yaml").write_text("x: 1\n")
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    for tool in ("dirname", "realpath", "date", "mkdir", "sed"):
+        (tools / tool).symlink_to(shutil.which(tool))
+    env = {k: str(tools) if v == "TOOLS" else v for k, v in env.items()}
+    done = subprocess.run([shutil.which("bash"), str(SUBMIT), "j.yaml", "2"], cwd=tmp_path, text=True, capture_output=True,
+                          env={**os.environ, **env})
+    assert done.returncode == 2 and done.stderr.startswith(error), done.stderr
+    assert not (tmp_path / "logs").exists()
+
+
+def test_the_array_script_refuses_a_requeue_cap_that_is_not_a_number(tmp_path: Path):
+    """Before komt-batch runs: after its checkpoint the count would end the task without a requeue."""
+    env = {**os.environ, "SLURM_JOB_ID": "7", "KOMT_JOB": str(tmp_path / "j.yaml"), "KOMT_MAX_REQUEUES": "abc"}
+    done = subprocess.run(["bash", str(REPO / "slurm" / "komt-array.sbatch")], cwd=tmp_path, text=True, capture_output=True, env=env)
+    assert done.returncode == 2 and "ERROR: KOMT_MAX_REQUEUES must be a whole number, got 'abc'" in done.stdout + done.stderr

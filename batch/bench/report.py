@@ -109,5 +109,6 @@ def format_report(report: dict) -> str:
 
 
 def _targets_line(targets: dict) -> str:
-    return "; ".join(f"{name} [{_num(t['value'], '.3f')}] {'PASS' if t['pass'] else 'FAIL' if t['pass'] is False else ''}".rstrip()
+    # (a target without a goal on this device, such as a GPU's on the CPU, is a figure: "report")
+    return "; ".join(f"{name} [{_num(t['value'], '.3f')}] {'PASS' if t['pass'] else 'FAIL' if t['pass'] is False else 'report'}"
                      for name, t in targets.items()) or "-"

@@ -260,7 +260,7 @@ def _main(cfg: BenchConfig) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    if cfg.threads:
+    if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     t0 = time.time()
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")

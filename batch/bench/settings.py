@@ -95,13 +95,21 @@ class BenchConfig:
     model: BenchModel = field(default_factory=BenchModel)
 
     def validate(self, where: str) -> None:
-        for key in ("prompts", "prompt_min", "max_new_tokens", "fixed_batch_size", "max_batch_size", "max_batch_tokens"):
+        for key in ("prompts", "prompt_min", "prompt_median", "max_new_tokens", "fixed_batch_size", "max_batch_size", "max_batch_tokens"):
             if getattr(self, key) < 1:
                 raise JobError(f"{where}: {key}: must be >= 1, got {getattr(self, key)}")
+        if not 0 <= self.prompt_sigma < float("inf"):
+            raise JobError(f"{where}: prompt_sigma: must be a number >= 0, got {self.prompt_sigma}")
+        if self.threads is not None and self.threads < 1:
+            raise JobError(f"{where}: threads: must be >= 1 (or null for torch's default, one per core), got {self.threads}")
+        if not 0 <= self.quiet_wait < float("inf"):
+            raise JobError(f"{where}: quiet_wait: must be a number of seconds >= 0, got {self.quiet_wait}")
         if self.shared_instruction < 0:
             raise JobError(f"{where}: shared_instruction: must be >= 0 tokens, got {self.shared_instruction}")
         if self.prompt_max < self.prompt_min:
             raise JobError(f"{where}: prompt_max: must be >= prompt_min ({self.prompt_min}), got {self.prompt_max}")
+        if not self.prompt_min <= self.prompt_median <= self.prompt_max:  # (else every prompt is clipped to one end)
+            raise JobError(f"{where}: prompt_median: must be within [prompt_min, prompt_max] ([{self.prompt_min}, {self.prompt_max}]), got {self.prompt_median}")
         if self.prompt_max + self.max_new_tokens > self.model.max_position_embeddings:
             raise JobError(f"{where}: prompt_max + max_new_tokens exceeds model.max_position_embeddings ({self.model.max_position_embeddings})")
         for key in ("single_limit", "fixed_limit"):
