@@ -57,5 +57,6 @@ def refuse_to_replace(job: JobConfig, state: str, changes: list[str]) -> JobErro
         return JobError(f"{job.source}: output.path: {out} exists and komt-batch did not write it; move it away or choose another output.path")
     return JobError(
         f"{job.source}: output.path: {out} was written from another input or settings: " + "; ".join(changes)
-        + ". Run with --restart to regenerate it, or choose another output.path"
+        + f". Run with --restart to regenerate it, or choose another output.path (with input.reuse={out}, only rows that"
+        " changed or are new are generated)"
     )

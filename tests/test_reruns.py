@@ -97,7 +97,12 @@ def test_a_finished_job_with_other_input_or_settings_is_refused_until_restart(tm
     write_jsonl(src, rows(4))
     for command in ("run", "validate"):
         assert main([command, str(job)]) == 2
-        assert "input rows: 3 -> 4" in one_line(capsys)
+        line = one_line(capsys)
+        assert "input rows: 3 -> 4" in line and f"(with input.reuse={out}, only rows that changed or are new are generated)" in line
+    # ... as the line says: the grown input into another file, the 3 rows answered reused
+    other = tmp_path / "out" / "grown.parquet"
+    assert main(["run", str(job), "--no-progress", f"input.reuse={out}", f"output.path={other}"]) == 0
+    assert (summary(capsys.readouterr().out)["reused_rows"], pq.read_table(other).num_rows) == ("3", 4)
     assert main(["status", str(job)]) == 0
     assert "input rows: 3 -> 4" in capsys.readouterr().out
     assert out.read_bytes() == written and not out.with_name("result.parquet.parts").exists()
