@@ -142,7 +142,7 @@ def _main(argv: list[str] | None, stop: StopFlag) -> int:
     # overrides may also come after options (`run job.yaml --restart key=value`)
     stray = [a for a in extra if a.startswith("-")]
     if stray:
-        getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(stray)}")
+        args.command_parser.error(f"unrecognized arguments: {' '.join(stray)}")  # (a command is required: argparse)
     if extra:
         args.overrides = [*args.overrides, *extra]
     args.resume = None  # the command that resumes, once the job is known

@@ -316,7 +316,6 @@ def blame_overrides(message: str, overrides: list[str]) -> str:
     return message + (f" (set on the command line: {shown_name(named[-1])})" if named else "")
 
 
-
 def expand_home(value: str, where: str, key: str) -> str:
     """`~` and `~user` at the start of a path, as a shell would expand them (never a folder named ~)."""
     expanded = os.path.expanduser(value)

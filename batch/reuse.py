@@ -23,11 +23,10 @@ def load_reusable(job: JobConfig) -> dict[str, Completion]:
     found: dict[str, Completion] = {}
     # a path that exists is taken as named, even when it looks like a glob (`old[v2].parquet`)
     paths = [job.input.reuse] if Path(job.input.reuse).is_file() else sorted(glob.glob(job.input.reuse))
-    if not [p for p in paths if Path(p).resolve() != out]:  # (a first night, or a mistyped pattern: said, not refused)
+    paths = [p for p in paths if Path(p).resolve() != out]  # (this job's own output is not an earlier one)
+    if not paths:  # (a first night, or a mistyped pattern: said, not refused)
         print(f"komt-batch: input.reuse: no earlier output matches {job.input.reuse}; every row is generated", file=sys.stderr, flush=True)
     for path in paths:
-        if Path(path).resolve() == out:
-            continue
         cols = ["row_fingerprint", "finish_reason", "prompt_tokens", "completion_tokens"]
         try:
             schema = pq.read_schema(path)
