@@ -185,6 +185,47 @@ class Stats:
         }
 
 
+PROGRESS_LINE_SECONDS = 60.0  # where stderr is not a terminal: a progress line at most this often
+
+
+class Progress:
+    """Rows done, tok/s and the time left: a bar on a terminal; where stderr is a file or a pipe (a
+    SLURM log), a line at most every PROGRESS_LINE_SECONDS and one at the end, not a bar's redraws."""
+
+    def __init__(self, total: int, shown: bool):
+        self.total, self.done, self.tokens_per_second = total, 0, 0.0
+        self.bar = tqdm(total=total, unit="row", mininterval=1.0, dynamic_ncols=True) if shown and sys.stderr.isatty() else None
+        self.lines = shown and self.bar is None
+        self.started = self.last_line = time.perf_counter()
+        self.said = 0  # the rows done at the last line
+
+    def update(self, tokens_per_second: float) -> None:
+        self.done += 1
+        self.tokens_per_second = tokens_per_second
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"{tokens_per_second:.1f} tok/s", refresh=False)
+        elif self.lines and time.perf_counter() - self.last_line >= PROGRESS_LINE_SECONDS:
+            self.line()
+
+    def line(self) -> None:
+        self.last_line, self.said = now, self.done = time.perf_counter(), self.done
+        left = (self.total - self.done) * (now - self.started) / self.done if self.done else None
+        print(
+            f"komt-batch: {self.done}/{self.total} rows ({100 * self.done / max(self.total, 1):.0f}%), "
+            f"{self.tokens_per_second:.1f} tok/s, elapsed {tqdm.format_interval(now - self.started)}"
+            + (f", about {tqdm.format_interval(left)} left" if left is not None and self.done < self.total else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.lines and self.done > self.said:
+            self.line()
+
+
 def generate_rows(job, rows: Rows, plan: StoredPlan, ckpt: Checkpoint, engine: Engine, todo: np.ndarray, stop: StopFlag, stats: Stats, progress: bool, shard: int, shards: int) -> Iterator[tuple[Path, np.ndarray]]:
     """The hot loop: stream the rows at plan positions `todo` through the engine in plan order
     (finished rows' places are refilled from the next ones) and commit finished rows as they
@@ -195,7 +236,7 @@ def generate_rows(job, rows: Rows, plan: StoredPlan, ckpt: Checkpoint, engine: E
     row_of, batch_of = (plan.rows.column(k).to_numpy() for k in ("row", "batch"))
     override, notes, fps = (plan.rows.column(k) for k in ("prompt_override", "note", "row_fingerprint"))
     generator = SafeGenerator.for_job(engine, job.batching, job.generation.max_new_tokens)
-    bar = tqdm(total=len(todo), unit="row", disable=not progress, mininterval=1.0, dynamic_ncols=True)
+    bar = Progress(len(todo), progress)
     pending: list[tuple[int, Completion]] = []
     last_commit = time.perf_counter()
 
@@ -234,8 +275,7 @@ def generate_rows(job, rows: Rows, plan: StoredPlan, ckpt: Checkpoint, engine: E
         stats.prompt_tokens += completion.prompt_tokens
         stats.oom_splits, stats.lowered_budget = generator.oom_splits, generator.lowered_budget
         stats.shared_prompt_tokens, stats.prefilled_prompt_tokens = engine.shared_prompt_tokens, engine.prefilled_prompt_tokens
-        bar.update(1)
-        bar.set_postfix_str(f"{stats.completion_tokens / max(stats.generate_seconds + time.perf_counter() - last_commit, 1e-9):.1f} tok/s", refresh=False)
+        bar.update(stats.completion_tokens / max(stats.generate_seconds + time.perf_counter() - last_commit, 1e-9))
         if len(pending) >= job.checkpoint.every_rows or time.perf_counter() - last_commit >= job.checkpoint.every_seconds:
             if part := commit():
                 yield part

@@ -74,6 +74,28 @@ def test_response_column_name_and_positional_ids(tmp_path):
     assert all(r["finish_reason"] == "length" and r["completion_tokens"] == 8 and r["answer"] for r in rows)
 
 
+def test_progress_in_a_log_is_lines_not_a_bar(tmp_path, monkeypatch, capsys):
+    """Where stderr is a file or a pipe (a SLURM log), progress is a plain line now and then and one at
+    the end, never a bar's carriage-return redraws; --no-progress prints none."""
+    from batch import runner
+    from batch.cli import main
+
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": s["id"], "instruction": s["instruction"]} for s in seed_rows()[:4]])
+    job = make_job(tmp_path, src, generation={"max_new_tokens": 4})
+    p = komt("run", job)  # a real process, stderr a pipe, the interval as shipped: the end line alone
+    assert p.returncode == 0, p.stderr
+    assert "\r" not in p.stderr
+    assert [line for line in p.stderr.splitlines() if " rows (" in line] == [line for line in p.stderr.splitlines() if line.startswith("komt-batch: 4/4 rows (100%), ")]
+    assert len([line for line in p.stderr.splitlines() if " rows (" in line]) == 1
+    monkeypatch.setattr(runner, "PROGRESS_LINE_SECONDS", 0.0)  # a line at every row, and none twice
+    assert main(["run", str(job), "--restart"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if " rows (" in line]
+    assert [line.split(" rows (")[0] for line in lines] == [f"komt-batch: {k}/4" for k in range(1, 5)]
+    assert all(" tok/s, elapsed " in line for line in lines) and "left" in lines[0] and "left" not in lines[-1]
+    assert main(["run", str(job), "--restart", "--no-progress"]) == 0
+    assert " rows (" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", ["run", "validate", "status", "merge", "bench"])
 def test_every_command_has_help(command):
     p = komt(command, "--help")
