@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from batch.checkpoint import PROGRESS_COLUMNS, Checkpoint, Done, StoredPlan
 from batch.config import JobConfig
@@ -31,10 +36,15 @@ def shard_counts(ckpt: Checkpoint) -> list[int]:
     return sorted({int(p.stem.split("-of-")[1]) for p in ckpt.dir.glob("shard-*-of-*.lock")})
 
 
+def rows_left(plan: StoredPlan, done: Done) -> np.ndarray:
+    """The planned rows not done yet, by chunk."""
+    open_rows = ~done.mask(plan.rows.column("row").to_numpy())
+    return np.bincount(plan.rows.column("chunk").to_numpy()[open_rows], minlength=len(plan.chunks))
+
+
 def chunks_done(plan: StoredPlan, done: Done) -> set[int]:
     """The chunks whose planned rows are all done."""
-    open_rows = ~done.mask(plan.rows.column("row").to_numpy())
-    left = np.bincount(plan.rows.column("chunk").to_numpy()[open_rows], minlength=len(plan.chunks))
+    left = rows_left(plan, done)
     return {c.index for c in plan.chunks if not left[c.index]}
 
 
@@ -84,22 +94,27 @@ def progress(job: JobConfig, ckpt: Checkpoint, plan: StoredPlan, shards: int | N
     tokens = sum(p.get("completion_tokens", 0) for p in parts)
     remaining = total - rows_done
     changes = plan_changes(plan.manifest, input_fp, settings_fp)
+    counts = [shards] if shards else shard_counts(ckpt)
+    side_by_side = max(counts, default=1) or 1
     result = {
         "job": job.source,
-        "state": "rows done; the final file is not written yet (the run writes it, or merge)" if remaining == 0 else "in progress",
+        "state": "rows done; the final file is not written yet (the run writes it, or merge)" if remaining == 0 else "partly done",
         "rows_done": rows_done,
         "rows_total": total,
         "chunks_done": len(finished_chunks),
         "chunks_total": len(plan.chunks),
+        "last_commit": last_commit(done.parts),
         "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
-        "eta_seconds": round(remaining * seconds / rows_gen) if rows_gen else None,
+        "eta_seconds": round(rows_left_in_slowest_shard(plan, done, side_by_side) * seconds / rows_gen) if rows_gen else None,
         "plan_matches": not changes,
         "changes": changes,
         "errors_by_cause": count_results(ckpt.iter_results(done, ["row", "finish_reason", "error"]))["errors_by_cause"],
     }
     if bad:
         result["parts_set_aside_next_run"] = bad
-    for n in [shards] if shards else shard_counts(ckpt):
+    if side_by_side > 1:
+        result["eta_assumes"] = f"the {side_by_side} shards run side by side"
+    for n in counts:
         if n and n > 1:
             owner = assign_shards(plan.chunks, n)
             owned, finished = Counter(owner), Counter(owner[c] for c in finished_chunks)  # (one pass each, whatever n is)
@@ -108,6 +123,30 @@ def progress(job: JobConfig, ckpt: Checkpoint, plan: StoredPlan, shards: int | N
                 per_shard["others"] = f"{n - len(per_shard)} shards own no chunk"
             result[f"shards_of_{n}"] = per_shard
     return result
+
+
+def last_commit(parts: list[Path]) -> str:
+    """When the newest committed part was written, and how long ago (status cannot see whether a run
+    goes on: shards may run on other machines; a run commits a part every checkpoint.every_rows rows
+    or every_seconds)."""
+    times = []
+    for p in parts:
+        with contextlib.suppress(FileNotFoundError):  # (a run finishing meanwhile)
+            times.append(p.stat().st_mtime)
+    if not times:
+        return "none yet"
+    ago = max(time.time() - max(times), 0)
+    when = datetime.fromtimestamp(max(times), timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f"{when} ({tqdm.format_interval(ago)} ago)"
+
+
+def rows_left_in_slowest_shard(plan: StoredPlan, done: Done, shards: int) -> int:
+    """The rows left in the shard with the most left (all of them, unsharded): what the time left is
+    counted by, the shards running side by side."""
+    left = rows_left(plan, done)
+    if shards <= 1 or not len(left):
+        return int(left.sum())
+    return int(np.bincount(assign_shards(plan.chunks, shards), weights=left, minlength=shards).max())
 
 
 def missing_chunks(ckpt: Checkpoint, plan: StoredPlan, done: Done, shards: int | None) -> str:

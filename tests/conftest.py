@@ -163,6 +163,11 @@ def one_line(capsys) -> str:
     return err[0]
 
 
+def summary(stdout: str) -> dict:
+    """The `key  value` lines that run, status and merge print, as a dict."""
+    return dict(line.split(None, 1) for line in stdout.splitlines() if line.strip())
+
+
 def parts(out: Path) -> list[Path]:
     """The checkpoint's part files of the output OUT (in OUT.parts), by name."""
     d = out.with_name(out.name + ".parts")

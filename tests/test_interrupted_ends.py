@@ -17,7 +17,7 @@ import pytest
 from batch import writer
 from batch.cli import main
 from batch.errors import WriteError
-from tests.conftest import ROOT, cli_env, input_rows, komt, komt_argv, make_job, one_line, write_jsonl
+from tests.conftest import ROOT, cli_env, input_rows, komt, komt_argv, make_job, one_line, summary, write_jsonl
 
 OPTS = dict(generation={"max_new_tokens": 4}, batching={"max_batch_size": 2}, checkpoint={"every_rows": 2})
 TIMINGS = ("generate_seconds", "tokens_per_second", "wall_seconds")  # (differ from run to run)
@@ -29,10 +29,6 @@ def rows(n: int) -> list[dict]:
 
 def run(*args) -> int:
     return main(["run", *map(str, args), "--no-progress"])
-
-
-def summary(stdout: str) -> dict:
-    return dict(line.split(None, 1) for line in stdout.splitlines() if line.strip())
 
 
 def without_timings(s: dict) -> dict:

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batch.cli import main
-from tests.conftest import input_rows, komt, make_job, one_line, start, start_paused, wait_generating, write_jsonl
+from tests.conftest import input_rows, komt, make_job, one_line, start, start_paused, summary, wait_generating, write_jsonl
 
 OPTS = dict(generation={"max_new_tokens": 8}, batching={"max_batch_size": 2}, checkpoint={"every_rows": 2})
 
@@ -28,10 +28,6 @@ def run(*args) -> int:
 def tree(path) -> dict:
     """Every file under path with its bytes (a folder: None), to prove that nothing was touched."""
     return {str(p.relative_to(path)): (p.read_bytes() if p.is_file() else None) for p in sorted(path.rglob("*"))}
-
-
-def summary(stdout: str) -> dict:
-    return dict(line.split(None, 1) for line in stdout.splitlines() if line.strip())
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from tests.conftest import (
     make_job,
     one_line,
     start,
+    summary,
     write_jsonl,
 )
 
@@ -34,10 +35,6 @@ def rows(n: int) -> list[dict]:
 
 
 OPTS = dict(generation={"max_new_tokens": 8}, batching={"max_batch_size": 2}, checkpoint={"every_rows": 2})
-
-
-def summary(text: str) -> dict:
-    return dict(line.split(None, 1) for line in text.splitlines())
 
 
 def test_a_finished_job_is_left_alone_until_restart(tmp_path, capsys):

@@ -1,16 +1,20 @@
 """Shards of one plan, merge, per-shard status, SLURM's environment, and reuse of earlier outputs."""
 
 import json
+import re
 import subprocess
 import sys
 
 import pyarrow.parquet as pq
 import pytest
 
+from batch.checkpoint import Checkpoint
 from batch.cli import main
+from batch.plan import assign_shards
 from batch.shards import parse_shard, slurm_shard
 from batch.errors import JobError
 from tests.conftest import ROOT, cli_env, make_job, seed_rows, write_jsonl
+from tests.conftest import summary as summary_of
 
 
 def rows(n, start=0):
@@ -32,6 +36,17 @@ def test_three_shards_then_merge_equal_one_run(tmp_path, capsys):
     assert main(["status", str(sharded)]) == 0
     status = capsys.readouterr().out
     assert "shards_of_3" in status and '"1/3": "0/' in status
+    said = summary_of(status)
+    assert said["state"] == "partly done"  # (status cannot see whether a run goes on: it says when one last committed)
+    assert re.fullmatch(r"20\d\d-\d\d-\d\d \d\d:\d\d:\d\d UTC \(\d\d:\d\d ago\)", said["last_commit"]), said["last_commit"]
+    ckpt = Checkpoint(tmp_path / "out" / "result.parquet.parts")
+    plan = ckpt.load_plan()
+    owner = assign_shards(plan.chunks, 3)
+    shard_1 = sum(c.rows for c in plan.chunks if owner[c.index] == 1)
+    parts = [ckpt.part_stats(p) for p in ckpt.dir.glob("part-*.parquet")]
+    per_row = sum(p["seconds"] for p in parts) / sum(p["rows"] for p in parts)
+    assert int(said["rows_done"]) == 11 - shard_1 and said["eta_assumes"] == "the 3 shards run side by side"
+    assert int(said["eta_seconds"]) == round(shard_1 * per_row)  # shard 1's rows: the other two are done
     assert main(["merge", str(sharded)]) == 1
     err = capsys.readouterr().err
     assert "cannot merge yet" in err and "missing shards (of 3): 1/3" in err
