@@ -108,6 +108,35 @@ def _listing(directory: Path):
             yield f
 
 
+def row_places(files: list[Path], positions: list[int]) -> list[str]:
+    """Where rows of the joined input lie in its files (positions 0-based, in file order then row
+    order, as read_files joins them): `FILE:LINE` in JSONL (blank lines are no rows, as the reader
+    skips them), `FILE row N` (1-based) in Parquet and Arrow. For messages: it reads the files again,
+    up to the last position asked for."""
+    wanted, found, start = set(positions), {}, 0
+    for f in files:
+        if start > max(wanted, default=-1):
+            break
+        if f.name.endswith((".jsonl", ".jsonl.gz")):
+            row = start
+            with (gzip.open if f.name.endswith(".gz") else open)(f, "rb") as fh:
+                for lineno, raw in enumerate(fh, 1):
+                    if raw.decode("utf-8", "replace").removeprefix("\ufeff").strip():
+                        if row in wanted:
+                            found[row] = f"{f}:{lineno}"
+                        row += 1
+            start = row
+            continue
+        if f.name.endswith(".parquet"):
+            count = pq.ParquetFile(f).metadata.num_rows
+        else:  # a dataset's Arrow stream
+            with pa.memory_map(str(f)) as source:
+                count = pa.ipc.open_stream(source).read_all().num_rows
+        found.update({r: f"{f} row {r - start + 1}" for r in wanted if start <= r < start + count})
+        start += count
+    return [found.get(r, f"row {r + 1} of the input") for r in positions]
+
+
 def input_root(path: str) -> Path | None:
     """Where Hive partition folders start: the input directory, or a glob's fixed leading folders."""
     p = Path(path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import fnmatch
 import glob
+import itertools
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -23,7 +24,7 @@ from batch.checkpoint import OWNED
 from batch.config import JobConfig
 from batch.errors import JobError
 from batch.hf_datasets import hub_dataset_files, is_saved_dataset, saved_dataset_files
-from batch.readers import SUFFIXES, MappedInput, input_files, input_root, open_arrow, read_files
+from batch.readers import SUFFIXES, MappedInput, input_files, input_root, open_arrow, read_files, row_places
 from batch.results import GENERATED_COLUMNS
 from batch.template import Template
 
@@ -100,8 +101,9 @@ class RowIds(Sequence):
         return str(self.column.chunk(c)[i - (self.ends[c - 1] if c else 0)].as_py())
 
 
-def row_ids(table: pa.Table, id_column: str | None, source: str, release: Callable[[], None] = lambda: None) -> RowIds:
-    """Each row's id (see RowIds); the id column must name a column with an id on every row, each once."""
+def row_ids(table: pa.Table, id_column: str | None, source: str, release: Callable[[], None] = lambda: None, files: list[Path] = ()) -> RowIds:
+    """Each row's id (see RowIds); the id column must name a column with an id on every row, each
+    once (the first id given twice is shown where it is in `files`, the input's files)."""
     if id_column is None:
         return RowIds(None, table.num_rows)
     if id_column not in table.column_names:
@@ -115,7 +117,9 @@ def row_ids(table: pa.Table, id_column: str | None, source: str, release: Callab
     dupes = _duplicates(ids, release)
     if dupes:
         shown = ", ".join(repr(d) for d in dupes[:5])
-        raise JobError(f"{source}: input.id_column: duplicate ids in the input ({len(dupes)}), e.g. {shown}")
+        first = list(itertools.islice((i for i, v in enumerate(ids) if v == dupes[0]), 2))
+        where = f"; {dupes[0]!r} is at {' and '.join(row_places(files, first))}" if files else ""
+        raise JobError(f"{source}: input.id_column: duplicate ids in the input ({len(dupes)}), e.g. {shown}{where}")
     return ids
 
 
@@ -221,4 +225,4 @@ def read_rows(job: JobConfig) -> Rows:
             if name == job.output.response_column:
                 raise JobError(f"{where}: output.response_column: the input already has a column {name!r}; choose another name for the responses")
             raise JobError(f"{where}: output: the input already has a column {name!r}, one the output adds; rename it in the input")
-    return Rows(data.files, table, row_ids(table, job.input.id_column, where, data.release), template, data.release)
+    return Rows(data.files, table, row_ids(table, job.input.id_column, where, data.release, data.files), template, data.release)

@@ -85,7 +85,7 @@ CASES = {
     "missing model": (("args", ["model.base=/nonexistent/model"]), "model.base", "no such directory"),
     "missing adapter": (("args", ["model.adapter=./no-adapter-here"]), "model.adapter", "no such directory"),
     "adapter for another base": (("sections", mismatched_adapter), "model.adapter", "does not fit model.base"),
-    "duplicate ids": (("input_file", b'{"id": "a", "instruction": "q"}\n{"id": "a", "instruction": "r"}\n'), "input.id_column", "duplicate ids in the input (1), e.g. 'a'"),
+    "duplicate ids": (("input_file", b'{"id": "a", "instruction": "q"}\n{"id": "a", "instruction": "r"}\n'), "input.id_column", "duplicate ids in the input (1), e.g. 'a'; 'a' is at "),
     "missing id column": (("args", ["input.id_column=key"]), "input.id_column", "'key' is not in the input (columns: id, instruction)"),
     "response column clash": (("args", ["output.response_column=instruction"]), "output.response_column", "already has a column 'instruction'"),
     "unknown section": (("args", ["nosuch.key=1"]), "job.yaml", "unknown key nosuch; valid keys"),

@@ -34,6 +34,37 @@ def test_duplicate_ids_named():
 
 
 @pytest.mark.parametrize(
+    "dupe, at",
+    [
+        ("x", ["a.jsonl:1", "a.jsonl:5"]),  # a blank line and a byte-order mark are no rows; lines count them
+        ("y", ["a.jsonl:3", "b.parquet row 2"]),
+        ("z", ["c.jsonl.gz:2", "d=1/e.jsonl:1"]),  # a gzip file, a partition folder's file
+    ],
+)
+def test_duplicate_ids_say_where_in_which_files(tmp_path, capsys, dupe, at):
+    """The first id given twice is named with its two places: the file and its line (JSONL) or row."""
+    import gzip
+
+    from batch.cli import main
+    from tests.conftest import make_job
+
+    ids = {"a": ["x", "y", "p", "x"], "b": ["q", "y"], "c": ["r", "z"], "e": ["z"]}
+    for k in ("x", "y", "z"):
+        if k != dupe:  # one duplicate at a time: the others made unique
+            ids = {f: [v if v != k else f"{k}-{f}-{i}" for i, v in enumerate(vs)] for f, vs in ids.items()}
+    line = lambda i: json.dumps({"id": i, "instruction": "q"})  # noqa: E731
+    src = tmp_path / "in"
+    (src / "d=1").mkdir(parents=True)
+    (src / "a.jsonl").write_bytes(f"{line(ids['a'][0])}\n\n\ufeff{line(ids['a'][1])}\n{line(ids['a'][2])}\n{line(ids['a'][3])}\n".encode())
+    pq.write_table(pa.table({"id": ids["b"], "instruction": ["q", "q"]}), src / "b.parquet")
+    (src / "c.jsonl.gz").write_bytes(gzip.compress("".join(line(i) + "\n" for i in ids["c"]).encode()))
+    (src / "d=1" / "e.jsonl").write_text(line(ids["e"][0]) + "\n")
+    assert main(["validate", str(make_job(tmp_path, src))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"input.id_column: duplicate ids in the input (1), e.g. {dupe!r}; {dupe!r} is at {src / at[0]} and {src / at[1]}"), err
+
+
+@pytest.mark.parametrize(
     "content, fragment",
     [
         (b'{"id": 1}\n{"id": \n', "x.jsonl:2: not valid JSON"),

@@ -142,6 +142,15 @@ def test_a_dataset_without_the_template_column(tmp_path, capsys):
     assert refused(tmp_path, capsys, job) == f"{job}: prompt.template: column 'q' is not in the input (columns: id, n, tags)"
 
 
+def test_duplicate_ids_in_a_dataset_say_which_arrow_files(tmp_path, capsys):
+    datasets.Dataset(pa.table({"id": ["a", "b", "c", "b"], "q": ["x"] * 4})).save_to_disk(str(tmp_path / "saved"), num_shards=2)
+    job = job_for(tmp_path, path=str(tmp_path / "saved"), id_column="id")
+    shards = sorted((tmp_path / "saved").glob("*.arrow"))
+    assert refused(tmp_path, capsys, job) == (
+        f"{job}: input.id_column: duplicate ids in the input (1), e.g. 'b'; 'b' is at {shards[0]} row 2 and {shards[1]} row 2"
+    )
+
+
 @pytest.mark.parametrize(
     "sections, message",
     [
