@@ -156,12 +156,14 @@ def prompt_lengths(tokenizer, prompts: list[str]) -> list[int]:
 
 
 def truncate_prompt(rows: Rows, r: int, tokenizer, limit: int) -> tuple[str, int, str] | str:
-    """Cut the longest template field from its end until the prompt fits; the rest stays intact.
+    """Cut the longest template field (in tokens) from its end until the prompt fits; the rest stays
+    intact.
 
     Returns (prompt, tokens, what was cut), or why it cannot fit (the template alone is too long)."""
     values = rows.table.select(list(rows.template.fields)).slice(r, 1).to_pylist()[0]
-    name = max(rows.template.fields, key=lambda f: len(values[f]))
-    field_ids = tokenizer(values[name], add_special_tokens=False)["input_ids"]
+    names = list(rows.template.fields)
+    ids = tokenizer([values[f] for f in names], add_special_tokens=False)["input_ids"]
+    name, field_ids = max(zip(names, ids), key=lambda pair: len(pair[1]))  # (a tie: the first field)
     original = len(field_ids)
     keep = len(field_ids)
     uses = max(1, rows.template.uses(name))  # a token cut from the field shortens the prompt this many times

@@ -207,6 +207,24 @@ def test_too_long_truncate_cuts_a_field_the_template_uses_twice(tmp_path, capsys
     assert 1900 < row["prompt_tokens"] <= 2048 - 8
 
 
+def test_too_long_truncate_cuts_the_field_with_the_most_tokens_not_characters(tmp_path):
+    """A field of few characters and many tokens (emoji: several tokens each) beside one of many
+    characters and fewer tokens: the one with the most tokens is cut, and the row is answered."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ROOT / "models" / "tiny-komt" / "base")
+    row = {"id": "z", "instruction": "협력공인중개사는 " * 300, "input": "😀" * 600}
+    count = {k: len(tok(row[k], add_special_tokens=False)["input_ids"]) for k in ("instruction", "input")}
+    assert len(row["instruction"]) > len(row["input"]) and count["input"] > count["instruction"]  # (the case itself)
+    src = write_jsonl(tmp_path / "in.jsonl", [row])
+    job = make_job(tmp_path, src, input={"too_long": "truncate"}, generation={"max_new_tokens": 8},
+                   prompt={"template": "### instruction: {instruction}\n\n### input: {input}\n\n### Response:"})
+    assert main(["run", str(job), "--no-progress"]) == 0
+    (out,) = read_output(tmp_path / "out" / "result.parquet")
+    assert out["error"].startswith(f"truncated: field 'input' cut from {count['input']} to "), out["error"]
+    assert out["finish_reason"] == "length" and 2048 - 8 - 40 < out["prompt_tokens"] <= 2048 - 8
+
+
 def inject(monkeypatch, fail):
     """Make the engine raise `fail(prompts)` (an exception or None) when rows join the batch."""
     original = engine_module.Engine._join
