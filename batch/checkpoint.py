@@ -530,6 +530,8 @@ class Checkpoint:
             raise self.damaged(f"manifest.json is not valid JSON ({e})") from None
         if not isinstance(manifest, dict):
             raise self.damaged("manifest.json is not a JSON object")
+        if "format" not in manifest:
+            raise self.damaged("manifest.json has no format (it is not komt-batch's, or it was emptied)")
         if manifest.get("format") != FORMAT:
             raise self.damaged(f"manifest.json is of format {manifest.get('format')!r}, not {FORMAT} (another komt-batch version)")
         missing = [k for k in MANIFEST_FIELDS if k not in manifest]

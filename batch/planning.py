@@ -29,12 +29,7 @@ def open_plan(job: JobConfig, ckpt: Checkpoint, make_fresh: Callable[[], tuple],
     with ckpt.plan_lock():
         stored = ckpt.load_plan()
         if stored:
-            changes = plan_changes(stored.manifest, input_fp, settings_fp)
-            if changes:
-                raise JobError(
-                    f"{job.source}: the input or settings changed since this run's plan was made "
-                    f"({ckpt.dir}): " + "; ".join(changes) + ". Run with --restart to start over."
-                )
+            check_unchanged(job, ckpt, stored, input_fp, settings_fp)
             print(f"komt-batch: using the plan stored in {ckpt.dir}", file=sys.stderr, flush=True)
             return stored
         manifest, plan_rows, settled = make_fresh()
@@ -46,6 +41,16 @@ def open_plan(job: JobConfig, ckpt: Checkpoint, make_fresh: Callable[[], tuple],
             flush=True,
         )
         return stored
+
+
+def check_unchanged(job: JobConfig, ckpt: Checkpoint, stored: StoredPlan, input_fp: dict, settings_fp: dict) -> None:
+    """A stored plan goes on only with the input and settings it was made from."""
+    changes = plan_changes(stored.manifest, input_fp, settings_fp)
+    if changes:
+        raise JobError(
+            f"{job.source}: the input or settings changed since this run's plan was made "
+            f"({ckpt.dir}): " + "; ".join(changes) + ". Run with --restart to start over."
+        )
 
 
 def make_plan(job: JobConfig, rows: Rows, tokenizer, context: int, settings_fp: dict):

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from batch import threads
-from batch.checkpoint import Busy, Checkpoint, StoredPlan
+from batch.checkpoint import PROGRESS_COLUMNS, Busy, Checkpoint, StoredPlan
 from batch.config import JobConfig
 from batch.engine import Engine, Request, SafeGenerator, row_seed
 from batch.fingerprints import input_fingerprint, settings_fingerprint
@@ -26,7 +26,7 @@ from batch.finished import already_done, output_state, refuse_to_replace
 from batch.loading import load_tokenizer
 from batch.paths import check_output_writable
 from batch.plan import assign_shards
-from batch.planning import make_plan, open_plan
+from batch.planning import check_unchanged, make_plan, open_plan
 from batch.results import Completion, count_results, results_table
 from batch.rows import Rows, read_rows
 from batch.signals import StopFlag
@@ -316,7 +316,11 @@ def validate(job: JobConfig) -> dict:
     """Check the job file, the input and the paths as `run` does (a file at output.path included),
     and plan it in memory, without loading the model's weights."""
     opened = Opened.check(job)
-    opened.refuse_to_replace(resuming=opened.ckpt.manifest_path.exists(), restart=False)
+    resuming = opened.ckpt.manifest_path.exists()
+    opened.refuse_to_replace(resuming, restart=False)
+    if resuming and opened.state != "done":  # what run would go on with: it must be whole, and of this job as it is now
+        if stored := opened.ckpt.load_plan(PROGRESS_COLUMNS):
+            check_unchanged(job, opened.ckpt, stored, opened.input_fp, opened.settings_fp)
     rows = opened.rows
     result = {"job": job.source, "input_files": len(rows.files), "rows": rows.table.num_rows}
     manifest, _, settled = opened.make_plan()

@@ -319,6 +319,7 @@ DAMAGE = {
     "manifest lacks input": (edit_manifest(remove_key("input")), "manifest.json lacks input"),
     "manifest edited": (edit_manifest(lambda m: {**m, "planned_rows": 3}), "manifest.json does not match its plan_id"),
     "manifest of format 1": (edit_manifest(lambda m: {**m, "format": 1}), "manifest.json is of format 1"),
+    "manifest emptied to {}": (lambda c: (c / "manifest.json").write_text("{}"), "manifest.json has no format (it is not komt-batch's, or it was emptied)"),
     "plan missing": (lambda c: (c / "plan.parquet").unlink(), "plan.parquet is missing"),
     "plan garbage": (lambda c: (c / "plan.parquet").write_bytes(b"PAR1" + b"\x07" * 300), "plan.parquet is unreadable"),
     "settled missing": (lambda c: (c / "settled.parquet").unlink(), "settled.parquet is missing or unreadable"),
@@ -332,8 +333,8 @@ def test_a_damaged_checkpoint_is_named_in_one_line_and_restart_recovers(tmp_path
     damage, fragment = DAMAGE[name]
     ckpt = out.with_name("r.parquet.parts")
     damage(ckpt)
-    for command in (["run", str(job), "--no-progress"], ["status", str(job)], ["merge", str(job)]):
-        assert main(command) == 2
+    for command in (["validate", str(job)], ["run", str(job), "--no-progress"], ["status", str(job)], ["merge", str(job)]):
+        assert main(command) == 2  # (validate too: it checks what run checks)
         line = one_line(capsys)
         assert "the checkpoint is damaged" in line and fragment in line and "--restart" in line, line
     assert not out.exists()
