@@ -54,7 +54,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batch.config import JobConfig
-from batch.errors import JobError, WriteError
+from batch.errors import JobError, WriteError, first_line
 from batch.plan import Chunk
 from batch.results import RESULT_SCHEMA
 
@@ -283,10 +283,6 @@ def content_digest(table: pa.Table, token: str) -> str:
 
 class Busy(JobError):
     """A lock that another komt-batch process holds."""
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _lock_file(path: Path, mode: int) -> object:
@@ -523,7 +519,7 @@ class Checkpoint:
         except FileNotFoundError:
             return None
         except OSError as e:
-            raise self.damaged(f"manifest.json is unreadable ({_first_line(e)})") from None
+            raise self.damaged(f"manifest.json is unreadable ({first_line(e)})") from None
         try:
             manifest = json.loads(data)
         except ValueError as e:  # (invalid UTF-8 included)
@@ -561,7 +557,7 @@ class Checkpoint:
         except FileNotFoundError:
             raise self.damaged(f"{path.name} is missing") from None
         except (OSError, pa.ArrowException) as e:
-            raise self.damaged(f"{path.name} is unreadable ({_first_line(e)})") from None
+            raise self.damaged(f"{path.name} is unreadable ({first_line(e)})") from None
         if (table.schema.metadata or {}).get(b"komt_batch_plan", b"").decode() != expected_id:
             raise self.damaged(f"{path.name} belongs to another plan")
         return table
@@ -652,7 +648,7 @@ class Checkpoint:
         except FileNotFoundError:
             return none, None  # set aside by another shard meanwhile
         except (OSError, pa.ArrowException) as e:
-            return none, f"unreadable: {_first_line(e)}"
+            return none, f"unreadable: {first_line(e)}"
         if not table.schema.equals(RESULT_SCHEMA, check_metadata=False):
             return none, "not a table of results"
         try:
@@ -702,11 +698,11 @@ class Checkpoint:
             try:
                 t = read_parquet_checked(path, columns)
             except (OSError, pa.ArrowException) as e:
-                raise self.damaged(f"{path.name} became unreadable ({_first_line(e)}); run again to redo its rows") from None
+                raise self.damaged(f"{path.name} became unreadable ({first_line(e)}); run again to redo its rows") from None
             yield t.filter(pa.array(done.part_of[t.column("row").to_numpy()] == k))
         try:
             settled = pq.ParquetFile(self.settled_path, page_checksum_verification=True)
             for batch in settled.iter_batches(batch_size=SETTLED_SLICE, columns=columns):
                 yield pa.Table.from_batches([batch])
         except (OSError, pa.ArrowException) as e:
-            raise self.damaged(f"settled.parquet is unreadable ({_first_line(e)})") from None
+            raise self.damaged(f"settled.parquet is unreadable ({first_line(e)})") from None

@@ -22,8 +22,8 @@ from collections.abc import Callable
 import torch
 
 from batch.decode_attention import RowKeys
+from batch.errors import first_line
 from batch.kv_cache import COUNT, IDS, LIMIT, POS, SEED, START, SlotCache, StepInputs
-from batch.loading import first_line
 from batch.memory import is_out_of_memory
 from batch.sampling import choose, forbid_early, penalize_repeats
 

@@ -58,8 +58,9 @@ from batch.config import BatchingConfig, GenerationSettings, ModelConfig
 from batch.decode_attention import (RowKeys, SharedColumns, check, check_packed, check_read_once, efficient_attention_kernel, planless_sdpa, reading_rows,
                                     reads_once)
 from batch.decode_step import DecodeStep, row_bucket
+from batch.errors import first_line
 from batch.kv_cache import IDS, LIMIT, POS, START, ExtentCache, SlotCache, compact_order, front_first, left_aligned, to_device
-from batch.loading import first_line, load_model
+from batch.loading import load_model
 from batch.memory import is_out_of_memory, running_limits
 from batch.prefix import Prefixes, Sharing, Use, aligned_columns, past_inputs, prefill_mask
 from batch.results import Completion

@@ -27,3 +27,10 @@ class WriteError(JobError):
     """Writing a file failed (no space left, quota, I/O error). Nothing committed is lost."""
 
     exit_code = EXIT_IO
+
+
+def first_line(e: BaseException) -> str:
+    """A library's message as one line: its first line, or, where that ends in `:`, its lines joined
+    (what follows is the point, e.g. a list of what was tried)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
+    return " ".join(lines) if lines[0].endswith(":") else lines[0]

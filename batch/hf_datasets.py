@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from batch.errors import JobError
+from batch.errors import JobError, first_line
 
 
 def is_saved_dataset(path: str) -> bool:
@@ -29,7 +29,7 @@ def saved_dataset_files(path: str, split: str | None, where: str) -> list[Path]:
     try:
         loaded = datasets.load_from_disk(path)  # maps the files; reads no rows
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise JobError(f"{where}: input.path: {path}: not a readable save_to_disk folder ({_first_line(e)})") from None
+        raise JobError(f"{where}: input.path: {path}: not a readable save_to_disk folder ({first_line(e)})") from None
     if isinstance(loaded, datasets.DatasetDict):
         loaded = loaded[_pick_split(split, list(loaded), where, path)]
     elif split is not None:
@@ -61,7 +61,7 @@ def hub_dataset_files(name: str, config: str | None, split: str | None, where: s
         split = _pick_split(split, list(builder.info.splits or {}), where, name)
         return [Path(f["filename"]) for f in builder.as_dataset(split=split).cache_files]
     except (OSError, ValueError, KeyError) as e:
-        raise JobError(f"{where}: input.dataset: {name}: its cache in {root} cannot be read ({_first_line(e)})") from None
+        raise JobError(f"{where}: input.dataset: {name}: its cache in {root} cannot be read ({first_line(e)})") from None
 
 
 def _pick_split(split: str | None, splits: list[str], where: str, what: str) -> str:
@@ -72,7 +72,3 @@ def _pick_split(split: str | None, splits: list[str], where: str, what: str) -> 
     if split not in splits:
         raise JobError(f"{where}: input.split: {split!r} does not exist; splits: {', '.join(splits)}")
     return split
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -20,10 +20,11 @@ from transformers import (
     BitsAndBytesConfig,
 )
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 from transformers.utils import logging as hf_logging
 
 from batch.config import ModelConfig
-from batch.errors import JobError
+from batch.errors import JobError, first_line
 from batch.layers import fused_norms, lean_lora_layers, packed_projections
 from batch.memory import dequantizing_fits, free_memory, size
 
@@ -67,6 +68,7 @@ def load_tokenizer(cfg: ModelConfig, where: str = "<job>"):
         folder = cfg.base.split("/")[0]
         local = f"no such directory (./{folder} is a folder here), and " if Path(folder).is_dir() else "not a local directory, and "
         raise JobError(f"{where}: model.base: {cfg.base}: {local}not found as a Hugging Face Hub id: {first_line(e)}") from None
+    check_weights_there(cfg, where)
     if cfg.adapter and Path(cfg.adapter).is_dir():
         check_adapter_fits(config, cfg.adapter, where)
     context = getattr(config, "max_position_embeddings", None) or tokenizer.model_max_length
@@ -74,6 +76,47 @@ def load_tokenizer(cfg: ModelConfig, where: str = "<job>"):
     # warning about a long prompt ("Token indices sequence length is longer than ...") would only repeat it
     tokenizer.model_max_length = VERY_LARGE_INTEGER
     return tokenizer, int(context)
+
+
+def check_weights_there(cfg: ModelConfig, where: str) -> None:
+    """Local model folders hold what loading reads: the base its weights (each safetensors file's
+    header readable, an index's files there), the adapter a config peft reads and its weights.
+    Else loading would fail only after the plan is stored (run) or not at all (validate)."""
+    from peft import PeftConfig
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME as ADAPTER_SAFETENSORS
+    from peft.utils import WEIGHTS_NAME as ADAPTER_WEIGHTS
+    from safetensors import safe_open
+
+    base = Path(cfg.base).expanduser()
+    if base.is_dir():
+        names = [SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME]
+        found = next((base / n for n in names if (base / n).is_file()), None)
+        if found is None:
+            raise JobError(f"{where}: model.base: {cfg.base} holds no weights ({', '.join(names)})")
+        files = [found]
+        if found.name.endswith(".index.json"):
+            try:
+                files = [base / f for f in sorted(set(json.loads(found.read_text())["weight_map"].values()))]
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise JobError(f"{where}: model.base: {found}: not a readable weights index ({first_line(e)})") from None
+            if missing := [f.name for f in files if not f.is_file()]:
+                raise JobError(f"{where}: model.base: {found.name} names weights files that are not in {cfg.base}: {', '.join(missing[:3])}")
+        for f in files:
+            if f.suffix == ".safetensors":
+                try:
+                    with safe_open(str(f), "pt"):  # (the header only)
+                        pass
+                except Exception as e:  # (safetensors raises its own SafetensorError, or OSError)
+                    raise JobError(f"{where}: model.base: {f}: not a readable safetensors file ({first_line(e)})") from None
+    adapter = Path(cfg.adapter).expanduser() if cfg.adapter else None
+    if adapter is not None and adapter.is_dir():
+        try:
+            PeftConfig.from_pretrained(str(adapter))
+        except (OSError, ValueError, TypeError) as e:  # (ValueError: no adapter_config.json, or not JSON)
+            raise JobError(f"{where}: model.adapter: cannot load {cfg.adapter}: {first_line(e)}") from None
+        names = [ADAPTER_SAFETENSORS, ADAPTER_WEIGHTS]
+        if not any((adapter / n).is_file() for n in names):
+            raise JobError(f"{where}: model.adapter: {cfg.adapter} holds no adapter weights ({', '.join(names)})")
 
 
 def check_adapter_fits(config, adapter: str, where: str) -> None:
@@ -304,6 +347,3 @@ def _adapter_base(adapter: str) -> str | None:
     except (OSError, ValueError):
         return None
 
-
-def first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -54,7 +54,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batch.config import is_utf8, shown_name
-from batch.errors import JobError, WriteError
+from batch.errors import JobError, WriteError, first_line
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 KINDS = ".jsonl, .jsonl.gz or .parquet"
@@ -182,13 +182,13 @@ def open_arrow(files: list[Path], arrow_files: list[Path]) -> MappedInput:
         except (OSError, pa.ArrowException) as e:
             if "recursion depth" in str(e):  # Arrow reads at most 64 levels of nested types
                 raise JobError(f"{path}: lists or objects nested too deeply for the output ({_DEPTH_LIMITS})") from None
-            raise JobError(f"{path}: not a readable Arrow file ({_first_line(e)})") from None
+            raise JobError(f"{path}: not a readable Arrow file ({first_line(e)})") from None
         check_storable(tables[-1].schema, lambda column: path)
         maps.append(m)
     try:
         table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
     except pa.ArrowInvalid as e:
-        raise JobError(f"{arrow_files[0].parent}: its Arrow files have different columns ({_first_line(e)})") from None
+        raise JobError(f"{arrow_files[0].parent}: its Arrow files have different columns ({first_line(e)})") from None
     return MappedInput(files, table, maps)
 
 
@@ -217,7 +217,7 @@ def _writing_cache(cache: Path):
         yield
     except OSError as e:
         raise WriteError(
-            f"cannot write the input cache {cache} ({e.strerror or _first_line(e)}): it needs about the input's size "
+            f"cannot write the input cache {cache} ({e.strerror or first_line(e)}): it needs about the input's size "
             "uncompressed, in Arrow; free space there or set XDG_CACHE_HOME to a folder with room"
         ) from None
 
@@ -411,7 +411,7 @@ def _conform(f: Path, t: pa.Table, schema: pa.Schema) -> pa.Table:
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
                 raise JobError(
                     f"{f}: column {field.name!r}: its {column.type} values cannot all be kept as {field.type}, "
-                    f"the type the other files need ({_first_line(e)})"
+                    f"the type the other files need ({first_line(e)})"
                 ) from None
         columns.append(column)
     return pa.Table.from_arrays(columns, schema=schema)
@@ -419,10 +419,6 @@ def _conform(f: Path, t: pa.Table, schema: pa.Schema) -> pa.Table:
 
 def _no_columns(rows: int) -> pa.Table:
     return pa.table({"": pa.nulls(rows)}).drop_columns([""])
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).partition("\n")[0]  # a refusal is one line
 
 
 def _merged_field(old: pa.Field, new: pa.Field, file: Path, origin: Path) -> pa.Field:
@@ -472,7 +468,7 @@ def _parquet_parts(path: Path) -> list[tuple[pa.Schema, Callable[[], Iterator[pa
     try:
         schema = pq.read_schema(path)
     except (OSError, pa.ArrowException) as e:
-        raise JobError(f"{path}: not a readable Parquet file ({_first_line(e)})") from None
+        raise JobError(f"{path}: not a readable Parquet file ({first_line(e)})") from None
     twice = sorted({n for n in schema.names if schema.names.count(n) > 1})
     if twice:
         raise JobError(f"{path}: more than one column is named {twice[0]!r}")
@@ -483,7 +479,7 @@ def _parquet_parts(path: Path) -> list[tuple[pa.Schema, Callable[[], Iterator[pa
                 for batch in pf.iter_batches(batch_size=_PARQUET_BATCH):
                     yield pa.Table.from_batches([batch])
         except (OSError, pa.ArrowException) as e:
-            raise JobError(f"{path}: not a readable Parquet file ({_first_line(e)})") from None
+            raise JobError(f"{path}: not a readable Parquet file ({first_line(e)})") from None
 
     return [(schema, tables)]
 
@@ -560,7 +556,7 @@ def _jsonl_parts(path: Path, spool: Path) -> list[tuple[pa.Schema, Callable[[], 
         if rows or not out.parts:
             out.write(_rows_table(rows, shapes))
     except (OSError, EOFError, zlib.error) as e:  # EOFError, zlib.error: a truncated or damaged .gz
-        raise JobError(f"{path}: cannot read ({getattr(e, 'strerror', None) or _first_line(e)})") from None
+        raise JobError(f"{path}: cannot read ({getattr(e, 'strerror', None) or first_line(e)})") from None
     finally:
         out.close()
     return out.parts

@@ -21,6 +21,7 @@ from batch import threads
 from batch.checkpoint import PROGRESS_COLUMNS, Busy, Checkpoint, StoredPlan
 from batch.config import JobConfig
 from batch.engine import Engine, Request, SafeGenerator, row_seed
+from batch.errors import JobError
 from batch.fingerprints import input_fingerprint, settings_fingerprint
 from batch.finished import already_done, output_state, refuse_to_replace
 from batch.loading import load_tokenizer
@@ -124,7 +125,12 @@ def run(job: JobConfig, shard: int, shards: int, stop: StopFlag, restart: bool =
         if len(todo) and stop.received is None:
             watch = threads.Watch.start(threads.apply(job.cpu))  # (None: the threads stay as chosen)
             stop.start_work("the model is loading: the run stops once it is loaded, before any row")
-            engine = Engine.load(job.model, job.generation, job.source, opened.tokenizer, share_prefix=job.batching.share_prefix)
+            try:
+                engine = Engine.load(job.model, job.generation, job.source, opened.tokenizer, share_prefix=job.batching.share_prefix)
+            except JobError:
+                if shards == 1 and not resuming:  # the plan this run stored, no row yet: the job, mended, starts as new
+                    ckpt.remove()
+                raise
             stop.check(f"while the model loaded, before any row was generated ({stats.resumed_rows} rows done before)")
             stop.start_work()
             if engine.device.type != "cpu":

@@ -56,6 +56,34 @@ def mismatched_adapter(tmp_path):
     return {"model": {"adapter": str(tmp_path / "other-adapter")}}
 
 
+def broken_model(part: str, damage: str):
+    """A copy of the tiny model's base or adapter folder, damaged: what loading would fail on only
+    after the plan is stored (run) or not at all (validate), so it must be refused before."""
+    import shutil
+
+    def sections(tmp_path):
+        folder = tmp_path / f"broken-{part}"
+        shutil.copytree(TINY / part, folder)
+        if damage == "empty":
+            shutil.rmtree(folder)
+            folder.mkdir()
+        elif damage == "no weights":
+            for f in folder.glob("*.safetensors"):
+                f.unlink()
+        elif damage == "truncated":
+            data = (folder / "model.safetensors").read_bytes()
+            (folder / "model.safetensors").write_bytes(data[:100])
+        elif damage == "index of a missing file":
+            (folder / "model.safetensors").unlink()
+            (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}))
+        elif damage == "the base":
+            shutil.rmtree(folder)
+            shutil.copytree(TINY / "base", folder)
+        return {"model": {part: str(folder)}}
+
+    return sections
+
+
 def not_writable_output(tmp_path):
     (tmp_path / "a-file").write_text("x")
     return {"output": {"path": str(tmp_path / "a-file" / "out.parquet")}}
@@ -85,6 +113,12 @@ CASES = {
     "missing model": (("args", ["model.base=/nonexistent/model"]), "model.base", "no such directory"),
     "missing adapter": (("args", ["model.adapter=./no-adapter-here"]), "model.adapter", "no such directory"),
     "adapter for another base": (("sections", mismatched_adapter), "model.adapter", "does not fit model.base"),
+    "adapter folder empty": (("sections", broken_model("adapter", "empty")), "model.adapter", "Can't find 'adapter_config.json'"),
+    "adapter folder is the base's": (("sections", broken_model("adapter", "the base")), "model.adapter", "Can't find 'adapter_config.json'"),
+    "adapter without weights": (("sections", broken_model("adapter", "no weights")), "model.adapter", "holds no adapter weights (adapter_model.safetensors, adapter_model.bin)"),
+    "base without weights": (("sections", broken_model("base", "no weights")), "model.base", "holds no weights (model.safetensors, "),
+    "base weights truncated": (("sections", broken_model("base", "truncated")), "model.base", "model.safetensors: not a readable safetensors file"),
+    "base index of a missing file": (("sections", broken_model("base", "index of a missing file")), "model.base", "model.safetensors.index.json names weights files that are not in"),
     "duplicate ids": (("input_file", b'{"id": "a", "instruction": "q"}\n{"id": "a", "instruction": "r"}\n'), "input.id_column", "duplicate ids in the input (1), e.g. 'a'; 'a' is at "),
     "missing id column": (("args", ["input.id_column=key"]), "input.id_column", "'key' is not in the input (columns: id, instruction)"),
     "response column clash": (("args", ["output.response_column=instruction"]), "output.response_column", "already has a column 'instruction'"),
@@ -114,6 +148,29 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, capsys, name):
         assert "set on the command line" not in err[0], err[0]
     assert sorted(p.name for p in out.parent.iterdir()) == ["result.parquet"]
     assert out.read_bytes() == b"an earlier output"
+
+
+def test_a_model_refused_while_loading_leaves_no_checkpoint(tmp_path, capsys, monkeypatch):
+    """What loading alone finds (after the plan is stored): the run's own plan is removed, so the job,
+    mended, runs as new, with no --restart."""
+    from batch.errors import JobError
+
+    src = write_jsonl(tmp_path / "in.jsonl", GOOD)
+    job = make_job(tmp_path, src, generation={"max_new_tokens": 4})
+    out = tmp_path / "out" / "result.parquet"
+    out.parent.mkdir()
+    (out.parent / "notes.txt").write_text("the user's")
+
+    def refuse(*args, **kwargs):
+        raise JobError(f"{job}: model.adapter: cannot load it (as loading alone finds)")
+
+    monkeypatch.setattr(engine_module.Engine, "load", refuse)
+    assert main(["run", str(job), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().endswith("model.adapter: cannot load it (as loading alone finds)")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["notes.txt"]  # (the plan it stored: gone)
+    monkeypatch.undo()
+    assert main(["run", str(job), "--no-progress"]) == 0
+    assert len(read_output(out)) == len(GOOD)
 
 
 def test_a_real_process_prints_no_traceback(tmp_path):
