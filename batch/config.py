@@ -256,7 +256,8 @@ def load_job(path: str | Path, overrides: list[str] = (), fill: dict[str, str] |
         mark = getattr(e, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e)
-        raise JobError(f"{where}: YAML syntax error{line}: {problem}") from None
+        kind = "YAML" if isinstance(e, yaml.constructor.ConstructorError) else "YAML syntax error"
+        raise JobError(f"{where}: {kind}{line}: {problem}") from None
     if raw is None or isinstance(raw, _Plain) and raw.value is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -424,7 +425,19 @@ def _text_list(value: str, what: str, blame: str) -> list[str]:
 
 class _JobLoader(yaml.SafeLoader):
     """YAML's safe loader that keeps the text of plain scalars it reads as numbers, true/false, dates
-    or null: a text setting takes them as written (`response_column: 010` is '010', not 8)."""
+    or null: a text setting takes them as written (`response_column: 010` is '010', not 8); a key
+    written twice in one mapping is refused (YAML would keep the last value silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        first: dict[str, int] = {}
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if key.value in first:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"{key.value!r} is written twice in one mapping (first at line {first[key.value]}); one value would be lost", key.start_mark
+                    )
+                first[key.value] = key.start_mark.line + 1
+        return super().construct_mapping(node, deep)
 
 
 @dataclass(frozen=True, repr=False)
@@ -469,7 +482,8 @@ def _build(cls: type, raw: Any, where: str, prefix: str) -> Any:
 def _coerce(tp: Any, value: Any, where: str, key: str) -> Any:
     if isinstance(value, _Plain) and value.value is None:  # null, nothing, or ~
         if value.text == "~" and str in (tp, *typing.get_args(tp)):  # a text setting: on the command line ~ is text
-            raise JobError(f"{where}: {key}: ~ is YAML's null (nothing), not the home folder; write '~' in quotes for the text ~, or null for nothing")
+            none = "[] for none" if typing.get_origin(tp) is list else "null for nothing"
+            raise JobError(f"{where}: {key}: ~ is YAML's null (nothing), not the home folder; write '~' in quotes for the text ~, or {none}")
         value = None
     if dataclasses.is_dataclass(tp):
         return _build(tp, value if value is not None else {}, where, key + ".")
@@ -495,11 +509,17 @@ def _coerce(tp: Any, value: Any, where: str, key: str) -> Any:
         (item,) = typing.get_args(tp)
         if isinstance(value, item) and not isinstance(value, bool):
             value = [value]
+        items = "strings" if item is str else "integers"
         if isinstance(value, list):
             value = [(v.text if item is str else v.value) if isinstance(v, _Plain) else v for v in value]
-            if all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+            bad = [(i, v) for i, v in enumerate(value) if not isinstance(v, item) or isinstance(v, bool)]
+            if not bad:
                 return [item(v) for v in value]
-        raise JobError(f"{where}: {key}: expected a list of {'strings' if item is str else 'integers'}, got {_kind(written)}")
+            i = bad[0][0]
+            shown = written[i] if isinstance(written, list) else value[i]  # (as written, where the file gave a list)
+            what = _kind(shown) if isinstance(shown, _Plain) else f"{_kind(shown)} {shown!r}"
+            raise JobError(f"{where}: {key}: expected a list of {items}, got {what} as item {i + 1}")
+        raise JobError(f"{where}: {key}: expected a list of {items}, got {_kind(written)}" + ("; [] for none" if value is None else ""))
     raise JobError(f"{where}: {key}: expected {_type_name(tp)}, got {_kind(value)}{'' if value is None else f' {value!r}'}")
 
 

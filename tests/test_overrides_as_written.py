@@ -21,6 +21,18 @@ from tests.test_config import BASE
 MODEL_CARD_TEMPLATE = "### instruction: {instruction}\n\n### Response:"  # what bash's $'...\n\n...' passes
 
 
+def over_base(text: str) -> str:
+    """BASE with the sections that `text` writes taken from `text` (a section written twice is refused)."""
+    own = {line.split(":")[0] for line in text.splitlines() if line[:1].strip()}
+    kept, skip = [], False
+    for line in BASE.splitlines(keepends=True):
+        if line[:1].strip():
+            skip = line.split(":")[0] in own
+        if not skip:
+            kept.append(line)
+    return "".join(kept) + text
+
+
 def write(tmp_path, text=BASE):
     p = tmp_path / "job.yaml"
     p.write_text(text)
@@ -163,7 +175,7 @@ JOB_FILE = {
 def test_a_text_setting_in_the_job_file_keeps_the_text_as_written(tmp_path, monkeypatch, text):
     monkeypatch.setenv("HOME", "/home/me")
     key, expected = JOB_FILE[text]
-    value = setting(load_job(write(tmp_path, BASE + text)), key)
+    value = setting(load_job(write(tmp_path, over_base(text))), key)
     assert value == expected and type(value) is type(expected)
 
 
@@ -176,12 +188,13 @@ def test_a_text_setting_in_the_job_file_keeps_the_text_as_written(tmp_path, monk
     ("checkpoint:\n  dir: ~\n", "checkpoint.dir: ~ is YAML's null (nothing), not the home folder"),
     ("input:\n  path: in.jsonl\n  id_column: ~\n", "input.id_column: ~ is YAML's null (nothing)"),
     ("generation:\n  max_new_tokens: yes\n", "generation.max_new_tokens: expected an integer, got bool True"),
-    ("generation:\n  stop: [a, {b: 1}]\n", "generation.stop: expected a list of strings, got a list"),
+    ("generation:\n  stop: [a, {b: 1}]\n", "generation.stop: expected a list of strings, got a mapping {'b': 1} as item 2"),
+    ("generation:\n  stop: ~\n", "generation.stop: ~ is YAML's null (nothing), not the home folder; write '~' in quotes for the text ~, or [] for none"),
     ("1: x\n", "unknown key 1; valid keys:"),
     ("output:\n  path: out/x.parquet\n  response_column: {a: 010, b: yes}\n", "output.response_column: expected a string, got a mapping {'a': 010, 'b': yes}"),
 ])
 def test_what_the_job_file_cannot_mean_is_refused(tmp_path, text, message):
-    p = write(tmp_path, BASE + text)
+    p = write(tmp_path, over_base(text))
     with pytest.raises(JobError) as e:
         load_job(p)
     assert str(e.value).startswith(f"{p}: {message}") and "_Plain" not in str(e.value)
