@@ -147,6 +147,9 @@ class BatchingConfig:
             raise JobError(f"{where}: batching.memory_headroom: must be in [0, 1), got {self.memory_headroom}")
 
 
+OTHER_FORMATS = (".csv", ".tsv", ".json", ".jsonl", ".jsonl.gz", ".gz", ".txt", ".arrow", ".feather", ".xlsx")  # (output.path: not these)
+
+
 @dataclass
 class OutputConfig:
     path: str = ""  # the final Parquet file
@@ -155,6 +158,9 @@ class OutputConfig:
     def validate(self, where: str) -> None:
         if not self.path:
             raise JobError(f"{where}: output.path: required (the Parquet file to write)")
+        suffix = next((x for x in OTHER_FORMATS if self.path.lower().endswith(x)), None)
+        if suffix:
+            raise JobError(f"{where}: output.path: {self.path}: the output is a Parquet file, not {suffix}; name it .parquet")
         if not self.response_column:
             raise JobError(f"{where}: output.response_column: must not be empty")
         if self.response_column in GENERATED_COLUMNS:

@@ -224,5 +224,6 @@ def read_rows(job: JobConfig) -> Rows:
         if name in table.column_names:
             if name == job.output.response_column:
                 raise JobError(f"{where}: output.response_column: the input already has a column {name!r}; choose another name for the responses")
-            raise JobError(f"{where}: output: the input already has a column {name!r}, one the output adds; rename it in the input")
+            key, named = ("input.dataset", job.input.dataset) if job.input.dataset else ("input.path", job.input.path)
+            raise JobError(f"{where}: {key}: {named} has a column {name!r}, one the output adds; rename it in the input")
     return Rows(data.files, table, row_ids(table, job.input.id_column, where, data.release, data.files), template, data.release)

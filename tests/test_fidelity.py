@@ -388,7 +388,7 @@ PATHS = {
         "input.id_column: 'answer' is a column the job writes (answer, finish_reason"),
     "an input column named prompt_tokens": (
         lambda t: (t / "in.jsonl").write_text('{"id": "a", "q": "x", "prompt_tokens": 3}\n') and [],
-        "output: the input already has a column 'prompt_tokens', one the output adds; rename it in the input"),
+        "input.path: {t}/in.jsonl has a column 'prompt_tokens', one the output adds; rename it in the input"),
     "an input column named as the response column": (
         lambda t: ["output.response_column=q"], "output.response_column: the input already has a column 'q'; choose another name for the responses"),
 }
