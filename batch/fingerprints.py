@@ -31,6 +31,7 @@ HUB_BLOB = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # blob names: git sha1, or 
 # generation settings added after plans were first stored: absent from the fingerprint at their
 # defaults (older plans and outputs stay valid), present when set (they change the outputs)
 LATER_GENERATION = {"stop_token_ids": [], "min_new_tokens": 0, "repetition_penalty": 1.0, "include_stop_str_in_output": False}
+SAMPLING_ONLY = {f"generation.{k}" for k in ("temperature", "top_p", "top_k", "seed")}  # (greedy: no effect)
 FRESH_NS = 2_000_000_000  # a file changed this recently may change again within its mtime's tick: not cached
 
 
@@ -187,7 +188,10 @@ def plan_changes(stored: dict, input_fp: dict, settings_fp: dict) -> list[str]:
         edited = [Path(f).name for (f, _), a, b in zip(input_fp["files"], old_in["file_hashes"], input_fp["file_hashes"]) if a != b]
         changes.append(f"input content: {', '.join(edited) or 'the files'} changed (other columns than the ids and prompts)")
     old, new = _flatten(stored["settings"]), _flatten(settings_fp)
+    greedy = old.get("generation.do_sample") is False and new.get("generation.do_sample") is False
     for key in sorted(set(old) | set(new)):
+        if greedy and key in SAMPLING_ONLY:
+            continue  # greedy decoding takes the argmax of the raw logits: these change no output
         if old.get(key) != new.get(key):
             changes.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
     return changes

@@ -37,6 +37,31 @@ def rows(n: int) -> list[dict]:
 OPTS = dict(generation={"max_new_tokens": 8}, batching={"max_batch_size": 2}, checkpoint={"every_rows": 2})
 
 
+def test_greedy_outputs_do_not_depend_on_the_sampling_settings(tmp_path, capsys):
+    """With do_sample false the next token is the raw logits' argmax: temperature, top_p, top_k and
+    seed change no output, so a finished greedy output stays done and a stopped one resumes when only
+    they change; with sampling on, a new seed is other outputs (refused until --restart)."""
+    src = write_jsonl(tmp_path / "in.jsonl", rows(4))
+    job = make_job(tmp_path, src, generation={"max_new_tokens": 8, "do_sample": False}, batching={"max_batch_size": 2}, checkpoint={"every_rows": 2})
+    out = tmp_path / "out" / "result.parquet"
+    sampling_only = ["generation.seed=9", "generation.temperature=0.3", "generation.top_p=0.5", "generation.top_k=7"]
+    assert main(["run", str(job), "--no-progress"]) == 0
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert main(["run", str(job), "--no-progress", *sampling_only]) == 0
+    assert summary(capsys.readouterr().out)["state"] == "done" and out.read_bytes() == before
+    assert main(["status", str(job), *sampling_only]) == 0 and summary(capsys.readouterr().out)["state"] == "done"
+    assert main(["run", str(job), "--no-progress", "--restart", *sampling_only]) == 0  # (regenerated: the same rows)
+    assert out.read_bytes() != before and pq.read_table(out).drop_columns(["row_fingerprint"]).equals(pq.read_table(pa.BufferReader(before)).drop_columns(["row_fingerprint"]))
+    capsys.readouterr()
+    assert main(["run", str(job), "--no-progress", "generation.max_new_tokens=6"]) == 2  # (a setting greedy output depends on)
+    assert "generation.max_new_tokens: 8 -> 6" in capsys.readouterr().err
+    assert main(["run", str(job), "--no-progress", "--restart", "generation.do_sample=true", "generation.seed=9"]) == 0
+    capsys.readouterr()
+    assert main(["run", str(job), "--no-progress", "generation.do_sample=true", "generation.seed=10"]) == 2
+    assert "generation.seed: 9 -> 10" in capsys.readouterr().err
+
+
 def test_a_finished_job_is_left_alone_until_restart(tmp_path, capsys):
     src = write_jsonl(tmp_path / "in.jsonl", rows(4))
     job = make_job(tmp_path, src, **OPTS)
