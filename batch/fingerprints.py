@@ -187,7 +187,8 @@ def plan_changes(stored: dict, input_fp: dict, settings_fp: dict) -> list[str]:
     elif "file_hashes" in old_in and old_in["file_hashes"] != input_fp["file_hashes"]:  # (plans before 2026-11-28 have none)
         edited = [Path(f).name for (f, _), a, b in zip(input_fp["files"], old_in["file_hashes"], input_fp["file_hashes"]) if a != b]
         changes.append(f"input content: {', '.join(edited) or 'the files'} changed (other columns than the ids and prompts)")
-    old, new = _flatten(stored["settings"]), _flatten(settings_fp)
+    defaults = {f"generation.{k}": v for k, v in LATER_GENERATION.items()}  # (absent: at its default)
+    old, new = {**defaults, **_flatten(stored["settings"])}, {**defaults, **_flatten(settings_fp)}
     greedy = old.get("generation.do_sample") is False and new.get("generation.do_sample") is False
     for key in sorted(set(old) | set(new)):
         if greedy and key in SAMPLING_ONLY:

@@ -84,6 +84,11 @@ def broken_model(part: str, damage: str):
     return sections
 
 
+def output_is_the_input(tmp_path):
+    pq.write_table(pa.table({"id": ["a"], "instruction": ["q"]}), tmp_path / "in.parquet")
+    return {"input": {"path": str(tmp_path / "in.parquet")}, "output": {"path": str(tmp_path / "in.parquet")}}
+
+
 def not_writable_output(tmp_path):
     (tmp_path / "a-file").write_text("x")
     return {"output": {"path": str(tmp_path / "a-file" / "out.parquet")}}
@@ -108,7 +113,8 @@ CASES = {
     "negative max_new_tokens": (("args", ["generation.max_new_tokens=-3"]), "generation.max_new_tokens", "must be >= 1"),
     "top_p above 1": (("args", ["generation.top_p=1.2"]), "generation.top_p", "(0, 1]"),
     "max_batch_tokens too small": (("args", ["batching.max_batch_tokens=20"]), "batching.max_batch_tokens", "too small for one row"),
-    "output is an input": (("sections", lambda t: {"output": {"path": str(t / "in.jsonl")}}), "output.path", "is also the input file"),
+    "output is an input": (("sections", output_is_the_input), "output.path", "is also the input file"),
+    "output named as JSONL": (("sections", lambda t: {"output": {"path": str(t / "in.jsonl")}}), "output.path", "the output is a Parquet file, not .jsonl; name it .parquet"),
     "output not writable": (("sections", not_writable_output), "output.path", "cannot write under"),
     "missing model": (("args", ["model.base=/nonexistent/model"]), "model.base", "no such directory"),
     "missing adapter": (("args", ["model.adapter=./no-adapter-here"]), "model.adapter", "no such directory"),

@@ -92,7 +92,8 @@ def test_no_documented_key_is_unknown_to_the_code():
 # Dotted names in backticks that look like job-file keys but are not (a method, a fingerprint's name).
 NOT_KEYS = {"model.generate", "model.generate_batch", "model.adapter_files",
             "cpu.max", "cpu.cfs_quota_us", "cpu.cfs_period_us",  # (cgroup files, not the job's cpu section)
-            "checkpoint.json"}  # (the file in the checkpoint directory, not a key of the checkpoint section)
+            "checkpoint.json",  # (the file in the checkpoint directory, not a key of the checkpoint section)
+            "model.safetensors"}  # (transformers' weights file, not a key of the model section)
 
 
 def test_every_job_file_key_named_in_the_pages_exists():

@@ -160,5 +160,5 @@ def test_status_reports_progress(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "rows_done          6" in p.stdout and "chunks_done        3" in p.stdout
     assert "plan_matches       True" in p.stdout
-    p = komt("status", job, "generation.top_k=5")
-    assert "plan_matches       False" in p.stdout and "generation.top_k: 100 -> 5" in p.stdout
+    p = komt("status", job, "generation.repetition_penalty=1.5")  # (greedy: top_k, top_p, temperature, seed would change nothing)
+    assert "plan_matches       False" in p.stdout and "generation.repetition_penalty: 1.0 -> 1.5" in p.stdout
