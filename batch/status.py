@@ -106,14 +106,13 @@ def progress(job: JobConfig, ckpt: Checkpoint, plan: StoredPlan, shards: int | N
         "last_commit": last_commit(done.parts),
         "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
         "eta_seconds": round(rows_left_in_slowest_shard(plan, done, side_by_side) * seconds / rows_gen) if rows_gen else None,
+        **({"eta_assumes": f"the {side_by_side} shards run side by side"} if side_by_side > 1 else {}),
         "plan_matches": not changes,
         "changes": changes,
         "errors_by_cause": count_results(ckpt.iter_results(done, ["row", "finish_reason", "error"]))["errors_by_cause"],
     }
     if bad:
         result["parts_set_aside_next_run"] = bad
-    if side_by_side > 1:
-        result["eta_assumes"] = f"the {side_by_side} shards run side by side"
     for n in counts:
         if n and n > 1:
             owner = assign_shards(plan.chunks, n)
