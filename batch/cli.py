@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shard", help="run shard I of N of the plan, as I/N (default: from SLURM's job array, else 0/1)")
     run.add_argument("--restart", action="store_true", help="forget the checkpoint and start over (also regenerates a finished output)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    job_command("validate", "check the job file and the input without loading the model")
+    va = job_command("validate", "check the job file and the input without loading the model")
+    va.add_argument("--restart", action="store_true", help="check as run --restart would: the stored checkpoint is not checked")
     pl = job_command("plan", "make and store the job's plan once, without the model's weights (before a SLURM array starts)")
     pl.add_argument("--restart", action="store_true", help="forget the checkpoint and plan again")
     st = job_command("status", "progress of a run: rows and chunks done, tokens/s, ETA, whether the plan still matches")
@@ -198,7 +199,7 @@ def dispatch(args, stop: StopFlag) -> int:
     if args.command in ("validate", "plan"):
         from batch import runner
 
-        print_summary(runner.validate(job) if args.command == "validate" else runner.plan(job, restart=args.restart))
+        print_summary(runner.validate(job, restart=args.restart) if args.command == "validate" else runner.plan(job, restart=args.restart))
         return 0
     from batch import status
 

@@ -147,9 +147,6 @@ class BatchingConfig:
             raise JobError(f"{where}: batching.memory_headroom: must be in [0, 1), got {self.memory_headroom}")
 
 
-OTHER_FORMATS = (".csv", ".tsv", ".json", ".jsonl", ".jsonl.gz", ".gz", ".txt", ".arrow", ".feather", ".xlsx")  # (output.path: not these)
-
-
 @dataclass
 class OutputConfig:
     path: str = ""  # the final Parquet file
@@ -158,9 +155,6 @@ class OutputConfig:
     def validate(self, where: str) -> None:
         if not self.path:
             raise JobError(f"{where}: output.path: required (the Parquet file to write)")
-        suffix = next((x for x in OTHER_FORMATS if self.path.lower().endswith(x)), None)
-        if suffix:
-            raise JobError(f"{where}: output.path: {self.path}: the output is a Parquet file, not {suffix}; name it .parquet")
         if not self.response_column:
             raise JobError(f"{where}: output.response_column: must not be empty")
         if self.response_column in GENERATED_COLUMNS:
@@ -435,14 +429,14 @@ class _JobLoader(yaml.SafeLoader):
     written twice in one mapping is refused (YAML would keep the last value silently)."""
 
     def construct_mapping(self, node, deep=False):
-        first: dict[str, int] = {}
+        first: dict[tuple[str, str], int] = {}
         for key, _ in node.value:
             if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
-                if key.value in first:
+                if (key.tag, key.value) in first:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"{key.value!r} is written twice in one mapping (first at line {first[key.value]}); one value would be lost", key.start_mark
+                        None, None, f"{key.value!r} is written twice in one mapping (first at line {first[key.tag, key.value]}); one value would be lost", key.start_mark
                     )
-                first[key.value] = key.start_mark.line + 1
+                first[key.tag, key.value] = key.start_mark.line + 1
         return super().construct_mapping(node, deep)
 
 

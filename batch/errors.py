@@ -29,8 +29,14 @@ class WriteError(JobError):
     exit_code = EXIT_IO
 
 
+JOINED_MAX = 300  # characters of a library's message joined into one line (two schemas could be kilobytes)
+
+
 def first_line(e: BaseException) -> str:
     """A library's message as one line: its first line, or, where that ends in `:`, its lines joined
-    (what follows is the point, e.g. a list of what was tried)."""
+    (what follows is the point, e.g. a list of what was tried), up to JOINED_MAX characters."""
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
-    return " ".join(lines) if lines[0].endswith(":") else lines[0]
+    if not lines[0].endswith(":"):
+        return lines[0]
+    joined = " ".join(lines)
+    return joined if len(joined) <= JOINED_MAX else joined[: JOINED_MAX - 1] + "…"

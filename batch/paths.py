@@ -14,6 +14,7 @@ from batch.errors import JobError
 from batch.writer import summary_path
 
 NAME_MAX = 255  # bytes in one file or folder name, on Linux file systems
+OTHER_FORMATS = (".csv", ".tsv", ".json", ".jsonl", ".jsonl.gz", ".gz", ".txt", ".arrow", ".feather", ".xlsx")  # not an output's name
 
 
 def check_output_writable(job: JobConfig) -> None:
@@ -47,3 +48,11 @@ def _check_can_create(where: str, key: str, path: Path) -> None:
         Path(probe).unlink(missing_ok=True)
     except OSError as e:
         raise JobError(f"{where}: {key}: cannot write under {path.parent}: creating a file in {existing} failed ({e.strerror})") from None
+
+
+def check_output_name(job: JobConfig) -> None:
+    """A new output is not named as another format's file (`out.csv` would hold Parquet). Only where
+    nothing was written yet: a job under way or done with such a name goes on as before."""
+    suffix = next((x for x in OTHER_FORMATS if job.output.path.lower().endswith(x)), None)
+    if suffix:
+        raise JobError(f"{job.source}: output.path: {job.output.path}: the output is a Parquet file, not {suffix}; name it .parquet")

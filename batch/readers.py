@@ -114,26 +114,29 @@ def row_places(files: list[Path], positions: list[int]) -> list[str]:
     skips them), `FILE row N` (1-based) in Parquet and Arrow. For messages: it reads the files again,
     up to the last position asked for."""
     wanted, found, start = set(positions), {}, 0
-    for f in files:
-        if start > max(wanted, default=-1):
-            break
-        if f.name.endswith((".jsonl", ".jsonl.gz")):
-            row = start
-            with (gzip.open if f.name.endswith(".gz") else open)(f, "rb") as fh:
-                for lineno, raw in enumerate(fh, 1):
-                    if raw.decode("utf-8", "replace").removeprefix("\ufeff").strip():
-                        if row in wanted:
-                            found[row] = f"{f}:{lineno}"
-                        row += 1
-            start = row
-            continue
-        if f.name.endswith(".parquet"):
-            count = pq.ParquetFile(f).metadata.num_rows
-        else:  # a dataset's Arrow stream
-            with pa.memory_map(str(f)) as source:
-                count = pa.ipc.open_stream(source).read_all().num_rows
-        found.update({r: f"{f} row {r - start + 1}" for r in wanted if start <= r < start + count})
-        start += count
+    try:
+        for f in files:
+            if start > max(wanted, default=-1):
+                break
+            if f.name.endswith((".jsonl", ".jsonl.gz")):
+                row = start
+                with (gzip.open if f.name.endswith(".gz") else open)(f, "rb") as fh:
+                    for lineno, raw in enumerate(fh, 1):
+                        if _is_row(raw.decode("utf-8", "replace")):
+                            if row in wanted:
+                                found[row] = f"{f}:{lineno}"
+                            row += 1
+                start = row
+                continue
+            if f.name.endswith(".parquet"):
+                count = pq.ParquetFile(f).metadata.num_rows
+            else:  # a dataset's Arrow stream
+                with pa.memory_map(str(f)) as source:
+                    count = pa.ipc.open_stream(source).read_all().num_rows
+            found.update({r: f"{f} row {r - start + 1}" for r in wanted if start <= r < start + count})
+            start += count
+    except (OSError, EOFError, zlib.error, pa.ArrowException):  # (a file changed or gone since it was read: positions then)
+        pass
     return [found.get(r, f"row {r + 1} of the input") for r in positions]
 
 
@@ -500,6 +503,12 @@ def _object(pairs: list[tuple[str, object]]) -> dict:
     return obj
 
 
+def _is_row(line: str) -> bool:
+    """A JSONL line that holds a row: not blank (a byte-order mark, at the file's start or where files
+    were joined with cat, is no data)."""
+    return bool(line.removeprefix("\ufeff").strip())
+
+
 def _float(text: str) -> float:
     value = float(text)
     if value in (float("inf"), float("-inf")):
@@ -526,10 +535,9 @@ def _jsonl_parts(path: Path, spool: Path) -> list[tuple[pa.Schema, Callable[[], 
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
                     raise JobError(f"{path}:{lineno}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
-                # a byte-order mark (at the file's start, or where files were joined with cat) is no data
-                line = line.removeprefix("\ufeff")
-                if not line.strip():
+                if not _is_row(line):
                     continue
+                line = line.removeprefix("\ufeff")
                 try:
                     row = _DECODER.decode(line)
                     if not isinstance(row, dict):

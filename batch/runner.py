@@ -25,7 +25,7 @@ from batch.errors import JobError
 from batch.fingerprints import input_fingerprint, settings_fingerprint
 from batch.finished import already_done, output_state, refuse_to_replace
 from batch.loading import load_tokenizer
-from batch.paths import check_output_writable
+from batch.paths import check_output_name, check_output_writable
 from batch.plan import assign_shards
 from batch.planning import check_unchanged, make_plan, open_plan
 from batch.results import Completion, count_results, results_table
@@ -49,11 +49,14 @@ class Opened:
     settings_fp: dict
     state: str  # what is at output.path (finished.output_state)
     changes: list[str]
+    planned_here: bool = False  # open_plan stored a plan that this process made (none was there)
 
     @classmethod
     def check(cls, job: JobConfig) -> Opened:
         check_output_writable(job)
         ckpt = Checkpoint.of(job)
+        if not ckpt.manifest_path.exists() and not Path(job.output.path).exists():
+            check_output_name(job)
         rows = read_rows(job)
         ckpt.check_place(job, rows.files)
         tokenizer, context = load_tokenizer(job.model, job.source)
@@ -69,6 +72,7 @@ class Opened:
         the shards of an array plan here, under the plan lock, one of them; the others wait."""
 
         def make():
+            self.planned_here = True
             if fresh:
                 return fresh
             print(f"komt-batch: planning {self.rows.table.num_rows} rows (no plan stored yet; other shards wait for it)", file=sys.stderr, flush=True)
@@ -128,8 +132,12 @@ def run(job: JobConfig, shard: int, shards: int, stop: StopFlag, restart: bool =
             try:
                 engine = Engine.load(job.model, job.generation, job.source, opened.tokenizer, share_prefix=job.batching.share_prefix)
             except JobError:
-                if shards == 1 and not resuming:  # the plan this run stored, no row yet: the job, mended, starts as new
-                    ckpt.remove()
+                # the plan this run stored (under the job lock, unsharded: no other process uses it), no row
+                # done yet: the job, mended, starts as new. (Not after --restart: its checkpoint is what lets
+                # the next run replace an output of other settings.)
+                if opened.planned_here and shards == 1 and not restart and not len(done):
+                    with contextlib.suppress(OSError):
+                        ckpt.remove()
                 raise
             stop.check(f"while the model loaded, before any row was generated ({stats.resumed_rows} rows done before)")
             stop.start_work()
@@ -215,7 +223,8 @@ class Progress:
             self.line()
 
     def line(self) -> None:
-        self.last_line, self.said = now, self.done = time.perf_counter(), self.done
+        now = time.perf_counter()
+        self.last_line, self.said = now, self.done
         left = (self.total - self.done) * (now - self.started) / self.done if self.done else None
         print(
             f"komt-batch: {self.done}/{self.total} rows ({100 * self.done / max(self.total, 1):.0f}%), "
@@ -318,12 +327,13 @@ def plan(job: JobConfig, restart: bool = False) -> dict:
     }
 
 
-def validate(job: JobConfig) -> dict:
-    """Check the job file, the input and the paths as `run` does (a file at output.path included),
-    and plan it in memory, without loading the model's weights."""
+def validate(job: JobConfig, restart: bool = False) -> dict:
+    """Check the job file, the input and the paths as `run` (or `run --restart`) does (a file at
+    output.path included, and a stored checkpoint it would resume), and plan it in memory, without
+    loading the model's weights."""
     opened = Opened.check(job)
-    resuming = opened.ckpt.manifest_path.exists()
-    opened.refuse_to_replace(resuming, restart=False)
+    resuming = opened.ckpt.manifest_path.exists() and not restart
+    opened.refuse_to_replace(resuming, restart)
     if resuming and opened.state != "done":  # what run would go on with: it must be whole, and of this job as it is now
         if stored := opened.ckpt.load_plan(PROGRESS_COLUMNS):
             check_unchanged(job, opened.ckpt, stored, opened.input_fp, opened.settings_fp)

@@ -95,7 +95,9 @@ def progress(job: JobConfig, ckpt: Checkpoint, plan: StoredPlan, shards: int | N
     remaining = total - rows_done
     changes = plan_changes(plan.manifest, input_fp, settings_fp)
     counts = [shards] if shards else shard_counts(ckpt)
-    side_by_side = max(counts, default=1) or 1
+    newest = newest_part(done.parts)
+    # the shards side by side: as asked, else as the newest part was committed (lock files of an earlier count stay)
+    side_by_side = shards or (int(newest[0].name.split("-")[3]) if newest else max(counts, default=1)) or 1
     result = {
         "job": job.source,
         "state": "rows done; the final file is not written yet (the run writes it, or merge)" if remaining == 0 else "partly done",
@@ -103,7 +105,7 @@ def progress(job: JobConfig, ckpt: Checkpoint, plan: StoredPlan, shards: int | N
         "rows_total": total,
         "chunks_done": len(finished_chunks),
         "chunks_total": len(plan.chunks),
-        "last_commit": last_commit(done.parts),
+        "last_commit": last_commit(newest),
         "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
         "eta_seconds": round(rows_left_in_slowest_shard(plan, done, side_by_side) * seconds / rows_gen) if rows_gen else None,
         **({"eta_assumes": f"the {side_by_side} shards run side by side"} if side_by_side > 1 else {}),
@@ -124,18 +126,23 @@ def progress(job: JobConfig, ckpt: Checkpoint, plan: StoredPlan, shards: int | N
     return result
 
 
-def last_commit(parts: list[Path]) -> str:
-    """When the newest committed part was written, and how long ago (status cannot see whether a run
-    goes on: shards may run on other machines; a run commits a part every checkpoint.every_rows rows
-    or every_seconds)."""
+def newest_part(parts: list[Path]) -> tuple[Path, float] | None:
+    """The part committed last (part-I-of-N-...), and when."""
     times = []
     for p in parts:
         with contextlib.suppress(FileNotFoundError):  # (a run finishing meanwhile)
-            times.append(p.stat().st_mtime)
-    if not times:
+            times.append((p.stat().st_mtime, p))
+    return max(times)[::-1] if times else None
+
+
+def last_commit(newest: tuple[Path, float] | None) -> str:
+    """When the newest part was committed, and how long ago (status cannot see whether a run goes on:
+    shards may run on other machines; a run commits a part every checkpoint.every_rows rows or
+    every_seconds)."""
+    if newest is None:
         return "none yet"
-    ago = max(time.time() - max(times), 0)
-    when = datetime.fromtimestamp(max(times), timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    ago = max(time.time() - newest[1], 0)
+    when = datetime.fromtimestamp(newest[1], timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     return f"{when} ({tqdm.format_interval(ago)} ago)"
 
 

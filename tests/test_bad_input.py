@@ -114,13 +114,15 @@ CASES = {
     "top_p above 1": (("args", ["generation.top_p=1.2"]), "generation.top_p", "(0, 1]"),
     "max_batch_tokens too small": (("args", ["batching.max_batch_tokens=20"]), "batching.max_batch_tokens", "too small for one row"),
     "output is an input": (("sections", output_is_the_input), "output.path", "is also the input file"),
-    "output named as JSONL": (("sections", lambda t: {"output": {"path": str(t / "in.jsonl")}}), "output.path", "the output is a Parquet file, not .jsonl; name it .parquet"),
+    "output is the JSONL input": (("sections", lambda t: {"output": {"path": str(t / "in.jsonl")}}), "output.path", "is also the input file"),
+    "output named as JSONL": (("sections", lambda t: {"output": {"path": str(t / "out" / "answers.jsonl")}}), "output.path", "answers.jsonl: the output is a Parquet file, not .jsonl; name it .parquet"),
+    "output named as CSV": (("args", ["output.path=out/x.CSV"]), "output.path", "out/x.CSV: the output is a Parquet file, not .csv; name it .parquet"),
     "output not writable": (("sections", not_writable_output), "output.path", "cannot write under"),
     "missing model": (("args", ["model.base=/nonexistent/model"]), "model.base", "no such directory"),
     "missing adapter": (("args", ["model.adapter=./no-adapter-here"]), "model.adapter", "no such directory"),
     "adapter for another base": (("sections", mismatched_adapter), "model.adapter", "does not fit model.base"),
-    "adapter folder empty": (("sections", broken_model("adapter", "empty")), "model.adapter", "Can't find 'adapter_config.json'"),
-    "adapter folder is the base's": (("sections", broken_model("adapter", "the base")), "model.adapter", "Can't find 'adapter_config.json'"),
+    "adapter folder empty": (("sections", broken_model("adapter", "empty")), "model.adapter", ": cannot load "),
+    "adapter folder is the base's": (("sections", broken_model("adapter", "the base")), "model.adapter", ": cannot load "),
     "adapter without weights": (("sections", broken_model("adapter", "no weights")), "model.adapter", "holds no adapter weights (adapter_model.safetensors, adapter_model.bin)"),
     "base without weights": (("sections", broken_model("base", "no weights")), "model.base", "holds no weights (model.safetensors, "),
     "base weights truncated": (("sections", broken_model("base", "truncated")), "model.base", "model.safetensors: not a readable safetensors file"),
@@ -177,6 +179,34 @@ def test_a_model_refused_while_loading_leaves_no_checkpoint(tmp_path, capsys, mo
     monkeypatch.undo()
     assert main(["run", str(job), "--no-progress"]) == 0
     assert len(read_output(out)) == len(GOOD)
+
+
+def test_a_model_refused_while_loading_keeps_a_checkpoint_with_rows(tmp_path, capsys, monkeypatch):
+    """A resumed run's checkpoint (rows committed before) is kept when loading refuses the model, and
+    so is the plan a --restart stored (it is what lets the next run replace the output)."""
+    from batch.errors import JobError
+
+    src = write_jsonl(tmp_path / "in.jsonl", GOOD)
+    job = make_job(tmp_path, src, generation={"max_new_tokens": 4}, batching={"max_batch_size": 1}, checkpoint={"every_rows": 1, "keep": True})
+    out = tmp_path / "out" / "result.parquet"
+    assert main(["run", str(job), "--no-progress"]) == 0
+    ckpt = tmp_path / "out" / "result.parquet.parts"
+    out.unlink()
+    sorted(ckpt.glob("part-*.parquet"))[0].unlink()  # one row to redo: the run resumes, and loads the model
+    kept = sorted(p.name for p in ckpt.iterdir())
+
+    def refuse(*args, **kwargs):
+        raise JobError(f"{job}: model.adapter: cannot load it (as loading alone finds)")
+
+    monkeypatch.setattr(engine_module.Engine, "load", refuse)
+    assert main(["run", str(job), "--no-progress"]) == 2
+    assert sorted(p.name for p in ckpt.iterdir()) == kept
+    assert main(["run", str(job), "--no-progress", "--restart"]) == 2  # (its own plan: kept too)
+    assert (ckpt / "manifest.json").exists()
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(["run", str(job), "--no-progress"]) == 0
+    assert "generated_rows            3" in capsys.readouterr().out and len(read_output(out)) == len(GOOD)
 
 
 def test_a_real_process_prints_no_traceback(tmp_path):

@@ -68,8 +68,6 @@ def test_overrides_are_yaml_scalars(tmp_path):
         ("generation:\n  stop_token_ids: [true]\n", [], "generation.stop_token_ids: expected a list of integers, got bool true as item 1"),
         ("", ["generation.stop_token_ids=[1, 2.5]"], "generation.stop_token_ids: expected a list of integers, got float 2.5 as item 2"),
         ("generation:\n  stop: null\n", [], "generation.stop: expected a list of strings, got nothing; [] for none"),
-        ("", ["output.path=out/x.csv"], "output.path: out/x.csv: the output is a Parquet file, not .csv; name it .parquet"),
-        ("", ["output.path=out/x.jsonl.gz"], "output.path: out/x.jsonl.gz: the output is a Parquet file, not .jsonl.gz; name it .parquet"),
         ("generation:\n  max_new_tokens: 5\n  max_new_tokens: 7\n", [], "YAML at line 10: 'max_new_tokens' is written twice in one mapping (first at line 9); one value would be lost"),
         ("generation:\n  top_k: 5\ngeneration:\n  top_p: 0.5\n", [], "YAML at line 10: 'generation' is written twice in one mapping (first at line 8)"),
         ("", ["generation.stop_token_ids=-3"], "generation.stop_token_ids: token ids must be >= 0, got [-3]"),

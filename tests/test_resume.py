@@ -125,6 +125,8 @@ def test_changed_input_or_setting_is_refused_until_restart(tmp_path):
     assert "Traceback" not in p.stderr
     checked = komt("validate", job, "generation.max_new_tokens=5")  # validate checks what run checks: the same line
     assert checked.returncode == 2 and checked.stderr == p.stderr
+    checked = komt("validate", job, "generation.max_new_tokens=5", "--restart")  # (as run --restart would)
+    assert checked.returncode == 0 and "state              valid" in checked.stdout, checked.stderr
     write_jsonl(src, rows + [{"id": "new", "instruction": "새 질문"}])
     p = komt("run", job, "--no-progress", "generation.max_new_tokens=4")
     assert p.returncode == 2 and "input rows: 6 -> 7" in p.stderr
