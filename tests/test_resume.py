@@ -16,6 +16,7 @@ from tests.conftest import (
     parts,
     start,
     start_paused,
+    summary,
     wait_generating,
     write_jsonl,
 )
@@ -126,7 +127,7 @@ def test_changed_input_or_setting_is_refused_until_restart(tmp_path):
     checked = komt("validate", job, "generation.max_new_tokens=5")  # validate checks what run checks: the same line
     assert checked.returncode == 2 and checked.stderr == p.stderr
     checked = komt("validate", job, "generation.max_new_tokens=5", "--restart")  # (as run --restart would)
-    assert checked.returncode == 0 and "state              valid" in checked.stdout, checked.stderr
+    assert checked.returncode == 0 and summary(checked.stdout)["state"] == "valid", checked.stderr
     write_jsonl(src, rows + [{"id": "new", "instruction": "새 질문"}])
     p = komt("run", job, "--no-progress", "generation.max_new_tokens=4")
     assert p.returncode == 2 and "input rows: 6 -> 7" in p.stderr
