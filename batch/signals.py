@@ -67,15 +67,16 @@ class StopFlag:
         return signal.Signals(self.received).name
 
     def _handle(self, signum, frame):
+        new_line = "\n" if sys.stderr.isatty() else ""  # (past a progress bar's line; not in a log)
         if self.complete:
             self.received = signum
-            print(f"\nkomt-batch: got {signal.Signals(signum).name} after the work was written; exiting as done", file=sys.stderr, flush=True)
+            print(f"{new_line}komt-batch: got {signal.Signals(signum).name} after the work was written; exiting as done", file=sys.stderr, flush=True)
             return
         if signum == signal.SIGINT and self.received == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signum
         if not self.working:
-            print(f"\nkomt-batch: got {self.name} during start-up: stopping before any work", file=sys.stderr, flush=True)
+            print(f"{new_line}komt-batch: got {self.name} during start-up: stopping before any work", file=sys.stderr, flush=True)
             return
         again = " (press Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
-        print(f"\nkomt-batch: got {self.name}: {self.working}{again}", file=sys.stderr, flush=True)
+        print(f"{new_line}komt-batch: got {self.name}: {self.working}{again}", file=sys.stderr, flush=True)

@@ -242,6 +242,7 @@ def test_a_signal_while_the_model_loads_stops_before_any_row(tmp_path, capsys, m
     assert main(["run", str(job), "--no-progress"]) == 75
     err = capsys.readouterr().err
     assert "got SIGTERM: the model is loading: the run stops once it is loaded, before any row\n" in err  # (no Ctrl-C: a scheduler's signal)
+    assert "\n\nkomt-batch: got" not in err  # (no blank line before it in a log: that is for a terminal's progress bar)
     assert "stopped by SIGTERM while the model loaded, before any row was generated (0 rows done before)" in err
     assert "komt-batch: generating" not in err and "Traceback" not in err and "To resume, run: " in err
     monkeypatch.setattr(runner.Engine, "load", load)
