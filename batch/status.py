@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections import Counter
 from datetime import datetime, timezone
@@ -155,6 +156,27 @@ def rows_left_in_slowest_shard(plan: StoredPlan, done: Done, shards: int) -> int
     return int(np.bincount(assign_shards(plan.chunks, shards), weights=left, minlength=shards).max())
 
 
+SHARD_SUMS = ("prompt_tokens", "shared_prompt_tokens", "prefilled_prompt_tokens", "completion_tokens", "generate_seconds", "oom_splits", "cpu_threads_lowered")
+
+
+def shard_totals(ckpt: Checkpoint) -> dict:
+    """The shards' own summaries (each shard's last run) summed for the merged summary: tokens, the
+    seconds generating (each process's, added up), tok/s over them, out-of-memory splits, and the
+    lowest lowered batch budget."""
+    found = []
+    for path in sorted(ckpt.dir.glob("summary-shard-*-of-*.json")):
+        with contextlib.suppress(OSError, ValueError):
+            found.append(json.loads(path.read_text()))
+    if not found:
+        return {}
+    totals = {k: sum(s.get(k) or 0 for s in found) for k in SHARD_SUMS}
+    totals["generate_seconds"] = round(totals["generate_seconds"], 3)
+    seconds = totals["generate_seconds"]
+    lowered = [s["lowered_max_batch_tokens"] for s in found if s.get("lowered_max_batch_tokens")]
+    return {**totals, "tokens_per_second": round(totals["completion_tokens"] / seconds, 1) if seconds else 0.0,
+            "lowered_max_batch_tokens": min(lowered, default=None), "shard_summaries": len(found)}
+
+
 def missing_chunks(ckpt: Checkpoint, plan: StoredPlan, done: Done, shards: int | None) -> str:
     finished = chunks_done(plan, done)
     missing = [c.index for c in plan.chunks if c.index not in finished]
@@ -194,15 +216,15 @@ def merge(job: JobConfig, shards: int | None, stop: StopFlag) -> dict:
         plan = ckpt.load_plan(PROGRESS_COLUMNS)
         if plan is None:
             raise nothing
+        changes = plan_changes(plan.manifest, input_fp, settings_fp)
+        if changes:  # (before the missing shards: rerunning them would be refused for the same reason)
+            raise JobError(f"{job.source}: the input or settings changed since the plan was made: " + "; ".join(changes) + ". Run with --restart to start over.")
         done, _ = ckpt.done_rows(plan)
         missing = missing_chunks(ckpt, plan, done, shards)
         if missing:
             raise IncompleteError(f"{job.source}: cannot merge yet: {missing}. Rerun those shards, then merge again.")
-        changes = plan_changes(plan.manifest, input_fp, settings_fp)
-        if changes:
-            raise JobError(f"{job.source}: the input or settings changed since the plan was made: " + "; ".join(changes))
         remove_stale_temporaries(job, ckpt)
         stop.check("before writing the final file; nothing was lost")
         stop.start_work("finishing the final file first (every row is done)")
-        made = {"job": job.source, "generated_rows": plan.manifest["planned_rows"], "reused_rows": plan.manifest["reused_rows"]}
+        made = {"job": job.source, "generated_rows": plan.manifest["planned_rows"], "reused_rows": plan.manifest["reused_rows"], **shard_totals(ckpt)}
         return finish_job(job, rows, ckpt, done, plan, stop, made)

@@ -58,6 +58,27 @@ def test_three_shards_then_merge_equal_one_run(tmp_path, capsys):
     assert pq.read_table(out).equals(pq.read_table(tmp_path / "single.parquet"))
     summary = json.loads((tmp_path / "out" / "result.summary.json").read_text())
     assert summary["rows"] == 11 and summary["generated_rows"] == 11
+    # the shards' own figures, summed (each shard ran once here: they add up to the output's columns)
+    merged = pq.read_table(out)
+    assert summary["completion_tokens"] == sum(merged.column("completion_tokens").to_pylist())
+    assert summary["prompt_tokens"] == sum(merged.column("prompt_tokens").to_pylist())
+    assert summary["shard_summaries"] == 3 and summary["oom_splits"] == 0 and summary["lowered_max_batch_tokens"] is None
+    assert summary["tokens_per_second"] == round(summary["completion_tokens"] / summary["generate_seconds"], 1)
+    single = json.loads((tmp_path / "single.summary.json").read_text())
+    assert {k for k in single if k not in ("planned_rows", "resumed_rows", "wall_seconds")} <= set(summary)
+
+
+def test_merge_says_when_the_input_changed_before_naming_missing_shards(tmp_path, capsys):
+    """Rerunning the missing shards would be refused (the input changed): merge says that, not 'rerun them'."""
+    src = write_jsonl(tmp_path / "in.jsonl", rows(6))
+    job = make_job(tmp_path, src, **OPTS)
+    assert main(["run", str(job), "--shard", "0/3", "--no-progress"]) == 0
+    write_jsonl(src, rows(7))
+    capsys.readouterr()
+    assert main(["merge", str(job), "--shards", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "the input or settings changed since the plan was made: " in err and "input rows: 6 -> 7. Run with --restart to start over." in err
+    assert "cannot merge yet" not in err
 
 
 def test_shards_share_the_plan_and_get_balanced_tokens(tmp_path, capsys):
