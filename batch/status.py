@@ -101,7 +101,7 @@ def progress(job: JobConfig, ckpt: Checkpoint, plan: StoredPlan, shards: int | N
     side_by_side = shards or (int(newest[0].name.split("-")[3]) if newest else max(counts, default=1)) or 1
     result = {
         "job": job.source,
-        "state": "rows done; the final file is not written yet (the run writes it, or merge)" if remaining == 0 else "partly done",
+        "state": "rows done; the final file is not written yet (the run writes it, or merge)" if remaining == 0 else "partly done" if done.parts else "planned; no row committed yet",
         "rows_done": rows_done,
         "rows_total": total,
         "chunks_done": len(finished_chunks),

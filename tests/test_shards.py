@@ -237,3 +237,13 @@ def test_merge_checks_the_output_path_before_anything(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "output.path (its summary)" in err and "is an existing directory" in err
     assert not (tmp_path / "out" / "result.parquet").exists()  # nothing written
+
+
+def test_status_of_a_plan_with_no_row_yet(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "in.jsonl", rows(4))
+    job = make_job(tmp_path, src, **OPTS)
+    assert main(["plan", str(job)]) == 0
+    capsys.readouterr()
+    assert main(["status", str(job)]) == 0
+    said = summary_of(capsys.readouterr().out)
+    assert said["state"] == "planned; no row committed yet" and said["last_commit"] == "none yet" and said["rows_done"] == "0"
